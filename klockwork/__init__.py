@@ -1,0 +1,86 @@
+"""klockwork: the coordination kernel for multi-agent LangChain / LangGraph systems.
+
+Leases on resources (six intent predicates, wait-die, TTLs, fencing), with
+gates, an event bus and a verifiable audit trail built on the same engine.
+"""
+
+from klockwork.core.clock import Clock, ManualClock, SystemClock
+from klockwork.core.compat import KlockClient
+from klockwork.core.engine import Klockwork
+from klockwork.core.errors import (
+    ApprovalNotFoundError,
+    ApprovalTimeoutError,
+    AuditIntegrityError,
+    CapabilityError,
+    EventLoopBlockedError,
+    GateDeniedError,
+    GateError,
+    InvalidRequestError,
+    KlockworkError,
+    LeaseConflictError,
+    LeaseError,
+    LeaseExpiredError,
+    LeaseLostError,
+    LeaseNotFoundError,
+    LeaseRevokedError,
+    LeaseTimeoutError,
+    NotAnApproverError,
+    StaleLeaseError,
+    StoreUnavailableError,
+)
+from klockwork.core.leases import HeldLeases
+from klockwork.core.model import (
+    AgentInfo,
+    Conflict,
+    GovernanceEvent,
+    Intent,
+    Lease,
+    LeaseState,
+    Predicate,
+    Verdict,
+    VerdictStatus,
+)
+from klockwork.core.stores import MemoryStore, SqliteStore, Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentInfo",
+    "ApprovalNotFoundError",
+    "ApprovalTimeoutError",
+    "AuditIntegrityError",
+    "CapabilityError",
+    "Clock",
+    "Conflict",
+    "EventLoopBlockedError",
+    "GateDeniedError",
+    "GateError",
+    "GovernanceEvent",
+    "HeldLeases",
+    "Intent",
+    "InvalidRequestError",
+    "KlockClient",
+    "Klockwork",
+    "KlockworkError",
+    "Lease",
+    "LeaseConflictError",
+    "LeaseError",
+    "LeaseExpiredError",
+    "LeaseLostError",
+    "LeaseNotFoundError",
+    "LeaseRevokedError",
+    "LeaseState",
+    "LeaseTimeoutError",
+    "ManualClock",
+    "MemoryStore",
+    "NotAnApproverError",
+    "Predicate",
+    "SqliteStore",
+    "StaleLeaseError",
+    "Store",
+    "StoreUnavailableError",
+    "SystemClock",
+    "Verdict",
+    "VerdictStatus",
+    "__version__",
+]

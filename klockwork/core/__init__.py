@@ -1,0 +1,1 @@
+"""The klockwork engine. Imports nothing from LangChain or LangGraph."""

@@ -1,0 +1,241 @@
+"""Klockwork: one engine wiring every part over one Store.
+
+kw = Klockwork()                                   # in-memory, this process
+kw = Klockwork.open("sqlite:///klockwork.db")      # processes on one machine
+kw = Klockwork.open()                              # $KLOCKWORK_URL, else memory
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from types import TracebackType
+from typing import Any, ClassVar, Literal
+
+from klockwork.core.clock import Clock, SystemClock
+from klockwork.core.errors import InvalidRequestError, StoreUnavailableError
+from klockwork.core.events import EventHub, Listener
+from klockwork.core.leases import DEFAULT_TTL_MS, HeldLeases, LeaseManager
+from klockwork.core.model import AgentInfo
+from klockwork.core.stores.base import Store
+from klockwork.core.stores.memory import MemoryStore
+
+__all__ = ["Klockwork", "open_store"]
+
+Effect = Literal["allow", "deny", "require_approval"]
+_EFFECTS = ("allow", "deny", "require_approval")
+
+
+def open_store(url: str) -> Store:
+    """Build the store a URL names.
+
+    ``memory://`` — in this process. ``sqlite:///relative.db`` or
+    ``sqlite:////absolute/path.db`` — shared by processes on one machine.
+
+    Raises:
+        InvalidRequestError: unknown scheme or a store not available here.
+    """
+    if not isinstance(url, str) or ("://" not in url and url != "memory"):
+        raise InvalidRequestError("url", url, "expected memory://, sqlite:///PATH or redis://...")
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if scheme == "memory" or url == "memory":
+        return MemoryStore()
+    if scheme == "sqlite":
+        from klockwork.core.stores.sqlite import SqliteStore
+
+        path = rest[1:] if rest.startswith("/") else rest
+        if not path or path == ":memory:":
+            raise InvalidRequestError(
+                "url", url, "SQLite needs a file path shared by processes, e.g. sqlite:///kw.db"
+            )
+        return SqliteStore(path)
+    if scheme in ("redis", "rediss"):
+        raise InvalidRequestError(
+            "url", url, "the Redis store is not part of this klockwork version yet"
+        )
+    raise InvalidRequestError("url", url, f"unknown store scheme {scheme!r}")
+
+
+class Klockwork:
+    """The coordination engine: leases now; gates, audit and bus plug into it.
+
+    Args:
+        store: where state lives; a fresh :class:`MemoryStore` by default.
+        clock: time source for everything (``ManualClock`` in tests).
+        default_effect: what a gate does when no policy matches (fail closed).
+        audit_key: HMAC key that signs audit checkpoints.
+    """
+
+    _default: ClassVar[Klockwork | None] = None
+    _default_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        *,
+        clock: Clock | None = None,
+        default_effect: Effect = "deny",
+        audit_key: bytes | str | None = None,
+    ) -> None:
+        if default_effect not in _EFFECTS:
+            raise InvalidRequestError(
+                "default_effect", default_effect, f"expected one of {', '.join(_EFFECTS)}"
+            )
+        if store is not None and not isinstance(store, Store):
+            raise InvalidRequestError("store", store, "expected a klockwork Store")
+        self.store: Store = store if store is not None else MemoryStore()
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self.default_effect: Effect = default_effect
+        self.audit_key = audit_key.encode() if isinstance(audit_key, str) else audit_key
+        self._hub = EventHub()
+        self._leases = LeaseManager(self.store, self.clock, self._hub)
+        self._closed = False
+
+    # -- construction -----------------------------------------------------------
+    @classmethod
+    def open(cls, url: str | None = None, **kwargs: Any) -> Klockwork:
+        """Open an engine on the store a URL names (``$KLOCKWORK_URL``, else memory)."""
+        return cls(open_store(url or os.environ.get("KLOCKWORK_URL") or "memory://"), **kwargs)
+
+    @classmethod
+    def default(cls) -> Klockwork:
+        """The process-wide engine integrations use when given none.
+
+        Opened on first use from ``$KLOCKWORK_URL`` (memory when unset).
+        """
+        with cls._default_lock:
+            if cls._default is None or cls._default.closed:
+                cls._default = cls.open()
+            return cls._default
+
+    @classmethod
+    def set_default(cls, kw: Klockwork | None) -> None:
+        """Replace (or with None, forget) the process-wide default engine."""
+        with cls._default_lock:
+            cls._default = kw
+
+    # -- parts --------------------------------------------------------------------
+    @property
+    def leases(self) -> LeaseManager:
+        """Lease operations: try_acquire, acquire, release, heartbeat, ..."""
+        self._check_open()
+        return self._leases
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailableError("this Klockwork engine is closed")
+
+    # -- agents ---------------------------------------------------------------------
+    def register_agent(self, agent_id: str, priority: int | None = None) -> AgentInfo:
+        """Register an agent, or change its priority.
+
+        Lower priority = older = wins wait-die. ``None`` keeps a known agent's
+        priority, or gives a new one its registration time (so age decides).
+
+        Raises:
+            InvalidRequestError: bad id/priority, or a priority change while the
+                agent holds or waits for a lease (no self-promotion).
+        """
+        self._check_open()
+        _check_agent(agent_id, priority)
+        return self.store.register_agent(agent_id, priority, self.clock.now_ms())
+
+    async def aregister_agent(self, agent_id: str, priority: int | None = None) -> AgentInfo:
+        """Async twin of :meth:`register_agent`."""
+        self._check_open()
+        _check_agent(agent_id, priority)
+        return await self.store.aregister_agent(agent_id, priority, self.clock.now_ms())
+
+    def get_agent(self, agent_id: str) -> AgentInfo | None:
+        """The registered agent, or None."""
+        self._check_open()
+        return self.store.get_agent(agent_id)
+
+    # -- lease shortcuts --------------------------------------------------------------
+    def lease(
+        self,
+        agent_id: str,
+        session_id: str,
+        resource: str,
+        predicate: str = "MUTATES",
+        ttl_ms: int = DEFAULT_TTL_MS,
+        auto_renew: bool = True,
+        timeout_s: float | None = None,
+    ) -> AbstractContextManager[HeldLeases]:
+        """``with kw.lease(...) as held:`` acquire, auto-renew, release on exit."""
+        return self.leases.hold(
+            agent_id,
+            session_id,
+            (resource, predicate),
+            ttl_ms,
+            auto_renew=auto_renew,
+            timeout_s=timeout_s,
+        )
+
+    def alease(
+        self,
+        agent_id: str,
+        session_id: str,
+        resource: str,
+        predicate: str = "MUTATES",
+        ttl_ms: int = DEFAULT_TTL_MS,
+        auto_renew: bool = True,
+        timeout_s: float | None = None,
+    ) -> AbstractAsyncContextManager[HeldLeases]:
+        """``async with kw.alease(...) as held:`` — the async twin of :meth:`lease`."""
+        return self.leases.ahold(
+            agent_id,
+            session_id,
+            (resource, predicate),
+            ttl_ms,
+            auto_renew=auto_renew,
+            timeout_s=timeout_s,
+        )
+
+    # -- events -------------------------------------------------------------------------
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Observe every governance event (``lease.granted``, ...); returns a remover.
+
+        Listeners run synchronously on the thread that made the decision:
+        keep them short and thread-safe.
+        """
+        return self._hub.subscribe(listener)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop background work and close the store. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._leases.close()
+        self.store.close()
+
+    def __enter__(self) -> Klockwork:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"Klockwork(store={type(self.store).__name__}, {state})"
+
+
+def _check_agent(agent_id: object, priority: object) -> None:
+    if not isinstance(agent_id, str) or not agent_id:
+        raise InvalidRequestError("agent_id", agent_id, "must be a non-empty string")
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise InvalidRequestError("priority", priority, "must be an int (lower = older) or None")

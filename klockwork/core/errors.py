@@ -1,0 +1,221 @@
+"""The typed error tree of klockwork.
+
+Every error klockwork raises on purpose derives from :class:`KlockworkError`.
+The root is deliberately *not* a ``RuntimeError`` or ``ValueError`` so that
+LangGraph's default ``RetryPolicy`` (which skips those) can retry it where a
+retry is right; only :class:`InvalidRequestError` is also a ``ValueError``,
+because retrying bad input never helps::
+
+    KlockworkError
+    ├── InvalidRequestError (+ ValueError)   bad argument, nothing was changed
+    ├── StoreUnavailableError                the store cannot answer: fail closed
+    ├── EventLoopBlockedError (+ RuntimeError) a sync call would block a running loop
+    ├── AuditIntegrityError                  the audit chain does not verify
+    ├── LeaseError
+    │   ├── LeaseConflictError               WAIT / DIE: who holds what, until when
+    │   ├── LeaseTimeoutError                a blocking acquire gave up
+    │   ├── LeaseNotFoundError               no such lease (or not active)
+    │   ├── LeaseExpiredError                its TTL ran out; never revived
+    │   ├── LeaseRevokedError                revoked by an operator or a parent
+    │   ├── LeaseLostError                   a held lease could not be renewed
+    │   └── StaleLeaseError                  a newer lease supersedes this one
+    └── GateError
+        ├── GateDeniedError                  the gate refused the action
+        ├── ApprovalTimeoutError             the caller's wait ran out first
+        ├── ApprovalNotFoundError
+        ├── NotAnApproverError
+        └── CapabilityError
+
+Errors carry the facts a caller needs as attributes (``lease_id``,
+``resource``, ``conflicts``...), not only in their message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from klockwork.core.model import Conflict
+
+__all__ = [
+    "ApprovalNotFoundError",
+    "ApprovalTimeoutError",
+    "AuditIntegrityError",
+    "CapabilityError",
+    "EventLoopBlockedError",
+    "GateDeniedError",
+    "GateError",
+    "InvalidRequestError",
+    "KlockworkError",
+    "LeaseConflictError",
+    "LeaseError",
+    "LeaseExpiredError",
+    "LeaseLostError",
+    "LeaseNotFoundError",
+    "LeaseRevokedError",
+    "LeaseTimeoutError",
+    "NotAnApproverError",
+    "StaleLeaseError",
+    "StoreUnavailableError",
+]
+
+
+class KlockworkError(Exception):
+    """Root of every error klockwork raises on purpose."""
+
+
+class InvalidRequestError(KlockworkError, ValueError):
+    """An argument is invalid; the request changed nothing.
+
+    Attributes:
+        argument: the name of the offending argument.
+        value: the value that was rejected.
+    """
+
+    def __init__(self, argument: str, value: Any, problem: str) -> None:
+        self.argument = argument
+        self.value = value
+        self.problem = problem
+        super().__init__(f"invalid {argument}={value!r}: {problem}")
+
+
+class StoreUnavailableError(KlockworkError):
+    """The store could not answer. Nothing was granted or approved (fail closed)."""
+
+
+class EventLoopBlockedError(KlockworkError, RuntimeError):
+    """A sync call would have to wait on a running event loop's thread.
+
+    Use the ``a``-prefixed twin (``await kw.leases.aacquire(...)``) instead;
+    klockwork never freezes your event loop for longer than a store round trip.
+    """
+
+
+class AuditIntegrityError(KlockworkError):
+    """The audit chain failed verification."""
+
+
+class LeaseError(KlockworkError):
+    """Base class of lease errors."""
+
+
+class _ConflictInfo(LeaseError):
+    """Shared shape of errors that report who blocks a request."""
+
+    def __init__(
+        self,
+        reason: str,
+        conflicts: Sequence[Conflict] = (),
+        wait_time_ms: int | None = None,
+        message: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.conflicts: list[Conflict] = list(conflicts)
+        self.wait_time_ms = wait_time_ms
+        super().__init__(message or describe_conflict(reason, self.conflicts, wait_time_ms))
+
+
+class LeaseConflictError(_ConflictInfo):
+    """A lease request was refused (reason ``WAIT`` or ``DIE``).
+
+    Attributes:
+        reason: ``"WAIT"``, ``"DIE"`` (or ``"WAIT_TIMEOUT"`` from integrations).
+        conflicts: one :class:`~klockwork.Conflict` per blocking holder.
+        wait_time_ms: soonest time a conflicting holder's TTL runs out.
+    """
+
+
+class LeaseTimeoutError(_ConflictInfo):
+    """A blocking acquire gave up; ``reason`` is the last verdict (``WAIT``/``DIE``)."""
+
+
+class _LeaseRef(LeaseError):
+    def __init__(self, lease_id: str, message: str) -> None:
+        self.lease_id = lease_id
+        super().__init__(message)
+
+
+class LeaseNotFoundError(_LeaseRef):
+    """No active lease has this id."""
+
+
+class LeaseExpiredError(_LeaseRef):
+    """The lease's TTL ran out; an expired lease is never revived."""
+
+
+class LeaseRevokedError(_LeaseRef):
+    """The lease was revoked."""
+
+
+class LeaseLostError(_LeaseRef):
+    """A held lease could not be renewed (expired or revoked) while in use."""
+
+
+class StaleLeaseError(LeaseError):
+    """The lease or fencing token is no longer current.
+
+    Attributes:
+        resource: the resource key.
+        fencing_token: the token that was checked.
+        current_token: the newest token granted on the resource (or None).
+    """
+
+    def __init__(
+        self, resource: str, fencing_token: int, current_token: int | None, message: str
+    ) -> None:
+        self.resource = resource
+        self.fencing_token = fencing_token
+        self.current_token = current_token
+        super().__init__(message)
+
+
+class GateError(KlockworkError):
+    """Base class of gate, approval and delegation errors."""
+
+
+class GateDeniedError(GateError):
+    """The gate refused the action."""
+
+    def __init__(
+        self,
+        reason: str,
+        policy: str | None = None,
+        conditions: Sequence[Any] = (),
+        approval_id: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.policy = policy
+        self.conditions = list(conditions)
+        self.approval_id = approval_id
+        super().__init__(message or f"action denied: {reason} (policy {policy!r})")
+
+
+class ApprovalTimeoutError(GateError):
+    """The caller's own wait for an approval ran out before a decision."""
+
+
+class ApprovalNotFoundError(GateError):
+    """No approval has this id."""
+
+
+class NotAnApproverError(GateError):
+    """The decider may not decide this approval."""
+
+
+class CapabilityError(GateError):
+    """An agent asked for more than its capabilities allow."""
+
+
+def describe_conflict(reason: str, conflicts: Sequence[Conflict], wait_time_ms: int | None) -> str:
+    """Human sentence for a refused request: who holds what, and when it frees."""
+    if not conflicts:
+        return f"lease refused ({reason})"
+    parts = []
+    for c in conflicts[:5]:
+        what = "holds" if c.lease_id is not None else "waits for"
+        parts.append(f"{c.agent_id} (session {c.session_id}) {what} {c.predicate} on {c.resource}")
+    more = f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else ""
+    frees = f"; frees in at most {wait_time_ms} ms" if wait_time_ms is not None else ""
+    return f"lease refused ({reason}): " + "; ".join(parts) + more + frees

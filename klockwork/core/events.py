@@ -1,0 +1,52 @@
+"""The one internal hook every governance event goes through.
+
+Leases (and later gates, approvals, delegation) report what happened here;
+the audit trail and the event bus subscribe. With no listener, emitting
+costs one truthiness check: callers test :attr:`EventHub.active` before
+building an event.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from klockwork.core.model import GovernanceEvent
+
+__all__ = ["EventHub", "Listener"]
+
+Listener = Callable[[GovernanceEvent], None]
+_log = logging.getLogger("klockwork.events")
+
+
+class EventHub:
+    """Fan-out of :class:`GovernanceEvent` to in-process listeners."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listeners: tuple[Listener, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        """True when someone listens (build events only then)."""
+        return bool(self._listeners)
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Add a listener; returns a function that removes it."""
+        with self._lock:
+            self._listeners = (*self._listeners, listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+        return unsubscribe
+
+    def emit(self, event: GovernanceEvent) -> None:
+        """Hand ``event`` to every listener; a failing listener is logged, not raised."""
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener must never break the decision it observes
+                _log.exception("klockwork event listener failed on %s", event.kind)

@@ -1,0 +1,593 @@
+"""LeaseManager: requests, waiting, DIE back-off, renewals and fencing.
+
+The retry logic of a blocking acquire is written once, as a generator
+(:meth:`LeaseManager._acquire_flow`) that yields what to do next — try the
+store, wait for a release, back off — and is driven by a sync loop
+(:meth:`~LeaseManager.acquire`) and an async one
+(:meth:`~LeaseManager.aacquire`) that only do I/O and sleeping.
+
+Waiting is notification-driven: a WAIT verdict arms an alarm on the keys of
+the blocking holders (:mod:`klockwork.core.notify`), fired by the release,
+expiry or revoke of those leases; the holder's TTL bounds the wait. On
+stores shared by several processes, where a release may happen elsewhere,
+the wait is also bounded by a short adaptive poll interval (1 ms doubling
+to 50 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import AsyncIterator, Generator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, NamedTuple
+
+from tenacity import RetryCallState, wait_exponential_jitter
+
+from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm
+from klockwork.core.errors import (
+    EventLoopBlockedError,
+    InvalidRequestError,
+    LeaseLostError,
+    LeaseNotFoundError,
+    LeaseTimeoutError,
+    StaleLeaseError,
+)
+from klockwork.core.events import EventHub
+from klockwork.core.model import (
+    Conflict,
+    GovernanceEvent,
+    Lease,
+    LeaseRecord,
+    LeaseState,
+    Reservation,
+    Verdict,
+    VerdictStatus,
+    _build,
+)
+from klockwork.core.notify import Signals
+from klockwork.core.renewer import Renewer
+from klockwork.core.rules import parse_intents, validate_ttl
+from klockwork.core.stores.base import AcquireOutcome, AcquireRequest, Store
+
+__all__ = ["DEFAULT_TTL_MS", "HeldLeases", "LeaseManager"]
+
+DEFAULT_TTL_MS = 30_000
+_POLL_MIN_S = 0.001
+_POLL_MAX_S = 0.05
+#: How long a cross-process waiter's reservation outlives its last refresh.
+_RESERVE_CROSS_PROCESS_MS = 2_000
+#: In one process a waiter always removes its reservation itself.
+_RESERVE_IN_PROCESS_MS = 2**62
+_GRANTED = VerdictStatus.GRANTED
+_WAIT = VerdictStatus.WAIT
+
+
+class _Try(NamedTuple):
+    reserve_ms: int | None
+    clear_reservation: bool
+
+
+class _Wait(NamedTuple):
+    keys: tuple[str, ...]
+    epoch: int
+    timeout_s: float | None
+
+
+_Step = _Try | _Wait
+
+
+class HeldLeases:
+    """The leases held by a ``with kw.lease(...)`` block.
+
+    ``lost`` turns True the moment a renewal fails (the lease expired or was
+    revoked); the block then raises :class:`~klockwork.LeaseLostError` on exit.
+    """
+
+    __slots__ = ("_lost_reason", "leases")
+
+    def __init__(self, leases: list[Lease]) -> None:
+        self.leases = leases
+        self._lost_reason: str | None = None
+
+    @property
+    def lease(self) -> Lease:
+        """The single lease (for one-intent blocks)."""
+        if len(self.leases) != 1:
+            raise InvalidRequestError("lease", len(self.leases), "several leases; use .leases")
+        return self.leases[0]
+
+    @property
+    def lease_ids(self) -> list[str]:
+        """Ids of every held lease."""
+        return [lease.lease_id for lease in self.leases]
+
+    @property
+    def lost(self) -> bool:
+        """True once a renewal failed: the leases may now belong to someone else."""
+        return self._lost_reason is not None
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the leases were lost, or None."""
+        return self._lost_reason
+
+    def mark_lost(self, reason: str) -> None:
+        """Record that the leases were lost (called by the renewer)."""
+        if self._lost_reason is None:
+            self._lost_reason = reason
+
+    def __repr__(self) -> str:
+        state = f"lost: {self._lost_reason}" if self.lost else "held"
+        return f"HeldLeases({[lease.resource for lease in self.leases]}, {state})"
+
+
+def _backoff() -> wait_exponential_jitter:
+    return wait_exponential_jitter(initial=0.001, max=0.1, exp_base=2, jitter=0.002)
+
+
+def _in_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class LeaseManager:
+    """All lease operations of one engine (``kw.leases``)."""
+
+    def __init__(self, store: Store, clock: Clock, hub: EventHub) -> None:
+        self._store = store
+        self._clock = clock
+        self._hub = hub
+        self._signals = Signals()
+        self._renewer = Renewer(clock, self.heartbeat)
+        self._reserve_ms = (
+            _RESERVE_CROSS_PROCESS_MS if store.cross_process else _RESERVE_IN_PROCESS_MS
+        )
+        store.expiry_listener = self._on_expired
+
+    # -- requests -------------------------------------------------------------
+    def _request(self, agent_id: str, session_id: str, intents: Any, ttl_ms: int) -> AcquireRequest:
+        if not isinstance(agent_id, str) or not agent_id:
+            raise InvalidRequestError("agent_id", agent_id, "must be a non-empty string")
+        if not isinstance(session_id, str) or not session_id:
+            raise InvalidRequestError("session_id", session_id, "must be a non-empty string")
+        return AcquireRequest(agent_id, session_id, parse_intents(intents), validate_ttl(ttl_ms), 0)
+
+    def try_acquire(
+        self, agent_id: str, session_id: str, intents: Any, ttl_ms: int = DEFAULT_TTL_MS
+    ) -> Verdict:
+        """Ask for leases once; never blocks.
+
+        Args:
+            intents: an ``Intent``, a ``(resource, predicate)`` tuple, or a list
+                of either (a manifest: all granted or none).
+            ttl_ms: lease lifetime in milliseconds (> 0).
+
+        Returns:
+            A :class:`~klockwork.Verdict`: GRANTED, WAIT or DIE.
+
+        Raises:
+            InvalidRequestError: bad resource, predicate, ttl or id; nothing changed.
+            StoreUnavailableError: the store could not answer; nothing granted.
+        """
+        request = self._request(agent_id, session_id, intents, ttl_ms)
+        request.now_ms = self._clock.now_ms()
+        return self._verdict(request, self._store.try_acquire(request))
+
+    async def atry_acquire(
+        self, agent_id: str, session_id: str, intents: Any, ttl_ms: int = DEFAULT_TTL_MS
+    ) -> Verdict:
+        """Async twin of :meth:`try_acquire`."""
+        request = self._request(agent_id, session_id, intents, ttl_ms)
+        request.now_ms = self._clock.now_ms()
+        return self._verdict(request, await self._store.atry_acquire(request))
+
+    def _verdict(self, request: AcquireRequest, outcome: AcquireOutcome) -> Verdict:
+        if outcome.status is _GRANTED:
+            verdict = _build(
+                Verdict,
+                {
+                    "status": _GRANTED,
+                    "leases": [r.snapshot() for r in outcome.granted],
+                    "conflicts": [],
+                    "wait_time_ms": None,
+                },
+            )
+        else:
+            verdict = _build(
+                Verdict,
+                {
+                    "status": outcome.status,
+                    "leases": [],
+                    "conflicts": [_conflict(b) for b in outcome.blockers],
+                    "wait_time_ms": outcome.wait_time_ms,
+                },
+            )
+        if self._hub.active:
+            self._emit_verdict(request, verdict)
+        return verdict
+
+    # -- blocking acquire -----------------------------------------------------
+    def _acquire_flow(
+        self, timeout_s: float | None, state: dict[str, bool]
+    ) -> Generator[_Step, Verdict | None, Verdict]:
+        """Decide, after each verdict, what the driver does next.
+
+        ``state["reserved"]`` tells the driver whether a reservation must be
+        removed if the caller stops waiting.
+        """
+        if timeout_s is not None and (isinstance(timeout_s, bool) or timeout_s < 0):
+            raise InvalidRequestError("timeout_s", timeout_s, "must be >= 0 seconds or None")
+        clock = self._clock
+        deadline = None if timeout_s is None else clock.monotonic() + timeout_s
+        backoff = _backoff()
+        retry_state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        poll_s = _POLL_MIN_S
+        while True:
+            epoch = self._signals.epoch
+            verdict = yield _Try(self._reserve_ms, state["reserved"])
+            assert verdict is not None
+            if verdict.status is _GRANTED:
+                state["reserved"] = False
+                return verdict
+            remaining = None if deadline is None else deadline - clock.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise LeaseTimeoutError(
+                    verdict.status.value, verdict.conflicts, verdict.wait_time_ms
+                )
+            wait_s: float | None
+            if verdict.status is _WAIT:
+                state["reserved"] = True
+                retry_state.attempt_number = 1
+                # Wake on a release notification, or once the holder's TTL is over.
+                wait_s = None if verdict.wait_time_ms is None else verdict.wait_time_ms / 1000
+                if self._store.cross_process:
+                    wait_s = poll_s if wait_s is None else min(wait_s, poll_s)
+                    poll_s = min(poll_s * 2, _POLL_MAX_S)
+            else:
+                # DIE: back off (exponential + jitter), keeping our priority; a
+                # release of the blocking lease wakes us early.
+                wait_s = backoff(retry_state)
+                retry_state.attempt_number += 1
+            if remaining is not None:
+                wait_s = remaining if wait_s is None else min(wait_s, remaining)
+            keys = tuple({c.resource for c in verdict.conflicts if c.lease_id is not None})
+            yield _Wait(keys, epoch, wait_s)
+
+    def acquire(
+        self,
+        agent_id: str,
+        session_id: str,
+        intents: Any,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        timeout_s: float | None = None,
+    ) -> Verdict:
+        """Acquire, blocking until granted or ``timeout_s`` runs out.
+
+        WAIT sleeps until a release/expiry notification; DIE backs off and
+        retries with the same priority (so the agent keeps its age).
+
+        Raises:
+            LeaseTimeoutError: not granted within ``timeout_s``.
+            EventLoopBlockedError: it would have to wait on a running event
+                loop's thread — use :meth:`aacquire` there.
+        """
+        request = self._request(agent_id, session_id, intents, ttl_ms)
+        state = {"reserved": False}
+        flow = self._acquire_flow(timeout_s, state)
+        try:
+            step = next(flow)
+            while True:
+                if type(step) is _Try:
+                    request.now_ms = self._clock.now_ms()
+                    request.reserve_ms, request.clear_reservation = step
+                    step = flow.send(self._verdict(request, self._store.try_acquire(request)))
+                else:
+                    assert type(step) is _Wait
+                    if _in_running_loop():
+                        raise EventLoopBlockedError(
+                            "acquire() would block the running event loop while waiting "
+                            "for a lease; use 'await kw.leases.aacquire(...)'"
+                        )
+                    alarm = ThreadAlarm()
+                    if self._signals.register(step.keys, step.epoch, alarm):
+                        try:
+                            self._clock.wait(alarm, step.timeout_s)
+                        finally:
+                            self._signals.unregister(step.keys, alarm)
+                    step = flow.send(None)
+        except StopIteration as done:
+            verdict: Verdict = done.value
+            return verdict
+        finally:
+            if state["reserved"]:
+                self._store.unreserve(request.agent_id, request.session_id)
+
+    async def aacquire(
+        self,
+        agent_id: str,
+        session_id: str,
+        intents: Any,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        timeout_s: float | None = None,
+    ) -> Verdict:
+        """Async twin of :meth:`acquire`; never blocks the event loop.
+
+        Cancelling the task withdraws the request (and its reservation).
+        """
+        request = self._request(agent_id, session_id, intents, ttl_ms)
+        state = {"reserved": False}
+        flow = self._acquire_flow(timeout_s, state)
+        try:
+            step = next(flow)
+            while True:
+                if type(step) is _Try:
+                    request.now_ms = self._clock.now_ms()
+                    request.reserve_ms, request.clear_reservation = step
+                    outcome = await self._store.atry_acquire(request)
+                    step = flow.send(self._verdict(request, outcome))
+                else:
+                    assert type(step) is _Wait
+                    alarm = LoopAlarm()
+                    if self._signals.register(step.keys, step.epoch, alarm):
+                        try:
+                            await self._clock.await_alarm(alarm, step.timeout_s)
+                        finally:
+                            self._signals.unregister(step.keys, alarm)
+                    step = flow.send(None)
+        except StopIteration as done:
+            verdict: Verdict = done.value
+            return verdict
+        finally:
+            if state["reserved"]:
+                await self._store.aunreserve(request.agent_id, request.session_id)
+
+    # -- holding ----------------------------------------------------------------
+    @contextmanager
+    def hold(
+        self,
+        agent_id: str,
+        session_id: str,
+        intents: Any,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        *,
+        auto_renew: bool = True,
+        timeout_s: float | None = None,
+    ) -> Iterator[HeldLeases]:
+        """Acquire (blocking), renew every ttl/3 while inside, release on exit.
+
+        Raises:
+            LeaseLostError: on exit, if a renewal failed while inside (and
+                the block itself raised nothing).
+        """
+        verdict = self.acquire(agent_id, session_id, intents, ttl_ms, timeout_s)
+        held = self._start_holding(verdict, ttl_ms, auto_renew)
+        try:
+            yield held
+        finally:
+            self._renewer.remove(held)
+            for lease_id in held.lease_ids:
+                self.release(lease_id)
+        _raise_if_lost(held)
+
+    @asynccontextmanager
+    async def ahold(
+        self,
+        agent_id: str,
+        session_id: str,
+        intents: Any,
+        ttl_ms: int = DEFAULT_TTL_MS,
+        *,
+        auto_renew: bool = True,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[HeldLeases]:
+        """Async twin of :meth:`hold`."""
+        verdict = await self.aacquire(agent_id, session_id, intents, ttl_ms, timeout_s)
+        held = self._start_holding(verdict, ttl_ms, auto_renew)
+        try:
+            yield held
+        finally:
+            self._renewer.remove(held)
+            for lease_id in held.lease_ids:
+                await self.arelease(lease_id)
+        _raise_if_lost(held)
+
+    def _start_holding(self, verdict: Verdict, ttl_ms: int, auto_renew: bool) -> HeldLeases:
+        held = HeldLeases(list(verdict.leases))
+        if auto_renew:
+            self._renewer.add(held, ttl_ms / 3000)
+        return held
+
+    # -- other operations ---------------------------------------------------------
+    def release(self, lease_id: str) -> bool:
+        """Release an active lease. Returns False if it was not active."""
+        rec = self._store.release(lease_id, self._clock.now_ms())
+        return self._ended(rec, "lease.released")
+
+    async def arelease(self, lease_id: str) -> bool:
+        """Async twin of :meth:`release`."""
+        rec = await self._store.arelease(lease_id, self._clock.now_ms())
+        return self._ended(rec, "lease.released")
+
+    def revoke(self, lease_id: str, reason: str = "revoked") -> bool:
+        """Revoke an active lease (its holder loses it at the next renewal)."""
+        rec = self._store.revoke(lease_id, reason, self._clock.now_ms())
+        return self._ended(rec, "lease.revoked")
+
+    async def arevoke(self, lease_id: str, reason: str = "revoked") -> bool:
+        """Async twin of :meth:`revoke`."""
+        rec = await self._store.arevoke(lease_id, reason, self._clock.now_ms())
+        return self._ended(rec, "lease.revoked")
+
+    def heartbeat(self, lease_id: str, ttl_ms: int | None = None) -> Lease:
+        """Extend an active lease to now + ttl (its own TTL by default).
+
+        Raises:
+            LeaseExpiredError / LeaseRevokedError: never revived.
+            LeaseNotFoundError: unknown or released.
+        """
+        if ttl_ms is not None:
+            validate_ttl(ttl_ms)
+        return self._store.heartbeat(lease_id, ttl_ms, self._clock.now_ms()).snapshot()
+
+    async def aheartbeat(self, lease_id: str, ttl_ms: int | None = None) -> Lease:
+        """Async twin of :meth:`heartbeat`."""
+        if ttl_ms is not None:
+            validate_ttl(ttl_ms)
+        rec = await self._store.aheartbeat(lease_id, ttl_ms, self._clock.now_ms())
+        return rec.snapshot()
+
+    def get(self, lease_id: str) -> Lease | None:
+        """The lease with this id in its current state, or None."""
+        rec = self._store.get_lease(lease_id, self._clock.now_ms())
+        return None if rec is None else rec.snapshot()
+
+    def list(
+        self, agent_id: str | None = None, resource: str | None = None
+    ) -> builtins.list[Lease]:
+        """Active leases, of one agent and/or overlapping ``resource``, oldest first."""
+        key = None if resource is None else parse_intents((resource, "CONSUMES"))[0]
+        records = self._store.list_leases(agent_id, key, self._clock.now_ms())
+        return [r.snapshot() for r in records]
+
+    def validate(self, lease_id: str) -> Lease:
+        """Return the lease if it is still active.
+
+        Raises:
+            LeaseNotFoundError: unknown id.
+            StaleLeaseError: it is no longer active (expired, revoked or
+                released): whatever it guarded may have changed hands.
+        """
+        now = self._clock.now_ms()
+        rec = self._store.get_lease(lease_id, now)
+        if rec is None:
+            raise LeaseNotFoundError(lease_id, f"no lease {lease_id!r}")
+        if rec.state is LeaseState.ACTIVE:
+            return rec.snapshot()
+        intent = parse_intents((rec.resource, rec.predicate))[0]
+        fence = self._store.fence_state(intent, rec.fencing_token, now)
+        raise StaleLeaseError(
+            rec.resource,
+            rec.fencing_token,
+            fence.newest_token,
+            f"lease {lease_id!r} on {rec.resource} is {rec.state.value}",
+        )
+
+    def check_fencing(self, resource: str, token: int) -> None:
+        """Refuse a write carrying a superseded fencing token.
+
+        A token is current while its lease is active, or when no newer lease
+        was granted on ``resource`` (or a directory above it) since.
+
+        Raises:
+            StaleLeaseError: a newer lease exists and this one ended.
+        """
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise InvalidRequestError("token", token, "a fencing token is an int")
+        intent = parse_intents((resource, "CONSUMES"))[0]
+        fence = self._store.fence_state(intent, token, self._clock.now_ms())
+        if fence.token_active or fence.newest_token is None or fence.newest_token <= token:
+            return
+        raise StaleLeaseError(
+            intent.key,
+            token,
+            fence.newest_token,
+            f"fencing token {token} on {intent.key} is stale (newest is {fence.newest_token})",
+        )
+
+    def sweep(self) -> int:
+        """Mark every lease past its TTL expired now; returns how many."""
+        return len(self._store.sweep(self._clock.now_ms()))
+
+    def close(self) -> None:
+        """Stop the renewer."""
+        self._renewer.close()
+
+    @property
+    def waiting(self) -> int:
+        """How many waits are armed right now (for stats and tests)."""
+        return self._signals.waiting
+
+    # -- events ---------------------------------------------------------------------
+    def _ended(self, rec: LeaseRecord | None, kind: str) -> bool:
+        if rec is None:
+            return False
+        self._signals.notify(rec.resource)
+        if self._hub.active:
+            self._hub.emit(_lease_event(kind, rec, self._clock.now_ms()))
+        return True
+
+    def _on_expired(self, records: builtins.list[LeaseRecord]) -> None:
+        now = self._clock.now_ms()
+        for rec in records:
+            self._signals.notify(rec.resource)
+            if self._hub.active:
+                self._hub.emit(_lease_event("lease.expired", rec, now))
+
+    def _emit_verdict(self, request: AcquireRequest, verdict: Verdict) -> None:
+        if verdict.granted:
+            for lease in verdict.leases:
+                self._hub.emit(
+                    GovernanceEvent(
+                        "lease.granted",
+                        request.now_ms,
+                        request.agent_id,
+                        request.session_id,
+                        {
+                            "lease_id": lease.lease_id,
+                            "resource": lease.resource,
+                            "predicate": lease.predicate.value,
+                            "fencing_token": lease.fencing_token,
+                            "expires_at": lease.expires_at,
+                        },
+                    )
+                )
+            return
+        self._hub.emit(
+            GovernanceEvent(
+                "lease.denied",
+                request.now_ms,
+                request.agent_id,
+                request.session_id,
+                {
+                    "verdict": verdict.status.value,
+                    "intents": [[i.key, i.predicate.value] for i in request.intents],
+                    "conflicts": [c.model_dump(mode="json") for c in verdict.conflicts],
+                    "wait_time_ms": verdict.wait_time_ms,
+                },
+            )
+        )
+
+
+def _conflict(blocker: LeaseRecord | Reservation) -> Conflict:
+    return _build(
+        Conflict,
+        {
+            "agent_id": blocker.agent_id,
+            "session_id": blocker.session_id,
+            "resource": blocker.resource,
+            "predicate": blocker.predicate,
+            "lease_id": blocker.lease_id if isinstance(blocker, LeaseRecord) else None,
+        },
+    )
+
+
+def _lease_event(kind: str, rec: LeaseRecord, now_ms: int) -> GovernanceEvent:
+    data: dict[str, Any] = {
+        "lease_id": rec.lease_id,
+        "resource": rec.resource,
+        "predicate": rec.predicate.value,
+        "fencing_token": rec.fencing_token,
+    }
+    if rec.reason:
+        data["reason"] = rec.reason
+    return GovernanceEvent(kind, now_ms, rec.agent_id, rec.session_id, data)
+
+
+def _raise_if_lost(held: HeldLeases) -> None:
+    if held.lost:
+        first = held.leases[0].lease_id if held.leases else ""
+        raise LeaseLostError(first, f"lease lost while held: {held.lost_reason}")

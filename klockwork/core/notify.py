@@ -1,0 +1,86 @@
+"""In-process wake-ups for lease waiters (release → waiting agent, no polling).
+
+A waiter that got ``WAIT`` registers an alarm on the keys of the holders
+that block it; every release, expiry or revoke in this process fires the
+alarms on its key. The race this defends against::
+
+    1. waiter W reads the epoch (E), then asks the store: WAIT (H holds k)
+    2. H releases k and notifies k — W has not registered yet
+    3. W registers on k and would sleep until H's TTL runs out
+
+Step 2 bumps the epoch, so in step 3 :meth:`Signals.register` sees that the
+epoch moved past E and tells W to retry at once instead of sleeping. A
+spurious retry costs one store round trip; a lost wake-up would cost a TTL.
+
+Releases done by *other processes* (SQLite) are not seen here: waiters on
+cross-process stores also poll, with a short adaptive interval.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterable
+
+from klockwork.core.clock import LoopAlarm, ThreadAlarm
+
+__all__ = ["Signals"]
+
+Alarm = ThreadAlarm | LoopAlarm
+
+
+class Signals:
+    """Keyed wake-ups with an epoch that closes the register/notify race."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[str, set[Alarm]] = {}
+        # Each notification assigns a value never used before (next() on a
+        # count is atomic), so the epoch can never return to a value a waiter
+        # saw once it has moved: no ABA between concurrent notifiers.
+        self._counter = itertools.count(1)
+        #: Changed by every notification; read before a store request.
+        self.epoch = 0
+
+    def register(self, keys: Iterable[str], since_epoch: int, alarm: Alarm) -> bool:
+        """Arm ``alarm`` on ``keys``; False (nothing armed) if a change came since."""
+        with self._lock:
+            keys = tuple(keys)
+            for k in keys:
+                self._waiters.setdefault(k, set()).add(alarm)
+            # Checked after adding: a concurrent notify either bumped the epoch
+            # before this read, or will see the alarm in _waiters.
+            if self.epoch != since_epoch:
+                self._discard(keys, alarm)
+                return False
+            return True
+
+    def unregister(self, keys: Iterable[str], alarm: Alarm) -> None:
+        """Disarm ``alarm`` (after it fired, timed out, or its waiter was cancelled)."""
+        with self._lock:
+            self._discard(tuple(keys), alarm)
+
+    def _discard(self, keys: tuple[str, ...], alarm: Alarm) -> None:
+        for k in keys:
+            alarms = self._waiters.get(k)
+            if alarms is not None:
+                alarms.discard(alarm)
+                if not alarms:
+                    del self._waiters[k]
+
+    def notify(self, key: str) -> None:
+        """A lease on ``key`` ended: wake everyone waiting on it."""
+        self.epoch = next(self._counter)
+        if not self._waiters:
+            return
+        with self._lock:
+            alarms = self._waiters.pop(key, None)
+        if alarms:
+            for alarm in alarms:
+                alarm.fire()
+
+    @property
+    def waiting(self) -> int:
+        """Number of armed alarms (for tests and stats)."""
+        with self._lock:
+            return sum(len(v) for v in self._waiters.values())

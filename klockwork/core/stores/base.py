@@ -1,0 +1,234 @@
+"""The Store contract: a thin layer of atomic state transitions.
+
+A store keeps agents, leases and waiters' reservations, and performs each
+transition atomically. It makes no decision of its own: inside its atomic
+section it gathers the facts and calls :func:`klockwork.core.rules.judge`.
+
+Like LangGraph's ``BaseCheckpointSaver``, a store implements a few sync
+primitives; the async twins are written once here. A store whose
+primitives do I/O (``blocking_io = True``) has them run on a worker thread
+so the event loop never blocks; an in-memory store answers inline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, ParamSpec, TypeVar
+
+from klockwork.core.errors import LeaseExpiredError, LeaseNotFoundError, LeaseRevokedError
+from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
+from klockwork.core.rules import ParsedIntent
+
+__all__ = [
+    "AcquireOutcome",
+    "AcquireRequest",
+    "FenceState",
+    "IdPool",
+    "Store",
+    "raise_unless_active",
+]
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+@dataclass(slots=True)
+class AcquireRequest:
+    """One atomic lease request, already validated.
+
+    Attributes:
+        reserve_ms: when set and the verdict is WAIT, record (or refresh) a
+            reservation for the request's intents lasting this long.
+        clear_reservation: on GRANTED, drop the requester's reservations.
+    """
+
+    agent_id: str
+    session_id: str
+    intents: tuple[ParsedIntent, ...]
+    ttl_ms: int
+    now_ms: int
+    reserve_ms: int | None = None
+    clear_reservation: bool = False
+
+
+@dataclass(slots=True)
+class AcquireOutcome:
+    """What a store did with an :class:`AcquireRequest`."""
+
+    status: VerdictStatus
+    granted: list[LeaseRecord]
+    blockers: list[LeaseRecord | Reservation]
+    wait_time_ms: int | None
+
+
+@dataclass(slots=True)
+class FenceState:
+    """Facts needed to judge a fencing token (see ``LeaseManager.check_fencing``)."""
+
+    newest_token: int | None
+    token_active: bool
+
+
+ExpiryListener = Callable[[list[LeaseRecord]], None]
+
+
+class IdPool:
+    """Unguessable 128-bit hex ids, drawn from ``os.urandom`` in batches.
+
+    Same entropy source as :mod:`secrets`, at a fraction of the per-id cost.
+    Thread-safe.
+    """
+
+    def __init__(self, batch: int = 512) -> None:
+        self._batch = batch
+        self._buf = ""
+        self._pos = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> str:
+        with self._lock:
+            if self._pos >= len(self._buf):
+                self._buf = os.urandom(16 * self._batch).hex()
+                self._pos = 0
+            pos = self._pos
+            self._pos = pos + 32
+            return self._buf[pos : pos + 32]
+
+
+class Store:
+    """Base of every store. Subclasses implement the sync primitives.
+
+    A primitive that cannot reach its backend raises
+    :class:`~klockwork.StoreUnavailableError` and changes nothing.
+    """
+
+    #: True when other processes change the same state (waiters must poll).
+    cross_process: ClassVar[bool] = False
+    #: True when primitives do I/O; async twins then run them on a thread.
+    blocking_io: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        #: Called (outside the store's atomic section) with leases the store
+        #: found past their expiry and marked EXPIRED.
+        self.expiry_listener: ExpiryListener | None = None
+
+    # -- sync primitives -------------------------------------------------
+    def register_agent(self, agent_id: str, priority: int | None, now_ms: int) -> AgentInfo:
+        """Create or update an agent; ``priority=None`` keeps it (or uses ``now_ms``).
+
+        Raises InvalidRequestError when the priority would change while the
+        agent holds an active lease or waits for one.
+        """
+        raise NotImplementedError
+
+    def get_agent(self, agent_id: str) -> AgentInfo | None:
+        """The agent, or None if never registered."""
+        raise NotImplementedError
+
+    def try_acquire(self, request: AcquireRequest) -> AcquireOutcome:
+        """Decide and apply one request atomically (see :func:`rules.judge`)."""
+        raise NotImplementedError
+
+    def release(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
+        """Mark an active lease RELEASED; None if it was not active."""
+        raise NotImplementedError
+
+    def heartbeat(self, lease_id: str, ttl_ms: int | None, now_ms: int) -> LeaseRecord:
+        """Extend an active lease to ``now + ttl`` (its own TTL when None).
+
+        Raises LeaseNotFoundError, LeaseExpiredError or LeaseRevokedError;
+        an expired lease is never revived.
+        """
+        raise NotImplementedError
+
+    def revoke(self, lease_id: str, reason: str, now_ms: int) -> LeaseRecord | None:
+        """Mark an active lease REVOKED; None if it was not active."""
+        raise NotImplementedError
+
+    def get_lease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
+        """The lease record (expiry applied), or None if unknown."""
+        raise NotImplementedError
+
+    def list_leases(
+        self, agent_id: str | None, resource: ParsedIntent | None, now_ms: int
+    ) -> list[LeaseRecord]:
+        """Active leases, optionally of one agent and/or overlapping one key."""
+        raise NotImplementedError
+
+    def fence_state(self, intent: ParsedIntent, token: int, now_ms: int) -> FenceState:
+        """Newest token granted on the key or its ancestors, and whether ``token`` is active."""
+        raise NotImplementedError
+
+    def unreserve(self, agent_id: str, session_id: str) -> None:
+        """Drop the reservations of a waiter that stopped waiting."""
+        raise NotImplementedError
+
+    def sweep(self, now_ms: int) -> list[LeaseRecord]:
+        """Mark every active lease past its expiry EXPIRED; return them."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the store's resources. Idempotent."""
+
+    # -- async twins, written once --------------------------------------
+    async def _run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        if not self.blocking_io:
+            return fn(*args, **kwargs)
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def aregister_agent(self, agent_id: str, priority: int | None, now_ms: int) -> AgentInfo:
+        return await self._run(self.register_agent, agent_id, priority, now_ms)
+
+    async def aget_agent(self, agent_id: str) -> AgentInfo | None:
+        return await self._run(self.get_agent, agent_id)
+
+    async def atry_acquire(self, request: AcquireRequest) -> AcquireOutcome:
+        return await self._run(self.try_acquire, request)
+
+    async def arelease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
+        return await self._run(self.release, lease_id, now_ms)
+
+    async def aheartbeat(self, lease_id: str, ttl_ms: int | None, now_ms: int) -> LeaseRecord:
+        return await self._run(self.heartbeat, lease_id, ttl_ms, now_ms)
+
+    async def arevoke(self, lease_id: str, reason: str, now_ms: int) -> LeaseRecord | None:
+        return await self._run(self.revoke, lease_id, reason, now_ms)
+
+    async def aget_lease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
+        return await self._run(self.get_lease, lease_id, now_ms)
+
+    async def alist_leases(
+        self, agent_id: str | None, resource: ParsedIntent | None, now_ms: int
+    ) -> list[LeaseRecord]:
+        return await self._run(self.list_leases, agent_id, resource, now_ms)
+
+    async def afence_state(self, intent: ParsedIntent, token: int, now_ms: int) -> FenceState:
+        return await self._run(self.fence_state, intent, token, now_ms)
+
+    async def aunreserve(self, agent_id: str, session_id: str) -> None:
+        await self._run(self.unreserve, agent_id, session_id)
+
+    async def asweep(self, now_ms: int) -> list[LeaseRecord]:
+        return await self._run(self.sweep, now_ms)
+
+    # -- helpers shared by stores -----------------------------------------
+    def _report_expired(self, records: Sequence[LeaseRecord]) -> None:
+        if records and self.expiry_listener is not None:
+            self.expiry_listener(list(records))
+
+
+def raise_unless_active(rec: LeaseRecord) -> None:
+    """Raise the error that says why a lease is not active (shared by stores)."""
+    if rec.state is LeaseState.ACTIVE:
+        return
+    if rec.state is LeaseState.EXPIRED:
+        raise LeaseExpiredError(rec.lease_id, f"lease {rec.lease_id!r} on {rec.resource} expired")
+    if rec.state is LeaseState.REVOKED:
+        raise LeaseRevokedError(
+            rec.lease_id, f"lease {rec.lease_id!r} on {rec.resource} was revoked: {rec.reason}"
+        )
+    raise LeaseNotFoundError(rec.lease_id, f"lease {rec.lease_id!r} was released")

@@ -1,0 +1,466 @@
+"""SQLite store: several processes on one machine share one database file.
+
+Every decision runs inside one ``BEGIN IMMEDIATE`` transaction: the write
+lock is taken *before* the facts are read, so two processes can never both
+see a resource free and both be granted it. Single-row transitions
+(release, revoke, heartbeat) are one ``UPDATE ... RETURNING`` statement,
+atomic on its own. The database runs in WAL mode with
+``synchronous=NORMAL``: a crash of the OS may lose the last commits, never
+corrupt the file. sqlite3 errors are translated at this boundary into
+:class:`~klockwork.StoreUnavailableError` (fail closed).
+
+Waiters in other processes learn of releases by polling (an adaptive 1-50 ms
+interval, see :mod:`klockwork.core.leases`); waiters in this process are
+also woken at once by the in-process notification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from klockwork.core.errors import (
+    InvalidRequestError,
+    KlockworkError,
+    LeaseNotFoundError,
+    StoreUnavailableError,
+)
+from klockwork.core.model import (
+    AgentInfo,
+    LeaseRecord,
+    LeaseState,
+    Predicate,
+    Reservation,
+    VerdictStatus,
+)
+from klockwork.core.rules import ParsedIntent, descendant_range, judge, overlaps
+from klockwork.core.stores.base import (
+    AcquireOutcome,
+    AcquireRequest,
+    FenceState,
+    Store,
+    raise_unless_active,
+)
+
+__all__ = ["SqliteStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kw_agents (
+    agent_id      TEXT PRIMARY KEY,
+    priority      INTEGER NOT NULL,
+    registered_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kw_leases (
+    fencing_token INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: strictly increasing
+    lease_id      TEXT NOT NULL UNIQUE,
+    agent_id      TEXT NOT NULL,
+    session_id    TEXT NOT NULL,
+    resource      TEXT NOT NULL,
+    predicate     TEXT NOT NULL,
+    priority      INTEGER NOT NULL,
+    acquired_at   INTEGER NOT NULL,
+    expires_at    INTEGER NOT NULL,
+    ttl_ms        INTEGER NOT NULL,
+    state         TEXT NOT NULL,
+    reason        TEXT
+);
+CREATE INDEX IF NOT EXISTS kw_leases_active ON kw_leases(resource) WHERE state = 'ACTIVE';
+CREATE INDEX IF NOT EXISTS kw_leases_fence ON kw_leases(resource, fencing_token);
+CREATE TABLE IF NOT EXISTS kw_reservations (
+    agent_id   TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    resource   TEXT NOT NULL,
+    predicate  TEXT NOT NULL,
+    priority   INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, session_id, resource, predicate)
+);
+"""
+
+_COLS = (
+    "lease_id, agent_id, session_id, resource, predicate, priority, fencing_token, "
+    "acquired_at, expires_at, ttl_ms, state, reason"
+)
+_PREDICATE = {p.value: p for p in Predicate}
+_STATE = {s.value: s for s in LeaseState}
+
+#: sqlite3 error → klockwork error, most specific first. Every failure to
+#: answer is a StoreUnavailableError: the caller gets no grant (fail closed).
+ERROR_MAP: tuple[tuple[type[sqlite3.Error], type[KlockworkError]], ...] = (
+    (sqlite3.OperationalError, StoreUnavailableError),  # locked, I/O, missing table
+    (sqlite3.ProgrammingError, StoreUnavailableError),  # closed connection
+    (sqlite3.DatabaseError, StoreUnavailableError),  # corrupt or not a database
+    (sqlite3.Error, StoreUnavailableError),
+)
+
+
+def _record(row: Sequence[Any]) -> LeaseRecord:
+    return LeaseRecord(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        _PREDICATE[row[4]],
+        row[5],
+        row[6],
+        row[7],
+        row[8],
+        row[9],
+        _STATE[row[10]],
+        row[11],
+    )
+
+
+class SqliteStore(Store):
+    """A store in one SQLite file, safe for many threads and processes.
+
+    Args:
+        path: the database file (created with its schema if missing).
+        busy_timeout_ms: how long a transaction waits for another process's
+            write lock before failing closed with StoreUnavailableError.
+    """
+
+    cross_process = True
+    blocking_io = True
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 10_000) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._closed = False
+        with self._translated("create its schema"):
+            conn = self._conn()
+            conn.executescript(_SCHEMA)
+
+    # -- plumbing -------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise StoreUnavailableError(f"sqlite store {self.path} is closed")
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout_ms / 1000,
+            isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
+            check_same_thread=False,
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+        self._local.conn = conn
+        with self._conns_lock:
+            self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _translated(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            for source, target in ERROR_MAP:
+                if isinstance(exc, source):
+                    raise target(f"sqlite store {self.path} could not {doing}: {exc}") from exc
+            raise  # pragma: no cover - ERROR_MAP ends with sqlite3.Error
+
+    @contextmanager
+    def _tx(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction; rolled back on any error."""
+        with self._translated(doing):
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _one(self, doing: str, sql: str, args: Sequence[Any]) -> list[Any]:
+        """Run one auto-committed statement and fetch its rows."""
+        with self._translated(doing):
+            return self._conn().execute(sql, args).fetchall()
+
+    # -- agents -------------------------------------------------------------------
+    def register_agent(self, agent_id: str, priority: int | None, now_ms: int) -> AgentInfo:
+        with self._tx("register an agent") as conn:
+            row = conn.execute(
+                "SELECT priority, registered_at FROM kw_agents WHERE agent_id = ?", (agent_id,)
+            ).fetchone()
+            if row is None:
+                prio = now_ms if priority is None else priority
+                conn.execute("INSERT INTO kw_agents VALUES (?, ?, ?)", (agent_id, prio, now_ms))
+                return AgentInfo(agent_id=agent_id, priority=prio, registered_at=now_ms)
+            if priority is None or priority == row[0]:
+                return AgentInfo(agent_id=agent_id, priority=row[0], registered_at=row[1])
+            busy = conn.execute(
+                "SELECT 1 FROM kw_leases INDEXED BY kw_leases_active "
+                "WHERE state = 'ACTIVE' AND agent_id = ? AND expires_at > ? "
+                "UNION ALL SELECT 1 FROM kw_reservations WHERE agent_id = ? AND expires_at > ? "
+                "LIMIT 1",
+                (agent_id, now_ms, agent_id, now_ms),
+            ).fetchone()
+            if busy:
+                raise InvalidRequestError(
+                    "priority",
+                    priority,
+                    f"agent {agent_id!r} holds or waits for a lease; its priority "
+                    f"({row[0]}) cannot change until it releases",
+                )
+            conn.execute(
+                "UPDATE kw_agents SET priority = ? WHERE agent_id = ?", (priority, agent_id)
+            )
+            return AgentInfo(agent_id=agent_id, priority=priority, registered_at=row[1])
+
+    def get_agent(self, agent_id: str) -> AgentInfo | None:
+        rows = self._one(
+            "read an agent",
+            "SELECT priority, registered_at FROM kw_agents WHERE agent_id = ?",
+            (agent_id,),
+        )
+        if not rows:
+            return None
+        return AgentInfo(agent_id=agent_id, priority=rows[0][0], registered_at=rows[0][1])
+
+    # -- acquire ----------------------------------------------------------------
+    def try_acquire(self, request: AcquireRequest) -> AcquireOutcome:
+        now = request.now_ms
+        agent_id, session_id = request.agent_id, request.session_id
+        with self._tx("decide a lease request") as conn:
+            row = conn.execute(
+                "SELECT priority FROM kw_agents WHERE agent_id = ?", (agent_id,)
+            ).fetchone()
+            if row is None:
+                priority = now
+                conn.execute("INSERT INTO kw_agents VALUES (?, ?, ?)", (agent_id, now, now))
+            else:
+                priority = row[0]
+            candidates = [self._overlapping(conn, i) for i in request.intents]
+            reservations = self._reservations(conn, request.intents, now)
+            j = judge(
+                agent_id, session_id, priority, request.intents, candidates, reservations, now
+            )
+            if j.expired:
+                conn.executemany(
+                    "UPDATE kw_leases SET state = 'EXPIRED' "
+                    "WHERE lease_id = ? AND state = 'ACTIVE'",
+                    [(r.lease_id,) for r in j.expired],
+                )
+                for r in j.expired:
+                    r.state = LeaseState.EXPIRED
+            granted: list[LeaseRecord] = []
+            if j.status is VerdictStatus.GRANTED:
+                expires = now + request.ttl_ms
+                for i in request.intents:
+                    lease_id = secrets.token_hex(16)
+                    cur = conn.execute(
+                        "INSERT INTO kw_leases (lease_id, agent_id, session_id, resource, "
+                        "predicate, priority, acquired_at, expires_at, ttl_ms, state) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'ACTIVE')",
+                        (
+                            lease_id,
+                            agent_id,
+                            session_id,
+                            i.key,
+                            i.predicate.value,
+                            priority,
+                            now,
+                            expires,
+                            request.ttl_ms,
+                        ),
+                    )
+                    token = cur.lastrowid
+                    assert token is not None
+                    granted.append(
+                        LeaseRecord(
+                            lease_id,
+                            agent_id,
+                            session_id,
+                            i.key,
+                            i.predicate,
+                            priority,
+                            token,
+                            now,
+                            expires,
+                            request.ttl_ms,
+                        )
+                    )
+                if request.clear_reservation:
+                    self._unreserve(conn, agent_id, session_id)
+            elif j.status is VerdictStatus.WAIT and request.reserve_ms:
+                self._unreserve(conn, agent_id, session_id)
+                until = now + request.reserve_ms
+                conn.executemany(
+                    "INSERT OR REPLACE INTO kw_reservations VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (agent_id, session_id, i.key, i.predicate.value, priority, until)
+                        for i in request.intents
+                    ],
+                )
+        self._report_expired(j.expired)
+        return AcquireOutcome(j.status, granted, j.blockers, j.wait_time_ms)
+
+    @staticmethod
+    def _overlapping(conn: sqlite3.Connection, intent: ParsedIntent) -> list[LeaseRecord]:
+        keys = (intent.key, *intent.ancestors)
+        marks = ", ".join("?" * len(keys))
+        sql = f"SELECT {_COLS} FROM kw_leases WHERE state = 'ACTIVE' AND resource IN ({marks})"
+        args: tuple[Any, ...] = keys
+        span = descendant_range(intent.key)
+        if span is not None:
+            sql += (
+                f" UNION ALL SELECT {_COLS} FROM kw_leases WHERE state = 'ACTIVE' "
+                "AND resource >= ? AND resource < ?"
+            )
+            args = (*keys, *span)
+        return [_record(r) for r in conn.execute(sql, args)]
+
+    @staticmethod
+    def _reservations(
+        conn: sqlite3.Connection, intents: Sequence[ParsedIntent], now_ms: int
+    ) -> list[Reservation]:
+        rows = conn.execute(
+            "SELECT agent_id, session_id, resource, predicate, priority, expires_at "
+            "FROM kw_reservations WHERE expires_at > ?",
+            (now_ms,),
+        ).fetchall()
+        return [
+            Reservation(r[0], r[1], r[2], _PREDICATE[r[3]], r[4], r[5])
+            for r in rows
+            if any(overlaps(r[2], i.key) for i in intents)
+        ]
+
+    @staticmethod
+    def _unreserve(conn: sqlite3.Connection, agent_id: str, session_id: str) -> None:
+        conn.execute(
+            "DELETE FROM kw_reservations WHERE agent_id = ? AND session_id = ?",
+            (agent_id, session_id),
+        )
+
+    # -- single-lease transitions -------------------------------------------------
+    def _end(
+        self, lease_id: str, state: str, reason: str | None, now_ms: int
+    ) -> LeaseRecord | None:
+        rows = self._one(
+            f"mark a lease {state.lower()}",
+            "UPDATE kw_leases SET "
+            "state = CASE WHEN expires_at <= ? THEN 'EXPIRED' ELSE ? END, "
+            "reason = CASE WHEN expires_at <= ? THEN reason ELSE ? END "
+            f"WHERE lease_id = ? AND state = 'ACTIVE' RETURNING {_COLS}",
+            (now_ms, state, now_ms, reason, lease_id),
+        )
+        if not rows:
+            return None
+        rec = _record(rows[0])
+        if rec.state is LeaseState.EXPIRED:
+            self._report_expired([rec])
+            return None
+        return rec
+
+    def release(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
+        return self._end(lease_id, "RELEASED", None, now_ms)
+
+    def revoke(self, lease_id: str, reason: str, now_ms: int) -> LeaseRecord | None:
+        return self._end(lease_id, "REVOKED", reason, now_ms)
+
+    def heartbeat(self, lease_id: str, ttl_ms: int | None, now_ms: int) -> LeaseRecord:
+        rows = self._one(
+            "renew a lease",
+            "UPDATE kw_leases SET expires_at = ? + COALESCE(?, ttl_ms) "
+            f"WHERE lease_id = ? AND state = 'ACTIVE' AND expires_at > ? RETURNING {_COLS}",
+            (now_ms, ttl_ms, lease_id, now_ms),
+        )
+        if rows:
+            return _record(rows[0])
+        rec = self.get_lease(lease_id, now_ms)  # why not: marks it expired if due
+        if rec is None:
+            raise LeaseNotFoundError(lease_id, f"no lease {lease_id!r}")
+        raise_unless_active(rec)
+        raise LeaseNotFoundError(lease_id, f"lease {lease_id!r} changed during renewal")
+
+    def get_lease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
+        rows = self._one(
+            "expire a lease",
+            "UPDATE kw_leases SET state = 'EXPIRED' "
+            f"WHERE lease_id = ? AND state = 'ACTIVE' AND expires_at <= ? RETURNING {_COLS}",
+            (lease_id, now_ms),
+        )
+        if rows:
+            rec = _record(rows[0])
+            self._report_expired([rec])
+            return rec
+        rows = self._one(
+            "read a lease", f"SELECT {_COLS} FROM kw_leases WHERE lease_id = ?", (lease_id,)
+        )
+        return _record(rows[0]) if rows else None
+
+    # -- queries ---------------------------------------------------------------------
+    def list_leases(
+        self, agent_id: str | None, resource: ParsedIntent | None, now_ms: int
+    ) -> list[LeaseRecord]:
+        with self._translated("list leases"):
+            conn = self._conn()
+            if resource is not None:
+                pool = self._overlapping(conn, resource)
+            else:
+                pool = [
+                    _record(r)
+                    for r in conn.execute(f"SELECT {_COLS} FROM kw_leases WHERE state = 'ACTIVE'")
+                ]
+        return sorted(
+            (
+                r
+                for r in pool
+                if r.expires_at > now_ms and (agent_id is None or r.agent_id == agent_id)
+            ),
+            key=lambda r: r.fencing_token,
+        )
+
+    def fence_state(self, intent: ParsedIntent, token: int, now_ms: int) -> FenceState:
+        keys = (intent.key, *intent.ancestors)
+        marks = ", ".join("?" * len(keys))
+        with self._translated("read fencing tokens"):
+            conn = self._conn()
+            newest = conn.execute(
+                f"SELECT max(fencing_token) FROM kw_leases WHERE resource IN ({marks})", keys
+            ).fetchone()[0]
+            active = conn.execute(
+                "SELECT 1 FROM kw_leases WHERE fencing_token = ? AND resource = ? "
+                "AND state = 'ACTIVE' AND expires_at > ?",
+                (token, intent.key, now_ms),
+            ).fetchone()
+        return FenceState(newest, active is not None)
+
+    def unreserve(self, agent_id: str, session_id: str) -> None:
+        with self._translated("drop a reservation"):
+            self._unreserve(self._conn(), agent_id, session_id)
+
+    def sweep(self, now_ms: int) -> list[LeaseRecord]:
+        with self._tx("sweep expired leases") as conn:
+            rows = conn.execute(
+                "UPDATE kw_leases SET state = 'EXPIRED' "
+                f"WHERE state = 'ACTIVE' AND expires_at <= ? RETURNING {_COLS}",
+                (now_ms,),
+            ).fetchall()
+            conn.execute("DELETE FROM kw_reservations WHERE expires_at <= ?", (now_ms,))
+        expired = [_record(r) for r in rows]
+        self._report_expired(expired)
+        return expired
+
+    def close(self) -> None:
+        with self._conns_lock:
+            self._closed = True
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):  # closing is best effort
+                conn.close()

@@ -1,0 +1,38 @@
+"""klockwork for LangChain: leases around tool calls, without retry loops.
+
+::
+
+    from langchain_core.tools import tool
+    from klockwork.integrations.langchain import agent_config, klock_protected
+
+    @tool
+    @klock_protected("FILE:{path}", predicate="MUTATES")
+    def write_file(path: str, text: str) -> str:
+        '''Write text to a file.'''
+        ...
+
+    write_file.invoke({"path": "/a", "text": "hi"}, config=agent_config("writer"))
+
+* :func:`klock_protected` — decorator: Klock's own signature or the short
+  form; below or above ``@tool``, on ``BaseTool._run``/``_arun``; sync and async.
+* :func:`protect_tool` / :func:`protect_tools` — protected copies of tool objects.
+* :func:`agent_config` / :func:`resolve_identity` — who a call leases as.
+* :class:`KlockConflictError` — a ``LeaseConflictError`` and a ``ToolException``.
+"""
+
+from klockwork.integrations.langchain.decorator import RETRY_BUDGET_S, klock_protected
+from klockwork.integrations.langchain.errors import KlockConflictError
+from klockwork.integrations.langchain.identity import Identity, agent_config, resolve_identity
+from klockwork.integrations.langchain.tools import DEFAULT_TIMEOUT_S, protect_tool, protect_tools
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "RETRY_BUDGET_S",
+    "Identity",
+    "KlockConflictError",
+    "agent_config",
+    "klock_protected",
+    "protect_tool",
+    "protect_tools",
+    "resolve_identity",
+]

@@ -1,0 +1,235 @@
+"""Who is calling: the agent and session a protected tool call leases as.
+
+Leases belong to an *agent* (whose age decides wait-die) and a *session*
+(the same agent in the same session is reentrant; in another session it is
+a separate claimant). A tool rarely receives either as an argument, so the
+wrappers read them from the LangChain config of the call — which
+:func:`langchain_core.runnables.ensure_config` returns inside any tool run,
+because ``BaseTool.run`` sets the child config in a context variable before
+it calls the tool's function.
+
+Resolution order (first hit wins), see :func:`resolve_identity`:
+
+==========  ===========================================================
+agent       explicit argument → ``configurable["agent_id"]`` →
+            ``metadata["agent_id"]`` → LangGraph runtime context
+            ``agent_id`` → ``metadata["lc_agent_name"]`` → ``process-<pid>``
+session     explicit argument → ``configurable["session_id"]`` →
+            ``metadata["session_id"]`` → runtime context ``session_id`` →
+            ``configurable["thread_id"]`` → ``metadata["thread_id"]`` →
+            the enclosing protected call of the same agent → a fresh id
+==========  ===========================================================
+
+A fresh session per call is what keeps concurrent anonymous calls apart:
+they share the agent ``process-<pid>`` but not a session, so they exclude
+each other instead of being reentrant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, NamedTuple, cast
+
+from langchain_core.runnables import RunnableConfig, ensure_config
+from langgraph.runtime import Runtime, get_runtime
+
+from klockwork.core.errors import InvalidRequestError
+
+__all__ = ["Identity", "agent_config", "resolve_identity"]
+
+AGENT_KEY = "agent_id"
+SESSION_KEY = "session_id"
+
+
+class Identity(NamedTuple):
+    """The agent and session a call leases as, and where each came from.
+
+    ``agent_source`` is one of ``argument configurable metadata runtime
+    lc_agent_name anonymous``; ``session_source`` one of ``argument
+    configurable metadata runtime thread_id enclosing fresh``.
+    """
+
+    agent_id: str
+    session_id: str
+    agent_source: str
+    session_source: str
+
+
+def agent_config(agent_id: str, session_id: str | None = None, **extra: Any) -> RunnableConfig:
+    """Build a ``RunnableConfig`` that tells protected tools who is calling.
+
+    Identity goes into both ``configurable`` (what tools read) and
+    ``metadata`` (what callbacks see: LangGraph does not pass custom
+    ``configurable`` keys to callbacks).
+
+    Args:
+        agent_id: the agent's id (its registered age decides wait-die).
+        session_id: the agent's session; calls in the same session are
+            reentrant. When omitted, the session falls back to ``thread_id``
+            and then to a fresh id per call.
+        **extra: further ``configurable`` entries, e.g. ``thread_id="t1"``.
+
+    Returns:
+        A config to pass as ``tool.invoke(args, config=...)`` or
+        ``graph.invoke(state, config=...)``.
+
+    Raises:
+        InvalidRequestError: ``agent_id`` (or a given ``session_id``) is not
+            a non-empty string.
+    """
+    _check_id(AGENT_KEY, agent_id)
+    ids: dict[str, Any] = {AGENT_KEY: agent_id}
+    if session_id is not None:
+        _check_id(SESSION_KEY, session_id)
+        ids[SESSION_KEY] = session_id
+    return RunnableConfig(configurable={**extra, **ids}, metadata=dict(ids))
+
+
+def resolve_identity(
+    config: RunnableConfig | Mapping[str, Any] | None = None,
+    *,
+    agent_id: str | None = None,
+    session_id: str | None = None,
+) -> Identity:
+    """Decide the agent and session of a call (see the module docstring for the order).
+
+    Never fails for lack of identity: with none anywhere the call runs as
+    agent ``process-<pid>`` in a fresh session of its own.
+
+    Args:
+        config: the call's config; merged over the current runnable context
+            (``ensure_config``), so ``None`` reads the context alone.
+        agent_id: wins over everything in the config when given.
+        session_id: wins over everything in the config when given.
+
+    Returns:
+        The :class:`Identity`, with where each part came from.
+
+    Raises:
+        InvalidRequestError: an explicit id is given but is not a non-empty string.
+    """
+    cfg = ensure_config(_as_config(config))
+    configurable: Mapping[str, Any] = cfg.get("configurable") or {}
+    metadata: Mapping[str, Any] = cfg.get("metadata") or {}
+    context = _runtime_context(configurable)
+
+    agent, agent_source = _first(
+        ("argument", _check_id(AGENT_KEY, agent_id) if agent_id is not None else None),
+        ("configurable", configurable.get(AGENT_KEY)),
+        ("metadata", metadata.get(AGENT_KEY)),
+        ("runtime", _lookup(context, AGENT_KEY)),
+        ("lc_agent_name", metadata.get("lc_agent_name")),
+    )
+    if agent is None:
+        agent, agent_source = f"process-{os.getpid()}", "anonymous"
+
+    session, session_source = _first(
+        ("argument", _check_id(SESSION_KEY, session_id) if session_id is not None else None),
+        ("configurable", configurable.get(SESSION_KEY)),
+        ("metadata", metadata.get(SESSION_KEY)),
+        ("runtime", _lookup(context, SESSION_KEY)),
+        ("thread_id", _thread_id(configurable.get("thread_id"))),
+        ("thread_id", _thread_id(metadata.get("thread_id"))),
+    )
+    if session is None:
+        session = _enclosing_session(agent)
+        session_source = "enclosing"
+    if session is None:
+        session, session_source = f"call-{uuid.uuid4().hex}", "fresh"
+    return Identity(agent, session, agent_source, session_source)
+
+
+# -- the enclosing call ---------------------------------------------------------
+# A protected call that runs another protected call (a decorated function
+# inside a protected tool, or a tool protected twice) must be reentrant with
+# it, or it would wait for itself. With no session in the config each call
+# would get a fresh session, so the inner call borrows the outer one's — but
+# only on the same thread and asyncio task: parallel tool calls started from
+# inside a protected call inherit its context too, and must still exclude
+# each other.
+_ACTIVE: ContextVar[tuple[str, str, tuple[int, int]] | None] = ContextVar(
+    "klockwork_active_call", default=None
+)
+
+
+def _owner() -> tuple[int, int]:
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop in this thread
+        task = None
+    return threading.get_ident(), id(task) if task is not None else 0
+
+
+def _enclosing_session(agent_id: str) -> str | None:
+    active = _ACTIVE.get()
+    if active is not None and active[0] == agent_id and active[2] == _owner():
+        return active[1]
+    return None
+
+
+@contextmanager
+def active_call(identity: Identity) -> Iterator[None]:
+    """Mark ``identity`` as the protected call running in this thread/task."""
+    token = _ACTIVE.set((identity.agent_id, identity.session_id, _owner()))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+# -- helpers ----------------------------------------------------------------------
+def _as_config(config: RunnableConfig | Mapping[str, Any] | None) -> RunnableConfig | None:
+    if config is None:
+        return None
+    if not isinstance(config, Mapping):
+        raise InvalidRequestError("config", config, "expected a RunnableConfig (a dict) or None")
+    return cast("RunnableConfig", dict(config))
+
+
+def _runtime_context(configurable: Mapping[str, Any]) -> object:
+    """The LangGraph runtime context of the current graph run, or None outside one."""
+    # LangGraph keeps the Runtime in the run's configurable; finding it by type
+    # also works for an explicit config. get_runtime() is the documented path
+    # for the current context and raises outside any runnable.
+    for value in configurable.values():
+        if isinstance(value, Runtime):
+            return value.context
+    try:
+        runtime = get_runtime()
+    except Exception:  # outside a graph there is simply no runtime
+        return None
+    return runtime.context if isinstance(runtime, Runtime) else None
+
+
+def _lookup(context: object, key: str) -> object:
+    if context is None:
+        return None
+    if isinstance(context, Mapping):
+        return context.get(key)
+    return getattr(context, key, None)
+
+
+def _thread_id(value: object) -> object:
+    # LangGraph accepts non-string thread ids (ints, UUIDs); a session is a string.
+    if isinstance(value, (int, uuid.UUID)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _first(*candidates: tuple[str, object]) -> tuple[str | None, str]:
+    for source, value in candidates:
+        if isinstance(value, str) and value:
+            return value, source
+    return None, ""
+
+
+def _check_id(argument: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(argument, value, "must be a non-empty string")
+    return value

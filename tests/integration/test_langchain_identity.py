@@ -1,0 +1,178 @@
+"""Who a protected call leases as: agent_config, resolve_identity, and what tools see."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.tools import BaseTool, tool
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode
+
+from klockwork import Klockwork
+from klockwork.integrations.langchain import (
+    agent_config,
+    klock_protected,
+    protect_tool,
+    resolve_identity,
+)
+
+
+def test_agent_config_puts_identity_in_configurable_and_metadata() -> None:
+    config = agent_config("writer", "s1", thread_id="t1", model="m")
+    assert config["configurable"] == {
+        "agent_id": "writer",
+        "session_id": "s1",
+        "thread_id": "t1",
+        "model": "m",
+    }
+    assert config["metadata"] == {"agent_id": "writer", "session_id": "s1"}
+    assert agent_config("writer") == {
+        "configurable": {"agent_id": "writer"},
+        "metadata": {"agent_id": "writer"},
+    }
+    with pytest.raises(ValueError, match="agent_id"):
+        agent_config("")
+
+
+def test_explicit_identity_wins_over_the_config() -> None:
+    ident = resolve_identity(agent_config("cfg", "cfg-s"), agent_id="arg", session_id="arg-s")
+    assert ident == ("arg", "arg-s", "argument", "argument")
+
+
+def test_configurable_wins_over_metadata() -> None:
+    config = {
+        "configurable": {"agent_id": "conf", "session_id": "conf-s"},
+        "metadata": {"agent_id": "meta", "session_id": "meta-s", "lc_agent_name": "named"},
+    }
+    assert resolve_identity(config)[:2] == ("conf", "conf-s")
+
+
+def test_metadata_identity_then_lc_agent_name() -> None:
+    meta = resolve_identity({"metadata": {"agent_id": "meta", "lc_agent_name": "named"}})
+    assert (meta.agent_id, meta.agent_source) == ("meta", "metadata")
+    named = resolve_identity({"metadata": {"lc_agent_name": "researcher"}})
+    assert (named.agent_id, named.agent_source) == ("researcher", "lc_agent_name")
+
+
+def test_session_falls_back_to_thread_id() -> None:
+    conf = resolve_identity({"configurable": {"agent_id": "a", "thread_id": "t1"}})
+    assert (conf.session_id, conf.session_source) == ("t1", "thread_id")
+    meta = resolve_identity({"metadata": {"thread_id": 42}})
+    assert (meta.session_id, meta.session_source) == ("42", "thread_id")
+
+
+def test_anonymous_calls_get_the_process_agent_and_a_fresh_session_each() -> None:
+    first, second = resolve_identity(), resolve_identity()
+    assert first.agent_id == second.agent_id == f"process-{os.getpid()}"
+    assert first.agent_source == "anonymous"
+    assert first.session_source == second.session_source == "fresh"
+    assert first.session_id != second.session_id
+
+
+def test_runtime_context_outside_a_graph_does_not_fail() -> None:
+    assert resolve_identity({"configurable": {"x": 1}}).agent_source == "anonymous"
+
+
+@dataclass
+class Ctx:
+    agent_id: str
+    session_id: str | None = None
+
+
+def run_in_tool_node(tool_obj: BaseTool, context: Any, config: dict[str, Any]) -> ToolMessage:
+    builder = StateGraph(MessagesState, context_schema=type(context))
+    builder.add_node("tools", ToolNode([tool_obj]))
+    builder.add_edge(START, "tools")
+    builder.add_edge("tools", END)
+    call = {"name": tool_obj.name, "args": {"path": "/a"}, "id": "c1"}
+    out = builder.compile().invoke(
+        {"messages": [AIMessage("", tool_calls=[call])]}, context=context, config=config
+    )
+    message = out["messages"][-1]
+    assert isinstance(message, ToolMessage)
+    return message
+
+
+def whoami_tool(kw: Klockwork) -> BaseTool:
+    @tool
+    @klock_protected("FILE:{path}", kw=kw, timeout_s=1.0)
+    def whoami(path: str) -> str:
+        """Report who holds the lease on the path."""
+        leases = kw.leases.list(resource=f"FILE:{path}")
+        (holder,) = {f"{lease.agent_id}/{lease.session_id}" for lease in leases}
+        return holder
+
+    return whoami
+
+
+def test_langgraph_runtime_context_gives_the_identity(kw: Klockwork) -> None:
+    message = run_in_tool_node(
+        whoami_tool(kw), Ctx("ctx-agent", "ctx-session"), {"configurable": {"thread_id": "t"}}
+    )
+    assert message.content == "ctx-agent/ctx-session"
+    # With no session in the context, the thread id is the session; a dict context works too.
+    message = run_in_tool_node(
+        whoami_tool(kw), {"agent_id": "dict-agent"}, {"configurable": {"thread_id": "t9"}}
+    )
+    assert message.content == "dict-agent/t9"
+
+
+def test_tools_lease_as_the_configured_identity(kw: Klockwork) -> None:
+    whoami = whoami_tool(kw)
+    assert whoami.invoke({"path": "/a"}, config=agent_config("w", "s")) == "w/s"
+    assert whoami.invoke({"path": "/a"}, config={"metadata": {"agent_id": "m"}}).startswith(
+        "m/call-"
+    )
+    named = {"metadata": {"lc_agent_name": "researcher", "thread_id": "t1"}}
+    assert whoami.invoke({"path": "/a"}, config=named) == "researcher/t1"
+    assert whoami.invoke({"path": "/a"}, config={"configurable": {"thread_id": "t2"}}) == (
+        f"process-{os.getpid()}/t2"
+    )
+
+
+def test_protect_tool_identity_overrides_the_config(kw: Klockwork) -> None:
+    @tool
+    def whoami(path: str) -> str:
+        """Report who holds the lease on the path."""
+        (lease,) = kw.leases.list(resource=f"FILE:{path}")
+        return f"{lease.agent_id}/{lease.session_id}"
+
+    fixed = protect_tool(whoami, "FILE:{path}", kw=kw, agent_id="fixed", session_id="fs")
+    assert fixed.invoke({"path": "/a"}, config=agent_config("cfg", "cs")) == "fixed/fs"
+
+
+def test_nested_protection_reuses_the_enclosing_session(kw: Klockwork) -> None:
+    # Protected below @tool *and* wrapped again: the inner call must not wait for
+    # the outer one, even with no session anywhere.
+    stacked = protect_tool(whoami_tool(kw), "FILE:{path}", kw=kw, timeout_s=0.2)
+    out = stacked.invoke({"path": "/a"}, config={"metadata": {"agent_id": "solo"}})
+    assert out.startswith("solo/call-")  # both leases (outer and inner) in one session
+
+
+def test_a_thread_started_inside_a_protected_call_gets_its_own_session(kw: Klockwork) -> None:
+    seen: list[str] = []
+
+    @klock_protected("FILE:/inner", kw=kw, timeout_s=0.05, on_conflict="raise")
+    def inner() -> str:
+        return "inner ran"
+
+    @klock_protected("FILE:/inner", kw=kw)
+    def outer() -> None:
+        worker = threading.Thread(target=lambda: seen.append(_call(inner)))
+        worker.start()
+        worker.join()
+
+    outer()
+    assert seen == ["KlockConflictError"]  # parallel work is excluded, not reentrant
+
+
+def _call(fn: Any) -> str:
+    try:
+        return str(fn())
+    except Exception as exc:
+        return type(exc).__name__

@@ -26,20 +26,20 @@ class EventHub:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._listeners: tuple[Listener, ...] = ()
-
-    @property
-    def active(self) -> bool:
-        """True when someone listens (build events only then)."""
-        return bool(self._listeners)
+        #: True when someone listens: build events only then (a plain
+        #: attribute, because it is read on every lease decision).
+        self.active = False
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Add a listener; returns a function that removes it."""
         with self._lock:
             self._listeners = (*self._listeners, listener)
+            self.active = True
 
         def unsubscribe() -> None:
             with self._lock:
                 self._listeners = tuple(x for x in self._listeners if x is not listener)
+                self.active = bool(self._listeners)
 
         return unsubscribe
 

@@ -150,11 +150,15 @@ class LeaseManager:
 
     # -- requests -------------------------------------------------------------
     def _request(self, agent_id: str, session_id: str, intents: Any, ttl_ms: int) -> AcquireRequest:
-        if not isinstance(agent_id, str) or not agent_id:
+        """Validate a request completely before anything is changed."""
+        if type(agent_id) is not str or not agent_id:
             raise InvalidRequestError("agent_id", agent_id, "must be a non-empty string")
-        if not isinstance(session_id, str) or not session_id:
+        if type(session_id) is not str or not session_id:
             raise InvalidRequestError("session_id", session_id, "must be a non-empty string")
-        return AcquireRequest(agent_id, session_id, parse_intents(intents), validate_ttl(ttl_ms), 0)
+        if type(ttl_ms) is not int or ttl_ms <= 0:
+            validate_ttl(ttl_ms)  # raises, naming the argument
+        parsed = parse_intents(intents)
+        return AcquireRequest(agent_id, session_id, parsed, ttl_ms, self._clock.now_ms())
 
     def try_acquire(
         self, agent_id: str, session_id: str, intents: Any, ttl_ms: int = DEFAULT_TTL_MS
@@ -174,7 +178,6 @@ class LeaseManager:
             StoreUnavailableError: the store could not answer; nothing granted.
         """
         request = self._request(agent_id, session_id, intents, ttl_ms)
-        request.now_ms = self._clock.now_ms()
         return self._verdict(request, self._store.try_acquire(request))
 
     async def atry_acquire(
@@ -182,7 +185,6 @@ class LeaseManager:
     ) -> Verdict:
         """Async twin of :meth:`try_acquire`."""
         request = self._request(agent_id, session_id, intents, ttl_ms)
-        request.now_ms = self._clock.now_ms()
         return self._verdict(request, await self._store.atry_acquire(request))
 
     def _verdict(self, request: AcquireRequest, outcome: AcquireOutcome) -> Verdict:
@@ -191,7 +193,7 @@ class LeaseManager:
                 Verdict,
                 {
                     "status": _GRANTED,
-                    "leases": [r.snapshot() for r in outcome.granted],
+                    "leases": list(map(_snapshot, outcome.granted)),
                     "conflicts": [],
                     "wait_time_ms": None,
                 },
@@ -282,8 +284,11 @@ class LeaseManager:
             step = next(flow)
             while True:
                 if type(step) is _Try:
-                    request.now_ms = self._clock.now_ms()
-                    request.reserve_ms, request.clear_reservation = step
+                    request = request._replace(
+                        now_ms=self._clock.now_ms(),
+                        reserve_ms=step.reserve_ms,
+                        clear_reservation=step.clear_reservation,
+                    )
                     step = flow.send(self._verdict(request, self._store.try_acquire(request)))
                 else:
                     assert type(step) is _Wait
@@ -325,8 +330,11 @@ class LeaseManager:
             step = next(flow)
             while True:
                 if type(step) is _Try:
-                    request.now_ms = self._clock.now_ms()
-                    request.reserve_ms, request.clear_reservation = step
+                    request = request._replace(
+                        now_ms=self._clock.now_ms(),
+                        reserve_ms=step.reserve_ms,
+                        clear_reservation=step.clear_reservation,
+                    )
                     outcome = await self._store.atry_acquire(request)
                     step = flow.send(self._verdict(request, outcome))
                 else:
@@ -560,6 +568,9 @@ class LeaseManager:
                 },
             )
         )
+
+
+_snapshot = LeaseRecord.snapshot
 
 
 def _conflict(blocker: LeaseRecord | Reservation) -> Conflict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from klockwork.core.errors import InvalidRequestError
@@ -216,12 +215,21 @@ def _parse_one(item: object) -> ParsedIntent:
     return ParsedIntent(key, parse_predicate(predicate), ancestors(key))
 
 
+@functools.lru_cache(maxsize=65536)
+def _parse_single(resource: str, predicate: str) -> tuple[ParsedIntent, ...]:
+    return (_parse_pair(resource, predicate),)
+
+
 def parse_intents(intents: object) -> tuple[ParsedIntent, ...]:
     """Validate an intent, a ``(resource, predicate)`` tuple, or a list of either.
 
     Raises:
         InvalidRequestError: empty manifest, bad resource or unknown predicate.
     """
+    if type(intents) is tuple and len(intents) == 2:
+        resource, predicate = intents
+        if isinstance(resource, str) and isinstance(predicate, str):
+            return _parse_single(resource, predicate)  # the common case, cached
     if isinstance(intents, list | tuple) and not (
         isinstance(intents, tuple) and len(intents) == 2 and isinstance(intents[0], str)
     ):
@@ -238,14 +246,16 @@ def is_older(a_priority: int, a_agent: str, b_priority: int, b_agent: str) -> bo
     return a_priority < b_priority or (a_priority == b_priority and a_agent < b_agent)
 
 
-@dataclass(slots=True)
-class Judgement:
+class Judgement(NamedTuple):
     """What :func:`judge` decided, plus the expired leases it stepped over."""
 
     status: VerdictStatus
-    blockers: list[LeaseRecord | Reservation]
+    blockers: Sequence[LeaseRecord | Reservation]
     wait_time_ms: int | None
-    expired: list[LeaseRecord]
+    expired: Sequence[LeaseRecord]
+
+
+_GRANT_NOTHING_EXPIRED = Judgement(VerdictStatus.GRANTED, (), None, ())
 
 
 def judge(
@@ -273,6 +283,9 @@ def judge(
         than every conflicting holder (and no older waiter is in the way);
         ``DIE`` if it is younger than any conflicting holder or waiter.
     """
+    # Allocation-free fast path: nothing overlaps and nobody waits.
+    if not reservations and not any(candidates):
+        return _GRANT_NOTHING_EXPIRED
     blockers: list[LeaseRecord | Reservation] = []
     expired: list[LeaseRecord] = []
     seen: set[str] = set()

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, ParamSpec, TypeVar
+from typing import ClassVar, NamedTuple, ParamSpec, TypeVar
 
 from klockwork.core.errors import LeaseExpiredError, LeaseNotFoundError, LeaseRevokedError
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
@@ -36,8 +35,7 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
-@dataclass(slots=True)
-class AcquireRequest:
+class AcquireRequest(NamedTuple):
     """One atomic lease request, already validated.
 
     Attributes:
@@ -55,13 +53,12 @@ class AcquireRequest:
     clear_reservation: bool = False
 
 
-@dataclass(slots=True)
-class AcquireOutcome:
+class AcquireOutcome(NamedTuple):
     """What a store did with an :class:`AcquireRequest`."""
 
     status: VerdictStatus
-    granted: list[LeaseRecord]
-    blockers: list[LeaseRecord | Reservation]
+    granted: Sequence[LeaseRecord]
+    blockers: Sequence[LeaseRecord | Reservation]
     wait_time_ms: int | None
 
 
@@ -80,23 +77,22 @@ class IdPool:
     """Unguessable 128-bit hex ids, drawn from ``os.urandom`` in batches.
 
     Same entropy source as :mod:`secrets`, at a fraction of the per-id cost.
-    Thread-safe.
+    Not thread-safe: call it under the owner's lock.
     """
 
     def __init__(self, batch: int = 512) -> None:
         self._batch = batch
         self._buf = ""
         self._pos = 0
-        self._lock = threading.Lock()
 
     def next(self) -> str:
-        with self._lock:
-            if self._pos >= len(self._buf):
-                self._buf = os.urandom(16 * self._batch).hex()
-                self._pos = 0
-            pos = self._pos
-            self._pos = pos + 32
-            return self._buf[pos : pos + 32]
+        """A fresh id: 32 hex characters (128 random bits)."""
+        pos = self._pos
+        if pos >= len(self._buf):
+            self._buf = os.urandom(16 * self._batch).hex()
+            pos = 0
+        self._pos = pos + 32
+        return self._buf[pos : pos + 32]
 
 
 class Store:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Sequence
 
-from klockwork.core.errors import InvalidRequestError, LeaseNotFoundError
+from klockwork.core.errors import InvalidRequestError, LeaseNotFoundError, StoreUnavailableError
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
 from klockwork.core.rules import ParsedIntent, ancestors, judge, overlaps
 from klockwork.core.stores.base import (
@@ -52,6 +53,7 @@ class MemoryStore(Store):
         self._retain = retain_inactive
         self._token = 0
         self._ids = IdPool()
+        self._closed = False
 
     # -- agents -------------------------------------------------------------
     def register_agent(self, agent_id: str, priority: int | None, now_ms: int) -> AgentInfo:
@@ -103,10 +105,15 @@ class MemoryStore(Store):
         session_id = request.session_id
         intents = request.intents
         with self._lock:
+            if self._closed:
+                raise StoreUnavailableError("memory store is closed")
             agent = self._agents.get(agent_id)
             if agent is None:
                 agent = self._new_agent(agent_id, None, now)
-            candidates = [self._overlapping(i) for i in intents]
+            if len(intents) == 1:
+                candidates: Sequence[Sequence[LeaseRecord]] = (self._overlapping(intents[0]),)
+            else:
+                candidates = [self._overlapping(i) for i in intents]
             reservations = self._overlapping_reservations(intents) if self._reservations else ()
             j = judge(agent_id, session_id, agent.priority, intents, candidates, reservations, now)
             for rec in j.expired:
@@ -141,17 +148,16 @@ class MemoryStore(Store):
         self._report_expired(j.expired)
         return AcquireOutcome(j.status, granted, j.blockers, j.wait_time_ms)
 
-    def _overlapping(self, intent: ParsedIntent) -> list[LeaseRecord]:
+    def _overlapping(self, intent: ParsedIntent) -> Sequence[LeaseRecord]:
         active = self._active
-        found = list(active.get(intent.key, ()))
+        found: Sequence[LeaseRecord] = active.get(intent.key, ())
         for a in intent.ancestors:
             held = active.get(a)
             if held:
-                found.extend(held)
+                found = [*found, *held]
         below = self._below.get(intent.key)
         if below:
-            for k in below:
-                found.extend(active[k])
+            found = [*found, *(r for k in below for r in active[k])]
         return found
 
     def _overlapping_reservations(self, intents: tuple[ParsedIntent, ...]) -> list[Reservation]:
@@ -259,6 +265,7 @@ class MemoryStore(Store):
         self, agent_id: str | None, resource: ParsedIntent | None, now_ms: int
     ) -> list[LeaseRecord]:
         with self._lock:
+            pool: Sequence[LeaseRecord]
             if resource is not None:
                 pool = self._overlapping(resource)
             else:
@@ -298,3 +305,7 @@ class MemoryStore(Store):
                 del self._reservations[k]
         self._report_expired(expired)
         return expired
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True

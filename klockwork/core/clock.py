@@ -138,20 +138,22 @@ class ManualClock:
         start_ms: the initial time in epoch milliseconds.
 
     Waits and sleeps block (in real time) until :meth:`advance` moves the
-    clock past their deadline, or until their alarm fires.
+    clock past their deadline, or until their alarm fires. Time is kept in
+    whole microseconds, so ``advance(2007)`` wakes a 2.007 s sleeper exactly
+    (no float rounding drift).
     """
 
     def __init__(self, start_ms: int = 0) -> None:
-        self._now_ms: float = start_ms
+        self._now_us = round(start_ms * 1000)
         self._lock = threading.Lock()
-        self._timers: list[tuple[float, int, Alarm]] = []
+        self._timers: list[tuple[int, int, Alarm]] = []
         self._seq = itertools.count()
 
     def now_ms(self) -> int:
-        return int(self._now_ms)
+        return self._now_us // 1000
 
     def monotonic(self) -> float:
-        return self._now_ms / 1000.0
+        return self._now_us / 1_000_000
 
     def advance(self, ms: float) -> None:
         """Move time forward by ``ms`` and wake everything whose deadline passed."""
@@ -159,8 +161,8 @@ class ManualClock:
             raise ValueError("ManualClock cannot go backwards")
         due: list[Alarm] = []
         with self._lock:
-            self._now_ms += ms
-            while self._timers and self._timers[0][0] <= self._now_ms:
+            self._now_us += round(ms * 1000)
+            while self._timers and self._timers[0][0] <= self._now_us:
                 due.append(heapq.heappop(self._timers)[2])
         for alarm in due:
             alarm.fire()
@@ -175,11 +177,11 @@ class ManualClock:
         if timeout_s is None:
             return
         with self._lock:
-            deadline = self._now_ms + max(0.0, timeout_s) * 1000.0
-            if deadline <= self._now_ms:
+            delay_us = round(max(0.0, timeout_s) * 1_000_000)
+            if delay_us <= 0:
                 due = True
             else:
-                heapq.heappush(self._timers, (deadline, next(self._seq), alarm))
+                heapq.heappush(self._timers, (self._now_us + delay_us, next(self._seq), alarm))
                 due = False
         if due:
             alarm.fire()

@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, NamedTuple
 
-from tenacity import RetryCallState, wait_exponential_jitter
+from tenacity import RetryCallState, wait_exponential, wait_random
+from tenacity.wait import wait_base
 
 from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm
 from klockwork.core.errors import (
@@ -32,6 +33,7 @@ from klockwork.core.errors import (
     LeaseNotFoundError,
     LeaseTimeoutError,
     StaleLeaseError,
+    StoreUnavailableError,
 )
 from klockwork.core.events import EventHub
 from klockwork.core.model import (
@@ -122,8 +124,16 @@ class HeldLeases:
         return f"HeldLeases({[lease.resource for lease in self.leases]}, {state})"
 
 
-def _backoff() -> wait_exponential_jitter:
-    return wait_exponential_jitter(initial=0.001, max=0.1, exp_base=2, jitter=0.002)
+def _backoff() -> wait_base:
+    """DIE back-off: 1 ms doubling to 100 ms, plus up to 2 ms of jitter."""
+    return wait_exponential(multiplier=0.001, max=0.1) + wait_random(0, 0.002)
+
+
+def _check_timeout(timeout_s: object) -> None:
+    if timeout_s is not None and (
+        isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s < 0
+    ):
+        raise InvalidRequestError("timeout_s", timeout_s, "must be >= 0 seconds or None")
 
 
 def _in_running_loop() -> bool:
@@ -158,7 +168,9 @@ class LeaseManager:
         if type(ttl_ms) is not int or ttl_ms <= 0:
             validate_ttl(ttl_ms)  # raises, naming the argument
         parsed = parse_intents(intents)
-        return AcquireRequest(agent_id, session_id, parsed, ttl_ms, self._clock.now_ms())
+        return _new_request(
+            (agent_id, session_id, parsed, ttl_ms, self._clock.now_ms(), None, False)
+        )
 
     def try_acquire(
         self, agent_id: str, session_id: str, intents: Any, ttl_ms: int = DEFAULT_TTL_MS
@@ -214,35 +226,43 @@ class LeaseManager:
 
     # -- blocking acquire -----------------------------------------------------
     def _acquire_flow(
-        self, timeout_s: float | None, state: dict[str, bool]
+        self, timeout_s: float | None, state: dict[str, bool], first: Verdict
     ) -> Generator[_Step, Verdict | None, Verdict]:
-        """Decide, after each verdict, what the driver does next.
+        """Decide, after each refused verdict, what the driver does next.
 
-        ``state["reserved"]`` tells the driver whether a reservation must be
-        removed if the caller stops waiting.
+        ``first`` is the verdict of the driver's first try. ``state["reserved"]``
+        tells the driver whether a reservation must be removed if the caller
+        stops waiting.
         """
-        if timeout_s is not None and (isinstance(timeout_s, bool) or timeout_s < 0):
-            raise InvalidRequestError("timeout_s", timeout_s, "must be >= 0 seconds or None")
         clock = self._clock
         deadline = None if timeout_s is None else clock.monotonic() + timeout_s
         backoff = _backoff()
         retry_state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
         poll_s = _POLL_MIN_S
+        verdict: Verdict | None = first
         while True:
-            epoch = self._signals.epoch
-            verdict = yield _Try(self._reserve_ms, state["reserved"])
-            assert verdict is not None
-            if verdict.status is _GRANTED:
-                state["reserved"] = False
-                return verdict
+            if verdict is None:
+                # (Re)try. A WAITing requester records a reservation so younger
+                # newcomers die instead of barging in ahead of it.
+                epoch = self._signals.epoch
+                verdict = yield _Try(self._reserve_ms, state["reserved"])
+                assert verdict is not None
+                if verdict.status is _GRANTED:
+                    state["reserved"] = False
+                    return verdict
+            else:
+                epoch = -1  # the first try (by the driver) reserved nothing: retry at once
             remaining = None if deadline is None else deadline - clock.monotonic()
             if remaining is not None and remaining <= 0:
                 raise LeaseTimeoutError(
                     verdict.status.value, verdict.conflicts, verdict.wait_time_ms
                 )
             wait_s: float | None
+            # From its next try on, a blocked acquire holds a reservation (WAIT
+            # or DIE alike): younger newcomers die instead of barging past it,
+            # and its priority stays frozen while it is blocked.
+            state["reserved"] = True
             if verdict.status is _WAIT:
-                state["reserved"] = True
                 retry_state.attempt_number = 1
                 # Wake on a release notification, or once the holder's TTL is over.
                 wait_s = None if verdict.wait_time_ms is None else verdict.wait_time_ms / 1000
@@ -258,6 +278,7 @@ class LeaseManager:
                 wait_s = remaining if wait_s is None else min(wait_s, remaining)
             keys = tuple({c.resource for c in verdict.conflicts if c.lease_id is not None})
             yield _Wait(keys, epoch, wait_s)
+            verdict = None
 
     def acquire(
         self,
@@ -278,8 +299,13 @@ class LeaseManager:
                 loop's thread — use :meth:`aacquire` there.
         """
         request = self._request(agent_id, session_id, intents, ttl_ms)
+        _check_timeout(timeout_s)
+        # Fast path: most requests are granted at once; build no retry machinery.
+        verdict = self._verdict(request, self._store.try_acquire(request))
+        if verdict.status is _GRANTED:
+            return verdict
         state = {"reserved": False}
-        flow = self._acquire_flow(timeout_s, state)
+        flow = self._acquire_flow(timeout_s, state, verdict)
         try:
             step = next(flow)
             while True:
@@ -303,10 +329,11 @@ class LeaseManager:
                             self._clock.wait(alarm, step.timeout_s)
                         finally:
                             self._signals.unregister(step.keys, alarm)
+                    self._check_open()
                     step = flow.send(None)
         except StopIteration as done:
-            verdict: Verdict = done.value
-            return verdict
+            granted: Verdict = done.value
+            return granted
         finally:
             if state["reserved"]:
                 self._store.unreserve(request.agent_id, request.session_id)
@@ -324,8 +351,12 @@ class LeaseManager:
         Cancelling the task withdraws the request (and its reservation).
         """
         request = self._request(agent_id, session_id, intents, ttl_ms)
+        _check_timeout(timeout_s)
+        verdict = self._verdict(request, await self._store.atry_acquire(request))
+        if verdict.status is _GRANTED:
+            return verdict
         state = {"reserved": False}
-        flow = self._acquire_flow(timeout_s, state)
+        flow = self._acquire_flow(timeout_s, state, verdict)
         try:
             step = next(flow)
             while True:
@@ -345,10 +376,11 @@ class LeaseManager:
                             await self._clock.await_alarm(alarm, step.timeout_s)
                         finally:
                             self._signals.unregister(step.keys, alarm)
+                    self._check_open()
                     step = flow.send(None)
         except StopIteration as done:
-            verdict: Verdict = done.value
-            return verdict
+            granted: Verdict = done.value
+            return granted
         finally:
             if state["reserved"]:
                 await self._store.aunreserve(request.agent_id, request.session_id)
@@ -413,7 +445,12 @@ class LeaseManager:
     def release(self, lease_id: str) -> bool:
         """Release an active lease. Returns False if it was not active."""
         rec = self._store.release(lease_id, self._clock.now_ms())
-        return self._ended(rec, "lease.released")
+        if rec is None:
+            return False
+        self._signals.notify(rec.resource)
+        if self._hub.active:
+            self._hub.emit(_lease_event("lease.released", rec, self._clock.now_ms()))
+        return True
 
     async def arelease(self, lease_id: str) -> bool:
         """Async twin of :meth:`release`."""
@@ -511,8 +548,13 @@ class LeaseManager:
         return len(self._store.sweep(self._clock.now_ms()))
 
     def close(self) -> None:
-        """Stop the renewer."""
+        """Stop the renewer and wake every waiter (they fail closed)."""
+        self._signals.close()
         self._renewer.close()
+
+    def _check_open(self) -> None:
+        if self._signals.closed:
+            raise StoreUnavailableError("the engine was closed while waiting for a lease")
 
     @property
     def waiting(self) -> int:
@@ -571,6 +613,7 @@ class LeaseManager:
 
 
 _snapshot = LeaseRecord.snapshot
+_new_request = AcquireRequest._make  # tuple.__new__: skips the NamedTuple's Python __new__
 
 
 def _conflict(blocker: LeaseRecord | Reservation) -> Conflict:

@@ -35,6 +35,8 @@ class Signals:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiters: dict[str, set[Alarm]] = {}
+        self._armed: set[Alarm] = set()  # every armed alarm, keyed or not (for close)
+        self.closed = False
         # Each notification assigns a value never used before (next() on a
         # count is atomic), so the epoch can never return to a value a waiter
         # saw once it has moved: no ABA between concurrent notifiers.
@@ -45,9 +47,12 @@ class Signals:
     def register(self, keys: Iterable[str], since_epoch: int, alarm: Alarm) -> bool:
         """Arm ``alarm`` on ``keys``; False (nothing armed) if a change came since."""
         with self._lock:
+            if self.closed:
+                return False
             keys = tuple(keys)
             for k in keys:
                 self._waiters.setdefault(k, set()).add(alarm)
+            self._armed.add(alarm)
             # Checked after adding: a concurrent notify either bumped the epoch
             # before this read, or will see the alarm in _waiters.
             if self.epoch != since_epoch:
@@ -61,6 +66,7 @@ class Signals:
             self._discard(tuple(keys), alarm)
 
     def _discard(self, keys: tuple[str, ...], alarm: Alarm) -> None:
+        self._armed.discard(alarm)
         for k in keys:
             alarms = self._waiters.get(k)
             if alarms is not None:
@@ -75,12 +81,24 @@ class Signals:
             return
         with self._lock:
             alarms = self._waiters.pop(key, None)
+            if alarms:
+                self._armed -= alarms
         if alarms:
             for alarm in alarms:
                 alarm.fire()
+
+    def close(self) -> None:
+        """Wake every waiter for good: the engine is closing."""
+        with self._lock:
+            self.closed = True
+            alarms = list(self._armed)
+            self._armed.clear()
+            self._waiters.clear()
+        for alarm in alarms:
+            alarm.fire()
 
     @property
     def waiting(self) -> int:
         """Number of armed alarms (for tests and stats)."""
         with self._lock:
-            return sum(len(v) for v in self._waiters.values())
+            return len(self._armed)

@@ -41,7 +41,10 @@ class Renewer:
         self._clock = clock
         self._heartbeat = heartbeat
         self._lock = threading.Lock()
-        self._heap: list[tuple[float, int, Renewable, float]] = []
+        # (due, seq, holder, interval), times in whole microseconds so that a
+        # renewal due at exactly the time a ManualClock advanced to is never
+        # missed by float rounding.
+        self._heap: list[tuple[int, int, Renewable, int]] = []
         self._active: set[int] = set()
         self._seq = itertools.count()
         self._alarm = ThreadAlarm()
@@ -54,20 +57,33 @@ class Renewer:
             if self._closed:
                 return
             self._active.add(id(holder))
-            due = self._clock.monotonic() + interval_s
-            heapq.heappush(self._heap, (due, next(self._seq), holder, interval_s))
+            interval_us = max(1, round(interval_s * 1_000_000))
+            due = self._now_us() + interval_us
+            # Wake the thread only if this entry is now the earliest: otherwise
+            # it already sleeps until something sooner (saves a thread switch
+            # per lease taken).
+            earliest = not self._heap or due < self._heap[0][0]
+            heapq.heappush(self._heap, (due, next(self._seq), holder, interval_us))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="klockwork-renewer", daemon=True
                 )
                 self._thread.start()
             alarm = self._alarm
-        alarm.fire()
+        if earliest:
+            alarm.fire()
 
     def remove(self, holder: Renewable) -> None:
-        """Stop renewing ``holder`` (its heap entry is dropped lazily)."""
+        """Stop renewing ``holder``.
+
+        Its heap entry is dropped when it comes due, or at once when the heap
+        holds mostly removed entries (so short holds do not pile up).
+        """
         with self._lock:
             self._active.discard(id(holder))
+            if len(self._heap) > 64 and len(self._heap) > 2 * len(self._active):
+                self._heap = [e for e in self._heap if id(e[2]) in self._active]
+                heapq.heapify(self._heap)
 
     def close(self) -> None:
         """Stop the thread. Holders still registered are no longer renewed."""
@@ -85,13 +101,13 @@ class Renewer:
                 if self._closed:
                     return
                 self._alarm = alarm = ThreadAlarm()
-                now = self._clock.monotonic()
-                due: list[tuple[Renewable, float]] = []
+                now = self._now_us()
+                due: list[tuple[Renewable, int]] = []
                 while self._heap and self._heap[0][0] <= now:
                     _, _, holder, interval = heapq.heappop(self._heap)
                     if id(holder) in self._active:
                         due.append((holder, interval))
-                timeout = self._heap[0][0] - now if self._heap else None
+                timeout = self._heap[0][0] - now if self._heap else None  # µs
             for holder, interval in due:
                 if self._renew(holder):
                     with self._lock:
@@ -103,7 +119,10 @@ class Renewer:
                             if timeout is None or interval < timeout:
                                 timeout = interval
             if not due:
-                self._clock.wait(alarm, timeout)
+                self._clock.wait(alarm, None if timeout is None else timeout / 1_000_000)
+
+    def _now_us(self) -> int:
+        return round(self._clock.monotonic() * 1_000_000)
 
     def _renew(self, holder: Renewable) -> bool:
         for lease_id in holder.lease_ids:

@@ -12,7 +12,7 @@ JSON vectors) Redis decide identically.
   hierarchical: ``FILE:/src`` overlaps ``FILE:/src/auth.ts``. Other types
   are opaque, exact-match keys.
 * **Wait-die.** Lower priority = older = wins; ties go to the lower agent
-  id. A requester older than *every* conflicting holder waits; younger
+  id (then, for two sessions of one agent, the lower session id). A requester older than *every* conflicting holder waits; younger
   than *any* conflicting holder (or older waiter) dies.
 """
 
@@ -168,8 +168,9 @@ def descendant_range(key: str) -> tuple[str, str] | None:
     rtype, _, path = key.partition(":")
     if rtype not in HIERARCHICAL_TYPES:
         return None
-    prefix = key if path.endswith("/") else key + "/"
-    return prefix, prefix[:-1] + "0"  # '0' is the character after '/'
+    if path.endswith("/"):  # the root: descendants are longer than the key itself
+        return key + "\x00", key[:-1] + "0"
+    return key + "/", key + "0"  # '0' is the character after '/'
 
 
 def overlaps(a: str, b: str) -> bool:
@@ -241,9 +242,25 @@ def parse_intents(intents: object) -> tuple[ParsedIntent, ...]:
     return parsed
 
 
-def is_older(a_priority: int, a_agent: str, b_priority: int, b_agent: str) -> bool:
-    """Wait-die order: lower priority is older; equal priority, lower agent id."""
-    return a_priority < b_priority or (a_priority == b_priority and a_agent < b_agent)
+def is_older(
+    a_priority: int,
+    a_agent: str,
+    b_priority: int,
+    b_agent: str,
+    a_session: str = "",
+    b_session: str = "",
+) -> bool:
+    """Wait-die order: lower priority is older; equal priority, lower agent id.
+
+    Two sessions of one agent (same priority, same id) are ordered by session
+    id: wait-die needs a strict total order, or two sessions backing off
+    against each other's reservations would both die until they time out.
+    """
+    if a_priority != b_priority:
+        return a_priority < b_priority
+    if a_agent != b_agent:
+        return a_agent < b_agent
+    return a_session < b_session
 
 
 class Judgement(NamedTuple):
@@ -309,7 +326,7 @@ def judge(
                 continue
             seen.add(h.lease_id)
             blockers.append(h)
-            if not is_older(priority, agent_id, h.priority, h.agent_id):
+            if not is_older(priority, agent_id, h.priority, h.agent_id, session_id, h.session_id):
                 dies = True
             remaining = h.expires_at - now_ms
             if wait_time is None or remaining < wait_time:
@@ -317,7 +334,7 @@ def judge(
     for r in reservations:
         if r.expires_at <= now_ms or (r.agent_id == agent_id and r.session_id == session_id):
             continue
-        if is_older(priority, agent_id, r.priority, r.agent_id):
+        if is_older(priority, agent_id, r.priority, r.agent_id, session_id, r.session_id):
             continue  # an older newcomer may go before a younger waiter
         if any(
             r.predicate in _CONFLICTS_WITH[i.predicate]

@@ -39,8 +39,8 @@ class AcquireRequest(NamedTuple):
     """One atomic lease request, already validated.
 
     Attributes:
-        reserve_ms: when set and the verdict is WAIT, record (or refresh) a
-            reservation for the request's intents lasting this long.
+        reserve_ms: when set and the request is refused (WAIT or DIE), record
+            (or refresh) a reservation for its intents lasting this long.
         clear_reservation: on GRANTED, drop the requester's reservations.
     """
 

@@ -25,6 +25,8 @@ from klockwork.core.stores.base import (
 
 __all__ = ["MemoryStore"]
 
+_new_outcome = AcquireOutcome._make  # tuple.__new__: skips the NamedTuple's Python __new__
+
 _ACTIVE = LeaseState.ACTIVE
 _GRANTED = VerdictStatus.GRANTED
 
@@ -46,7 +48,8 @@ class MemoryStore(Store):
         self._agents: dict[str, AgentInfo] = {}
         self._leases: dict[str, LeaseRecord] = {}
         self._active: dict[str, list[LeaseRecord]] = {}
-        self._below: dict[str, dict[str, int]] = {}
+        # ancestor key -> descendant keys that have active leases
+        self._below: dict[str, set[str]] = {}
         self._fence: dict[str, int] = {}
         self._reservations: dict[tuple[str, str], list[Reservation]] = {}
         self._retired: deque[str] = deque()
@@ -100,53 +103,63 @@ class MemoryStore(Store):
 
     # -- acquire --------------------------------------------------------------
     def try_acquire(self, request: AcquireRequest) -> AcquireOutcome:
-        now = request.now_ms
-        agent_id = request.agent_id
-        session_id = request.session_id
-        intents = request.intents
-        with self._lock:
-            if self._closed:
-                raise StoreUnavailableError("memory store is closed")
-            agent = self._agents.get(agent_id)
-            if agent is None:
-                agent = self._new_agent(agent_id, None, now)
-            if len(intents) == 1:
-                candidates: Sequence[Sequence[LeaseRecord]] = (self._overlapping(intents[0]),)
-            else:
-                candidates = [self._overlapping(i) for i in intents]
-            reservations = self._overlapping_reservations(intents) if self._reservations else ()
-            j = judge(agent_id, session_id, agent.priority, intents, candidates, reservations, now)
-            for rec in j.expired:
-                self._deactivate(rec, LeaseState.EXPIRED)
-            granted: list[LeaseRecord] = []
-            if j.status is _GRANTED:
-                expires = now + request.ttl_ms
-                for i in intents:
-                    self._token += 1
-                    rec = LeaseRecord(
-                        self._ids.next(),
-                        agent_id,
-                        session_id,
-                        i.key,
-                        i.predicate,
-                        agent.priority,
-                        self._token,
-                        now,
-                        expires,
-                        request.ttl_ms,
-                    )
-                    self._activate(rec, i)
-                    granted.append(rec)
-                if request.clear_reservation:
-                    self._reservations.pop((agent_id, session_id), None)
-            elif j.status is VerdictStatus.WAIT and request.reserve_ms:
-                until = now + request.reserve_ms
+        # Explicit acquire/release instead of `with`: this is the hot path, and
+        # the context-manager protocol costs twice as much as the lock itself.
+        lock = self._lock
+        lock.acquire()
+        try:
+            outcome, expired = self._decide(request)
+        finally:
+            lock.release()
+        if expired:
+            self._report_expired(expired)
+        return outcome
+
+    def _decide(self, request: AcquireRequest) -> tuple[AcquireOutcome, Sequence[LeaseRecord]]:
+        """The atomic section of try_acquire (called with the lock held)."""
+        agent_id, session_id, intents, ttl_ms, now, reserve_ms, clear_reservation = request
+        if self._closed:
+            raise StoreUnavailableError("memory store is closed")
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            agent = self._new_agent(agent_id, None, now)
+        if len(intents) == 1:
+            candidates: Sequence[Sequence[LeaseRecord]] = (self._overlapping(intents[0]),)
+        else:
+            candidates = [self._overlapping(i) for i in intents]
+        reservations = self._overlapping_reservations(intents) if self._reservations else ()
+        j = judge(agent_id, session_id, agent.priority, intents, candidates, reservations, now)
+        for rec in j.expired:
+            self._deactivate(rec, LeaseState.EXPIRED)
+        if j.status is not _GRANTED:
+            if reserve_ms:  # a blocked acquire (WAIT or backing off after DIE)
+                until = now + reserve_ms
                 self._reservations[(agent_id, session_id)] = [
                     Reservation(agent_id, session_id, i.key, i.predicate, agent.priority, until)
                     for i in intents
                 ]
-        self._report_expired(j.expired)
-        return AcquireOutcome(j.status, granted, j.blockers, j.wait_time_ms)
+            return _new_outcome((j.status, (), j.blockers, j.wait_time_ms)), j.expired
+        granted: list[LeaseRecord] = []
+        expires = now + ttl_ms
+        for i in intents:
+            self._token = token = self._token + 1
+            rec = LeaseRecord(
+                self._ids.next(),
+                agent_id,
+                session_id,
+                i.key,
+                i.predicate,
+                agent.priority,
+                token,
+                now,
+                expires,
+                ttl_ms,
+            )
+            self._activate(rec, i.ancestors)
+            granted.append(rec)
+        if clear_reservation:
+            self._reservations.pop((agent_id, session_id), None)
+        return _new_outcome((_GRANTED, granted, (), None)), j.expired
 
     def _overlapping(self, intent: ParsedIntent) -> Sequence[LeaseRecord]:
         active = self._active
@@ -168,20 +181,23 @@ class MemoryStore(Store):
             if any(overlaps(r.resource, i.key) for i in intents)
         ]
 
-    def _activate(self, rec: LeaseRecord, intent: ParsedIntent) -> None:
+    def _activate(self, rec: LeaseRecord, key_ancestors: tuple[str, ...]) -> None:
+        key = rec.resource
         self._leases[rec.lease_id] = rec
-        held = self._active.get(rec.resource)
-        if held is None:
-            self._active[rec.resource] = [rec]
-        else:
+        self._fence[key] = rec.fencing_token
+        held = self._active.get(key)
+        if held is not None:
             held.append(rec)
-        self._fence[rec.resource] = rec.fencing_token
-        for a in intent.ancestors:
-            below = self._below.get(a)
+            return
+        # First active lease on this key: make it findable from its ancestors.
+        self._active[key] = [rec]
+        below_index = self._below
+        for a in key_ancestors:
+            below = below_index.get(a)
             if below is None:
-                self._below[a] = {rec.resource: 1}
+                below_index[a] = {key}
             else:
-                below[rec.resource] = below.get(rec.resource, 0) + 1
+                below.add(key)
 
     def _deactivate(self, rec: LeaseRecord, state: LeaseState) -> None:
         rec.state = state
@@ -189,19 +205,18 @@ class MemoryStore(Store):
         held = self._active[key]
         held.remove(rec)
         if not held:
+            # Last active lease on this key: unlink it from its ancestors.
             del self._active[key]
-        for a in ancestors(key):
-            below = self._below[a]
-            n = below[key] - 1
-            if n:
-                below[key] = n
-            else:
-                del below[key]
+            below_index = self._below
+            for a in ancestors(key):
+                below = below_index[a]
+                below.discard(key)
                 if not below:
-                    del self._below[a]
-        self._retired.append(rec.lease_id)
-        if len(self._retired) > self._retain:
-            self._leases.pop(self._retired.popleft(), None)
+                    del below_index[a]
+        retired = self._retired
+        retired.append(rec.lease_id)
+        if len(retired) > self._retain:
+            self._leases.pop(retired.popleft(), None)
 
     # -- other transitions ----------------------------------------------------
     def _expire_if_due(self, rec: LeaseRecord, now_ms: int, expired: list[LeaseRecord]) -> None:
@@ -210,18 +225,20 @@ class MemoryStore(Store):
             expired.append(rec)
 
     def release(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
-        expired: list[LeaseRecord] = []
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # hot path: see try_acquire
+        try:
             rec = self._leases.get(lease_id)
-            if rec is None:
+            if rec is None or rec.state is not _ACTIVE:
                 return None
-            self._expire_if_due(rec, now_ms, expired)
-            if rec.state is _ACTIVE:
+            if rec.expires_at > now_ms:
                 self._deactivate(rec, LeaseState.RELEASED)
-            else:
-                rec = None
-        self._report_expired(expired)
-        return rec
+                return rec
+            self._deactivate(rec, LeaseState.EXPIRED)
+        finally:
+            lock.release()
+        self._report_expired([rec])
+        return None
 
     def heartbeat(self, lease_id: str, ttl_ms: int | None, now_ms: int) -> LeaseRecord:
         expired: list[LeaseRecord] = []

@@ -297,7 +297,7 @@ class SqliteStore(Store):
                     )
                 if request.clear_reservation:
                     self._unreserve(conn, agent_id, session_id)
-            elif j.status is VerdictStatus.WAIT and request.reserve_ms:
+            elif request.reserve_ms:  # a blocked acquire (WAIT or backing off after DIE)
                 self._unreserve(conn, agent_id, session_id)
                 until = now + request.reserve_ms
                 conn.executemany(
@@ -314,13 +314,18 @@ class SqliteStore(Store):
     def _overlapping(conn: sqlite3.Connection, intent: ParsedIntent) -> list[LeaseRecord]:
         keys = (intent.key, *intent.ancestors)
         marks = ", ".join("?" * len(keys))
-        sql = f"SELECT {_COLS} FROM kw_leases WHERE state = 'ACTIVE' AND resource IN ({marks})"
+        # INDEXED BY: the planner would otherwise pick kw_leases_fence and scan
+        # every lease ever granted on the resource (released ones included).
+        sql = (
+            f"SELECT {_COLS} FROM kw_leases INDEXED BY kw_leases_active "
+            f"WHERE state = 'ACTIVE' AND resource IN ({marks})"
+        )
         args: tuple[Any, ...] = keys
         span = descendant_range(intent.key)
         if span is not None:
             sql += (
-                f" UNION ALL SELECT {_COLS} FROM kw_leases WHERE state = 'ACTIVE' "
-                "AND resource >= ? AND resource < ?"
+                f" UNION ALL SELECT {_COLS} FROM kw_leases INDEXED BY kw_leases_active "
+                "WHERE state = 'ACTIVE' AND resource >= ? AND resource < ?"
             )
             args = (*keys, *span)
         return [_record(r) for r in conn.execute(sql, args)]

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import AsyncIterator, Generator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Generator
 from typing import Any, NamedTuple
 
 from tenacity import RetryCallState, wait_exponential, wait_random
@@ -386,7 +385,6 @@ class LeaseManager:
                 await self._store.aunreserve(request.agent_id, request.session_id)
 
     # -- holding ----------------------------------------------------------------
-    @contextmanager
     def hold(
         self,
         agent_id: str,
@@ -396,25 +394,18 @@ class LeaseManager:
         *,
         auto_renew: bool = True,
         timeout_s: float | None = None,
-    ) -> Iterator[HeldLeases]:
-        """Acquire (blocking), renew every ttl/3 while inside, release on exit.
+    ) -> _Holding:
+        """``with kw.leases.hold(...) as held:`` acquire (blocking), renew every
+        ttl/3 while inside, release on exit.
 
         Raises:
-            LeaseLostError: on exit, if a renewal failed while inside (and
-                the block itself raised nothing).
+            LeaseTimeoutError: on entry, not granted within ``timeout_s``.
+            LeaseLostError: on exit, if a renewal failed while inside (and the
+                block itself raised nothing).
         """
-        verdict = self.acquire(agent_id, session_id, intents, ttl_ms, timeout_s)
-        held = self._start_holding(verdict, ttl_ms, auto_renew)
-        try:
-            yield held
-        finally:
-            self._renewer.remove(held)
-            for lease_id in held.lease_ids:
-                self.release(lease_id)
-        _raise_if_lost(held)
+        return _Holding(self, (agent_id, session_id, intents, ttl_ms, timeout_s), auto_renew)
 
-    @asynccontextmanager
-    async def ahold(
+    def ahold(
         self,
         agent_id: str,
         session_id: str,
@@ -423,17 +414,9 @@ class LeaseManager:
         *,
         auto_renew: bool = True,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[HeldLeases]:
-        """Async twin of :meth:`hold`."""
-        verdict = await self.aacquire(agent_id, session_id, intents, ttl_ms, timeout_s)
-        held = self._start_holding(verdict, ttl_ms, auto_renew)
-        try:
-            yield held
-        finally:
-            self._renewer.remove(held)
-            for lease_id in held.lease_ids:
-                await self.arelease(lease_id)
-        _raise_if_lost(held)
+    ) -> _AsyncHolding:
+        """``async with kw.leases.ahold(...) as held:`` — the async twin of :meth:`hold`."""
+        return _AsyncHolding(self, (agent_id, session_id, intents, ttl_ms, timeout_s), auto_renew)
 
     def _start_holding(self, verdict: Verdict, ttl_ms: int, auto_renew: bool) -> HeldLeases:
         held = HeldLeases(list(verdict.leases))
@@ -639,6 +622,65 @@ def _lease_event(kind: str, rec: LeaseRecord, now_ms: int) -> GovernanceEvent:
     if rec.reason:
         data["reason"] = rec.reason
     return GovernanceEvent(kind, now_ms, rec.agent_id, rec.session_id, data)
+
+
+_HoldArgs = tuple[str, str, Any, int, "float | None"]
+
+
+class _Holding:
+    """Sync context manager returned by :meth:`LeaseManager.hold`."""
+
+    __slots__ = ("_args", "_auto_renew", "_held", "_manager")
+
+    def __init__(self, manager: LeaseManager, args: _HoldArgs, auto_renew: bool) -> None:
+        self._manager = manager
+        self._args = args
+        self._auto_renew = auto_renew
+        self._held: HeldLeases | None = None
+
+    def __enter__(self) -> HeldLeases:
+        manager = self._manager
+        verdict = manager.acquire(*self._args)
+        self._held = manager._start_holding(verdict, self._args[3], self._auto_renew)
+        return self._held
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        held = self._held
+        assert held is not None
+        manager = self._manager
+        manager._renewer.remove(held)
+        for lease_id in held.lease_ids:
+            manager.release(lease_id)
+        if exc_type is None:
+            _raise_if_lost(held)
+
+
+class _AsyncHolding:
+    """Async context manager returned by :meth:`LeaseManager.ahold`."""
+
+    __slots__ = ("_args", "_auto_renew", "_held", "_manager")
+
+    def __init__(self, manager: LeaseManager, args: _HoldArgs, auto_renew: bool) -> None:
+        self._manager = manager
+        self._args = args
+        self._auto_renew = auto_renew
+        self._held: HeldLeases | None = None
+
+    async def __aenter__(self) -> HeldLeases:
+        manager = self._manager
+        verdict = await manager.aacquire(*self._args)
+        self._held = manager._start_holding(verdict, self._args[3], self._auto_renew)
+        return self._held
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        held = self._held
+        assert held is not None
+        manager = self._manager
+        manager._renewer.remove(held)
+        for lease_id in held.lease_ids:
+            await manager.arelease(lease_id)
+        if exc_type is None:
+            _raise_if_lost(held)
 
 
 def _raise_if_lost(held: HeldLeases) -> None:

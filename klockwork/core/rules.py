@@ -12,7 +12,8 @@ JSON vectors) Redis decide identically.
   hierarchical: ``FILE:/src`` overlaps ``FILE:/src/auth.ts``. Other types
   are opaque, exact-match keys.
 * **Wait-die.** Lower priority = older = wins; ties go to the lower agent
-  id (then, for two sessions of one agent, the lower session id). A requester older than *every* conflicting holder waits; younger
+  id (then, for two sessions of one agent, the lower session id). A
+  requester older than *every* conflicting holder waits; younger
   than *any* conflicting holder (or older waiter) dies.
 """
 
@@ -227,8 +228,11 @@ def parse_intents(intents: object) -> tuple[ParsedIntent, ...]:
     Raises:
         InvalidRequestError: empty manifest, bad resource or unknown predicate.
     """
-    if type(intents) is tuple and len(intents) == 2:
-        resource, predicate = intents
+    single = intents
+    if type(single) is list and len(single) == 1:
+        single = single[0]  # a one-intent manifest is the same request
+    if type(single) is tuple and len(single) == 2:
+        resource, predicate = single
         if isinstance(resource, str) and isinstance(predicate, str):
             return _parse_single(resource, predicate)  # the common case, cached
     if isinstance(intents, list | tuple) and not (

@@ -31,12 +31,12 @@ import asyncio
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any, NamedTuple, cast
 
 from langchain_core.runnables import RunnableConfig, ensure_config
+from langchain_core.runnables.config import var_child_runnable_config
 from langgraph.runtime import Runtime, get_runtime
 
 from klockwork.core.errors import InvalidRequestError
@@ -114,29 +114,51 @@ def resolve_identity(
     Raises:
         InvalidRequestError: an explicit id is given but is not a non-empty string.
     """
-    cfg = ensure_config(_as_config(config))
+    if agent_id is not None:
+        _check_id(AGENT_KEY, agent_id)
+    if session_id is not None:
+        _check_id(SESSION_KEY, session_id)
+    # Inside a tool run the config is the context's own (BaseTool.run sets it):
+    # read it as is instead of copying it through ensure_config on every call.
+    cfg: Mapping[str, Any] = (
+        (var_child_runnable_config.get() or {})
+        if config is None
+        else ensure_config(_as_config(config))
+    )
     configurable: Mapping[str, Any] = cfg.get("configurable") or {}
     metadata: Mapping[str, Any] = cfg.get("metadata") or {}
-    context = _runtime_context(configurable)
+    # Sources are looked at in order and only as far as needed: the LangGraph
+    # runtime lookup is the costly one, and most calls never reach it.
+    context: object = _UNSET
 
-    agent, agent_source = _first(
-        ("argument", _check_id(AGENT_KEY, agent_id) if agent_id is not None else None),
-        ("configurable", configurable.get(AGENT_KEY)),
-        ("metadata", metadata.get(AGENT_KEY)),
-        ("runtime", _lookup(context, AGENT_KEY)),
-        ("lc_agent_name", metadata.get("lc_agent_name")),
-    )
-    if agent is None:
+    agent: str | None
+    agent, agent_source = agent_id, "argument"
+    if not agent:
+        agent, agent_source = _text(configurable.get(AGENT_KEY)), "configurable"
+    if not agent:
+        agent, agent_source = _text(metadata.get(AGENT_KEY)), "metadata"
+    if not agent:
+        context = _runtime_context(configurable)
+        agent, agent_source = _text(_lookup(context, AGENT_KEY)), "runtime"
+    if not agent:
+        agent, agent_source = _text(metadata.get("lc_agent_name")), "lc_agent_name"
+    if not agent:
         agent, agent_source = f"process-{os.getpid()}", "anonymous"
 
-    session, session_source = _first(
-        ("argument", _check_id(SESSION_KEY, session_id) if session_id is not None else None),
-        ("configurable", configurable.get(SESSION_KEY)),
-        ("metadata", metadata.get(SESSION_KEY)),
-        ("runtime", _lookup(context, SESSION_KEY)),
-        ("thread_id", _thread_id(configurable.get("thread_id"))),
-        ("thread_id", _thread_id(metadata.get("thread_id"))),
-    )
+    session: str | None
+    session, session_source = session_id, "argument"
+    if not session:
+        session, session_source = _text(configurable.get(SESSION_KEY)), "configurable"
+    if not session:
+        session, session_source = _text(metadata.get(SESSION_KEY)), "metadata"
+    if not session:
+        if context is _UNSET:
+            context = _runtime_context(configurable)
+        session, session_source = _text(_lookup(context, SESSION_KEY)), "runtime"
+    if not session:
+        session = _text(_thread_id(configurable.get("thread_id")))
+        session = session or _text(_thread_id(metadata.get("thread_id")))
+        session_source = "thread_id"
     if session is None:
         session = _enclosing_session(agent)
         session_source = "enclosing"
@@ -159,10 +181,10 @@ _ACTIVE: ContextVar[tuple[str, str, tuple[int, int]] | None] = ContextVar(
 
 
 def _owner() -> tuple[int, int]:
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no running loop in this thread
-        task = None
+    # _get_running_loop() returns None outside a loop; current_task() would
+    # raise there, and raising costs more than the whole lookup.
+    loop = asyncio._get_running_loop()
+    task = asyncio.current_task(loop) if loop is not None else None
     return threading.get_ident(), id(task) if task is not None else 0
 
 
@@ -173,14 +195,20 @@ def _enclosing_session(agent_id: str) -> str | None:
     return None
 
 
-@contextmanager
-def active_call(identity: Identity) -> Iterator[None]:
+class active_call:
     """Mark ``identity`` as the protected call running in this thread/task."""
-    token = _ACTIVE.set((identity.agent_id, identity.session_id, _owner()))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+
+    __slots__ = ("_identity", "_token")
+
+    def __init__(self, identity: Identity) -> None:
+        self._identity = identity
+
+    def __enter__(self) -> None:
+        ident = self._identity
+        self._token = _ACTIVE.set((ident.agent_id, ident.session_id, _owner()))
+
+    def __exit__(self, *_: object) -> None:
+        _ACTIVE.reset(self._token)
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -222,11 +250,12 @@ def _thread_id(value: object) -> object:
     return value
 
 
-def _first(*candidates: tuple[str, object]) -> tuple[str | None, str]:
-    for source, value in candidates:
-        if isinstance(value, str) and value:
-            return value, source
-    return None, ""
+_UNSET = object()
+
+
+def _text(value: object) -> str | None:
+    """``value`` if it is a non-empty string (a usable id), else None."""
+    return value if isinstance(value, str) and value else None
 
 
 def _check_id(argument: str, value: object) -> str:

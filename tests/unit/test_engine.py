@@ -1,0 +1,117 @@
+"""Opening engines: store URLs, the process default, lifecycle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from klockwork import (
+    InvalidRequestError,
+    Klockwork,
+    ManualClock,
+    MemoryStore,
+    SqliteStore,
+    StoreUnavailableError,
+    SystemClock,
+)
+
+
+def test_defaults() -> None:
+    with Klockwork() as kw:
+        assert isinstance(kw.store, MemoryStore)
+        assert isinstance(kw.clock, SystemClock)
+        assert kw.default_effect == "deny"
+        assert "MemoryStore" in repr(kw) and "open" in repr(kw)
+    assert kw.closed and "closed" in repr(kw)
+
+
+@pytest.mark.parametrize("url", ["memory://", "memory", "MEMORY://"])
+def test_open_memory(url: str) -> None:
+    with Klockwork.open(url) as kw:
+        assert isinstance(kw.store, MemoryStore)
+
+
+def test_open_sqlite_absolute_path(tmp_path: Path) -> None:
+    path = tmp_path / "abs.db"
+    with Klockwork.open(f"sqlite:///{path}") as kw:  # sqlite:////abs/path
+        assert isinstance(kw.store, SqliteStore)
+        assert kw.store.path == str(path)
+    assert path.exists()
+
+
+def test_open_sqlite_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with Klockwork.open("sqlite:///rel.db") as kw:
+        assert kw.store.path == "rel.db"  # type: ignore[attr-defined]
+    assert (tmp_path / "rel.db").exists()
+
+
+def test_two_engines_on_one_file_share_state(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    clock = ManualClock()
+    with Klockwork.open(url, clock=clock) as a, Klockwork.open(url, clock=clock) as b:
+        lease = a.leases.try_acquire("x", "s", ("FILE:/f", "MUTATES")).lease
+        assert [x.lease_id for x in b.leases.list()] == [lease.lease_id]
+        assert not b.leases.try_acquire("y", "s", ("FILE:/f", "MUTATES")).granted
+        assert b.leases.release(lease.lease_id)
+        assert a.leases.list() == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:///:memory:", "sqlite://", "redis://localhost:6379/0", "ftp://x", "nonsense", 42],
+)
+def test_open_rejects(url: object) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        Klockwork.open(url)  # type: ignore[arg-type]
+    assert info.value.argument == "url"
+
+
+def test_open_reads_klockwork_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KLOCKWORK_URL", f"sqlite:///{tmp_path / 'env.db'}")
+    with Klockwork.open() as kw:
+        assert isinstance(kw.store, SqliteStore)
+    monkeypatch.delenv("KLOCKWORK_URL")
+    with Klockwork.open() as kw:
+        assert isinstance(kw.store, MemoryStore)
+
+
+def test_process_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KLOCKWORK_URL", raising=False)
+    previous = Klockwork._default
+    try:
+        Klockwork.set_default(None)
+        first = Klockwork.default()
+        assert Klockwork.default() is first
+        first.close()
+        second = Klockwork.default()  # a closed default is replaced
+        assert second is not first and not second.closed
+        mine = Klockwork()
+        Klockwork.set_default(mine)
+        assert Klockwork.default() is mine
+        second.close()
+        mine.close()
+    finally:
+        Klockwork.set_default(previous)
+
+
+def test_bad_construction() -> None:
+    with pytest.raises(InvalidRequestError):
+        Klockwork(default_effect="maybe")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError):
+        Klockwork(store="memory://")  # type: ignore[arg-type]
+
+
+def test_closed_engine() -> None:
+    kw = Klockwork()
+    kw.close()
+    with pytest.raises(StoreUnavailableError):
+        kw.leases  # noqa: B018
+    with pytest.raises(StoreUnavailableError):
+        kw.get_agent("a")
+
+
+def test_audit_key_is_bytes() -> None:
+    with Klockwork(audit_key="secret") as kw:
+        assert kw.audit_key == b"secret"

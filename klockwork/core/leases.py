@@ -275,7 +275,9 @@ class LeaseManager:
                 retry_state.attempt_number += 1
             if remaining is not None:
                 wait_s = remaining if wait_s is None else min(wait_s, remaining)
-            keys = tuple({c.resource for c in verdict.conflicts if c.lease_id is not None})
+            # Wake on the end of a blocking lease, and also of the lease an older
+            # waiter (a reservation) will take: its release frees us too.
+            keys = tuple({c.resource for c in verdict.conflicts})
             yield _Wait(keys, epoch, wait_s)
             verdict = None
 

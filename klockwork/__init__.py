@@ -28,7 +28,7 @@ from klockwork.core.errors import (
     StaleLeaseError,
     StoreUnavailableError,
 )
-from klockwork.core.leases import HeldLeases
+from klockwork.core.holding import HeldLeases
 from klockwork.core.model import (
     AgentInfo,
     Conflict,

@@ -28,13 +28,13 @@ from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm
 from klockwork.core.errors import (
     EventLoopBlockedError,
     InvalidRequestError,
-    LeaseLostError,
     LeaseNotFoundError,
     LeaseTimeoutError,
     StaleLeaseError,
     StoreUnavailableError,
 )
 from klockwork.core.events import EventHub
+from klockwork.core.holding import AsyncHolding, HeldLeases, Holding
 from klockwork.core.model import (
     Conflict,
     GovernanceEvent,
@@ -76,51 +76,6 @@ class _Wait(NamedTuple):
 
 
 _Step = _Try | _Wait
-
-
-class HeldLeases:
-    """The leases held by a ``with kw.lease(...)`` block.
-
-    ``lost`` turns True the moment a renewal fails (the lease expired or was
-    revoked); the block then raises :class:`~klockwork.LeaseLostError` on exit.
-    """
-
-    __slots__ = ("_lost_reason", "leases")
-
-    def __init__(self, leases: list[Lease]) -> None:
-        self.leases = leases
-        self._lost_reason: str | None = None
-
-    @property
-    def lease(self) -> Lease:
-        """The single lease (for one-intent blocks)."""
-        if len(self.leases) != 1:
-            raise InvalidRequestError("lease", len(self.leases), "several leases; use .leases")
-        return self.leases[0]
-
-    @property
-    def lease_ids(self) -> list[str]:
-        """Ids of every held lease."""
-        return [lease.lease_id for lease in self.leases]
-
-    @property
-    def lost(self) -> bool:
-        """True once a renewal failed: the leases may now belong to someone else."""
-        return self._lost_reason is not None
-
-    @property
-    def lost_reason(self) -> str | None:
-        """Why the leases were lost, or None."""
-        return self._lost_reason
-
-    def mark_lost(self, reason: str) -> None:
-        """Record that the leases were lost (called by the renewer)."""
-        if self._lost_reason is None:
-            self._lost_reason = reason
-
-    def __repr__(self) -> str:
-        state = f"lost: {self._lost_reason}" if self.lost else "held"
-        return f"HeldLeases({[lease.resource for lease in self.leases]}, {state})"
 
 
 def _backoff() -> wait_base:
@@ -396,7 +351,7 @@ class LeaseManager:
         *,
         auto_renew: bool = True,
         timeout_s: float | None = None,
-    ) -> _Holding:
+    ) -> Holding:
         """``with kw.leases.hold(...) as held:`` acquire (blocking), renew every
         ttl/3 while inside, release on exit.
 
@@ -405,7 +360,7 @@ class LeaseManager:
             LeaseLostError: on exit, if a renewal failed while inside (and the
                 block itself raised nothing).
         """
-        return _Holding(self, (agent_id, session_id, intents, ttl_ms, timeout_s), auto_renew)
+        return Holding(self, (agent_id, session_id, intents, ttl_ms, timeout_s), auto_renew)
 
     def ahold(
         self,
@@ -416,15 +371,9 @@ class LeaseManager:
         *,
         auto_renew: bool = True,
         timeout_s: float | None = None,
-    ) -> _AsyncHolding:
+    ) -> AsyncHolding:
         """``async with kw.leases.ahold(...) as held:`` — the async twin of :meth:`hold`."""
-        return _AsyncHolding(self, (agent_id, session_id, intents, ttl_ms, timeout_s), auto_renew)
-
-    def _start_holding(self, verdict: Verdict, ttl_ms: int, auto_renew: bool) -> HeldLeases:
-        held = HeldLeases(list(verdict.leases))
-        if auto_renew:
-            self._renewer.add(held, ttl_ms / 3000)
-        return held
+        return AsyncHolding(self, (agent_id, session_id, intents, ttl_ms, timeout_s), auto_renew)
 
     # -- other operations ---------------------------------------------------------
     def release(self, lease_id: str) -> bool:
@@ -624,68 +573,3 @@ def _lease_event(kind: str, rec: LeaseRecord, now_ms: int) -> GovernanceEvent:
     if rec.reason:
         data["reason"] = rec.reason
     return GovernanceEvent(kind, now_ms, rec.agent_id, rec.session_id, data)
-
-
-_HoldArgs = tuple[str, str, Any, int, "float | None"]
-
-
-class _Holding:
-    """Sync context manager returned by :meth:`LeaseManager.hold`."""
-
-    __slots__ = ("_args", "_auto_renew", "_held", "_manager")
-
-    def __init__(self, manager: LeaseManager, args: _HoldArgs, auto_renew: bool) -> None:
-        self._manager = manager
-        self._args = args
-        self._auto_renew = auto_renew
-        self._held: HeldLeases | None = None
-
-    def __enter__(self) -> HeldLeases:
-        manager = self._manager
-        verdict = manager.acquire(*self._args)
-        self._held = manager._start_holding(verdict, self._args[3], self._auto_renew)
-        return self._held
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        held = self._held
-        assert held is not None
-        manager = self._manager
-        manager._renewer.remove(held)
-        for lease_id in held.lease_ids:
-            manager.release(lease_id)
-        if exc_type is None:
-            _raise_if_lost(held)
-
-
-class _AsyncHolding:
-    """Async context manager returned by :meth:`LeaseManager.ahold`."""
-
-    __slots__ = ("_args", "_auto_renew", "_held", "_manager")
-
-    def __init__(self, manager: LeaseManager, args: _HoldArgs, auto_renew: bool) -> None:
-        self._manager = manager
-        self._args = args
-        self._auto_renew = auto_renew
-        self._held: HeldLeases | None = None
-
-    async def __aenter__(self) -> HeldLeases:
-        manager = self._manager
-        verdict = await manager.aacquire(*self._args)
-        self._held = manager._start_holding(verdict, self._args[3], self._auto_renew)
-        return self._held
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        held = self._held
-        assert held is not None
-        manager = self._manager
-        manager._renewer.remove(held)
-        for lease_id in held.lease_ids:
-            await manager.arelease(lease_id)
-        if exc_type is None:
-            _raise_if_lost(held)
-
-
-def _raise_if_lost(held: HeldLeases) -> None:
-    if held.lost:
-        first = held.leases[0].lease_id if held.leases else ""
-        raise LeaseLostError(first, f"lease lost while held: {held.lost_reason}")

@@ -11,6 +11,8 @@ JSON vectors) Redis decide identically.
 * **Resources** are ``TYPE:path`` keys. ``FILE`` paths are normalised and
   hierarchical: ``FILE:/src`` overlaps ``FILE:/src/auth.ts``. Other types
   are opaque, exact-match keys.
+* **Reentrancy.** The same agent in the same session never conflicts with
+  itself; a sub-session (``t1/call-7``) is inside its parent (``t1``).
 * **Wait-die.** Lower priority = older = wins; ties go to the lower agent
   id (then, for two sessions of one agent, the lower session id). A
   requester older than *every* conflicting holder waits; younger
@@ -42,6 +44,7 @@ __all__ = [
     "parse_intents",
     "parse_predicate",
     "validate_ttl",
+    "within_session",
 ]
 
 P = Predicate
@@ -246,6 +249,18 @@ def parse_intents(intents: object) -> tuple[ParsedIntent, ...]:
     return parsed
 
 
+def within_session(session_id: str, holder_session: str) -> bool:
+    """True when ``session_id`` is ``holder_session`` or a sub-session of it.
+
+    Sessions nest with ``/``: ``t1/call-7`` runs inside ``t1``, so it is
+    reentrant with leases ``t1`` holds — but not with its sibling
+    ``t1/call-8``, nor is ``t1`` reentrant with ``t1/call-7``'s leases. This
+    is how parallel tool calls of one agent in one thread exclude each other
+    while still sharing what the thread itself holds.
+    """
+    return session_id == holder_session or session_id.startswith(holder_session + "/")
+
+
 def is_older(
     a_priority: int,
     a_agent: str,
@@ -324,8 +339,8 @@ def judge(
                 continue
             if h.predicate not in conflicting:
                 continue
-            if h.agent_id == agent_id and h.session_id == session_id:
-                continue  # reentrant: same agent and same session
+            if h.agent_id == agent_id and within_session(session_id, h.session_id):
+                continue  # reentrant: same agent, same session (or a sub-session of it)
             if h.lease_id in seen:
                 continue
             seen.add(h.lease_id)

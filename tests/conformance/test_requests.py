@@ -293,3 +293,16 @@ async def test_granted_lease_fields(api: Api) -> None:
     assert lease.state is LeaseState.ACTIVE
     assert verdict.conflicts == [] and verdict.wait_time_ms is None
     assert api.get(lease.lease_id) == lease
+
+
+async def test_a_sub_session_is_inside_its_session(api: Api) -> None:
+    # "t1/call-1" runs inside "t1": reentrant with what "t1" holds...
+    await api.try_acquire("a", "t1", ("FILE:/src", "MUTATES"))
+    assert (await api.try_acquire("a", "t1/call-1", ("FILE:/src/x.py", "MUTATES"))).granted
+    # ...but its sibling is not reentrant with it, and the parent not with the child.
+    sibling = await api.try_acquire("a", "t1/call-2", ("FILE:/src/x.py", "MUTATES"))
+    assert not sibling.granted
+    assert [c.session_id for c in sibling.conflicts] == ["t1/call-1"]
+    assert not (await api.try_acquire("a", "t1", ("FILE:/src/x.py", "MUTATES"))).granted
+    # A prefix that is not a path segment is not a parent.
+    assert not (await api.try_acquire("a", "t10", ("FILE:/src", "MUTATES"))).granted

@@ -21,6 +21,14 @@ from klockwork.integrations.langchain import (
 )
 
 
+def parent_session(session_id: str) -> str:
+    """The session a protected call ran inside: its lease is in a per-call
+    sub-session ``<session>/call-<n>`` (an anonymous call's fresh session has
+    no parent and is returned as is)."""
+    parent, sep, _ = session_id.rpartition("/call-")
+    return parent if sep else session_id
+
+
 def make_writer(kw: Klockwork, probe: Probe | None = None, **options: Any) -> BaseTool:
     options.setdefault("timeout_s", 2.0)
 
@@ -33,7 +41,8 @@ def make_writer(kw: Klockwork, probe: Probe | None = None, **options: Any) -> Ba
             time.sleep(0.05)
             probe.leave()
         holders = [
-            (lease.agent_id, lease.session_id) for lease in kw.leases.list(resource=f"FILE:{path}")
+            (lease.agent_id, parent_session(lease.session_id))
+            for lease in kw.leases.list(resource=f"FILE:{path}")
         ]
         return f"wrote {path} as {holders}"
 

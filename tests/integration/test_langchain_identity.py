@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from langgraph.prebuilt import ToolNode
 
 from klockwork import Klockwork
 from klockwork.integrations.langchain import (
+    KlockConflictError,
     agent_config,
     klock_protected,
     protect_tool,
@@ -98,13 +100,20 @@ def run_in_tool_node(tool_obj: BaseTool, context: Any, config: dict[str, Any]) -
     return message
 
 
+def _parent(session_id: str) -> str:
+    parent, sep, _ = session_id.rpartition("/call-")
+    return parent if sep else session_id
+
+
 def whoami_tool(kw: Klockwork) -> BaseTool:
     @tool
     @klock_protected("FILE:{path}", kw=kw, timeout_s=1.0)
     def whoami(path: str) -> str:
         """Report who holds the lease on the path."""
         leases = kw.leases.list(resource=f"FILE:{path}")
-        (holder,) = {f"{lease.agent_id}/{lease.session_id}" for lease in leases}
+        # Each call leases in its own sub-session "<session>/call-<n>"; report
+        # the session it runs inside (fresh anonymous sessions have no parent).
+        (holder,) = {f"{lease.agent_id}/{_parent(lease.session_id)}" for lease in leases}
         return holder
 
     return whoami
@@ -140,7 +149,7 @@ def test_protect_tool_identity_overrides_the_config(kw: Klockwork) -> None:
     def whoami(path: str) -> str:
         """Report who holds the lease on the path."""
         (lease,) = kw.leases.list(resource=f"FILE:{path}")
-        return f"{lease.agent_id}/{lease.session_id}"
+        return f"{lease.agent_id}/{_parent(lease.session_id)}"
 
     fixed = protect_tool(whoami, "FILE:{path}", kw=kw, agent_id="fixed", session_id="fs")
     assert fixed.invoke({"path": "/a"}, config=agent_config("cfg", "cs")) == "fixed/fs"
@@ -176,3 +185,59 @@ def _call(fn: Any) -> str:
         return str(fn())
     except Exception as exc:
         return type(exc).__name__
+
+
+def test_each_call_leases_in_its_own_sub_session(kw: Klockwork) -> None:
+    @tool
+    @klock_protected("FILE:{path}", kw=kw)
+    def session_of(path: str) -> str:
+        """Report the session of the lease on the path."""
+        (lease,) = kw.leases.list(resource=f"FILE:{path}")
+        return lease.session_id
+
+    first = session_of.invoke({"path": "/a"}, config=agent_config("w", "s"))
+    second = session_of.invoke({"path": "/a"}, config=agent_config("w", "s"))
+    assert first.startswith("s/call-") and second.startswith("s/call-")
+    assert first != second
+
+
+def test_a_call_is_reentrant_with_what_its_session_holds(kw: Klockwork) -> None:
+    # The thread itself holds the file (e.g. a graph-level lease); its tool calls
+    # run inside that session and may use it, instead of waiting for themselves.
+    kw.leases.acquire("w", "t1", ("FILE:/a", "MUTATES"), 5_000)
+    whoami = whoami_tool(kw)
+    config = {"configurable": {"agent_id": "w", "thread_id": "t1"}}
+    # Granted at once (its timeout is 1 s, the thread's lease lasts 5 s).
+    assert whoami.invoke({"path": "/a"}, config=config) == "w/t1"
+    # ...but another agent, or another thread of the same agent, is excluded.
+    other = {"configurable": {"agent_id": "w", "thread_id": "t2"}}
+    with pytest.raises(KlockConflictError, match="Resource busy"):
+        whoami_tool(kw).invoke({"path": "/a"}, config=other)
+
+
+def test_parallel_calls_of_one_agent_in_one_thread_exclude_each_other(kw: Klockwork) -> None:
+    # The lost update this library exists to prevent, from a single agent: one
+    # model turn with two parallel calls that read-modify-write the same file.
+    content = {"/notes.md": ""}
+    inside = threading.Barrier(2, timeout=1.0)
+
+    @tool
+    @klock_protected("FILE:{path}", kw=kw, timeout_s=5.0)
+    def append_line(path: str, line: str) -> str:
+        """Append a line to a file."""
+        text = content[path]
+        with contextlib.suppress(threading.BrokenBarrierError):
+            inside.wait()  # both inside at once would be a double grant
+        content[path] = text + line + "\n"
+        return "ok"
+
+    config = {"configurable": {"agent_id": "solo", "thread_id": "t1"}}
+    threads = [
+        threading.Thread(target=append_line.invoke, args=({"path": "/notes.md", "line": x}, config))
+        for x in ("a", "b")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(content["/notes.md"].splitlines()) == ["a", "b"]

@@ -350,3 +350,14 @@ def test_judge_wait_becomes_die_behind_an_older_waiter() -> None:
     assert j.status is VerdictStatus.DIE
     assert j.blockers == [holder, waiter]
     assert j.wait_time_ms == 500
+
+
+def test_within_session_nests_by_path_segment() -> None:
+    from klockwork.core.rules import within_session
+
+    assert within_session("t1", "t1")
+    assert within_session("t1/call-7", "t1")
+    assert within_session("t1/call-7/x", "t1")
+    assert not within_session("t1", "t1/call-7")  # the parent is not inside the child
+    assert not within_session("t1/call-8", "t1/call-7")  # siblings
+    assert not within_session("t10", "t1")  # a prefix that is not a segment

@@ -34,7 +34,12 @@ from klockwork.core.errors import InvalidRequestError, LeaseTimeoutError
 from klockwork.core.model import Predicate
 from klockwork.core.rules import parse_predicate, validate_ttl
 from klockwork.integrations.langchain.errors import KlockConflictError, conflict_from_timeout
-from klockwork.integrations.langchain.identity import Identity, active_call, resolve_identity
+from klockwork.integrations.langchain.identity import (
+    Identity,
+    active_call,
+    call_session,
+    resolve_identity,
+)
 
 __all__ = [
     "ON_CONFLICT_MODES",
@@ -259,7 +264,9 @@ class Guard:
         """Resources, identity and intents of one call; raises before leasing anything."""
         arguments, config = bind_arguments(plan, args, kwargs)
         resources = self.resolver(arguments)
-        identity = resolve_identity(config, agent_id=self.agent_id, session_id=self.session_id)
+        identity = call_session(
+            resolve_identity(config, agent_id=self.agent_id, session_id=self.session_id)
+        )
         return _Call(identity, [(key, self.predicate) for key in resources.keys], resources)
 
     def refused(

@@ -28,7 +28,9 @@ each other instead of being reentrant.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import secrets
 import threading
 import uuid
 from collections.abc import Mapping
@@ -40,6 +42,7 @@ from langchain_core.runnables.config import var_child_runnable_config
 from langgraph.runtime import Runtime, get_runtime
 
 from klockwork.core.errors import InvalidRequestError
+from klockwork.core.rules import within_session
 
 __all__ = ["Identity", "agent_config", "resolve_identity"]
 
@@ -186,6 +189,31 @@ def _owner() -> tuple[int, int]:
     loop = asyncio._get_running_loop()
     task = asyncio.current_task(loop) if loop is not None else None
     return threading.get_ident(), id(task) if task is not None else 0
+
+
+def call_session(identity: Identity) -> Identity:
+    """The identity one protected call leases as: its own sub-session.
+
+    Parallel calls of one agent usually share a session (the graph's
+    ``thread_id``, or the session in ``agent_config``); leasing in that session
+    would make them reentrant with each other, so two parallel edits of one
+    file would both be granted. Each call therefore leases in a sub-session
+    ``<session>/call-<n>``: reentrant with what the session itself holds,
+    exclusive with its siblings. A protected call made inside another one of
+    the same agent (same thread or task) reuses the outer call's sub-session,
+    so it never waits for itself.
+    """
+    enclosing = _enclosing_session(identity.agent_id)
+    if enclosing is not None and within_session(enclosing, identity.session_id):
+        return identity._replace(session_id=enclosing, session_source="enclosing")
+    if identity.session_source in ("fresh", "enclosing"):
+        return identity  # already this call's own
+    return identity._replace(session_id=f"{identity.session_id}/call-{_PROCESS}-{next(_CALLS)}")
+
+
+# Unique across processes sharing a store, cheap per call.
+_PROCESS = secrets.token_hex(3)
+_CALLS = itertools.count(1)
 
 
 def _enclosing_session(agent_id: str) -> str | None:

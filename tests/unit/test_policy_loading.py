@@ -16,9 +16,8 @@ from klockwork.core.policy import (
     Operator,
     Policy,
     decide,
-    load_policies,
-    parse_policies,
 )
+from klockwork.core.policy_files import load_policies, parse_policies
 
 FILES = Path(__file__).parent / "policy_files"
 

@@ -1,0 +1,587 @@
+"""The hash-chained audit log: record on the hot path, hash and store off it.
+
+:class:`AuditLog` is what the engine exposes as ``kw.audit``. Its
+:meth:`~AuditLog.record` only fixes the entry's place in the chain (its
+``seq``) and queues it: no hashing, no JSON, no pydantic. One background
+writer thread drains the queue in batches, converts the data to JSON, chains
+the hashes and appends to an :class:`AuditBackend`. Everything that reads
+(:meth:`~AuditLog.verify`, :meth:`~AuditLog.query`, :meth:`~AuditLog.export`,
+:meth:`~AuditLog.checkpoint`, :meth:`~AuditLog.close`) first waits for what
+was recorded before it, so a reader always sees its own writes.
+
+The chain format (which fields are hashed, how, and how odd data is made
+JSON) is specified in :mod:`klockwork.core.audit_chain`; :func:`export_jsonl`
+and :func:`verify_file` write and check it as JSON Lines.
+
+Timeline of the ordering guarantee, with two recording threads::
+
+    1. A: record() takes the lock, gets seq 7, queues (7, ...), releases.
+    2. B: record() takes the lock, gets seq 8, queues (8, ...), releases.
+    3. writer: takes [7, 8] under the lock, hashes 7 then 8 outside it.
+    4. A: query() waits until seq 8 (the last recorded) is written, then reads.
+
+The queue is appended in the same critical section that assigns ``seq``, so
+queue order is seq order and the chain is gapless whatever the interleaving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from os import PathLike
+from types import TracebackType
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from klockwork.core.audit_backend import AuditBackend, EntryBatch, MemoryAuditBackend, Row
+from klockwork.core.audit_chain import (
+    AUDIT_KINDS,
+    GENESIS_HASH,
+    AuditEntry,
+    ChainVerifier,
+    Checkpoint,
+    VerifyResult,
+    canonical_json,
+    sign_checkpoint,
+    to_json_value,
+    verify_lines,
+)
+from klockwork.core.clock import Clock, SystemClock
+from klockwork.core.errors import (
+    AuditIntegrityError,
+    InvalidRequestError,
+    KlockworkError,
+    StoreUnavailableError,
+)
+from klockwork.core.model import GovernanceEvent
+
+__all__ = [
+    "AuditBackend",
+    "AuditLog",
+    "AuditPage",
+    "EntryBatch",
+    "MemoryAuditBackend",
+    "export_jsonl",
+    "verify_file",
+]
+
+StrPath = str | PathLike[str]
+MAX_QUERY_LIMIT = 1000
+_PAGE = 8192  # lines per backend read when verifying or exporting
+# Entries hashed and appended per backend call: small enough that flushers
+# see progress and few objects are alive at once (cheap garbage collection).
+_CHUNK = 1024
+_IDLE_EXIT_S = 30.0  # an idle writer thread ends; the next record starts a new one
+_CURSOR_PREFIX = "kwa1:"
+
+
+class AuditPage(BaseModel):
+    """One page of :meth:`AuditLog.query` results.
+
+    Attributes:
+        entries: matching entries, oldest first.
+        next_cursor: pass as ``cursor=`` to get the next page; None on the last page.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    entries: list[AuditEntry]
+    next_cursor: str | None
+
+
+# --------------------------------------------------------------------------- writer encoding
+_encode = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
+_enc_str = json.encoder.encode_basestring  # the str encoder json.dumps(ensure_ascii=False) uses
+_sha256 = hashlib.sha256
+
+Pending = tuple[int, int, str, Any, Any, Any]  # seq, ts, kind, agent_id, session_id, data
+
+
+def _plain(value: dict[Any, Any], depth: int = 0) -> bool:
+    """True if dict ``value`` is JSON data that :func:`to_json_value` leaves as is.
+
+    Floats are let through: NaN and infinities make the encoder raise, which
+    sends the entry to the slow path.
+    """
+    for k, v in value.items():  # noqa: SIM110 - a plain loop is faster than all(<genexpr>)
+        if k.__class__ is not str or not _plain_value(v, depth):
+            return False
+    return True
+
+
+def _plain_value(v: Any, depth: int) -> bool:
+    t = v.__class__
+    if t is str or t is int or v is None or t is bool or t is float:
+        return True
+    if depth >= 50:
+        return False
+    if t is dict:
+        return _plain(v, depth + 1)
+    if t is list or t is tuple:
+        return all(_plain_value(x, depth + 1) for x in v)
+    return False
+
+
+def _ident(value: Any) -> str | None:
+    if value is None or value.__class__ is str:
+        return value
+    converted = to_json_value(value if isinstance(value, str) else str(value))
+    return converted if isinstance(converted, str) else str(converted)
+
+
+def _encode_slow(
+    seq: int, ts: Any, kind: str, agent_id: Any, session_id: Any, data: Any, prev: str
+) -> Row:
+    """The documented conversion, for anything the fast path does not take."""
+    value = to_json_value({} if data is None else data)
+    if not isinstance(value, dict):
+        value = {"value": value}
+    fields: dict[str, Any] = {
+        "agent_id": to_json_value(_ident(agent_id)),
+        "data": value,
+        "kind": kind,
+        "prev_hash": prev,
+        "seq": seq,
+        "session_id": to_json_value(_ident(session_id)),
+        "ts": int(ts),
+    }
+    hash_ = _sha256(prev.encode("ascii") + canonical_json(fields)).hexdigest()
+    fields["hash"] = hash_
+    line = canonical_json(fields)
+    return (
+        seq,
+        fields["ts"],
+        kind,
+        fields["agent_id"],
+        fields["session_id"],
+        value,
+        prev,
+        hash_,
+        line,
+    )
+
+
+def _encode_batch(batch: Sequence[Pending], prev: str) -> tuple[list[Row], str]:
+    """Chain ``batch`` after ``prev``: one row per entry, and the new head hash.
+
+    The fast path writes the canonical line from precomputed pieces (the
+    top-level keys are fixed and sorted); it is only taken for plain JSON
+    data and falls back to :func:`_encode_slow` on anything else, so both
+    give byte-identical results (checked by the tests).
+    """
+    out: list[Row] = []
+    add = out.append
+    enc, enc_str, sha, plain = _encode, _enc_str, _sha256, _plain
+    prev_b = prev.encode("ascii")
+    for seq, ts, kind, agent_id, session_id, data in batch:
+        try:
+            if data is None:
+                data = {}
+            if (
+                data.__class__ is not dict
+                or ts.__class__ is not int
+                or not (agent_id is None or agent_id.__class__ is str)
+                or not (session_id is None or session_id.__class__ is str)
+                or not plain(data)
+            ):
+                raise TypeError
+            a = "null" if agent_id is None else enc_str(agent_id)
+            s = "null" if session_id is None else enc_str(session_id)
+            head = f'{{"agent_id":{a},"data":{enc(data)}'.encode()
+            tail = (
+                f',"kind":"{kind}","prev_hash":"{prev}","seq":{seq},"session_id":{s},"ts":{ts}}}'
+            ).encode()
+            hash_ = sha(prev_b + head + tail).hexdigest()
+            prev_b = hash_.encode()
+            add(
+                (
+                    seq,
+                    ts,
+                    kind,
+                    agent_id,
+                    session_id,
+                    data,
+                    prev,
+                    hash_,
+                    head + b',"hash":"' + prev_b + b'"' + tail,
+                )
+            )
+        except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
+            row = _encode_slow(seq, ts, kind, agent_id, session_id, data, prev)
+            add(row)
+            hash_ = row[7]
+            prev_b = hash_.encode()
+        prev = hash_
+    return out, prev
+
+
+# --------------------------------------------------------------------------- the log
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if raw.startswith(_CURSOR_PREFIX):
+            seq = int(raw[len(_CURSOR_PREFIX) :])
+            if seq >= 0:
+                return seq
+    except (ValueError, binascii.Error, UnicodeDecodeError, TypeError):
+        pass
+    raise InvalidRequestError("cursor", cursor, "not a cursor returned by query()")
+
+
+class AuditLog:
+    """The hash-chained audit log (``kw.audit``).
+
+    Args:
+        backend: where entries are stored (default: a new :class:`MemoryAuditBackend`).
+            An existing chain in it is continued.
+        clock: source of entry timestamps and checkpoint times.
+        key: HMAC key; when set, :meth:`checkpoint` signs and :meth:`verify`
+            requires a valid signature on the checkpoint it is given.
+
+    Recording is cheap and never blocks on hashing or I/O. If the writer
+    fails (the backend raises), the log fails closed: the error is kept and
+    every later :meth:`record`, :meth:`flush` and reader raises
+    :class:`StoreUnavailableError` (backend failure) or
+    :class:`AuditIntegrityError` (the chain could not be built).
+    """
+
+    def __init__(
+        self,
+        backend: AuditBackend | None = None,
+        *,
+        clock: Clock | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        self._backend: AuditBackend = MemoryAuditBackend() if backend is None else backend
+        self._clock: Clock = SystemClock() if clock is None else clock
+        self._now_ms = self._clock.now_ms
+        self._key = key
+        head = self._backend.head()
+        self._head_hash = GENESIS_HASH if head is None else head.hash
+        self._next_seq = 1 if head is None else head.seq + 1
+        self._written_seq = self._next_seq - 1
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # the writer waits here
+        self._done = threading.Condition(self._lock)  # flush() waits here
+        self._pending: list[Pending] = []
+        #: True when record() must wake or start the writer (read on every record).
+        self._wake_needed = True
+        self._writer: threading.Thread | None = None
+        self._stopping = False
+        self._closed = False
+        self._error: tuple[type[KlockworkError], str, BaseException] | None = None
+
+    # ----------------------------------------------------------------- hot path
+    def record(
+        self,
+        kind: str,
+        agent_id: str | None,
+        session_id: str | None,
+        data: Mapping[str, Any] | None = None,
+        *,
+        ts: int | None = None,
+    ) -> int:
+        """Append one entry to the chain and return its seq (hashed and stored later).
+
+        ``data`` is read when the entry is written, off the caller's thread:
+        do not mutate it after recording. Any data is accepted; values that
+        are not JSON are converted as documented in
+        :mod:`klockwork.core.audit_chain`.
+
+        Args:
+            kind: one of :data:`~klockwork.core.audit_chain.AUDIT_KINDS`.
+            agent_id: who acted, if known.
+            session_id: the agent's session, if known.
+            data: details of the decision.
+            ts: epoch milliseconds (default: the log's clock, now).
+
+        Raises:
+            InvalidRequestError: ``kind`` is not an audit kind, or ``ts`` not an int.
+            StoreUnavailableError: the log is closed, or its writer failed.
+        """
+        if kind not in AUDIT_KINDS:
+            raise InvalidRequestError(
+                "kind", kind, f"not an audit kind (one of {', '.join(sorted(AUDIT_KINDS))})"
+            )
+        if ts is None:
+            ts = self._now_ms()
+        elif ts.__class__ is not int:
+            raise InvalidRequestError("ts", ts, "must be epoch milliseconds as an int")
+        with self._lock:
+            if self._closed or self._error is not None:
+                self._raise_unusable()
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            self._pending.append((seq, ts, kind, agent_id, session_id, data))
+            if self._wake_needed:
+                self._wake()
+        return seq
+
+    def listener(self, event: GovernanceEvent) -> None:
+        """Record a :class:`~klockwork.core.model.GovernanceEvent` (an EventHub listener).
+
+        Events whose kind is not an audit kind (e.g. ``approval.requested``)
+        are not audited and are ignored.
+        """
+        if event.kind in AUDIT_KINDS:
+            self.record(event.kind, event.agent_id, event.session_id, event.data, ts=event.ts)
+
+    def _wake(self) -> None:  # under the lock
+        self._wake_needed = False
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._run, name="klockwork-audit-writer", daemon=True
+            )
+            self._writer.start()
+        else:
+            self._work.notify()
+
+    def _raise_unusable(self) -> None:  # under the lock
+        if self._error is not None:
+            cls, message, cause = self._error
+            raise cls(message) from cause
+        raise StoreUnavailableError("the audit log is closed")
+
+    # ----------------------------------------------------------------- writer thread
+    def _run(self) -> None:
+        lock = self._lock
+        prev = self._head_hash
+        while True:
+            with lock:
+                while not self._pending:
+                    if self._stopping:
+                        self._writer = None
+                        return
+                    self._wake_needed = True
+                    if not self._work.wait(_IDLE_EXIT_S) and not self._pending:
+                        self._writer = None  # idle for long: the next record restarts one
+                        return
+                batch = self._pending
+                self._pending = []
+                self._wake_needed = False
+            for start in range(0, len(batch), _CHUNK):
+                chunk = batch[start : start + _CHUNK]
+                try:
+                    rows, head = _encode_batch(chunk, prev)
+                except Exception as exc:  # a bug: never lose it silently
+                    self._fail(AuditIntegrityError, f"could not chain seq {chunk[0][0]}", exc)
+                    return
+                try:
+                    self._backend.append(EntryBatch(rows))
+                except Exception as exc:
+                    integrity = isinstance(exc, AuditIntegrityError)
+                    self._fail(
+                        AuditIntegrityError if integrity else StoreUnavailableError,
+                        f"the audit backend failed to store entries "
+                        f"{chunk[0][0]}..{chunk[-1][0]}: {exc}",
+                        exc,
+                    )
+                    return
+                del rows
+                prev = head
+                with lock:
+                    self._head_hash = head
+                    self._written_seq = chunk[-1][0]
+                    self._done.notify_all()
+
+    def _fail(self, cls: type[KlockworkError], message: str, exc: BaseException) -> None:
+        with self._lock:
+            self._error = (cls, message, exc)
+            self._writer = None
+            self._done.notify_all()
+
+    # ----------------------------------------------------------------- readers
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every entry recorded before this call is stored.
+
+        Args:
+            timeout_s: real seconds to wait at most (None: no limit).
+
+        Returns:
+            True when written; False if ``timeout_s`` ran out first.
+
+        Raises:
+            StoreUnavailableError | AuditIntegrityError: the writer failed.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._lock:
+            target = self._next_seq - 1
+            while self._written_seq < target and self._error is None:
+                if deadline is None:
+                    self._done.wait()
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._done.wait(remaining)
+            if self._error is not None:
+                self._raise_unusable()
+        return True
+
+    def _ready(self) -> None:
+        self.flush()
+        if self._closed:
+            raise StoreUnavailableError("the audit log is closed")
+
+    def verify(self, against: Checkpoint | None = None) -> VerifyResult:
+        """Verify the whole stored chain (after a flush).
+
+        Args:
+            against: a checkpoint taken earlier: also catches truncation and
+                rewriting. With a ``key`` configured, its signature must verify.
+        """
+        self._ready()
+        verifier = ChainVerifier(against=against, key=self._key)
+        after = 0
+        while not verifier.failed:
+            lines = self._backend.lines(after, _PAGE)
+            verifier.feed_lines(lines, after + 1)
+            if len(lines) < _PAGE:
+                break
+            after += len(lines)
+        return verifier.result()
+
+    def query(
+        self,
+        kind: str | None = None,
+        agent_id: str | None = None,
+        session_id: str | None = None,
+        since: int | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> AuditPage:
+        """Entries matching every given filter, oldest first, one page at a time.
+
+        Args:
+            kind: only this kind.
+            agent_id: only this agent.
+            session_id: only this session.
+            since: only entries with ``ts >= since`` (epoch ms).
+            cursor: ``next_cursor`` of the previous page.
+            limit: page size, 1..1000.
+
+        Raises:
+            InvalidRequestError: a bad ``limit``, ``kind`` or ``cursor``.
+        """
+        if limit.__class__ is not int or not 1 <= limit <= MAX_QUERY_LIMIT:
+            raise InvalidRequestError("limit", limit, f"must be an int from 1 to {MAX_QUERY_LIMIT}")
+        if kind is not None and kind not in AUDIT_KINDS:
+            raise InvalidRequestError("kind", kind, "not an audit kind")
+        after = 0 if cursor is None else _decode_cursor(cursor)
+        self._ready()
+        rows = self._backend.read(
+            after, limit + 1, kind=kind, agent_id=agent_id, session_id=session_id, since=since
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return AuditPage(
+            entries=rows, next_cursor=_encode_cursor(rows[-1].seq) if more and rows else None
+        )
+
+    def iter_lines(self) -> Iterator[bytes]:
+        """The stored lines of the whole chain, oldest first (after a flush)."""
+        self._ready()
+        after = 0
+        while True:
+            lines = self._backend.lines(after, _PAGE)
+            yield from lines
+            if len(lines) < _PAGE:
+                return
+            after += len(lines)
+
+    def export(self, path: StrPath) -> int:
+        """Write the chain as JSON Lines to ``path`` (see :func:`verify_file`).
+
+        Returns:
+            The number of entries written.
+        """
+        count = 0
+        with open(path, "wb") as f:
+            for line in self.iter_lines():
+                f.write(line)
+                f.write(b"\n")
+                count += 1
+        return count
+
+    def checkpoint(self) -> Checkpoint:
+        """The current head (after a flush), signed when a key is configured."""
+        self._ready()
+        head = self._backend.head()
+        seq, hash_ = (0, GENESIS_HASH) if head is None else (head.seq, head.hash)
+        signature = None if self._key is None else sign_checkpoint(self._key, seq, hash_)
+        return Checkpoint(seq=seq, hash=hash_, ts=self._now_ms(), signature=signature)
+
+    def close(self) -> None:
+        """Flush, stop the writer and close the backend. Idempotent.
+
+        Raises:
+            StoreUnavailableError | AuditIntegrityError: the writer had failed
+                (the backend is closed all the same).
+        """
+        try:
+            if not self._closed:
+                self.flush()
+        finally:
+            with self._lock:
+                already, self._closed = self._closed, True
+                self._stopping = True
+                self._work.notify()
+                writer = self._writer
+            if writer is not None and writer is not threading.current_thread():
+                writer.join()
+            if not already:
+                self._backend.close()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- JSON Lines
+def export_jsonl(entries: Iterable[AuditEntry], path: StrPath) -> int:
+    """Write ``entries`` as JSON Lines: one canonical object (with ``hash``) per line.
+
+    Returns:
+        The number of lines written.
+    """
+    count = 0
+    with open(path, "wb") as f:
+        for entry in entries:
+            f.write(entry.canonical_line())
+            f.write(b"\n")
+            count += 1
+    return count
+
+
+def verify_file(
+    path: StrPath, *, against: Checkpoint | None = None, key: bytes | None = None
+) -> VerifyResult:
+    """Verify an exported JSON Lines file offline (streaming, O(1) memory).
+
+    A line that is not an audit entry makes the result invalid, with a reason
+    naming its line number. Without ``against``, a file cut short after some
+    entry still verifies: pass a checkpoint to catch truncation.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        return verify_lines(f, against=against, key=key)

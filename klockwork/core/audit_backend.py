@@ -1,0 +1,194 @@
+"""Where an audit chain is stored: the backend protocol and the in-memory backend.
+
+A backend only stores what :class:`~klockwork.core.audit.AuditLog` decided
+and hashed; it never computes hashes. The unit of storage is an entry's
+canonical line (:meth:`~klockwork.core.audit_chain.AuditEntry.stored_line`),
+which verification and export read back verbatim, so every backend is
+verified by the same code.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol, overload, runtime_checkable
+
+from klockwork.core.audit_chain import AuditEntry
+from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
+from klockwork.core.model import _build, _set_private
+
+__all__ = ["AuditBackend", "EntryBatch", "MemoryAuditBackend", "Row"]
+
+#: One chained entry as the writer hands it over:
+#: seq, ts, kind, agent_id, session_id, data, prev_hash, hash, line.
+Row = tuple[int, int, str, str | None, str | None, dict[str, Any], str, str, bytes]
+
+
+_ROW_FIELDS = ("seq", "ts", "kind", "agent_id", "session_id", "data", "prev_hash", "hash")
+
+
+class EntryBatch(Sequence[AuditEntry]):
+    """The entries of one writer batch, as :meth:`AuditBackend.append` receives them.
+
+    A ``Sequence[AuditEntry]`` whose items are built on access. Backends that
+    only need columns can read :attr:`rows` instead (no object per entry):
+    ``(seq, ts, kind, agent_id, session_id, data, prev_hash, hash, line)``
+    tuples, ``line`` being the entry's stored line.
+    """
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, index: int) -> AuditEntry: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[AuditEntry]: ...
+    def __getitem__(self, index: int | slice) -> AuditEntry | list[AuditEntry]:
+        if isinstance(index, slice):
+            return [_row_entry(row) for row in self.rows[index]]
+        return _row_entry(self.rows[index])
+
+
+def _row_entry(row: Row) -> AuditEntry:
+    entry = _build(AuditEntry, dict(zip(_ROW_FIELDS, row[:8], strict=True)))
+    _set_private(entry, {"_line": row[8]})
+    return entry
+
+
+# --------------------------------------------------------------------------- backends
+@runtime_checkable
+class AuditBackend(Protocol):
+    """Where a chain is stored. The log decides and hashes; a backend only stores.
+
+    A backend holds one chain from seq 1 without gaps. Each entry's
+    :meth:`~klockwork.core.audit_chain.AuditEntry.stored_line` is its unit of
+    storage: ``lines`` must return exactly those bytes (verification and export
+    read them), while ``read`` may parse them back into entries.
+    """
+
+    def append(self, entries: Sequence[AuditEntry]) -> None:
+        """Store ``entries`` (consecutive seqs continuing the chain) atomically."""
+        ...
+
+    def read(
+        self,
+        after_seq: int,
+        limit: int,
+        *,
+        kind: str | None = None,
+        agent_id: str | None = None,
+        session_id: str | None = None,
+        since: int | None = None,
+    ) -> list[AuditEntry]:
+        """Up to ``limit`` entries with seq > ``after_seq`` matching the filters, by seq.
+
+        ``since`` keeps entries whose ``ts`` is at least ``since``; each other
+        filter keeps entries whose field equals it.
+        """
+        ...
+
+    def lines(self, after_seq: int, limit: int) -> list[bytes]:
+        """The stored lines of up to ``limit`` entries after ``after_seq``, by seq."""
+        ...
+
+    def head(self) -> AuditEntry | None:
+        """The last stored entry, or None when empty."""
+        ...
+
+    def close(self) -> None:
+        """Release resources; later calls raise :class:`StoreUnavailableError`."""
+        ...
+
+
+class MemoryAuditBackend:
+    """In-process :class:`AuditBackend`: stored lines plus a small filter index.
+
+    Entries are kept as their canonical lines (immutable bytes), so nothing a
+    caller does to a returned entry changes the stored chain. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lines: list[bytes] = []
+        #: per entry (same position as its line): ts, kind, agent_id, session_id
+        self._index: list[tuple[int, str, str | None, str | None]] = []
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailableError("the memory audit backend is closed")
+
+    def append(self, entries: Sequence[AuditEntry]) -> None:
+        """Store ``entries``; they must continue the chain (else :class:`AuditIntegrityError`)."""
+        if not entries:
+            return
+        if isinstance(entries, EntryBatch):
+            rows = entries.rows
+            first, last = rows[0][0], rows[-1][0]
+            lines = [r[8] for r in rows]
+            index = [(r[1], r[2], r[3], r[4]) for r in rows]
+        else:
+            first, last = entries[0].seq, entries[-1].seq
+            lines = [e.stored_line() for e in entries]
+            index = [(e.ts, e.kind, e.agent_id, e.session_id) for e in entries]
+        with self._lock:
+            self._check_open()
+            n = len(self._lines)
+            if first != n + 1 or last != n + len(lines):
+                raise AuditIntegrityError(
+                    f"entries {first}..{last} do not continue a chain that ends at seq {n}"
+                )
+            self._lines += lines
+            self._index += index
+
+    def read(
+        self,
+        after_seq: int,
+        limit: int,
+        *,
+        kind: str | None = None,
+        agent_id: str | None = None,
+        session_id: str | None = None,
+        since: int | None = None,
+    ) -> list[AuditEntry]:
+        """See :meth:`AuditBackend.read`."""
+        found: list[bytes] = []
+        with self._lock:
+            self._check_open()
+            index, lines = self._index, self._lines
+            for pos in range(max(0, after_seq), len(index)):
+                ts, k, a, s = index[pos]
+                if (
+                    (kind is None or k == kind)
+                    and (agent_id is None or a == agent_id)
+                    and (session_id is None or s == session_id)
+                    and (since is None or ts >= since)
+                ):
+                    found.append(lines[pos])
+                    if len(found) >= limit:
+                        break
+        return [AuditEntry.from_line(line) for line in found]
+
+    def lines(self, after_seq: int, limit: int) -> list[bytes]:
+        """See :meth:`AuditBackend.lines`."""
+        start = max(0, after_seq)
+        with self._lock:
+            self._check_open()
+            return self._lines[start : start + limit]
+
+    def head(self) -> AuditEntry | None:
+        """See :meth:`AuditBackend.head`."""
+        with self._lock:
+            self._check_open()
+            last = self._lines[-1] if self._lines else None
+        return None if last is None else AuditEntry.from_line(last)
+
+    def close(self) -> None:
+        """Mark closed (the entries are dropped with the object)."""
+        with self._lock:
+            self._closed = True

@@ -1,0 +1,624 @@
+"""The pure half of the audit trail: canonical form, hash chain, verification.
+
+Nothing here does I/O or keeps state between calls; :mod:`klockwork.core.audit`
+(the log, its backends and JSONL files) is built on it. This docstring is the
+complete specification of the chain, so that anyone can verify an exported
+log without klockwork.
+
+Canonical JSON
+    ``canonical_json(obj)`` is ``json.dumps(obj, sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False)`` encoded as
+    UTF-8. Keys are sorted by code point, there is no whitespace, non-ASCII
+    text is written as raw UTF-8, integers in decimal, floats as Python's
+    shortest ``repr`` (``1.5``, ``1e+16``).
+
+The hashed fields
+    Each entry has exactly seven hashed fields, in canonical (sorted) order:
+    ``agent_id`` (string or null), ``data`` (object), ``kind`` (string),
+    ``prev_hash`` (64 lowercase hex digits), ``seq`` (integer), ``session_id``
+    (string or null), ``ts`` (integer, epoch milliseconds)::
+
+        hash = sha256(prev_hash_ascii + canonical_json(fields)).hexdigest()
+
+    i.e. the 64 ASCII hex digits of the previous entry's hash, immediately
+    followed by the canonical JSON of the seven fields (``prev_hash`` appears
+    in both places). ``seq`` starts at 1 and has no gaps; the first entry's
+    ``prev_hash`` is 64 ``"0"`` characters (:data:`GENESIS_HASH`); every other
+    entry's ``prev_hash`` is the ``hash`` of the entry before it.
+
+The stored / exported line
+    ``canonical_json(fields | {"hash": hash})``: the same object with the
+    eighth key ``hash`` (which sorts between ``data`` and ``kind``). JSONL
+    exports hold one such line per entry, in ``seq`` order, each ended by
+    ``\\n``. To verify a line: parse it, remove ``hash``, recompute it as
+    above and compare; check ``seq`` and ``prev_hash`` against the line before.
+
+Checkpoints
+    A :class:`Checkpoint` pins the head (``seq``, ``hash``) at a moment. With a
+    key, ``signature = HMAC-SHA256(key, f"{seq}:{hash}".encode()).hexdigest()``.
+    Verifying against a checkpoint also catches truncation: the chain must
+    reach ``seq`` and its entry there must have exactly ``hash``.
+
+How ``data`` is made JSON (:func:`to_json_value`, applied when the entry is
+written; recording never fails on odd data):
+
+* ``str``, ``int``, ``bool``, ``None`` and finite ``float`` stay as they are
+  (subclasses such as ``IntEnum`` are reduced to the plain value). NaN and
+  infinities become the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``;
+  an integer of more than 4000 decimal digits becomes its ``hex()`` string.
+* ``enum.Enum`` members become their converted ``.value``.
+* ``datetime``, ``date`` and ``time`` become ``.isoformat()``; ``timedelta``
+  becomes its total seconds (float); ``UUID``, ``Decimal`` and paths ``str()``.
+* ``bytes``, ``bytearray`` and ``memoryview`` become standard base64 text.
+* Mappings become objects whose keys are strings: a ``str`` key is kept;
+  ``None``/``True``/``False`` become ``"null"``/``"true"``/``"false"``; any
+  other key is converted by these rules and, unless already a string, written
+  as its canonical JSON text (``1`` → ``"1"``). If two keys collide, the last
+  one in iteration order wins.
+* Lists and tuples become arrays; sets and frozensets become arrays sorted by
+  the canonical JSON of their converted items.
+* Pydantic models become ``model_dump(mode="json")``; dataclass instances an
+  object of their fields; both then converted by these rules.
+* Strings that are not valid Unicode (lone surrogates) are stored with each
+  offending code point written as ``\\udXXX`` text (``backslashreplace``).
+* Anything else becomes ``repr(value)``; nesting deeper than 100 levels (or
+  a cycle) is cut with ``repr`` of the remainder.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import decimal
+import enum
+import hashlib
+import hmac
+import json
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import PurePath
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, PrivateAttr
+
+from klockwork.core.errors import AuditIntegrityError
+from klockwork.core.model import _set_private
+
+__all__ = [
+    "AUDIT_KINDS",
+    "GENESIS_HASH",
+    "HASHED_FIELDS",
+    "AuditEntry",
+    "ChainVerifier",
+    "Checkpoint",
+    "VerifyResult",
+    "canonical_json",
+    "entry_hash",
+    "sign_checkpoint",
+    "to_json_value",
+    "verify_entries",
+    "verify_lines",
+]
+
+#: Every kind an audit entry may have (DESIGN "Audit trail").
+AUDIT_KINDS: frozenset[str] = frozenset(
+    [
+        "lease.granted",
+        "lease.denied",
+        "lease.released",
+        "lease.expired",
+        "lease.revoked",
+        "action.executed",
+        "action.requested",
+        "action.denied",
+        "approval.decided",
+        "approval.expired",
+        "delegation.created",
+        "delegation.revoked",
+        "breaker.opened",
+        "tool.start",
+        "tool.end",
+        "tool.error",
+        "chain.start",
+        "chain.end",
+        "llm.end",
+    ]
+)
+#: ``prev_hash`` of the first entry.
+GENESIS_HASH = "0" * 64
+#: The fields covered by an entry's hash, in canonical order.
+HASHED_FIELDS = ("agent_id", "data", "kind", "prev_hash", "seq", "session_id", "ts")
+
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+_encode = _ENCODER.encode
+_sha256 = hashlib.sha256
+_MAX_DEPTH = 100
+_MAX_INT_BITS = 13_000  # about 3 900 decimal digits: below Python's 4 300-digit str limit
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The canonical UTF-8 JSON of ``obj`` (sorted keys, no spaces, raw UTF-8).
+
+    ``obj`` must already be JSON data with string keys (see
+    :func:`to_json_value`); NaN, infinities and unknown types raise
+    ``ValueError``/``TypeError``.
+    """
+    return _encode(obj).encode("utf-8")
+
+
+def entry_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
+    """``sha256(prev_hash + canonical_json(the seven hashed fields))`` as hex.
+
+    Args:
+        prev_hash: the previous entry's hash (64 hex digits, or :data:`GENESIS_HASH`).
+        fields: a mapping holding at least :data:`HASHED_FIELDS`; other keys
+            (such as ``hash``) are ignored.
+    """
+    body = canonical_json({name: fields[name] for name in HASHED_FIELDS})
+    return _sha256(prev_hash.encode("ascii") + body).hexdigest()
+
+
+def sign_checkpoint(key: bytes, seq: int, hash: str) -> str:
+    """``HMAC-SHA256(key, f"{seq}:{hash}")`` as hex: a checkpoint's signature."""
+    return hmac.new(key, f"{seq}:{hash}".encode(), hashlib.sha256).hexdigest()
+
+
+# --------------------------------------------------------------------------- data conversion
+def _key(key: Any, depth: int) -> str:
+    if isinstance(key, str):
+        return _text(key)
+    if key is None or isinstance(key, bool):
+        return "null" if key is None else ("true" if key else "false")
+    value = to_json_value(key, _depth=depth)
+    return value if isinstance(value, str) else _encode(value)
+
+
+def _text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return str(value)
+
+
+def _sort_key(item: Any) -> str:
+    return str(_encode(item))
+
+
+def to_json_value(value: Any, *, _depth: int = 0) -> Any:
+    """Convert ``value`` to JSON data deterministically; never raises.
+
+    The rules are listed in this module's docstring. The result is new
+    containers (``value`` is not changed) and :func:`canonical_json` accepts it.
+    """
+    if _depth > _MAX_DEPTH:
+        return _text(repr(value))
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, enum.Enum):
+        return to_json_value(value.value, _depth=_depth + 1)
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, int):
+        return int(value) if value.bit_length() <= _MAX_INT_BITS else hex(value)
+    if isinstance(value, float):
+        if value != value:
+            return "NaN"
+        if value in (float("inf"), float("-inf")):
+            return "Infinity" if value > 0 else "-Infinity"
+        return float(value)
+    depth = _depth + 1
+    if isinstance(value, Mapping):
+        return {_key(k, depth): to_json_value(v, _depth=depth) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(v, _depth=depth) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((to_json_value(v, _depth=depth) for v in value), key=_sort_key)
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (uuid.UUID, decimal.Decimal, PurePath)):
+        return str(value)
+    if isinstance(value, BaseModel):
+        try:
+            dumped = value.model_dump(mode="json")
+        except Exception:  # a model that cannot dump itself is still recorded
+            return _text(repr(value))
+        return to_json_value(dumped, _depth=depth)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            _text(f.name): to_json_value(getattr(value, f.name, None), _depth=depth)
+            for f in dataclasses.fields(value)
+        }
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<unrepresentable {type(value).__qualname__}>"
+    return _text(text)
+
+
+# --------------------------------------------------------------------------- models
+_FROZEN = ConfigDict(frozen=True)
+
+
+class AuditEntry(BaseModel):
+    """One recorded decision, as stored in the chain.
+
+    Attributes:
+        seq: position in the chain, from 1, gapless.
+        ts: when it happened, epoch milliseconds.
+        kind: one of :data:`AUDIT_KINDS`.
+        agent_id: who acted (None when not known).
+        session_id: the agent's session (None when not known).
+        data: the event's details, already converted to JSON data.
+        prev_hash: the previous entry's hash (:data:`GENESIS_HASH` for seq 1).
+        hash: ``sha256(prev_hash + canonical_json(hashed fields))`` hex.
+    """
+
+    model_config = _FROZEN
+    seq: int
+    ts: int
+    kind: str
+    agent_id: str | None
+    session_id: str | None
+    data: dict[str, Any]
+    prev_hash: str
+    hash: str
+    # The exact stored line, when this entry was made by the log or read from
+    # a backend; never used to verify (see canonical_line).
+    _line: bytes | None = PrivateAttr(default=None)
+
+    def hashed_fields(self) -> dict[str, Any]:
+        """The seven fields the hash covers (:data:`HASHED_FIELDS`)."""
+        return {
+            "agent_id": self.agent_id,
+            "data": self.data,
+            "kind": self.kind,
+            "prev_hash": self.prev_hash,
+            "seq": self.seq,
+            "session_id": self.session_id,
+            "ts": self.ts,
+        }
+
+    def compute_hash(self) -> str:
+        """The hash this entry *should* have, recomputed from its fields."""
+        return entry_hash(self.prev_hash, self.hashed_fields())
+
+    def canonical_line(self) -> bytes:
+        """The canonical JSON of all eight fields (no newline), recomputed."""
+        fields = self.hashed_fields()
+        fields["hash"] = self.hash
+        return canonical_json(fields)
+
+    def stored_line(self) -> bytes:
+        """The line as stored, when known; otherwise :meth:`canonical_line`.
+
+        Backends call this in ``append``: for entries the log built it costs
+        nothing. Do not use it to verify (it may be a cached copy).
+        """
+        private = self.__pydantic_private__
+        line = private.get("_line") if private else None
+        return line if line is not None else self.canonical_line()
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
+        """A copy (see pydantic); the copy never reuses the cached stored line."""
+        copied = super().model_copy(update=update, deep=deep)
+        _set_private(copied, {"_line": None})
+        return copied
+
+    @classmethod
+    def from_line(cls, line: bytes | str) -> AuditEntry:
+        """Parse one stored/exported line (validated); raises ``ValueError`` if malformed."""
+        entry = cls.model_validate_json(line)
+        _set_private(entry, {"_line": line.encode("utf-8") if isinstance(line, str) else line})
+        return entry
+
+
+class Checkpoint(BaseModel):
+    """The chain's head at a moment: verifying against it catches truncation.
+
+    Attributes:
+        seq: the head's seq (0 for an empty log).
+        hash: the head's hash (:data:`GENESIS_HASH` for an empty log).
+        ts: when the checkpoint was taken, epoch milliseconds.
+        signature: ``HMAC-SHA256(key, f"{seq}:{hash}")`` hex, or None if unsigned.
+    """
+
+    model_config = _FROZEN
+    seq: int
+    hash: str
+    ts: int
+    signature: str | None = None
+
+
+class VerifyResult(BaseModel):
+    """Outcome of verifying a chain.
+
+    Attributes:
+        valid: True if every entry verifies (and the checkpoint, if any, holds).
+        checked: how many entries verified before the first problem.
+        head_seq: seq of the last entry that verified (0 if none).
+        head_hash: its hash (:data:`GENESIS_HASH` if none).
+        first_broken_seq: seq of the first entry that is bad or missing
+            (None when valid, or when only the checkpoint's signature is wrong).
+        reason: one sentence: what is wrong, or what was verified.
+    """
+
+    model_config = _FROZEN
+    valid: bool
+    checked: int
+    head_seq: int
+    head_hash: str
+    first_broken_seq: int | None
+    reason: str
+
+    def raise_if_invalid(self) -> None:
+        """Raise :class:`~klockwork.AuditIntegrityError` with :attr:`reason` unless valid."""
+        if not self.valid:
+            raise AuditIntegrityError(self.reason)
+
+
+# --------------------------------------------------------------------------- verification
+# The tail of a canonical line after ``data``: everything there is fixed keys,
+# hex, digits, a validated kind and a JSON string whose quotes are escaped, so
+# the last ``,"hash":"`` of a canonical line is always the top-level one.
+_HASH_KEY = b',"hash":"'
+_TAIL = re.compile(
+    rb',"hash":"([0-9a-f]{64})","kind":"[a-z._]+","prev_hash":"([0-9a-f]{64})",'
+    rb'"seq":([1-9][0-9]{0,18}),"session_id":(?:null|"(?:[^"\\]|\\.)*"),"ts":-?[0-9]{1,19}\}'
+)
+_tail_match = _TAIL.fullmatch
+_HEX = re.compile(r"[0-9a-f]{64}")
+_LINE_KEYS = frozenset((*HASHED_FIELDS, "hash"))
+
+
+class ChainVerifier:
+    """Streaming verifier: feed entries in order, then read :meth:`result`.
+
+    Memory is O(1) whatever the chain's length. After the first problem
+    further input is ignored (the result names the first problem only).
+
+    Args:
+        against: a checkpoint the chain must reach, with exactly its hash.
+        key: when given, ``against`` must carry a signature that verifies
+            with it (an unsigned or wrongly signed checkpoint is invalid).
+    """
+
+    __slots__ = ("_against", "_broken", "_checked", "_prev_b", "_reason", "_seq")
+
+    def __init__(self, *, against: Checkpoint | None = None, key: bytes | None = None) -> None:
+        self._against = against
+        self._seq = 0
+        self._prev_b = GENESIS_HASH.encode("ascii")
+        self._checked = 0
+        self._broken: int | None = None
+        self._reason: str | None = None
+        if against is not None and key is not None:
+            if against.signature is None:
+                self._fail(None, "the checkpoint is not signed, but a key was given")
+            elif not hmac.compare_digest(
+                against.signature, sign_checkpoint(key, against.seq, against.hash)
+            ):
+                self._fail(None, f"the checkpoint at seq {against.seq} has a bad signature")
+
+    @property
+    def failed(self) -> bool:
+        """True once a problem was found (further input is ignored)."""
+        return self._reason is not None
+
+    def _fail(self, seq: int | None, reason: str) -> None:
+        if self._reason is None:
+            self._broken = seq
+            self._reason = reason
+
+    def _advance(self, seq: int, hash_b: bytes) -> None:
+        self._seq = seq
+        self._prev_b = hash_b
+        self._checked += 1
+        against = self._against
+        if against is not None and seq == against.seq and hash_b != against.hash.encode():
+            self._fail(seq, f"entry {seq} does not match the checkpoint (the log was rewritten)")
+
+    def _link(self, seq: int, prev_hash: str, where: str) -> bool:
+        expected = self._seq + 1
+        if seq != expected:
+            if seq > expected:
+                self._fail(expected, f"entry {expected} is missing ({where} has seq {seq})")
+            else:
+                self._fail(seq, f"entry {seq} is out of order or repeated ({where})")
+            return False
+        if prev_hash.encode("utf-8", "surrogatepass") != self._prev_b:
+            self._fail(seq, f"entry {seq} does not link to entry {seq - 1} (prev_hash differs)")
+            return False
+        return True
+
+    def feed_entry(self, entry: AuditEntry, where: str | None = None) -> None:
+        """Check the next entry, recomputing its hash from its fields."""
+        if self._reason is not None:
+            return
+        where = where or f"entry at position {self._checked + 1}"
+        if not self._link(entry.seq, entry.prev_hash, where):
+            return
+        try:
+            ok = entry.compute_hash() == entry.hash
+        except (TypeError, ValueError) as exc:  # data that is not JSON cannot be hashed
+            self._fail(entry.seq, f"entry {entry.seq} cannot be hashed ({exc})")
+            return
+        if not ok:
+            self._fail(entry.seq, f"entry {entry.seq} was modified (its hash does not match)")
+            return
+        self._advance(entry.seq, entry.hash.encode())
+
+    def feed_line(self, line: bytes, lineno: int) -> None:
+        """Check the next stored/exported line (``lineno`` is used in messages)."""
+        if self._reason is not None:
+            return
+        cut = line.rfind(_HASH_KEY)
+        m = _tail_match(line, cut) if cut > 0 else None
+        if m is not None:
+            hash_b, prev_b, seq_b = m.groups()
+            seq = int(seq_b)
+            if seq == self._seq + 1 and prev_b == self._prev_b:
+                digest = _sha256(prev_b + line[:cut] + line[cut + 74 :]).hexdigest()
+                if digest.encode() == hash_b:
+                    self._advance(seq, hash_b)
+                    return
+        # Not canonical as written, or something is wrong: parse it properly.
+        self._feed_parsed(line, lineno)
+
+    def feed_lines(self, lines: Iterable[bytes], first_lineno: int = 1) -> None:
+        """Check consecutive lines (no newlines) starting at line ``first_lineno``.
+
+        Same result as :meth:`feed_line` on each, in a tight loop for the
+        common case: canonical lines that verify. Any other line (and the
+        checkpoint's own) goes through :meth:`feed_line`.
+        """
+        against = self._against
+        check_at = -1 if against is None else against.seq
+        sha, hash_key, kind_key = _sha256, _HASH_KEY, b'","kind":"'
+        lineno = first_lineno - 1
+        it = iter(lines)
+        while self._reason is None:
+            seq, prev_b, checked = self._seq, self._prev_b, self._checked
+            careful: bytes | None = None
+            for line in it:
+                lineno += 1
+                # Canonical tail: ,"hash":"H","kind":"K","prev_hash":"P","seq":N,"session_id":...
+                # Only its expected shape, with the expected P and N, is taken here.
+                cut = line.rfind(hash_key)
+                hash_b = line[cut + 9 : cut + 73]
+                if (
+                    cut <= 0
+                    or seq + 1 == check_at
+                    or not line.startswith(kind_key, cut + 73)
+                    or not line.startswith(
+                        b'","prev_hash":"%b","seq":%d,"session_id":' % (prev_b, seq + 1),
+                        line.find(b'"', cut + 83),
+                    )
+                    or line[-1:] != b"}"
+                    or sha(prev_b + line[:cut] + line[cut + 74 :]).hexdigest().encode() != hash_b
+                ):
+                    careful = line
+                    break
+                seq += 1
+                prev_b = hash_b
+                checked += 1
+            self._seq, self._prev_b, self._checked = seq, prev_b, checked
+            if careful is None:
+                return
+            self.feed_line(careful, lineno)
+
+    def _feed_parsed(self, line: bytes, lineno: int) -> None:
+        expected = self._seq + 1
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            self._fail(expected, f"line {lineno} is not valid JSON ({exc.__class__.__name__})")
+            return
+        problem = _line_problem(obj)
+        if problem is not None:
+            self._fail(expected, f"line {lineno} is not an audit entry ({problem})")
+            return
+        seq: int = obj["seq"]
+        if not self._link(seq, obj["prev_hash"], f"line {lineno}"):
+            return
+        try:
+            ok = entry_hash(obj["prev_hash"], obj) == obj["hash"]
+        except ValueError:  # NaN in a hand-edited line
+            ok = False
+        if not ok:
+            self._fail(seq, f"entry {seq} (line {lineno}) was modified (its hash does not match)")
+            return
+        self._advance(seq, obj["hash"].encode())
+
+    def result(self) -> VerifyResult:
+        """The verdict on everything fed so far (call after the last entry)."""
+        against = self._against
+        if self._reason is None and against is not None and self._seq < against.seq:
+            self._fail(
+                self._seq + 1,
+                f"the log ends at seq {self._seq}, before the checkpoint's seq {against.seq} "
+                "(truncated)",
+            )
+        valid = self._reason is None
+        if valid:
+            reason = f"{self._checked} entries verify (head seq {self._seq})"
+            if against is not None:
+                reason += f", consistent with the checkpoint at seq {against.seq}"
+        else:
+            reason = str(self._reason)
+        return VerifyResult(
+            valid=valid,
+            checked=self._checked,
+            head_seq=self._seq,
+            head_hash=self._prev_b.decode(),
+            first_broken_seq=self._broken,
+            reason=reason,
+        )
+
+
+def _line_problem(obj: Any) -> str | None:
+    if not isinstance(obj, dict):
+        return "not an object"
+    if obj.keys() != _LINE_KEYS:
+        missing = sorted(_LINE_KEYS - obj.keys())
+        extra = sorted(obj.keys() - _LINE_KEYS)
+        return f"missing {missing}" if missing else f"unexpected {extra}"
+    for name in ("seq", "ts"):
+        if type(obj[name]) is not int:
+            return f"{name} is not an integer"
+    for name in ("prev_hash", "hash"):
+        if not isinstance(obj[name], str) or not _HEX.fullmatch(obj[name]):
+            return f"{name} is not 64 hex digits"
+    if not isinstance(obj["kind"], str):
+        return "kind is not a string"
+    for name in ("agent_id", "session_id"):
+        if obj[name] is not None and not isinstance(obj[name], str):
+            return f"{name} is not a string"
+    if not isinstance(obj["data"], dict):
+        return "data is not an object"
+    return None
+
+
+def verify_entries(
+    entries: Iterable[AuditEntry], *, against: Checkpoint | None = None, key: bytes | None = None
+) -> VerifyResult:
+    """Verify a chain given as entries (in seq order, from seq 1), streaming.
+
+    Each hash is recomputed from the entry's fields. Catches an edited entry
+    (hash mismatch), a removed one (seq gap), reordered or inserted ones (seq
+    not increasing by one, or ``prev_hash`` not linking) and, with
+    ``against``, truncation and a checkpoint that is not the chain's.
+
+    Args:
+        entries: the chain, oldest first.
+        against: a checkpoint taken earlier.
+        key: the HMAC key; when given, ``against``'s signature must verify.
+    """
+    verifier = ChainVerifier(against=against, key=key)
+    for entry in entries:
+        verifier.feed_entry(entry)
+        if verifier.failed:
+            break
+    return verifier.result()
+
+
+def verify_lines(
+    lines: Iterable[bytes], *, against: Checkpoint | None = None, key: bytes | None = None
+) -> VerifyResult:
+    """Like :func:`verify_entries`, over stored lines (one entry each, newline optional).
+
+    Lines written canonically are checked without building objects; a line
+    that is not canonical JSON is parsed and checked by its content. A line
+    that is not an audit entry makes the result invalid, naming its number.
+    """
+    verifier = ChainVerifier(against=against, key=key)
+    verifier.feed_lines(line.rstrip(b"\r\n") for line in lines)
+    return verifier.result()

@@ -44,14 +44,13 @@ from klockwork.core.audit_chain import (
     AUDIT_KINDS,
     GENESIS_HASH,
     AuditEntry,
-    ChainVerifier,
     Checkpoint,
     VerifyResult,
     canonical_json,
     sign_checkpoint,
     to_json_value,
-    verify_lines,
 )
+from klockwork.core.audit_verify import ChainVerifier, verify_lines
 from klockwork.core.clock import Clock, SystemClock
 from klockwork.core.errors import (
     AuditIntegrityError,

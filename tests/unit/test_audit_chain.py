@@ -23,8 +23,8 @@ from klockwork.core.audit_chain import (
     canonical_json,
     entry_hash,
     sign_checkpoint,
-    verify_entries,
 )
+from klockwork.core.audit_verify import verify_entries
 from klockwork.core.clock import ManualClock
 from klockwork.core.errors import AuditIntegrityError
 

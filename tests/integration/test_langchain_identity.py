@@ -241,3 +241,27 @@ def test_parallel_calls_of_one_agent_in_one_thread_exclude_each_other(kw: Klockw
     for t in threads:
         t.join()
     assert sorted(content["/notes.md"].splitlines()) == ["a", "b"]
+
+
+def _child_call_id(queue: Any) -> None:
+    from klockwork.integrations.langchain import identity
+
+    queue.put(identity._new_call_id())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_process_never_reuses_its_parents_call_ids() -> None:
+    # Equal call ids in two processes would put their calls in one session:
+    # reentrant with each other, so both would be granted the same file.
+    import multiprocessing
+
+    from klockwork.integrations.langchain import identity
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_call_id, args=(queue,))
+    child.start()
+    theirs = queue.get(timeout=10)
+    child.join(10)
+    ours = identity._new_call_id()
+    assert theirs.rsplit("-", 1)[0] != ours.rsplit("-", 1)[0]  # different process tokens

@@ -166,7 +166,7 @@ def resolve_identity(
         session = _enclosing_session(agent)
         session_source = "enclosing"
     if session is None:
-        session, session_source = f"call-{uuid.uuid4().hex}", "fresh"
+        session, session_source = _new_call_id(), "fresh"
     return Identity(agent, session, agent_source, session_source)
 
 
@@ -208,12 +208,27 @@ def call_session(identity: Identity) -> Identity:
         return identity._replace(session_id=enclosing, session_source="enclosing")
     if identity.session_source in ("fresh", "enclosing"):
         return identity  # already this call's own
-    return identity._replace(session_id=f"{identity.session_id}/call-{_PROCESS}-{next(_CALLS)}")
+    return identity._replace(session_id=f"{identity.session_id}/{_new_call_id()}")
 
 
-# Unique across processes sharing a store, cheap per call.
-_PROCESS = secrets.token_hex(3)
-_CALLS = itertools.count(1)
+# Call ids must be unique across every process sharing a store, and cheap: a
+# random per-process token (48 bits) and a counter. A forked child gets a new
+# token, or it would hand out its parent's ids and share its sessions.
+_process_token = secrets.token_hex(6)
+_calls = itertools.count(1)
+
+
+def _new_call_id() -> str:
+    return f"call-{_process_token}-{next(_calls)}"
+
+
+def _after_fork() -> None:
+    global _process_token, _calls
+    _process_token = secrets.token_hex(6)
+    _calls = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _enclosing_session(agent_id: str) -> str | None:

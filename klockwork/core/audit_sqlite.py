@@ -1,0 +1,291 @@
+"""An audit chain stored in SQLite, in the same file the SQLite lease store may use.
+
+:class:`SqliteAuditBackend` implements
+:class:`~klockwork.core.audit_backend.AuditBackend` with the same semantics as
+:class:`~klockwork.core.audit_backend.MemoryAuditBackend`. Each entry is one
+row of ``kw_audit``: its ``seq`` (the primary key), the columns the query
+filters use, and its stored line, byte for byte as the log made it::
+
+    kw_audit(seq INTEGER PRIMARY KEY, ts, kind, agent_id, session_id, line BLOB NOT NULL)
+
+Every :meth:`~SqliteAuditBackend.append` is one ``BEGIN IMMEDIATE``
+transaction: the write lock is taken *before* the stored head is read, so
+the check that a batch continues the chain and the insert of that batch are
+atomic, even against other processes. The database runs in WAL mode with
+``synchronous=NORMAL`` (an OS crash may lose the last commits, never corrupt
+the file). sqlite3 errors are translated through the lease store's
+:data:`~klockwork.core.stores.sqlite.ERROR_MAP` into
+:class:`~klockwork.StoreUnavailableError`.
+
+Why a batch can fail to continue the chain, with two processes on one file::
+
+    1. A and B open the file; both see the stored head at seq 10.
+    2. A's writer appends seq 11..20 chained on head 10 (commits).
+    3. B's writer appends *its* seq 11..20, also chained on head 10.
+    4. Inside B's transaction the stored head is 20, not 10: B's batch does
+       not continue the chain. By default append raises AuditIntegrityError
+       and writes nothing (B's log fails closed). With ``rebase=True`` the
+       backend re-chains B's batch onto head 20 instead (seq 21..30, new
+       ``prev_hash`` and ``hash``), so the file keeps one gapless chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from klockwork.core.audit_backend import EntryBatch
+from klockwork.core.audit_chain import GENESIS_HASH, AuditEntry, canonical_json, entry_hash
+from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
+from klockwork.core.stores.sqlite import ERROR_MAP
+
+__all__ = ["SqliteAuditBackend"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kw_audit (
+    seq        INTEGER PRIMARY KEY,  -- from 1, gapless
+    ts         INTEGER NOT NULL,
+    kind       TEXT NOT NULL,
+    agent_id   TEXT,
+    session_id TEXT,
+    line       BLOB NOT NULL         -- the entry's stored line, verbatim
+);
+CREATE INDEX IF NOT EXISTS kw_audit_kind ON kw_audit(kind, seq);
+CREATE INDEX IF NOT EXISTS kw_audit_agent ON kw_audit(agent_id, seq);
+CREATE INDEX IF NOT EXISTS kw_audit_session ON kw_audit(session_id, seq);
+"""
+
+_INSERT = "INSERT INTO kw_audit (seq, ts, kind, agent_id, session_id, line) VALUES (?,?,?,?,?,?)"
+_HEAD = "SELECT line FROM kw_audit ORDER BY seq DESC LIMIT 1"
+
+#: One entry as it is re-chained: ts, kind, agent_id, session_id, data.
+_Content = tuple[int, str, str | None, str | None, dict[str, Any]]
+#: One row's insert parameters: seq, ts, kind, agent_id, session_id, line.
+_Params = tuple[int, int, str, str | None, str | None, bytes]
+
+
+class SqliteAuditBackend:
+    """An :class:`~klockwork.core.audit_backend.AuditBackend` in one SQLite file.
+
+    Thread-safe; one file may be shared by many processes. Appends use their
+    own connection (so reads in this process never wait on another
+    process's write lock); reads share a second one.
+
+    Args:
+        path: the database file (created with the ``kw_audit`` table if
+            missing; other tables in it, such as the lease store's, are left alone).
+        busy_timeout_ms: how long an append waits for another process's
+            write lock before failing closed with StoreUnavailableError.
+        rebase: what :meth:`append` does with a batch that does not continue
+            the stored chain. False (default): raise AuditIntegrityError and
+            write nothing. True: store it after the stored head, re-chained
+            (new ``seq``, ``prev_hash``, ``hash`` and line; same ``ts``,
+            ``kind``, ``agent_id``, ``session_id`` and ``data``, in the same
+            order). A batch that does continue the chain is stored as given
+            either way, so a single writer sees no difference. With rebase the
+            seqs a log's ``record`` returns are only its own order, not the
+            stored seqs (see the module docstring).
+
+    Raises:
+        StoreUnavailableError: the file cannot be opened as a database.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 10_000, rebase: bool = False
+    ) -> None:
+        self.path = os.fspath(path)
+        self.rebase = rebase
+        self._busy_timeout_ms = busy_timeout_ms
+        self._closed = False
+        self._wlock = threading.Lock()  # guards _wconn (appends)
+        self._rlock = threading.Lock()  # guards _rconn (reads)
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        try:
+            with self._translated("create the audit table"):
+                self._wconn = self._connect()
+                self._wconn.executescript(_SCHEMA)
+                self._rconn = self._connect()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- plumbing -------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout_ms / 1000,
+            isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
+            check_same_thread=False,  # used under our locks, from any thread
+        )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @contextmanager
+    def _translated(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            for source, target in ERROR_MAP:
+                if isinstance(exc, source):
+                    raise target(f"sqlite audit {self.path} could not {doing}: {exc}") from exc
+            raise  # pragma: no cover - ERROR_MAP ends with sqlite3.Error
+
+    def _closed_error(self) -> StoreUnavailableError:
+        return StoreUnavailableError(f"sqlite audit backend {self.path} is closed")
+
+    @contextmanager
+    def _reader(self, doing: str) -> Iterator[sqlite3.Connection]:
+        with self._rlock, self._translated(doing):
+            if self._closed or self._rconn is None:
+                raise self._closed_error()
+            yield self._rconn
+
+    # -- writing ----------------------------------------------------------------
+    def append(self, entries: Sequence[AuditEntry]) -> None:
+        """Store ``entries`` in one transaction; they must continue the stored chain.
+
+        The batch continues the chain when its seqs are consecutive, the
+        first is the stored head's seq + 1 and its ``prev_hash`` is the
+        stored head's hash (GENESIS_HASH on an empty table). This is checked
+        inside the transaction, after the write lock is taken.
+
+        Raises:
+            AuditIntegrityError: the batch does not continue the chain (and
+                ``rebase`` is off, or its own seqs are not consecutive);
+                nothing was written.
+            StoreUnavailableError: SQLite failed, or the backend is closed.
+        """
+        if not entries:
+            return
+        if isinstance(entries, EntryBatch):
+            rows = entries.rows
+            first, last, prev = rows[0][0], rows[-1][0], rows[0][6]
+            params: list[_Params] = [(r[0], r[1], r[2], r[3], r[4], r[8]) for r in rows]
+        else:
+            first, last, prev = entries[0].seq, entries[-1].seq, entries[0].prev_hash
+            params = [
+                (e.seq, e.ts, e.kind, e.agent_id, e.session_id, e.stored_line()) for e in entries
+            ]
+        with self._wlock, self._translated("append audit entries"):
+            conn = self._wconn
+            if self._closed or conn is None:
+                raise self._closed_error()
+            if last != first + len(params) - 1:
+                raise AuditIntegrityError(f"entries {first}..{last} are not consecutive seqs")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(_HEAD).fetchone()
+                head = None if row is None else AuditEntry.from_line(row[0])
+                head_seq, head_hash = (0, GENESIS_HASH) if head is None else (head.seq, head.hash)
+                if first != head_seq + 1 or prev != head_hash:
+                    if not self.rebase:
+                        raise AuditIntegrityError(
+                            f"entries {first}..{last} (prev_hash {prev[:12]}...) do not continue "
+                            f"a chain that ends at seq {head_seq} (hash {head_hash[:12]}...)"
+                        )
+                    params = _rechain(_contents(entries), head_seq, head_hash)
+                conn.executemany(_INSERT, params)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    # -- reading ----------------------------------------------------------------
+    def read(
+        self,
+        after_seq: int,
+        limit: int,
+        *,
+        kind: str | None = None,
+        agent_id: str | None = None,
+        session_id: str | None = None,
+        since: int | None = None,
+    ) -> list[AuditEntry]:
+        """See :meth:`~klockwork.core.audit_backend.AuditBackend.read`."""
+        where = ["seq > ?"]
+        args: list[Any] = [after_seq]
+        for column, value in (("kind", kind), ("agent_id", agent_id), ("session_id", session_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        args.append(max(0, limit))
+        sql = f"SELECT line FROM kw_audit WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
+        with self._reader("read audit entries") as conn:
+            found = [r[0] for r in conn.execute(sql, args).fetchall()]
+        return [AuditEntry.from_line(line) for line in found]
+
+    def lines(self, after_seq: int, limit: int) -> list[bytes]:
+        """See :meth:`~klockwork.core.audit_backend.AuditBackend.lines`."""
+        with self._reader("read audit lines") as conn:
+            rows = conn.execute(
+                "SELECT line FROM kw_audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, max(0, limit)),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def head(self) -> AuditEntry | None:
+        """See :meth:`~klockwork.core.audit_backend.AuditBackend.head`."""
+        with self._reader("read the audit head") as conn:
+            row = conn.execute(_HEAD).fetchone()
+        return None if row is None else AuditEntry.from_line(row[0])
+
+    def close(self) -> None:
+        """Close both connections (after any append in progress). Idempotent."""
+        with self._wlock, self._rlock:
+            self._closed = True
+            conns = [c for c in (self._wconn, self._rconn) if c is not None]
+            self._wconn = self._rconn = None
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):  # closing is best effort
+                conn.close()
+
+
+# --------------------------------------------------------------------------- re-chaining
+def _contents(entries: Sequence[AuditEntry]) -> list[_Content]:
+    """What re-chaining keeps of each entry (everything but seq and the hashes)."""
+    if isinstance(entries, EntryBatch):
+        return [(r[1], r[2], r[3], r[4], r[5]) for r in entries.rows]
+    return [(e.ts, e.kind, e.agent_id, e.session_id, e.data) for e in entries]
+
+
+def _rechain(contents: list[_Content], head_seq: int, head_hash: str) -> list[_Params]:
+    """Insert parameters chaining ``contents`` after the head (seq, hash), in order.
+
+    Pure: the hash and line are made by
+    :func:`~klockwork.core.audit_chain.entry_hash` and
+    :func:`~klockwork.core.audit_chain.canonical_json`, exactly as the
+    chain's specification says, so the result verifies like any other entry.
+    """
+    params: list[_Params] = []
+    prev = head_hash
+    for offset, (ts, kind, agent_id, session_id, data) in enumerate(contents, 1):
+        seq = head_seq + offset
+        fields: dict[str, Any] = {
+            "agent_id": agent_id,
+            "data": data,
+            "kind": kind,
+            "prev_hash": prev,
+            "seq": seq,
+            "session_id": session_id,
+            "ts": ts,
+        }
+        prev = entry_hash(prev, fields)
+        fields["hash"] = prev
+        params.append((seq, ts, kind, agent_id, session_id, canonical_json(fields)))
+    return params

@@ -8,10 +8,10 @@ times, read-modify-write, under a MUTATES lease taken through their own
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
 
 import pytest
+from support import run_spawned
 
 from klockwork import Klockwork
 
@@ -42,24 +42,9 @@ def test_processes_sharing_a_sqlite_file_exclude_each_other(tmp_path: Path) -> N
     assert url.startswith("sqlite:////")
     Klockwork.open(url).close()  # create the schema once, before the race
 
-    ctx = multiprocessing.get_context("spawn")
-    start = ctx.Event()
-    procs = [
-        ctx.Process(target=_increment, args=(url, f"proc-{i}", str(counter), INCREMENTS, start))
-        for i in range(PROCESSES)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        start.set()
-        for p in procs:
-            p.join(timeout=90)
-        assert [p.exitcode for p in procs] == [0] * PROCESSES
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    run_spawned(
+        _increment, [(url, f"proc-{i}", str(counter), INCREMENTS) for i in range(PROCESSES)]
+    )
     assert int(counter.read_text()) == PROCESSES * INCREMENTS
     with Klockwork.open(url) as kw:
         assert kw.leases.list() == []  # every lease was released

@@ -10,7 +10,6 @@ written by several processes.
 from __future__ import annotations
 
 import inspect
-import multiprocessing
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import run_spawned
 
 from klockwork.core.audit import AuditBackend, AuditLog, MemoryAuditBackend, verify_file
 from klockwork.core.audit_backend import EntryBatch
@@ -415,24 +415,7 @@ def test_processes_appending_with_rebase_keep_one_chain(db: Path) -> None:
     SqliteAuditBackend(db).close()  # create the table once, before the race
     # Every child opens its log on the empty table before the start signal, so
     # all three start at seq 1: whatever the interleaving, two must re-chain.
-    ctx = multiprocessing.get_context("spawn")
-    start = ctx.Event()
-    procs = [
-        ctx.Process(target=_append_from_a_process, args=(str(db), f"p{i}", PER_PROCESS, start))
-        for i in range(PROCESSES)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        start.set()
-        for p in procs:
-            p.join(timeout=90)
-        assert [p.exitcode for p in procs] == [0] * PROCESSES
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    run_spawned(_append_from_a_process, [(str(db), f"p{i}", PER_PROCESS) for i in range(PROCESSES)])
     total = PROCESSES * PER_PROCESS
     backend = SqliteAuditBackend(db)
     lines = _all_lines(backend)

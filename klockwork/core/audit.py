@@ -32,7 +32,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from os import PathLike
 from types import TracebackType
 from typing import Any
@@ -76,6 +76,8 @@ _PAGE = 8192  # lines per backend read when verifying or exporting
 # Entries hashed and appended per backend call: small enough that flushers
 # see progress and few objects are alive at once (cheap garbage collection).
 _CHUNK = 1024
+# How long a woken writer waits for more entries before it drains the queue.
+_LINGER_S = 0.005
 _IDLE_EXIT_S = 30.0  # an idle writer thread ends; the next record starts a new one
 _CURSOR_PREFIX = "kwa1:"
 
@@ -183,6 +185,12 @@ def _encode_batch(batch: Sequence[Pending], prev: str) -> tuple[list[Row], str]:
         try:
             if data is None:
                 data = {}
+            elif data.__class__ is not dict:
+                # klockwork's own records hand over an immutable object and
+                # let us build its data here, off the recording thread.
+                build = getattr(data.__class__, "__audit_data__", None)
+                if build is not None:
+                    data = build(data)
             if (
                 data.__class__ is not dict
                 or ts.__class__ is not int
@@ -278,6 +286,7 @@ class AuditLog:
         self._wake_needed = True
         self._writer: threading.Thread | None = None
         self._stopping = False
+        self._flushers = 0  # threads in flush(): the writer must not linger
         self._closed = False
         self._error: tuple[type[KlockworkError], str, BaseException] | None = None
 
@@ -287,7 +296,7 @@ class AuditLog:
         kind: str,
         agent_id: str | None,
         session_id: str | None,
-        data: Mapping[str, Any] | None = None,
+        data: Any = None,
         *,
         ts: int | None = None,
     ) -> int:
@@ -366,6 +375,11 @@ class AuditLog:
                     if not self._work.wait(_IDLE_EXIT_S) and not self._pending:
                         self._writer = None  # idle for long: the next record restarts one
                         return
+                if not self._stopping and not self._flushers and len(self._pending) < _CHUNK:
+                    # Linger to gather a batch: waking per entry would make the
+                    # recording threads and this one trade the GIL on every
+                    # record. flush() and close() cut the wait short.
+                    self._work.wait(_LINGER_S)
                 batch = self._pending
                 self._pending = []
                 self._wake_needed = False
@@ -416,14 +430,21 @@ class AuditLog:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._lock:
             target = self._next_seq - 1
-            while self._written_seq < target and self._error is None:
-                if deadline is None:
-                    self._done.wait()
-                else:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return False
-                    self._done.wait(remaining)
+            if self._written_seq >= target and self._error is None:
+                return True
+            self._flushers += 1
+            self._work.notify()  # end the writer's linger
+            try:
+                while self._written_seq < target and self._error is None:
+                    if deadline is None:
+                        self._done.wait()
+                    else:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return False
+                        self._done.wait(remaining)
+            finally:
+                self._flushers -= 1
             if self._error is not None:
                 self._raise_unusable()
         return True

@@ -57,6 +57,10 @@ written; recording never fails on odd data):
   one in iteration order wins.
 * Lists and tuples become arrays; sets and frozensets become arrays sorted by
   the canonical JSON of their converted items.
+* An object whose class defines ``__audit_data__()`` becomes what that
+  method returns, converted by these rules (klockwork's own records use it so
+  the hot path can hand over an immutable object and the writer builds the
+  data).
 * Pydantic models become ``model_dump(mode="json")``; dataclass instances an
   object of their fields; both then converted by these rules.
 * Strings that are not valid Unicode (lone surrogates) are stored with each
@@ -208,6 +212,13 @@ def to_json_value(value: Any, *, _depth: int = 0) -> Any:
             return "Infinity" if value > 0 else "-Infinity"
         return float(value)
     depth = _depth + 1
+    audit_data = getattr(type(value), "__audit_data__", None)
+    if audit_data is not None:
+        try:
+            built = audit_data(value)
+        except Exception:  # recording never fails on odd data
+            return _text(repr(value))
+        return to_json_value(built, _depth=depth)
     if isinstance(value, Mapping):
         return {_key(k, depth): to_json_value(v, _depth=depth) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

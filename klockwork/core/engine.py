@@ -14,6 +14,7 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
 from typing import Any, ClassVar, Literal
 
+from klockwork.core.audit import AuditBackend, AuditLog, MemoryAuditBackend
 from klockwork.core.clock import Clock, SystemClock
 from klockwork.core.errors import InvalidRequestError, StoreUnavailableError
 from klockwork.core.events import EventHub, Listener
@@ -22,7 +23,7 @@ from klockwork.core.model import AgentInfo
 from klockwork.core.stores.base import Store
 from klockwork.core.stores.memory import MemoryStore
 
-__all__ = ["Klockwork", "open_store"]
+__all__ = ["Klockwork", "audit_backend_for", "open_store"]
 
 Effect = Literal["allow", "deny", "require_approval"]
 _EFFECTS = ("allow", "deny", "require_approval")
@@ -59,6 +60,22 @@ def open_store(url: str) -> Store:
     raise InvalidRequestError("url", url, f"unknown store scheme {scheme!r}")
 
 
+def audit_backend_for(store: Store) -> AuditBackend:
+    """Where the audit trail of an engine on ``store`` lives.
+
+    A SQLite store keeps it in the same file (table ``kw_audit``), re-chaining
+    each process's batches onto the stored head so that every process sharing
+    the file appends to one gapless chain; anything else keeps it in memory.
+    """
+    from klockwork.core.stores.sqlite import SqliteStore
+
+    if isinstance(store, SqliteStore):
+        from klockwork.core.audit_sqlite import SqliteAuditBackend
+
+        return SqliteAuditBackend(store.path, rebase=True)
+    return MemoryAuditBackend()
+
+
 class Klockwork:
     """The coordination engine: leases now; gates, audit and bus plug into it.
 
@@ -91,7 +108,8 @@ class Klockwork:
         self.default_effect: Effect = default_effect
         self.audit_key = audit_key.encode() if isinstance(audit_key, str) else audit_key
         self._hub = EventHub()
-        self._leases = LeaseManager(self.store, self.clock, self._hub)
+        self._audit = AuditLog(audit_backend_for(self.store), clock=self.clock, key=self.audit_key)
+        self._leases = LeaseManager(self.store, self.clock, self._hub, self._audit.record)
         self._closed = False
 
     # -- construction -----------------------------------------------------------
@@ -123,6 +141,12 @@ class Klockwork:
         """Lease operations: try_acquire, acquire, release, heartbeat, ..."""
         self._check_open()
         return self._leases
+
+    @property
+    def audit(self) -> AuditLog:
+        """The hash-chained audit trail: verify, checkpoint, query, export."""
+        self._check_open()
+        return self._audit
 
     @property
     def closed(self) -> bool:
@@ -215,8 +239,11 @@ class Klockwork:
         if self._closed:
             return
         self._closed = True
-        self._leases.close()
-        self.store.close()
+        try:
+            self._leases.close()
+            self._audit.close()  # writes everything recorded so far
+        finally:
+            self.store.close()
 
     def __enter__(self) -> Klockwork:
         return self

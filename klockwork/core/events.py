@@ -11,13 +11,32 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from klockwork.core.model import GovernanceEvent
 
-__all__ = ["EventHub", "Listener"]
+__all__ = ["AuditRecorder", "EventHub", "Listener"]
 
 Listener = Callable[[GovernanceEvent], None]
 _log = logging.getLogger("klockwork.events")
+
+
+class AuditRecorder(Protocol):
+    """The audit trail's ``record``: queue one entry in order, return its seq.
+
+    ``data`` may be an immutable object whose class has ``__audit_data__()``;
+    the audit writer calls it off the caller's thread.
+    """
+
+    def __call__(
+        self,
+        kind: str,
+        agent_id: str | None,
+        session_id: str | None,
+        data: Any = None,
+        *,
+        ts: int | None = None,
+    ) -> int: ...
 
 
 class EventHub:

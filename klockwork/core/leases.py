@@ -33,7 +33,7 @@ from klockwork.core.errors import (
     StaleLeaseError,
     StoreUnavailableError,
 )
-from klockwork.core.events import EventHub
+from klockwork.core.events import AuditRecorder, EventHub
 from klockwork.core.holding import AsyncHolding, HeldLeases, Holding
 from klockwork.core.model import (
     Conflict,
@@ -48,7 +48,7 @@ from klockwork.core.model import (
 )
 from klockwork.core.notify import Signals
 from klockwork.core.renewer import Renewer
-from klockwork.core.rules import parse_intents, validate_ttl
+from klockwork.core.rules import ParsedIntent, parse_intents, validate_ttl
 from klockwork.core.stores.base import AcquireOutcome, AcquireRequest, Store
 
 __all__ = ["DEFAULT_TTL_MS", "HeldLeases", "LeaseManager"]
@@ -101,10 +101,16 @@ def _in_running_loop() -> bool:
 class LeaseManager:
     """All lease operations of one engine (``kw.leases``)."""
 
-    def __init__(self, store: Store, clock: Clock, hub: EventHub) -> None:
+    def __init__(
+        self, store: Store, clock: Clock, hub: EventHub, audit: AuditRecorder | None = None
+    ) -> None:
         self._store = store
         self._clock = clock
         self._hub = hub
+        # The audit trail's record(): it only queues the entry in order; the
+        # entry's data is built from the (immutable) object we hand over by the
+        # audit writer thread, off this path.
+        self._audit = audit
         self._signals = Signals()
         self._renewer = Renewer(clock, self.heartbeat)
         self._reserve_ms = (
@@ -174,6 +180,24 @@ class LeaseManager:
                     "wait_time_ms": outcome.wait_time_ms,
                 },
             )
+        if self._audit is not None:
+            if outcome.status is _GRANTED:
+                for lease in verdict.leases:
+                    self._audit(
+                        "lease.granted",
+                        request.agent_id,
+                        request.session_id,
+                        lease,
+                        ts=request.now_ms,
+                    )
+            else:
+                self._audit(
+                    "lease.denied",
+                    request.agent_id,
+                    request.session_id,
+                    _Denied(verdict, request.intents),
+                    ts=request.now_ms,
+                )
         if self._hub.active:
             self._emit_verdict(request, verdict)
         return verdict
@@ -382,8 +406,7 @@ class LeaseManager:
         if rec is None:
             return False
         self._signals.notify(rec.resource)
-        if self._hub.active:
-            self._hub.emit(_lease_event("lease.released", rec, self._clock.now_ms()))
+        self._report("lease.released", rec, self._clock.now_ms())
         return True
 
     async def arelease(self, lease_id: str) -> bool:
@@ -500,16 +523,23 @@ class LeaseManager:
         if rec is None:
             return False
         self._signals.notify(rec.resource)
-        if self._hub.active:
-            self._hub.emit(_lease_event(kind, rec, self._clock.now_ms()))
+        self._report(kind, rec, self._clock.now_ms())
         return True
 
     def _on_expired(self, records: builtins.list[LeaseRecord]) -> None:
         now = self._clock.now_ms()
         for rec in records:
             self._signals.notify(rec.resource)
-            if self._hub.active:
-                self._hub.emit(_lease_event("lease.expired", rec, now))
+            self._report("lease.expired", rec, now)
+
+    def _report(self, kind: str, rec: LeaseRecord, now_ms: int) -> None:
+        """Audit and announce that a lease ended (released, revoked, expired)."""
+        if self._audit is not None:
+            self._audit(kind, rec.agent_id, rec.session_id, rec, ts=now_ms)
+        if self._hub.active:
+            self._hub.emit(
+                GovernanceEvent(kind, now_ms, rec.agent_id, rec.session_id, rec.__audit_data__())
+            )
 
     def _emit_verdict(self, request: AcquireRequest, verdict: Verdict) -> None:
         if verdict.granted:
@@ -520,13 +550,7 @@ class LeaseManager:
                         request.now_ms,
                         request.agent_id,
                         request.session_id,
-                        {
-                            "lease_id": lease.lease_id,
-                            "resource": lease.resource,
-                            "predicate": lease.predicate.value,
-                            "fencing_token": lease.fencing_token,
-                            "expires_at": lease.expires_at,
-                        },
+                        lease.__audit_data__(),
                     )
                 )
             return
@@ -536,12 +560,7 @@ class LeaseManager:
                 request.now_ms,
                 request.agent_id,
                 request.session_id,
-                {
-                    "verdict": verdict.status.value,
-                    "intents": [[i.key, i.predicate.value] for i in request.intents],
-                    "conflicts": [c.model_dump(mode="json") for c in verdict.conflicts],
-                    "wait_time_ms": verdict.wait_time_ms,
-                },
+                _Denied(verdict, request.intents).__audit_data__(),
             )
         )
 
@@ -563,13 +582,17 @@ def _conflict(blocker: LeaseRecord | Reservation) -> Conflict:
     )
 
 
-def _lease_event(kind: str, rec: LeaseRecord, now_ms: int) -> GovernanceEvent:
-    data: dict[str, Any] = {
-        "lease_id": rec.lease_id,
-        "resource": rec.resource,
-        "predicate": rec.predicate.value,
-        "fencing_token": rec.fencing_token,
-    }
-    if rec.reason:
-        data["reason"] = rec.reason
-    return GovernanceEvent(kind, now_ms, rec.agent_id, rec.session_id, data)
+class _Denied(NamedTuple):
+    """A refused verdict as the audit writer turns it into ``lease.denied`` data."""
+
+    verdict: Verdict
+    intents: tuple[ParsedIntent, ...]
+
+    def __audit_data__(self) -> dict[str, Any]:
+        verdict = self.verdict
+        return {
+            "verdict": verdict.status.value,
+            "intents": [[i.key, i.predicate.value] for i in self.intents],
+            "conflicts": [c.model_dump(mode="json") for c in verdict.conflicts],
+            "wait_time_ms": verdict.wait_time_ms,
+        }

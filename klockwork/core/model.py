@@ -135,6 +135,16 @@ class Lease(BaseModel):
     expires_at: int
     state: LeaseState
 
+    def __audit_data__(self) -> dict[str, Any]:
+        """What a ``lease.granted`` audit entry records (built off the hot path)."""
+        return {
+            "lease_id": self.lease_id,
+            "resource": self.resource,
+            "predicate": self.predicate.value,
+            "fencing_token": self.fencing_token,
+            "expires_at": self.expires_at,
+        }
+
 
 class Conflict(BaseModel):
     """One holder (or older waiter) that blocks a request.
@@ -279,6 +289,18 @@ class LeaseRecord:
                 "state": self.state,
             },
         )
+
+    def __audit_data__(self) -> dict[str, Any]:
+        """What a ``lease.released/expired/revoked`` audit entry records."""
+        data: dict[str, Any] = {
+            "lease_id": self.lease_id,
+            "resource": self.resource,
+            "predicate": self.predicate.value,
+            "fencing_token": self.fencing_token,
+        }
+        if self.reason:
+            data["reason"] = self.reason
+        return data
 
     def __repr__(self) -> str:
         return (

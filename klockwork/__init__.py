@@ -4,8 +4,12 @@ Leases on resources (six intent predicates, wait-die, TTLs, fencing), with
 gates, an event bus and a verifiable audit trail built on the same engine.
 """
 
+from klockwork.core.approvals import Approval, ApprovalClosedError, ApprovalStatus, BreakerConfig
+from klockwork.core.audit import AuditPage
+from klockwork.core.audit_chain import AuditEntry, Checkpoint, VerifyResult
 from klockwork.core.clock import Clock, ManualClock, SystemClock
 from klockwork.core.compat import KlockClient
+from klockwork.core.delegation import Delegation
 from klockwork.core.engine import Klockwork
 from klockwork.core.errors import (
     ApprovalNotFoundError,
@@ -28,6 +32,7 @@ from klockwork.core.errors import (
     StaleLeaseError,
     StoreUnavailableError,
 )
+from klockwork.core.gates import ActionResult
 from klockwork.core.holding import HeldLeases
 from klockwork.core.model import (
     AgentInfo,
@@ -40,18 +45,31 @@ from klockwork.core.model import (
     Verdict,
     VerdictStatus,
 )
+from klockwork.core.policy import Condition, ConditionResult, Effect, Policy
 from klockwork.core.stores import MemoryStore, SqliteStore, Store
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActionResult",
     "AgentInfo",
+    "Approval",
+    "ApprovalClosedError",
     "ApprovalNotFoundError",
+    "ApprovalStatus",
     "ApprovalTimeoutError",
+    "AuditEntry",
     "AuditIntegrityError",
+    "AuditPage",
+    "BreakerConfig",
     "CapabilityError",
+    "Checkpoint",
     "Clock",
+    "Condition",
+    "ConditionResult",
     "Conflict",
+    "Delegation",
+    "Effect",
     "EventLoopBlockedError",
     "GateDeniedError",
     "GateError",
@@ -74,6 +92,7 @@ __all__ = [
     "ManualClock",
     "MemoryStore",
     "NotAnApproverError",
+    "Policy",
     "Predicate",
     "SqliteStore",
     "StaleLeaseError",
@@ -82,5 +101,6 @@ __all__ = [
     "SystemClock",
     "Verdict",
     "VerdictStatus",
+    "VerifyResult",
     "__version__",
 ]

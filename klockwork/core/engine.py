@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    asynccontextmanager,
+    contextmanager,
+)
 from types import TracebackType
 from typing import Any, ClassVar, Literal
 
+from klockwork.core.approval_desk import Approvals
 from klockwork.core.audit import AuditBackend, AuditLog, MemoryAuditBackend
 from klockwork.core.clock import Clock, SystemClock
+from klockwork.core.delegation import Delegation, Delegations, check_capabilities
 from klockwork.core.errors import InvalidRequestError, StoreUnavailableError
 from klockwork.core.events import EventHub, Listener
+from klockwork.core.gates import Gates, Policies
 from klockwork.core.leases import DEFAULT_TTL_MS, HeldLeases, LeaseManager
 from klockwork.core.model import AgentInfo
 from klockwork.core.stores.base import Store
@@ -109,7 +117,22 @@ class Klockwork:
         self.audit_key = audit_key.encode() if isinstance(audit_key, str) else audit_key
         self._hub = EventHub()
         self._audit = AuditLog(audit_backend_for(self.store), clock=self.clock, key=self.audit_key)
-        self._leases = LeaseManager(self.store, self.clock, self._hub, self._audit.record)
+        record = self._audit.record
+        self._leases = LeaseManager(self.store, self.clock, self._hub, record)
+        self._delegations = Delegations(
+            self.store, self.clock, record, self._register_priority, self._revoke_leases_of
+        )
+        self._approvals = Approvals(self.store, self.clock, record, self._delegations.same_lineage)
+        self._policies = Policies()
+        self._gates = Gates(
+            self.store,
+            self.clock,
+            record,
+            self._policies,
+            self._approvals,
+            self._delegations,
+            default_effect,
+        )
         self._closed = False
 
     # -- construction -----------------------------------------------------------
@@ -143,6 +166,24 @@ class Klockwork:
         return self._leases
 
     @property
+    def policies(self) -> Policies:
+        """The policy set gates apply: add, remove, list, load."""
+        self._check_open()
+        return self._policies
+
+    @property
+    def gates(self) -> Gates:
+        """Gate decisions: execute, gate/agate, can_i, report, reset_breaker."""
+        self._check_open()
+        return self._gates
+
+    @property
+    def approvals(self) -> Approvals:
+        """Approval requests: list, get, approve, deny, wait/await_."""
+        self._check_open()
+        return self._approvals
+
+    @property
     def audit(self) -> AuditLog:
         """The hash-chained audit trail: verify, checkpoint, query, export."""
         self._check_open()
@@ -158,30 +199,132 @@ class Klockwork:
             raise StoreUnavailableError("this Klockwork engine is closed")
 
     # -- agents ---------------------------------------------------------------------
-    def register_agent(self, agent_id: str, priority: int | None = None) -> AgentInfo:
-        """Register an agent, or change its priority.
+    def register_agent(
+        self,
+        agent_id: str,
+        priority: int | None = None,
+        capabilities: Sequence[str] | None = None,
+    ) -> AgentInfo:
+        """Register an agent, or change its priority or capabilities.
 
         Lower priority = older = wins wait-die. ``None`` keeps a known agent's
         priority, or gives a new one its registration time (so age decides).
+        ``capabilities`` (globs over actions; ``["*"]`` when never given)
+        bound what its gates allow; ``None`` keeps them.
 
         Raises:
-            InvalidRequestError: bad id/priority, or a priority change while the
-                agent holds or waits for a lease (no self-promotion).
+            InvalidRequestError: bad id/priority/capabilities, or a priority
+                change while the agent holds or waits for a lease.
+            CapabilityError: the agent is a delegate (its capabilities come
+                from its delegation).
         """
         self._check_open()
         _check_agent(agent_id, priority)
-        return self.store.register_agent(agent_id, priority, self.clock.now_ms())
+        if capabilities is not None:
+            check_capabilities(capabilities)
+        info = self.store.register_agent(agent_id, priority, self.clock.now_ms())
+        if capabilities is not None:
+            self._delegations.set_capabilities(agent_id, capabilities)
+        return self._with_profile(info)
 
-    async def aregister_agent(self, agent_id: str, priority: int | None = None) -> AgentInfo:
+    async def aregister_agent(
+        self,
+        agent_id: str,
+        priority: int | None = None,
+        capabilities: Sequence[str] | None = None,
+    ) -> AgentInfo:
         """Async twin of :meth:`register_agent`."""
         self._check_open()
-        _check_agent(agent_id, priority)
-        return await self.store.aregister_agent(agent_id, priority, self.clock.now_ms())
+        if self.store.blocking_io:
+            import asyncio
+
+            return await asyncio.to_thread(self.register_agent, agent_id, priority, capabilities)
+        return self.register_agent(agent_id, priority, capabilities)
 
     def get_agent(self, agent_id: str) -> AgentInfo | None:
-        """The registered agent, or None."""
+        """The registered agent (with its capabilities and parent), or None."""
         self._check_open()
-        return self.store.get_agent(agent_id)
+        info = self.store.get_agent(agent_id)
+        return None if info is None else self._with_profile(info)
+
+    def _with_profile(self, info: AgentInfo) -> AgentInfo:
+        profile = self._delegations.profile(info.agent_id)
+        if profile is None:
+            return info
+        return info.model_copy(
+            update={"capabilities": list(profile.capabilities), "parent_id": profile.parent_id}
+        )
+
+    def _register_priority(self, agent_id: str, priority: int | None) -> int:
+        return self.store.register_agent(agent_id, priority, self.clock.now_ms()).priority
+
+    def _revoke_leases_of(self, agent_id: str, reason: str) -> int:
+        return sum(
+            self._leases.revoke(lease.lease_id, reason)
+            for lease in self._leases.list(agent_id=agent_id)
+        )
+
+    # -- delegation -------------------------------------------------------------------
+    @contextmanager
+    def delegate(
+        self, parent_id: str, name: str, capabilities: Sequence[str], ttl_s: float
+    ) -> Iterator[Delegation]:
+        """``with kw.delegate(parent, "reviewer", ["pr.review"], ttl_s=300) as child:``
+
+        Creates a child agent ``"<parent_id>/<name>"`` whose capabilities are
+        within the parent's and whose TTL ends no later than the parent's; it
+        keeps the parent's wait-die age. Leaving the block revokes it (and its
+        own delegates) and releases its leases.
+
+        Raises:
+            CapabilityError: an escalation; nothing is created.
+        """
+        self._check_open()
+        child = self._delegations.create(parent_id, name, capabilities, ttl_s)
+        try:
+            yield child
+        finally:
+            if not self._closed:
+                self._delegations.revoke(child.agent_id, "delegation block left")
+
+    @asynccontextmanager
+    async def adelegate(
+        self, parent_id: str, name: str, capabilities: Sequence[str], ttl_s: float
+    ) -> AsyncIterator[Delegation]:
+        """Async twin of :meth:`delegate` (``async with kw.adelegate(...) as child``)."""
+        import asyncio
+
+        self._check_open()
+        child = await asyncio.to_thread(
+            self._delegations.create, parent_id, name, capabilities, ttl_s
+        )
+        try:
+            yield child
+        finally:
+            if not self._closed:
+                await asyncio.to_thread(
+                    self._delegations.revoke, child.agent_id, "delegation block left"
+                )
+
+    @contextmanager
+    def parallel(
+        self, parent_id: str, delegations: Iterable[tuple[str, Sequence[str], float]]
+    ) -> Iterator[list[Delegation]]:
+        """Delegate to several children at once: ``(name, capabilities, ttl_s)`` each.
+
+        If one creation fails, every child already created is revoked before
+        the error propagates; leaving the block revokes them all.
+        """
+        self._check_open()
+        yield from self._delegations.parallel(parent_id, delegations)
+
+    def revoke_agent(self, agent_id: str, reason: str = "revoked") -> list[str]:
+        """Revoke an agent and every agent it delegated to, releasing their leases.
+
+        Returns the ids revoked by this call.
+        """
+        self._check_open()
+        return self._delegations.revoke(agent_id, reason)
 
     # -- lease shortcuts --------------------------------------------------------------
     def lease(
@@ -240,6 +383,7 @@ class Klockwork:
             return
         self._closed = True
         try:
+            self._approvals.close()
             self._leases.close()
             self._audit.close()  # writes everything recorded so far
         finally:

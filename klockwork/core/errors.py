@@ -193,7 +193,16 @@ class GateDeniedError(GateError):
 
 
 class ApprovalTimeoutError(GateError):
-    """The caller's own wait for an approval ran out before a decision."""
+    """The caller's own wait for an approval ran out before a decision.
+
+    The approval stays pending (its stored deadline still applies); wait
+    again with the same ``approval_id`` or re-run the gate with the same
+    ``event_id``.
+    """
+
+    def __init__(self, message: str, approval_id: str | None = None) -> None:
+        self.approval_id = approval_id
+        super().__init__(message)
 
 
 class ApprovalNotFoundError(GateError):

@@ -8,13 +8,25 @@ import sys
 import klockwork
 
 EXPECTED = [
+    "ActionResult",
     "AgentInfo",
+    "Approval",
+    "ApprovalClosedError",
     "ApprovalNotFoundError",
+    "ApprovalStatus",
     "ApprovalTimeoutError",
+    "AuditEntry",
     "AuditIntegrityError",
+    "AuditPage",
+    "BreakerConfig",
     "CapabilityError",
+    "Checkpoint",
     "Clock",
+    "Condition",
+    "ConditionResult",
     "Conflict",
+    "Delegation",
+    "Effect",
     "EventLoopBlockedError",
     "GateDeniedError",
     "GateError",
@@ -37,6 +49,7 @@ EXPECTED = [
     "ManualClock",
     "MemoryStore",
     "NotAnApproverError",
+    "Policy",
     "Predicate",
     "SqliteStore",
     "StaleLeaseError",
@@ -45,6 +58,7 @@ EXPECTED = [
     "SystemClock",
     "Verdict",
     "VerdictStatus",
+    "VerifyResult",
     "__version__",
 ]
 

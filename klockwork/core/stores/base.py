@@ -4,6 +4,13 @@ A store keeps agents, leases and waiters' reservations, and performs each
 transition atomically. It makes no decision of its own: inside its atomic
 section it gathers the facts and calls :func:`klockwork.core.rules.judge`.
 
+Governance state (approvals, gate outcomes, breakers, delegations) is kept
+as *records*: frozen pydantic models filed under ``(kind, key)``.
+:meth:`Store.update_record` loads one, hands it to a pure transition
+function (from :mod:`klockwork.core.approvals` and friends) inside the
+store's atomic section and persists what it returns, the same way leases
+use :func:`~klockwork.core.rules.judge`.
+
 Like LangGraph's ``BaseCheckpointSaver``, a store implements a few sync
 primitives; the async twins are written once here. A store whose
 primitives do I/O (``blocking_io = True``) has them run on a worker thread
@@ -18,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, ParamSpec, TypeVar
 
+from pydantic import BaseModel
+
 from klockwork.core.errors import LeaseExpiredError, LeaseNotFoundError, LeaseRevokedError
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
 from klockwork.core.rules import ParsedIntent
@@ -28,11 +37,20 @@ __all__ = [
     "FenceState",
     "IdPool",
     "Store",
+    "Transition",
     "raise_unless_active",
+    "record_status",
 ]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+_M = TypeVar("_M", bound=BaseModel)
+
+#: A pure transition of one record: given the stored record (None when there
+#: is none) return ``(new, result)``. ``new`` is what to store: the *same
+#: object* to change nothing, ``None`` to delete. It may raise; then nothing
+#: changes. ``result`` is handed back to the caller of ``update_record``.
+Transition = Callable[[_M | None], tuple[_M | None, _T]]
 
 
 class AcquireRequest(NamedTuple):
@@ -167,6 +185,25 @@ class Store:
         """Mark every active lease past its expiry EXPIRED; return them."""
         raise NotImplementedError
 
+    # -- records (governance state) ---------------------------------------
+    def update_record(
+        self, kind: str, key: str, model: type[_M], transition: Transition[_M, _T]
+    ) -> _T:
+        """Apply ``transition`` to record ``(kind, key)`` atomically; return its result.
+
+        Concurrent updates of one record (from any thread or process sharing
+        the store) are applied one after the other, each seeing the last.
+        """
+        raise NotImplementedError
+
+    def get_record(self, kind: str, key: str, model: type[_M]) -> _M | None:
+        """The stored record, or None."""
+        raise NotImplementedError
+
+    def list_records(self, kind: str, model: type[_M], status: str | None = None) -> list[_M]:
+        """Records of ``kind`` in creation order; only those whose ``status`` matches."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release the store's resources. Idempotent."""
 
@@ -211,10 +248,31 @@ class Store:
     async def asweep(self, now_ms: int) -> list[LeaseRecord]:
         return await self._run(self.sweep, now_ms)
 
+    async def aupdate_record(
+        self, kind: str, key: str, model: type[_M], transition: Transition[_M, _T]
+    ) -> _T:
+        return await self._run(self.update_record, kind, key, model, transition)
+
+    async def aget_record(self, kind: str, key: str, model: type[_M]) -> _M | None:
+        return await self._run(self.get_record, kind, key, model)
+
+    async def alist_records(
+        self, kind: str, model: type[_M], status: str | None = None
+    ) -> list[_M]:
+        return await self._run(self.list_records, kind, model, status)
+
     # -- helpers shared by stores -----------------------------------------
     def _report_expired(self, records: Sequence[LeaseRecord]) -> None:
         if records and self.expiry_listener is not None:
             self.expiry_listener(list(records))
+
+
+def record_status(record: BaseModel) -> str | None:
+    """The ``status`` a record is listed under (its enum value), if it has one."""
+    status = getattr(record, "status", None)
+    if status is None:
+        return None
+    return str(getattr(status, "value", status))
 
 
 def raise_unless_active(rec: LeaseRecord) -> None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Sequence
+from typing import TypeVar, cast
+
+from pydantic import BaseModel
 
 from klockwork.core.errors import InvalidRequestError, LeaseNotFoundError, StoreUnavailableError
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
@@ -20,11 +23,15 @@ from klockwork.core.stores.base import (
     FenceState,
     IdPool,
     Store,
+    Transition,
     raise_unless_active,
+    record_status,
 )
 
 __all__ = ["MemoryStore"]
 
+_M = TypeVar("_M", bound=BaseModel)
+_T = TypeVar("_T")
 _new_outcome = AcquireOutcome._make  # tuple.__new__: skips the NamedTuple's Python __new__
 
 _ACTIVE = LeaseState.ACTIVE
@@ -57,6 +64,10 @@ class MemoryStore(Store):
         self._token = 0
         self._ids = IdPool()
         self._closed = False
+        # Governance records, one dict per kind (insertion order = creation
+        # order); their own lock, so gates never wait behind lease decisions.
+        self._records: dict[str, dict[str, BaseModel]] = {}
+        self._records_lock = threading.Lock()
 
     # -- agents -------------------------------------------------------------
     def register_agent(self, agent_id: str, priority: int | None, now_ms: int) -> AgentInfo:
@@ -322,6 +333,38 @@ class MemoryStore(Store):
                 del self._reservations[k]
         self._report_expired(expired)
         return expired
+
+    # -- records -------------------------------------------------------------
+    def update_record(
+        self, kind: str, key: str, model: type[_M], transition: Transition[_M, _T]
+    ) -> _T:
+        with self._records_lock:
+            self._check_open()
+            table = self._records.setdefault(kind, {})
+            current = cast("_M | None", table.get(key))
+            new, result = transition(current)
+            if new is not current:
+                if new is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = new
+            return result
+
+    def get_record(self, kind: str, key: str, model: type[_M]) -> _M | None:
+        self._check_open()
+        return cast("_M | None", self._records.get(kind, {}).get(key))
+
+    def list_records(self, kind: str, model: type[_M], status: str | None = None) -> list[_M]:
+        with self._records_lock:
+            self._check_open()
+            records = list(self._records.get(kind, {}).values())
+        if status is not None:
+            records = [r for r in records if record_status(r) == status]
+        return cast("list[_M]", records)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailableError("memory store is closed")
 
     def close(self) -> None:
         with self._lock:

@@ -23,7 +23,9 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from klockwork.core.errors import (
     InvalidRequestError,
@@ -45,7 +47,9 @@ from klockwork.core.stores.base import (
     AcquireRequest,
     FenceState,
     Store,
+    Transition,
     raise_unless_active,
+    record_status,
 )
 
 __all__ = ["SqliteStore"]
@@ -72,6 +76,14 @@ CREATE TABLE IF NOT EXISTS kw_leases (
 );
 CREATE INDEX IF NOT EXISTS kw_leases_active ON kw_leases(resource) WHERE state = 'ACTIVE';
 CREATE INDEX IF NOT EXISTS kw_leases_fence ON kw_leases(resource, fencing_token);
+CREATE TABLE IF NOT EXISTS kw_records (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    status TEXT,
+    body TEXT NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE INDEX IF NOT EXISTS kw_records_status ON kw_records(kind, status);
 CREATE TABLE IF NOT EXISTS kw_reservations (
     agent_id   TEXT NOT NULL,
     session_id TEXT NOT NULL,
@@ -98,6 +110,9 @@ ERROR_MAP: tuple[tuple[type[sqlite3.Error], type[KlockworkError]], ...] = (
     (sqlite3.DatabaseError, StoreUnavailableError),  # corrupt or not a database
     (sqlite3.Error, StoreUnavailableError),
 )
+
+_M = TypeVar("_M", bound=BaseModel)
+_T = TypeVar("_T")
 
 
 def _record(row: Sequence[Any]) -> LeaseRecord:
@@ -461,6 +476,51 @@ class SqliteStore(Store):
         expired = [_record(r) for r in rows]
         self._report_expired(expired)
         return expired
+
+    # -- records ---------------------------------------------------------------
+    def update_record(
+        self, kind: str, key: str, model: type[_M], transition: Transition[_M, _T]
+    ) -> _T:
+        with self._tx(f"update a {kind} record") as conn:
+            row = conn.execute(
+                "SELECT body FROM kw_records WHERE kind = ? AND key = ?", (kind, key)
+            ).fetchone()
+            current = None if row is None else model.model_validate_json(row[0])
+            new, result = transition(current)
+            if new is None:
+                if current is not None:
+                    conn.execute("DELETE FROM kw_records WHERE kind = ? AND key = ?", (kind, key))
+            elif new is not current:
+                conn.execute(
+                    "INSERT INTO kw_records (kind, key, status, body) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (kind, key) DO UPDATE SET "
+                    "status = excluded.status, body = excluded.body",
+                    (kind, key, record_status(new), new.model_dump_json()),
+                )
+            return result
+
+    def get_record(self, kind: str, key: str, model: type[_M]) -> _M | None:
+        rows = self._one(
+            f"read a {kind} record",
+            "SELECT body FROM kw_records WHERE kind = ? AND key = ?",
+            (kind, key),
+        )
+        return model.model_validate_json(rows[0][0]) if rows else None
+
+    def list_records(self, kind: str, model: type[_M], status: str | None = None) -> list[_M]:
+        if status is None:
+            rows = self._one(
+                f"list {kind} records",
+                "SELECT body FROM kw_records WHERE kind = ? ORDER BY rowid",
+                (kind,),
+            )
+        else:
+            rows = self._one(
+                f"list {kind} records",
+                "SELECT body FROM kw_records WHERE kind = ? AND status = ? ORDER BY rowid",
+                (kind, status),
+            )
+        return [model.model_validate_json(r[0]) for r in rows]
 
     def close(self) -> None:
         with self._conns_lock:

@@ -1,0 +1,570 @@
+"""Gates: whether an agent's action runs, is refused with reasons, or waits for approval.
+
+``kw.policies`` holds the rules (:mod:`klockwork.core.policy` decides);
+``kw.gates`` applies them. One gate decision, in order:
+
+1. the agent's capabilities (:mod:`klockwork.core.delegation`): outside
+   them, or revoked/expired → denied ``CAPABILITY_DENIED``;
+2. its circuit breaker: open → denied ``CIRCUIT_OPEN``;
+3. the most specific policy (no policy → the engine's ``default_effect``,
+   deny unless configured otherwise, reason ``NO_POLICY``).
+
+``require_approval`` creates an approval (``kw.approvals``); :meth:`Gates.gate`
+then waits for it. Every outcome is one audit entry (``action.executed``,
+``action.denied``, ``action.requested``; an approved request adds
+``action.executed`` when its gate completes) and one stored gate record,
+keyed by ``audit_event_id``. With an ``event_id`` the key is derived from it,
+which makes the gate idempotent: the same ``event_id`` returns the stored
+outcome (updated once its approval is decided) and creates no second
+approval or audit entry, from any process sharing the store.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict
+
+from klockwork.core.approval_desk import Approvals
+from klockwork.core.approvals import (
+    CIRCUIT_OPEN,
+    Approval,
+    ApprovalStatus,
+    BreakerConfig,
+    BreakerState,
+    denial_reason,
+    expire_if_due,
+    is_open,
+    new_approval,
+    on_report,
+    outcome,
+    reset,
+)
+from klockwork.core.clock import Clock
+from klockwork.core.delegation import Delegations
+from klockwork.core.errors import GateDeniedError, InvalidRequestError
+from klockwork.core.events import AuditRecorder
+from klockwork.core.model import _build
+from klockwork.core.policy import ConditionResult, Effect, Policy, decide
+from klockwork.core.policy_files import load_policies
+from klockwork.core.stores.base import Store
+
+__all__ = ["CAPABILITY_DENIED", "ActionResult", "GateRecord", "Gates", "Policies"]
+
+CAPABILITY_DENIED = "CAPABILITY_DENIED"
+GATE = "gate"  # record kind
+BREAKER = "breaker"
+_FROZEN = ConfigDict(frozen=True)
+_REPORT_STATUSES = ("success", "failure", "partial")
+Status = Literal["executed", "requested", "denied"]
+
+
+class ActionResult(BaseModel):
+    """What a gate decided about one action.
+
+    Attributes:
+        status: ``executed`` (go ahead), ``requested`` (waiting for an
+            approval) or ``denied``.
+        audit_event_id: the gate's audit id: pass it to ``kw.gates.report``.
+            None for a dry run (:meth:`Gates.can_i`).
+        approval_id: the approval this action waits for (or waited for).
+        policy_name: the deciding policy; None for the default effect.
+        denial_reason: why it was denied (``CONDITIONS_DENIED``,
+            ``POLICY_DENIED``, ``NO_POLICY``, ``CAPABILITY_DENIED``,
+            ``CIRCUIT_OPEN``, ``DENIED_BY_REVIEWER``, ``APPROVAL_EXPIRED``).
+        conditions_evaluated: every condition of the deciding policy, with the
+            expected and the actual value, so an agent can adapt.
+        message: a sentence for people and models.
+    """
+
+    model_config = _FROZEN
+    status: Status
+    audit_event_id: str | None = None
+    approval_id: str | None = None
+    policy_name: str | None = None
+    denial_reason: str | None = None
+    conditions_evaluated: list[ConditionResult] = []
+    message: str = ""
+
+
+class GateRecord(BaseModel):
+    """A gate's stored outcome (idempotency, approvals, reports)."""
+
+    model_config = _FROZEN
+    audit_event_id: str
+    event_id: str | None
+    agent_id: str
+    session_id: str | None
+    action: str
+    metadata: dict[str, Any]
+    result: ActionResult
+    created_at_ms: int
+    reported: str | None = None
+
+    @property
+    def status(self) -> str:
+        """The result's status (what the store lists records by)."""
+        return self.result.status
+
+
+class _Entry(NamedTuple):
+    """A gate outcome as the audit writer turns it into entry data."""
+
+    result: ActionResult
+    action: str
+    metadata: Mapping[str, Any]
+    event_id: str | None
+
+    def __audit_data__(self) -> dict[str, Any]:
+        r = self.result
+        data: dict[str, Any] = {
+            "audit_event_id": r.audit_event_id,
+            "action": self.action,
+            "metadata": dict(self.metadata),
+            "policy": r.policy_name,
+        }
+        if self.event_id is not None:
+            data["event_id"] = self.event_id
+        if r.approval_id is not None:
+            data["approval_id"] = r.approval_id
+        if r.denial_reason is not None:
+            data["reason"] = r.denial_reason
+        if r.conditions_evaluated:
+            data["conditions"] = [c.model_dump(mode="json") for c in r.conditions_evaluated]
+        return data
+
+
+class Policies:
+    """The engine's policy set (``kw.policies``); thread-safe, applies to new gates at once."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Policy] = {}
+        #: What gates read: replaced as a whole, so readers need no lock.
+        self.snapshot: tuple[Policy, ...] = ()
+
+    def add(self, policy: Policy | Mapping[str, Any], *, replace: bool = False) -> Policy:
+        """Add a policy (a :class:`Policy` or a dict of its fields).
+
+        Raises:
+            InvalidRequestError: invalid fields, or a policy of that name
+                exists and ``replace`` is False.
+        """
+        if isinstance(policy, Mapping):
+            from klockwork.core.policy_files import parse_policies
+
+            (policy,) = parse_policies({"policies": [dict(policy)]}, "kw.policies.add")
+        if not isinstance(policy, Policy):
+            raise InvalidRequestError("policy", policy, "expected a Policy or a dict")
+        if policy.name in self._by_name and not replace:
+            raise InvalidRequestError(
+                "policy", policy.name, "a policy of this name exists (pass replace=True)"
+            )
+        self._by_name = {**self._by_name, policy.name: policy}
+        self.snapshot = tuple(self._by_name.values())
+        return policy
+
+    def load(self, path: str | os.PathLike[str], *, replace: bool = False) -> list[Policy]:
+        """Add every policy of a YAML/JSON file (``{"policies": [...]}``); all or none.
+
+        Raises:
+            InvalidRequestError: naming the file, the policy and the field.
+        """
+        policies = load_policies(path)
+        clash = [p.name for p in policies if p.name in self._by_name]
+        if clash and not replace:
+            raise InvalidRequestError(
+                "path", os.fspath(path), f"policies {clash} exist already (pass replace=True)"
+            )
+        merged = dict(self._by_name)
+        merged.update((p.name, p) for p in policies)
+        self._by_name = merged
+        self.snapshot = tuple(merged.values())
+        return policies
+
+    def remove(self, name: str) -> bool:
+        """Remove a policy by name; False if there was none."""
+        if name not in self._by_name:
+            return False
+        self._by_name = {k: v for k, v in self._by_name.items() if k != name}
+        self.snapshot = tuple(self._by_name.values())
+        return True
+
+    def get(self, name: str) -> Policy | None:
+        """The policy of that name, or None."""
+        return self._by_name.get(name)
+
+    def list(self) -> builtins.list[Policy]:
+        """Every policy, in the order added."""
+        return list(self.snapshot)
+
+    def clear(self) -> None:
+        """Remove every policy (gates then apply ``default_effect``)."""
+        self._by_name = {}
+        self.snapshot = ()
+
+
+def _gate_key(event_id: str) -> str:
+    return "evt_" + hashlib.sha256(event_id.encode()).hexdigest()[:24]
+
+
+def _approval_id(audit_event_id: str) -> str:
+    return "apr_" + audit_event_id.partition("_")[2]
+
+
+class Gates:
+    """Gate decisions of one engine (``kw.gates``)."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        audit: AuditRecorder,
+        policies: Policies,
+        approvals: Approvals,
+        delegations: Delegations,
+        default_effect: str,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._audit = audit
+        self._policies = policies
+        self._approvals = approvals
+        self._delegations = delegations
+        self._default = Effect(default_effect)
+        #: When a breaker opens and how long it stays open.
+        self.breaker = BreakerConfig()
+
+    # -- decisions -------------------------------------------------------------------
+    def _judge(
+        self, agent_id: str, action: str, metadata: Mapping[str, Any] | None, now: int
+    ) -> tuple[Effect, ActionResult]:
+        """The pure part: capability, breaker, policy. Returns the effect and a result sketch."""
+        refusal = self._delegations.allows(agent_id, action, now)
+        if refusal is not None:
+            return Effect.DENY, ActionResult(
+                status="denied", denial_reason=CAPABILITY_DENIED, message=refusal
+            )
+        state = self._store.get_record(BREAKER, agent_id, BreakerState)
+        if state is not None and is_open(state, now, self.breaker):
+            return Effect.DENY, ActionResult(
+                status="denied",
+                denial_reason=CIRCUIT_OPEN,
+                message=f"the circuit breaker of {agent_id!r} is open after "
+                f"{state.consecutive_failures} consecutive failures",
+            )
+        d = decide(self._policies.snapshot, agent_id, action, metadata, self._default)
+        effect = d.effect
+        status: Status = (
+            "executed"
+            if effect is Effect.ALLOW
+            else "denied"
+            if effect is Effect.DENY
+            else "requested"
+        )
+        return effect, _build(
+            ActionResult,
+            {
+                "status": status,
+                "audit_event_id": None,
+                "approval_id": None,
+                "policy_name": d.policy_name,
+                "denial_reason": d.reason if effect is Effect.DENY else None,
+                "conditions_evaluated": d.conditions_evaluated,
+                "message": _message(action, d.policy_name, d.reason, d.conditions_evaluated),
+            },
+        )
+
+    def can_i(
+        self, agent_id: str, action: str, metadata: Mapping[str, Any] | None = None
+    ) -> ActionResult:
+        """Dry run: what :meth:`execute` would decide now. No audit entry, no approval."""
+        _check(agent_id, action, metadata, None)
+        return self._judge(agent_id, action, metadata, self._clock.now_ms())[1]
+
+    def execute(
+        self,
+        agent_id: str,
+        action: str,
+        metadata: Mapping[str, Any] | None = None,
+        event_id: str | None = None,
+        *,
+        session_id: str | None = None,
+    ) -> ActionResult:
+        """Decide once, never block: ``executed``, ``requested`` (approval) or ``denied``.
+
+        Idempotent on ``event_id``: a repeat returns the stored outcome (with
+        its approval's decision applied) and records nothing new.
+
+        Raises:
+            InvalidRequestError: bad arguments; nothing recorded.
+            StoreUnavailableError: the store cannot answer; nothing runs.
+        """
+        _check(agent_id, action, metadata, event_id)
+        if event_id is not None:
+            stored = self._store.get_record(GATE, _gate_key(event_id), GateRecord)
+            if stored is not None:
+                return self._settled(stored)
+        now = self._clock.now_ms()
+        effect, sketch = self._judge(agent_id, action, metadata, now)
+        key = _gate_key(event_id) if event_id is not None else "act_" + os.urandom(12).hex()
+        approval: Approval | None = None
+        if effect is Effect.REQUIRE_APPROVAL:
+            policy = self._policies.get(sketch.policy_name or "")
+            if policy is None:  # the default effect asks for approval
+                policy = Policy(name="default", action="*", effect=Effect.REQUIRE_APPROVAL)
+            approval = new_approval(
+                _approval_id(key), agent_id, action, dict(metadata or {}), policy, now, event_id
+            ).model_copy(update={"audit_event_id": key})
+        result = sketch.model_copy(
+            update={
+                "audit_event_id": key,
+                "approval_id": None if approval is None else approval.approval_id,
+            }
+        )
+        record = _build(
+            GateRecord,
+            {
+                "audit_event_id": key,
+                "event_id": event_id,
+                "agent_id": agent_id,
+                "session_id": session_id,
+                "action": action,
+                "metadata": dict(metadata or {}),
+                "result": result,
+                "created_at_ms": now,
+                "reported": None,
+            },
+        )
+        if approval is not None:  # first, so a stored "requested" always has its approval
+            self._approvals._create(approval)
+
+        def create(current: GateRecord | None) -> tuple[GateRecord | None, GateRecord]:
+            return (current, current) if current is not None else (record, record)
+
+        stored = self._store.update_record(GATE, key, GateRecord, create)
+        if stored is not record:  # a concurrent twin with the same event_id won
+            return self._settled(stored)
+        kind = {"executed": "action.executed", "denied": "action.denied"}.get(
+            result.status, "action.requested"
+        )
+        self._audit(
+            kind, agent_id, session_id, _Entry(result, action, record.metadata, event_id), ts=now
+        )
+        return result
+
+    def _settled(self, record: GateRecord) -> ActionResult:
+        """A stored outcome, with its approval's decision applied once (and audited once)."""
+        result = record.result
+        if result.status != "requested" or result.approval_id is None:
+            return result
+        approval = self._approvals.get(result.approval_id)
+        return self._complete(record, approval)
+
+    def _complete(self, record: GateRecord, approval: Approval) -> ActionResult:
+        approval = expire_if_due(approval, self._clock.now_ms())
+        verdict = outcome(approval)
+        if verdict == "pending":
+            return record.result
+        reason = denial_reason(approval)
+        final = record.result.model_copy(
+            update={
+                "status": "executed" if verdict == "allow" else "denied",
+                "denial_reason": reason,
+                "message": _approval_message(approval),
+            }
+        )
+
+        def settle(
+            current: GateRecord | None,
+        ) -> tuple[GateRecord | None, tuple[ActionResult, bool]]:
+            assert current is not None
+            if current.result.status != "requested":
+                return current, (current.result, False)
+            return current.model_copy(update={"result": final}), (final, True)
+
+        settled, changed = self._store.update_record(
+            GATE, record.audit_event_id, GateRecord, settle
+        )
+        if changed:
+            self._audit(
+                "action.executed" if settled.status == "executed" else "action.denied",
+                record.agent_id,
+                record.session_id,
+                _Entry(settled, record.action, record.metadata, record.event_id),
+                ts=approval.decided_at_ms,
+            )
+        return settled
+
+    def _denied(self, result: ActionResult) -> GateDeniedError:
+        return GateDeniedError(
+            result.denial_reason or "POLICY_DENIED",
+            result.policy_name,
+            result.conditions_evaluated,
+            result.approval_id,
+            message=result.message or None,
+        )
+
+    def gate(
+        self,
+        agent_id: str,
+        action: str,
+        metadata: Mapping[str, Any] | None = None,
+        event_id: str | None = None,
+        timeout_s: float | None = None,
+        *,
+        session_id: str | None = None,
+    ) -> ActionResult:
+        """Decide and, for an approval, wait for it: returns only when the action may run.
+
+        Raises:
+            GateDeniedError: denied (``reason``, ``policy``, ``conditions``, ``approval_id``).
+            ApprovalTimeoutError: ``timeout_s`` ran out before the approval was
+                decided (it stays pending; re-run with the same ``event_id``).
+        """
+        result = self.execute(agent_id, action, metadata, event_id, session_id=session_id)
+        if result.status == "requested" and result.approval_id is not None:
+            approval = self._approvals.wait(result.approval_id, timeout_s)
+            record = self._store.get_record(GATE, result.audit_event_id or "", GateRecord)
+            assert record is not None
+            result = self._complete(record, approval)
+        if result.status == "denied":
+            raise self._denied(result)
+        return result
+
+    async def agate(
+        self,
+        agent_id: str,
+        action: str,
+        metadata: Mapping[str, Any] | None = None,
+        event_id: str | None = None,
+        timeout_s: float | None = None,
+        *,
+        session_id: str | None = None,
+    ) -> ActionResult:
+        """Async twin of :meth:`gate`; waiting never blocks the event loop."""
+        if self._store.blocking_io:
+            import asyncio
+
+            result = await asyncio.to_thread(
+                self.execute, agent_id, action, metadata, event_id, session_id=session_id
+            )
+        else:
+            result = self.execute(agent_id, action, metadata, event_id, session_id=session_id)
+        if result.status == "requested" and result.approval_id is not None:
+            approval = await self._approvals.await_(result.approval_id, timeout_s)
+            record = await self._store.aget_record(GATE, result.audit_event_id or "", GateRecord)
+            assert record is not None
+            result = self._complete(record, approval)
+        if result.status == "denied":
+            raise self._denied(result)
+        return result
+
+    def get(self, audit_event_id: str) -> GateRecord | None:
+        """The stored gate record of ``audit_event_id``, or None."""
+        return self._store.get_record(GATE, audit_event_id, GateRecord)
+
+    # -- outcomes and the breaker -----------------------------------------------------
+    def report(self, audit_event_id: str, status: str, message: str = "") -> bool:
+        """Report how an executed action went: ``success``, ``failure`` or ``partial``.
+
+        ``breaker.threshold`` consecutive failures of one agent open its
+        breaker for ``breaker.cooldown_s``. Reporting the same action twice
+        changes nothing (returns False).
+
+        Raises:
+            InvalidRequestError: unknown status or id, or the action did not execute.
+        """
+        if status not in _REPORT_STATUSES:
+            raise InvalidRequestError(
+                "status", status, "expected 'success', 'failure' or 'partial'"
+            )
+        if not isinstance(message, str):
+            raise InvalidRequestError("message", message, "must be a string")
+
+        def mark(current: GateRecord | None) -> tuple[GateRecord | None, GateRecord | None]:
+            if current is None:
+                raise InvalidRequestError("audit_event_id", audit_event_id, "no such gate event")
+            if current.result.status != "executed":
+                raise InvalidRequestError(
+                    "audit_event_id", audit_event_id, f"the action was {current.result.status}"
+                )
+            if current.reported is not None:
+                return current, None
+            new = current.model_copy(update={"reported": status})
+            return new, new
+
+        marked = self._store.update_record(GATE, audit_event_id, GateRecord, mark)
+        if marked is None:
+            return False
+        now = self._clock.now_ms()
+        config = self.breaker
+        agent_id = marked.agent_id
+
+        def apply(current: BreakerState | None) -> tuple[BreakerState | None, BreakerState | None]:
+            state = current or BreakerState(agent_id=agent_id)
+            new, opened = on_report(state, status, now, config)
+            return (new if new is not state else current), (new if opened else None)
+
+        opened = self._store.update_record(BREAKER, agent_id, BreakerState, apply)
+        if opened is not None:
+            self._audit(
+                "breaker.opened",
+                agent_id,
+                marked.session_id,
+                {
+                    "consecutive_failures": opened.consecutive_failures,
+                    "cooldown_s": config.cooldown_s,
+                    "audit_event_id": audit_event_id,
+                    "message": message,
+                },
+                ts=now,
+            )
+        return True
+
+    def reset_breaker(self, agent_id: str) -> None:
+        """Close ``agent_id``'s breaker and clear its failure count."""
+
+        def close(current: BreakerState | None) -> tuple[BreakerState | None, None]:
+            return (None if current is None else reset(current)), None
+
+        self._store.update_record(BREAKER, agent_id, BreakerState, close)
+
+    def breaker_state(self, agent_id: str) -> BreakerState:
+        """``agent_id``'s breaker as stored (closed when never reported)."""
+        state = self._store.get_record(BREAKER, agent_id, BreakerState)
+        return state or BreakerState(agent_id=agent_id)
+
+
+def _check(agent_id: object, action: object, metadata: object, event_id: object) -> None:
+    if not isinstance(agent_id, str) or not agent_id:
+        raise InvalidRequestError("agent_id", agent_id, "must be a non-empty string")
+    if not isinstance(action, str) or not action:
+        raise InvalidRequestError("action", action, "must be a non-empty string")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise InvalidRequestError("metadata", metadata, "must be a dict or None")
+    if event_id is not None and (not isinstance(event_id, str) or not event_id):
+        raise InvalidRequestError("event_id", event_id, "must be a non-empty string or None")
+
+
+def _message(
+    action: str, policy: str | None, reason: str | None, conditions: Iterable[ConditionResult]
+) -> str:
+    if reason is None:
+        return ""
+    failed = [c for c in conditions if not c.result]
+    why = "; ".join(
+        f"{c.field} {c.operator.value} {c.expected!r} failed (actual {c.actual!r})" for c in failed
+    )
+    where = f"policy {policy!r}" if policy else "no policy matches"
+    return f"{action}: {reason} by {where}" + (f": {why}" if why else "")
+
+
+def _approval_message(approval: Approval) -> str:
+    if approval.status is ApprovalStatus.EXPIRED:
+        return f"approval {approval.approval_id} expired (on_timeout={approval.on_timeout})"
+    who = ", ".join(f"{d.approver} {d.verdict}d" for d in approval.decisions)
+    return f"approval {approval.approval_id} {approval.status.value}: {who}"

@@ -43,7 +43,8 @@ class MemoryStore(Store):
 
     Args:
         retain_inactive: how many released/expired/revoked leases are kept
-            so that late heartbeats get a precise error.
+            so that late heartbeats get a precise error; also how many settled
+            gate outcomes are kept for ``event_id`` idempotency and reports.
     """
 
     cross_process = False
@@ -67,6 +68,9 @@ class MemoryStore(Store):
         # Governance records, one dict per kind (insertion order = creation
         # order); their own lock, so gates never wait behind lease decisions.
         self._records: dict[str, dict[str, BaseModel]] = {}
+        # Settled gate outcomes are only needed for idempotency and reports:
+        # keep the newest ones, like retired leases (memory must not grow forever).
+        self._retain_records = {"gate": retain_inactive}
         self._records_lock = threading.Lock()
 
     # -- agents -------------------------------------------------------------
@@ -348,7 +352,18 @@ class MemoryStore(Store):
                     table.pop(key, None)
                 else:
                     table[key] = new
+                    limit = self._retain_records.get(kind)
+                    if limit is not None and current is None and len(table) > limit:
+                        self._evict(table)
             return result
+
+    @staticmethod
+    def _evict(table: dict[str, BaseModel]) -> None:
+        """Drop the oldest settled record (one still ``requested`` is never dropped)."""
+        for old_key, old in table.items():
+            if record_status(old) != "requested":
+                del table[old_key]
+                return
 
     def get_record(self, kind: str, key: str, model: type[_M]) -> _M | None:
         self._check_open()

@@ -215,6 +215,26 @@ def make_kw(store_kind: str, tmp_path: Path) -> Iterator[Callable[..., Klockwork
 
 
 @pytest.fixture
+def engine(
+    store_kind: str, tmp_path: Path, clock: ManualClock
+) -> Iterator[Callable[..., Klockwork]]:
+    """Factory of engines on the parametrised store and the manual clock, with
+    engine keyword arguments (``default_effect=...``); closed at teardown.
+    Every call on SQLite opens the same file, like another process would."""
+    made: list[Klockwork] = []
+
+    def make(**kwargs: Any) -> Klockwork:
+        store = MemoryStore() if store_kind == "memory" else SqliteStore(tmp_path / "gates.db")
+        kw = Klockwork(store, clock=kwargs.pop("clock", clock), **kwargs)
+        made.append(kw)
+        return kw
+
+    yield make
+    for kw in made:
+        kw.close()
+
+
+@pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(start_ms=T0)
 

@@ -7,8 +7,10 @@ kw = Klockwork.open()                              # $KLOCKWORK_URL, else memory
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
@@ -66,6 +68,21 @@ def open_store(url: str) -> Store:
             "url", url, "the Redis store is not part of this klockwork version yet"
         )
     raise InvalidRequestError("url", url, f"unknown store scheme {scheme!r}")
+
+
+# Engines still open when the interpreter exits are closed then, so that the
+# audit entries their writer thread has not stored yet are not lost (the
+# process-wide default engine, in particular, is rarely closed by anyone).
+_open_engines: weakref.WeakSet[Klockwork] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    for kw in list(_open_engines):
+        try:
+            kw.close()
+        except Exception:  # exiting anyway: one failing engine must not stop the rest
+            pass
 
 
 def audit_backend_for(store: Store) -> AuditBackend:
@@ -134,6 +151,7 @@ class Klockwork:
             default_effect,
         )
         self._closed = False
+        _open_engines.add(self)
 
     # -- construction -----------------------------------------------------------
     @classmethod

@@ -8,6 +8,7 @@ kw = Klockwork.open()                              # $KLOCKWORK_URL, else memory
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
 import weakref
@@ -79,10 +80,9 @@ _open_engines: weakref.WeakSet[Klockwork] = weakref.WeakSet()
 @atexit.register
 def _close_open_engines() -> None:
     for kw in list(_open_engines):
-        try:
+        # Exiting anyway: one failing engine must not stop the others' flush.
+        with contextlib.suppress(Exception):
             kw.close()
-        except Exception:  # exiting anyway: one failing engine must not stop the rest
-            pass
 
 
 def audit_backend_for(store: Store) -> AuditBackend:

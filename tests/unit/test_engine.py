@@ -115,3 +115,21 @@ def test_closed_engine() -> None:
 def test_audit_key_is_bytes() -> None:
     with Klockwork(audit_key="secret") as kw:
         assert kw.audit_key == b"secret"
+
+
+def test_an_engine_left_open_at_exit_still_stores_its_audit_tail(tmp_path: Path) -> None:
+    """The default engine is rarely closed: the exit hook must store what was recorded."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "kw.db"
+    script = (
+        "from klockwork import Klockwork\n"
+        f"kw = Klockwork.open('sqlite:///{db}')\n"
+        "for i in range(500):\n"
+        "    kw.leases.try_acquire('a', 's', (f'FILE:/f{i}', 'MUTATES'))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    with Klockwork.open(f"sqlite:///{db}") as kw:
+        result = kw.audit.verify()
+        assert result.valid and result.checked == 500

@@ -1,35 +1,49 @@
 """The ``klockwork`` command line.
 
     klockwork leases [--url URL] [--agent ID] [--resource KEY] [--json]
-    klockwork audit verify FILE [--checkpoint FILE] [--key-env VAR] [--json]
+    klockwork approvals list [--url URL] [--status pending|approved|denied|expired|all] [--json]
+    klockwork approvals approve ID [--approver NAME] [--comment TEXT] [--url URL] [--json]
+    klockwork approvals deny ID [--approver NAME] [--reason TEXT] [--url URL] [--json]
+    klockwork audit verify FILE|URL [--checkpoint FILE] [--key-env VAR] [--json]
+    klockwork audit tail [--url URL] [-n N] [--kind K] [--agent ID] [--follow] [--json]
 
-Exit codes a script can rely on: 0 success (the chain verifies), 1 the
-audit chain does not verify, 2 bad usage or unreadable input, 3 the store
-could not answer.
+Exit codes a script can rely on:
+
+    0  done: the chain verifies; the vote was counted (a retried vote that
+       already counted is also 0)
+    1  refused or invalid: the audit chain does not verify; the approver may
+       not decide this approval (the requester, a delegate of it, not among
+       the policy's approvers, or already voted the other way); the approval
+       is already decided or expired. Why is printed on stderr.
+    2  bad usage or input: unknown option, unreadable file, no approver
+       (``--approver`` or ``$KLOCKWORK_APPROVER``), an unknown approval id,
+       no store URL (``--url`` or ``$KLOCKWORK_URL``), ``memory://`` or a
+       SQLite file that does not exist for a command that reads a shared store
+    3  the store could not answer
+
+An unknown approval id is 2, not 1: 1 means "the store answered and said
+no" (retrying will not help, but the request was well-formed); 2 means the
+request itself was wrong (a typo'd id, a different store).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
-from pydantic import ValidationError
-
-from klockwork.core.audit import verify_file
-from klockwork.core.audit_chain import Checkpoint
+from klockwork import cli_approvals, cli_audit
+from klockwork.cli_support import INVALID, OK, UNAVAILABLE, USAGE, CliError, fail, report
 from klockwork.core.engine import Klockwork
 from klockwork.core.errors import InvalidRequestError, StoreUnavailableError
 
-__all__ = ["main"]
-
-OK, INVALID, USAGE, UNAVAILABLE = 0, 1, 2, 3
+__all__ = ["INVALID", "OK", "UNAVAILABLE", "USAGE", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="klockwork", description="Inspect klockwork leases and verify audit trails."
+        prog="klockwork",
+        description="Inspect leases, decide approvals and verify or tail audit trails.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -41,47 +55,37 @@ def _parser() -> argparse.ArgumentParser:
     leases.add_argument("--resource", help="only leases overlapping this TYPE:path key")
     leases.add_argument("--json", action="store_true", help="one JSON object per lease")
 
-    audit = commands.add_parser("audit", help="audit trail tools")
-    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_commands.add_parser("verify", help="verify an exported JSONL audit file")
-    verify.add_argument("file", help="a file written by kw.audit.export(path)")
-    verify.add_argument(
-        "--checkpoint", help="a JSON checkpoint (kw.audit.checkpoint()) to catch truncation"
-    )
-    verify.add_argument(
-        "--key-env",
-        metavar="VAR",
-        help="environment variable holding the HMAC key that signed the checkpoint",
-    )
-    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    cli_approvals.add_parsers(commands)
+    cli_audit.add_parsers(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     args = _parser().parse_args(argv)
-    if args.command == "leases":
-        return _leases(args)
-    return _audit_verify(args)
+    try:
+        if args.command == "leases":
+            return _leases(args)
+        if args.command == "approvals":
+            return cli_approvals.run(args)
+        return cli_audit.run(args)
+    except CliError as error:
+        return report(error)
 
 
 def _leases(args: argparse.Namespace) -> int:
     try:
         kw = Klockwork.open(args.url)
     except InvalidRequestError as exc:
-        print(f"klockwork: {exc}", file=sys.stderr)
-        return USAGE
+        fail(USAGE, str(exc))
     except StoreUnavailableError as exc:
-        print(f"klockwork: {exc}", file=sys.stderr)
-        return UNAVAILABLE
+        fail(UNAVAILABLE, str(exc))
     try:
         leases = kw.leases.list(agent_id=args.agent, resource=args.resource)
     except InvalidRequestError as exc:
-        print(f"klockwork: {exc}", file=sys.stderr)
-        return USAGE
+        fail(USAGE, str(exc))
     except StoreUnavailableError as exc:
-        print(f"klockwork: {exc}", file=sys.stderr)
-        return UNAVAILABLE
+        fail(UNAVAILABLE, str(exc))
     finally:
         kw.close()
     if args.json:
@@ -100,39 +104,6 @@ def _leases(args: argparse.Namespace) -> int:
             f"{lease.session_id:24} {lease.fencing_token:>6} in {left:.1f} s"
         )
     return OK
-
-
-def _audit_verify(args: argparse.Namespace) -> int:
-    if "://" in args.file:
-        print(
-            "klockwork: verifying a store URL needs the engine's audit wiring; "
-            "export the trail (kw.audit.export(path)) and verify the file",
-            file=sys.stderr,
-        )
-        return USAGE
-    key: bytes | None = None
-    if args.key_env:
-        value = os.environ.get(args.key_env)
-        if not value:
-            print(f"klockwork: ${args.key_env} is not set", file=sys.stderr)
-            return USAGE
-        key = value.encode()
-    checkpoint: Checkpoint | None = None
-    try:
-        if args.checkpoint:
-            with open(args.checkpoint, encoding="utf-8") as f:
-                checkpoint = Checkpoint.model_validate_json(f.read())
-        result = verify_file(args.file, against=checkpoint, key=key)
-    except (OSError, ValidationError) as exc:
-        print(f"klockwork: cannot read input: {exc}", file=sys.stderr)
-        return USAGE
-    if args.json:
-        print(result.model_dump_json())
-    else:
-        state = "valid" if result.valid else "INVALID"
-        broken = "" if result.first_broken_seq is None else f" at seq {result.first_broken_seq}"
-        print(f"{state}: {result.checked} entries checked{broken}. {result.reason}")
-    return OK if result.valid else INVALID
 
 
 if __name__ == "__main__":  # pragma: no cover

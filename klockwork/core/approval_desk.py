@@ -122,11 +122,22 @@ class Approvals:
         self._signals = Signals()
 
     # -- creation (used by the gates) ----------------------------------------------
-    def _create(self, approval: Approval) -> Approval:
-        """Store ``approval`` unless one with its id exists; return the stored one."""
+    def _create(
+        self, approval: Approval, on_create: Callable[[], object] | None = None
+    ) -> Approval:
+        """Store ``approval`` unless one with its id exists; return the stored one.
+
+        ``on_create`` runs inside the atomic section when this call creates it
+        (the gate records ``action.requested`` there, before any approver can
+        see the approval and record ``approval.decided``).
+        """
 
         def create(current: Approval | None) -> tuple[Approval | None, Approval]:
-            return (current, current) if current is not None else (approval, approval)
+            if current is not None:
+                return current, current
+            if on_create is not None:
+                on_create()
+            return approval, approval
 
         return self._store.update_record(APPROVAL, approval.approval_id, Approval, create)
 
@@ -175,21 +186,25 @@ class Approvals:
         def expire(current: Approval | None) -> tuple[Approval | None, tuple[Approval, bool]]:
             assert current is not None  # approvals are never deleted
             new = expire_if_due(current, self._clock.now_ms())
+            if new is not current:  # audited before anyone can see it (see _transition)
+                self._audit_expiry(new)
             return new, (new, new is not current)
 
         current, changed = self._store.update_record(
             APPROVAL, approval.approval_id, Approval, expire
         )
         if changed:
-            self._audit(
-                "approval.expired",
-                current.requester,
-                None,
-                _expiry_data(current),
-                ts=current.decided_at_ms,
-            )
             self._signals.notify(current.approval_id)
         return current
+
+    def _audit_expiry(self, approval: Approval) -> None:
+        self._audit(
+            "approval.expired",
+            approval.requester,
+            None,
+            _expiry_data(approval),
+            ts=approval.decided_at_ms,
+        )
 
     # -- decisions -------------------------------------------------------------------
     def approve(self, approval_id: str, approver: str, comment: str = "") -> Approval:
@@ -221,6 +236,10 @@ class Approvals:
     ) -> Callable[[Approval | None], tuple[Approval | None, _Vote]]:
         now = self._clock.now_ms  # read inside the atomic section (late votes expire)
 
+        # The entry is recorded inside the atomic section, before the new state
+        # is visible: a gate that sees the decision and records its
+        # ``action.executed`` always comes after the ``approval.decided`` in the
+        # chain (recording only queues the entry).
         def vote(current: Approval | None) -> tuple[Approval | None, _Vote]:
             if current is None:
                 return None, _Vote(None, False, None)
@@ -228,10 +247,20 @@ class Approvals:
                 new = decide_approval(current, approver, verdict, comment, now())
             except ApprovalClosedError as closed:
                 # A late vote expires the approval: persist that, then refuse.
+                if closed.approval is not current:
+                    self._audit_expiry(closed.approval)
                 return closed.approval, _Vote(
                     closed.approval, closed.approval is not current, closed
                 )
             # Only the call that changed the record audits it (a repeat vote is a no-op).
+            if new is not current:
+                self._audit(
+                    "approval.decided",
+                    approver,
+                    None,
+                    _Voted(new, approver, verdict, comment),
+                    ts=new.decisions[-1].at_ms,
+                )
             return new, _Vote(new, new is not current, None)
 
         return vote
@@ -274,26 +303,10 @@ class Approvals:
         approval, changed, closed = outcome
         if approval is None:
             raise ApprovalNotFoundError(f"no approval {approval_id!r}")
-        if closed is not None:
-            if changed:  # this late vote is what expired it
-                self._audit(
-                    "approval.expired",
-                    approval.requester,
-                    None,
-                    _expiry_data(approval),
-                    ts=approval.decided_at_ms,
-                )
-                self._signals.notify(approval_id)
-            raise closed
-        if changed:
-            self._audit(
-                "approval.decided",
-                approver,
-                None,
-                _Voted(approval, approver, verdict, comment),
-                ts=approval.decisions[-1].at_ms,
-            )
+        if changed:  # audited in the transition
             self._signals.notify(approval_id)
+        if closed is not None:
+            raise closed
         return approval
 
     # -- waiting ---------------------------------------------------------------------

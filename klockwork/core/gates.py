@@ -339,8 +339,22 @@ class Gates:
                 "reported": None,
             },
         )
+        kind = {"executed": "action.executed", "denied": "action.denied"}.get(
+            result.status, "action.requested"
+        )
+
+        def audit() -> None:
+            self._audit(
+                kind,
+                agent_id,
+                session_id,
+                _Entry(result, action, record.metadata, event_id),
+                ts=now,
+            )
+
         if approval is not None:  # first, so a stored "requested" always has its approval
-            self._approvals._create(approval)
+            # Audited by whoever creates the approval, before approvers can see it.
+            self._approvals._create(approval, audit)
 
         def create(current: GateRecord | None) -> tuple[GateRecord | None, GateRecord]:
             return (current, current) if current is not None else (record, record)
@@ -348,12 +362,8 @@ class Gates:
         stored = self._store.update_record(GATE, key, GateRecord, create)
         if stored is not record:  # a concurrent twin with the same event_id won
             return self._settled(stored)
-        kind = {"executed": "action.executed", "denied": "action.denied"}.get(
-            result.status, "action.requested"
-        )
-        self._audit(
-            kind, agent_id, session_id, _Entry(result, action, record.metadata, event_id), ts=now
-        )
+        if approval is None:
+            audit()
         return result
 
     def _settled(self, record: GateRecord) -> ActionResult:

@@ -198,10 +198,12 @@ def refusal_text(action: str, result: ActionResult, approval: Approval | None = 
     text = f"{action} was not run: {reason}"
     if result.policy_name:
         text += f" (policy {result.policy_name!r})"
-    failed = [c for c in result.conditions_evaluated if not c.result]
-    if failed:
-        text += "; failed: " + "; ".join(
-            f"{c.field} {c.operator.value} {c.expected!r} (actual {c.actual!r})" for c in failed
+    # a deny policy refuses when its conditions hold; any other when they fail
+    matched = result.denial_reason == "POLICY_DENIED"
+    shown = [c for c in result.conditions_evaluated if c.result is matched]
+    if shown:
+        text += ("; matched: " if matched else "; failed: ") + "; ".join(
+            f"{c.field} {c.operator.value} {c.expected!r} (actual {c.actual!r})" for c in shown
         )
     if approval is not None:
         said = [f"{d.approver}: {d.comment}" for d in approval.decisions if d.comment]

@@ -209,7 +209,7 @@ def refusal_text(action: str, result: ActionResult, approval: Approval | None = 
         said = [f"{d.approver}: {d.comment}" for d in approval.decisions if d.comment]
         if said:
             text += "; " + "; ".join(said)
-    elif result.message:
+    elif result.message and not shown:  # e.g. a capability or breaker refusal
         text += f"; {result.message}"
     return text
 

@@ -16,21 +16,26 @@
 * :func:`klock_protected` — decorator: Klock's own signature or the short
   form; below or above ``@tool``, on ``BaseTool._run``/``_arun``; sync and async.
 * :func:`protect_tool` / :func:`protect_tools` — protected copies of tool objects.
+* :func:`gated_tool` — copies of tools that pass ``kw.gates`` first; approvals
+  become LangGraph interrupts (answered with :class:`ApprovalResponse`).
 * :func:`agent_config` / :func:`resolve_identity` — who a call leases as.
 * :class:`KlockConflictError` — a ``LeaseConflictError`` and a ``ToolException``.
 """
 
 from klockwork.integrations.langchain.decorator import RETRY_BUDGET_S, klock_protected
 from klockwork.integrations.langchain.errors import KlockConflictError
+from klockwork.integrations.langchain.gating import ApprovalResponse, gated_tool
 from klockwork.integrations.langchain.identity import Identity, agent_config, resolve_identity
 from klockwork.integrations.langchain.tools import DEFAULT_TIMEOUT_S, protect_tool, protect_tools
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "RETRY_BUDGET_S",
+    "ApprovalResponse",
     "Identity",
     "KlockConflictError",
     "agent_config",
+    "gated_tool",
     "klock_protected",
     "protect_tool",
     "protect_tools",

@@ -20,6 +20,7 @@ from klockwork.core.clock import ManualClock
 from klockwork.core.errors import GateDeniedError, NotAnApproverError
 from klockwork.core.policy import Condition, Policy
 from klockwork.integrations.langchain.gating import APPROVAL_REQUEST_TYPE, gated_tool
+from klockwork.integrations.langchain.tools import protect_tool
 
 AGENT = "merger"
 
@@ -310,3 +311,28 @@ def test_the_copy_keeps_the_tool_schema(gkw: Klockwork) -> None:
     copy = gated(gkw, merges)
     assert copy.name == merges.tool.name and copy.args == merges.tool.args
     assert copy.description == merges.tool.description
+
+
+def test_protect_tool_gates_outside_the_lease(gkw: Klockwork) -> None:
+    held_during_run: list[int] = []
+
+    @tool
+    def merge_pr(pr: int, files: int) -> str:
+        """Merge a pull request."""
+        held_during_run.append(len(gkw.leases.list()))
+        return "merged"
+
+    protected = protect_tool(
+        merge_pr,
+        "REPO:main",
+        kw=gkw,
+        gates="pr.merge",
+        gate_metadata=lambda a: {"files": a["files"]},
+    )
+    call = {"name": "merge_pr", "args": {"pr": 7, "files": 73}, "id": "call-1"}
+    model = ScriptedModel(messages=iter([AIMessage("", tool_calls=[call]), "Done."]))
+    graph = create_agent(model, [protected], checkpointer=InMemorySaver(), name=AGENT)
+    assert graph.invoke(START, CFG)["__interrupt__"]
+    assert gkw.leases.list() == []  # paused before anything was leased
+    graph.invoke(Command(resume={"type": "approve", "approver": "alice"}), CFG)
+    assert held_during_run == [1] and gkw.leases.list() == []

@@ -43,6 +43,7 @@ from klockwork.core.errors import InvalidRequestError
 from klockwork.core.leases import DEFAULT_TTL_MS
 from klockwork.core.model import Predicate
 from klockwork.integrations.langchain.errors import KlockConflictError
+from klockwork.integrations.langchain.gating import Metadata, OnDenied, gated_tool
 from klockwork.integrations.langchain.guard import (
     ConflictResult,
     Guard,
@@ -90,6 +91,8 @@ def protect_tool(
     ttl_ms: int = DEFAULT_TTL_MS,
     timeout_s: float | None = DEFAULT_TIMEOUT_S,
     on_conflict: OnConflict = "tool_error",
+    gates: str | None = None,
+    gate_metadata: Metadata = None,
 ) -> BaseTool:
     """Return a copy of ``tool`` that holds leases on ``resource`` while it runs.
 
@@ -114,6 +117,14 @@ def protect_tool(
             ``ToolMessage(status="error")`` saying who holds what and when it
             frees; ``"raise"`` — it raises :class:`KlockConflictError` (a
             ``ToolException``, so the tool's own ``handle_tool_error`` applies).
+        gates: an action to gate each call with first (see
+            :func:`~klockwork.integrations.langchain.gating.gated_tool`): the
+            gate runs outside the lease, so an approval is waited for (or
+            interrupts the graph) before anything is leased; outside a
+            checkpointed graph the wait lasts until the approval's stored
+            deadline. A denial follows ``on_conflict`` (error message or raise).
+        gate_metadata: the gate's metadata (a dict, or a callable of the
+            call's arguments).
 
     Returns:
         The protected copy.
@@ -131,7 +142,18 @@ def protect_tool(
         timeout_s=timeout_s,
         on_conflict=on_conflict,
     )
-    return protect_with_guard(_as_tool(tool), guard)
+    protected = protect_with_guard(_as_tool(tool), guard)
+    if gates is None:
+        return protected
+    on_denied: OnDenied = "tool_error" if on_conflict == "tool_error" else "raise"
+    return gated_tool(
+        protected,
+        action=gates,
+        metadata=gate_metadata,
+        kw=kw,
+        agent_id=agent_id,
+        on_denied=on_denied,
+    )
 
 
 def protect_tools(

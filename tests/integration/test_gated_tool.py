@@ -236,6 +236,20 @@ async def test_async_agent_interrupt_and_resume(gkw: Klockwork) -> None:
     assert kinds(gkw).count("action.requested") == 1
 
 
+async def test_async_agent_on_the_sqlite_store(tmp_path: Any) -> None:
+    kw = Klockwork.open(f"sqlite:///{tmp_path / 'kw.db'}")
+    add_policies(kw)
+    merges = Merges()
+    graph = agent(kw, merges, files=73)
+    assert (await graph.ainvoke(START, CFG))["__interrupt__"]
+    with pytest.raises(NotAnApproverError):
+        await graph.ainvoke(Command(resume={"type": "approve", "approver": "zed"}), CFG)
+    await graph.ainvoke(Command(resume={"type": "approve", "approver": "alice"}), CFG)
+    assert merges.merged == [(7, 73)]
+    assert kinds(kw) == ["action.requested", "approval.decided", "action.executed"]
+    kw.close()
+
+
 # -- outside a checkpointed graph: the call blocks ------------------------------------
 def decide_later(kw: Klockwork, verdict: str, delay_s: float = 0.1) -> threading.Thread:
     def decide() -> None:

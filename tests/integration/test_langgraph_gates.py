@@ -273,3 +273,36 @@ def test_the_approval_gate_example_runs() -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{out}\n{result.stderr}"
     assert "merged #101" in out and "POLICY_DENIED" in out
     assert "paused" in out and "approved by alice" in out and "audit chain verified" in out
+
+
+def test_gated_tool_called_inside_a_node_keeps_calls_apart(gkw: Klockwork) -> None:
+    from langchain_core.tools import tool
+
+    from klockwork.integrations.langchain import gated_tool
+
+    ran: list[int] = []
+
+    @tool
+    def deploy(files: int) -> str:
+        """Deploy."""
+        ran.append(files)
+        return "ok"
+
+    gated = gated_tool(deploy, action="deploy", kw=gkw, metadata=lambda a: {"files": a["files"]})
+
+    def both(state: State) -> dict[str, Any]:
+        return {"log": [gated.invoke({"files": 80}), gated.invoke({"files": 90})]}
+
+    builder = StateGraph(State)
+    builder.add_node("both", both)
+    builder.add_edge(START, "both")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    first = graph.invoke({}, cfg())["__interrupt__"][0].value
+    second = graph.invoke(Command(resume={"type": "approve", "approver": "alice"}), cfg())
+    assert second["__interrupt__"][0].value["approval_id"] != first["approval_id"]
+    out = graph.invoke(Command(resume={"type": "approve", "approver": "alice"}), cfg())
+    # LangGraph re-runs the node on each resume: the first body runs again
+    # (its gate does not ask again); one gated call per node avoids that.
+    assert out["log"] == ["ok", "ok"] and ran == [80, 80, 90]
+    assert len(gkw.approvals.list(status=None)) == 2
+    assert kinds(gkw).count("action.requested") == 2

@@ -33,11 +33,19 @@ Why resuming is safe (LangGraph re-runs the whole node on resume):
 
 A refused call returns its error ``ToolMessage`` from ``run`` itself, so the
 tool's callbacks do not see it; the gate's own audit entry records it.
+
+What the gate cannot undo: LangGraph re-runs a whole node on resume, so in a
+node that makes several gated calls itself (``tool.invoke`` without a tool
+call id: the arguments then tell the calls apart), a call that already ran
+runs again when a later one is resumed — its gate does not ask again, but
+its body repeats. Under ``ToolNode`` / ``create_agent`` each tool call is
+its own unit and this does not arise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -389,7 +397,14 @@ class _Gate:
         tool_input: Any,
         call_id: str | None,
     ) -> Any:
-        event_id = run_event_id(conf, self.action, call_id)
+        # Without a tool call id (a node calling tool.invoke itself), the
+        # arguments tell two calls of one node apart.
+        key = (
+            call_id
+            or "args-"
+            + hashlib.sha256(json.dumps(_json_safe(args), sort_keys=True).encode()).hexdigest()[:16]
+        )
+        event_id = run_event_id(conf, self.action, key)
         result = kw.gates.execute(
             ident.agent_id, self.action, meta, event_id, session_id=ident.session_id
         )

@@ -20,8 +20,18 @@
   become LangGraph interrupts (answered with :class:`ApprovalResponse`).
 * :func:`agent_config` / :func:`resolve_identity` — who a call leases as.
 * :class:`KlockConflictError` — a ``LeaseConflictError`` and a ``ToolException``.
+* :class:`AuditCallbackHandler` / :class:`AsyncAuditCallbackHandler` — tool,
+  chain and chat-model runs recorded in ``kw.audit``; :func:`audit_context`
+  turns auditing on for every run inside a ``with`` block.
 """
 
+from klockwork.integrations.langchain.callbacks import (
+    REDACTED,
+    AsyncAuditCallbackHandler,
+    AuditCallbackHandler,
+    AuditContext,
+    audit_context,
+)
 from klockwork.integrations.langchain.decorator import RETRY_BUDGET_S, klock_protected
 from klockwork.integrations.langchain.errors import KlockConflictError
 from klockwork.integrations.langchain.gating import ApprovalResponse, gated_tool
@@ -30,11 +40,16 @@ from klockwork.integrations.langchain.tools import DEFAULT_TIMEOUT_S, protect_to
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "REDACTED",
     "RETRY_BUDGET_S",
     "ApprovalResponse",
+    "AsyncAuditCallbackHandler",
+    "AuditCallbackHandler",
+    "AuditContext",
     "Identity",
     "KlockConflictError",
     "agent_config",
+    "audit_context",
     "gated_tool",
     "klock_protected",
     "protect_tool",

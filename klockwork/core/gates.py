@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import itertools
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, NamedTuple
@@ -207,6 +208,44 @@ class Policies:
         self.snapshot = ()
 
 
+def _fields(
+    status: Status,
+    policy_name: str | None,
+    denial_reason: str | None,
+    conditions: builtins.list[ConditionResult],
+    message: str,
+) -> dict[str, Any]:
+    return {
+        "status": status,
+        "audit_event_id": None,
+        "approval_id": None,
+        "policy_name": policy_name,
+        "denial_reason": denial_reason,
+        "conditions_evaluated": conditions,
+        "message": message,
+    }
+
+
+# Gate keys without an event_id: a per-process random prefix and a counter
+# (next() on a count is atomic). os.urandom per call would release the GIL on
+# every gate and hand it to the audit writer mid-decision.
+_key_counter = itertools.count(1)
+_key_prefix = os.urandom(9).hex()
+
+
+def _new_prefix() -> None:
+    global _key_prefix, _key_counter
+    _key_prefix = os.urandom(9).hex()
+    _key_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_prefix)  # a forked child must not reuse keys
+
+
+def _new_key() -> str:
+    return f"act_{_key_prefix}{next(_key_counter):x}"
+
+
 def _gate_key(event_id: str) -> str:
     return "evt_" + hashlib.sha256(event_id.encode()).hexdigest()[:24]
 
@@ -241,41 +280,35 @@ class Gates:
     # -- decisions -------------------------------------------------------------------
     def _judge(
         self, agent_id: str, action: str, metadata: Mapping[str, Any] | None, now: int
-    ) -> tuple[Effect, ActionResult]:
-        """The pure part: capability, breaker, policy. Returns the effect and a result sketch."""
+    ) -> tuple[Effect, dict[str, Any]]:
+        """The pure part: capability, breaker, policy.
+
+        Returns the effect and the :class:`ActionResult` fields (``audit_event_id``
+        and ``approval_id`` still None), so the caller builds the result once.
+        """
         refusal = self._delegations.allows(agent_id, action, now)
         if refusal is not None:
-            return Effect.DENY, ActionResult(
-                status="denied", denial_reason=CAPABILITY_DENIED, message=refusal
-            )
+            return Effect.DENY, _fields("denied", None, CAPABILITY_DENIED, [], refusal)
         state = self._store.get_record(BREAKER, agent_id, BreakerState)
         if state is not None and is_open(state, now, self.breaker):
-            return Effect.DENY, ActionResult(
-                status="denied",
-                denial_reason=CIRCUIT_OPEN,
-                message=f"the circuit breaker of {agent_id!r} is open after "
+            return Effect.DENY, _fields(
+                "denied",
+                None,
+                CIRCUIT_OPEN,
+                [],
+                f"the circuit breaker of {agent_id!r} is open after "
                 f"{state.consecutive_failures} consecutive failures",
             )
         d = decide(self._policies.snapshot, agent_id, action, metadata, self._default)
         effect = d.effect
-        status: Status = (
-            "executed"
-            if effect is Effect.ALLOW
-            else "denied"
-            if effect is Effect.DENY
-            else "requested"
-        )
-        return effect, _build(
-            ActionResult,
-            {
-                "status": status,
-                "audit_event_id": None,
-                "approval_id": None,
-                "policy_name": d.policy_name,
-                "denial_reason": d.reason if effect is Effect.DENY else None,
-                "conditions_evaluated": d.conditions_evaluated,
-                "message": _message(action, d.policy_name, d.reason, d.conditions_evaluated),
-            },
+        if effect is Effect.ALLOW:
+            return effect, _fields("executed", d.policy_name, None, d.conditions_evaluated, "")
+        return effect, _fields(
+            "denied" if effect is Effect.DENY else "requested",
+            d.policy_name,
+            d.reason if effect is Effect.DENY else None,
+            d.conditions_evaluated,
+            _message(action, d.policy_name, d.reason, d.conditions_evaluated),
         )
 
     def can_i(
@@ -283,7 +316,9 @@ class Gates:
     ) -> ActionResult:
         """Dry run: what :meth:`execute` would decide now. No audit entry, no approval."""
         _check(agent_id, action, metadata, None)
-        return self._judge(agent_id, action, metadata, self._clock.now_ms())[1]
+        return _build(
+            ActionResult, self._judge(agent_id, action, metadata, self._clock.now_ms())[1]
+        )
 
     def execute(
         self,
@@ -309,22 +344,20 @@ class Gates:
             if stored is not None:
                 return self._settled(stored)
         now = self._clock.now_ms()
-        effect, sketch = self._judge(agent_id, action, metadata, now)
-        key = _gate_key(event_id) if event_id is not None else "act_" + os.urandom(12).hex()
+        effect, fields = self._judge(agent_id, action, metadata, now)
+        key = _gate_key(event_id) if event_id is not None else _new_key()
         approval: Approval | None = None
         if effect is Effect.REQUIRE_APPROVAL:
-            policy = self._policies.get(sketch.policy_name or "")
+            policy = self._policies.get(fields["policy_name"] or "")
             if policy is None:  # the default effect asks for approval
                 policy = Policy(name="default", action="*", effect=Effect.REQUIRE_APPROVAL)
             approval = new_approval(
                 _approval_id(key), agent_id, action, dict(metadata or {}), policy, now, event_id
             ).model_copy(update={"audit_event_id": key})
-        result = sketch.model_copy(
-            update={
-                "audit_event_id": key,
-                "approval_id": None if approval is None else approval.approval_id,
-            }
-        )
+        fields["audit_event_id"] = key
+        if approval is not None:
+            fields["approval_id"] = approval.approval_id
+        result = _build(ActionResult, fields)
         record = _build(
             GateRecord,
             {

@@ -71,6 +71,7 @@ class MemoryStore(Store):
         # Settled gate outcomes are only needed for idempotency and reports:
         # keep the newest ones, like retired leases (memory must not grow forever).
         self._retain_records = {"gate": retain_inactive}
+        self._record_order: dict[str, deque[str]] = {}
         self._records_lock = threading.Lock()
 
     # -- agents -------------------------------------------------------------
@@ -353,17 +354,30 @@ class MemoryStore(Store):
                 else:
                     table[key] = new
                     limit = self._retain_records.get(kind)
-                    if limit is not None and current is None and len(table) > limit:
-                        self._evict(table)
+                    if limit is not None and current is None:
+                        self._retire(kind, table, key, limit)
             return result
 
-    @staticmethod
-    def _evict(table: dict[str, BaseModel]) -> None:
-        """Drop the oldest settled record (one still ``requested`` is never dropped)."""
-        for old_key, old in table.items():
-            if record_status(old) != "requested":
-                del table[old_key]
-                return
+    def _retire(self, kind: str, table: dict[str, BaseModel], key: str, limit: int) -> None:
+        """Track a new bounded record; drop the oldest settled ones beyond ``limit``.
+
+        A record still ``requested`` is never dropped: it goes to the back of
+        the queue. A deque of keys keeps this O(1) amortised (scanning the dict
+        from its start would walk every slot deleted before).
+        """
+        order = self._record_order.setdefault(kind, deque())
+        order.append(key)
+        spins = len(order)
+        while len(table) > limit and order and spins > 0:
+            spins -= 1
+            oldest = order.popleft()
+            record = table.get(oldest)
+            if record is None:
+                continue
+            if record_status(record) == "requested":
+                order.append(oldest)
+                continue
+            del table[oldest]
 
     def get_record(self, kind: str, key: str, model: type[_M]) -> _M | None:
         self._check_open()

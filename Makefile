@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python examples/race_two_agents.py
+	$(BIN)/python examples/approval_gate.py
+	$(BIN)/python examples/audited_agent.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check klockwork tests examples benchmarks

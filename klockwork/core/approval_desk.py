@@ -285,7 +285,7 @@ class Approvals:
         outcome = self._store.update_record(
             APPROVAL, approval_id, Approval, self._transition(approver, verdict, comment)
         )
-        return self._voted(approval_id, outcome, approver, verdict, comment)
+        return self._voted(approval_id, outcome)
 
     async def _avote(self, approval_id: str, approver: str, verdict: str, comment: str) -> Approval:
         self._check_vote(approval_id, approver, comment)
@@ -295,11 +295,9 @@ class Approvals:
         outcome = await self._store.aupdate_record(
             APPROVAL, approval_id, Approval, self._transition(approver, verdict, comment)
         )
-        return self._voted(approval_id, outcome, approver, verdict, comment)
+        return self._voted(approval_id, outcome)
 
-    def _voted(
-        self, approval_id: str, outcome: _Vote, approver: str, verdict: str, comment: str
-    ) -> Approval:
+    def _voted(self, approval_id: str, outcome: _Vote) -> Approval:
         approval, changed, closed = outcome
         if approval is None:
             raise ApprovalNotFoundError(f"no approval {approval_id!r}")

@@ -29,6 +29,7 @@ request itself was wrong (a typo'd id, a different store).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -71,6 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli_audit.run(args)
     except CliError as error:
         return report(error)
+    except BrokenPipeError:
+        # The reader went away (`klockwork audit tail -f | head`): that is a
+        # normal end, not a crash. Point stdout at devnull so the interpreter's
+        # final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return OK
 
 
 def _leases(args: argparse.Namespace) -> int:

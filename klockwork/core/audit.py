@@ -22,34 +22,39 @@ Timeline of the ordering guarantee, with two recording threads::
 
 The queue is appended in the same critical section that assigns ``seq``, so
 queue order is seq order and the chain is gapless whatever the interleaving.
+
+Recording allocates nothing the garbage collector tracks: the queue is one
+flat list (seven slots per entry, see
+:data:`~klockwork.core.audit_encode.Pending`), not a tuple per entry, and the
+lease manager hands over the store's own records
+(:meth:`~AuditLog.record_grant`, :meth:`~AuditLog.record_end`). Tracked
+objects alive in the queue while the garbage collector runs would be
+promoted to its old generations and make full collections frequent.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import json
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from os import PathLike
 from types import TracebackType
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from klockwork.core.audit_backend import AuditBackend, EntryBatch, MemoryAuditBackend, Row
+from klockwork.core.audit_backend import AuditBackend, EntryBatch, MemoryAuditBackend
 from klockwork.core.audit_chain import (
     AUDIT_KINDS,
     GENESIS_HASH,
     AuditEntry,
     Checkpoint,
     VerifyResult,
-    canonical_json,
     sign_checkpoint,
-    to_json_value,
 )
+from klockwork.core.audit_encode import ENDED, PENDING_SLOTS, encode_batch
 from klockwork.core.audit_verify import ChainVerifier, verify_lines
 from klockwork.core.clock import Clock, SystemClock
 from klockwork.core.errors import (
@@ -58,7 +63,7 @@ from klockwork.core.errors import (
     KlockworkError,
     StoreUnavailableError,
 )
-from klockwork.core.model import GovernanceEvent
+from klockwork.core.model import GovernanceEvent, LeaseRecord
 
 __all__ = [
     "AuditBackend",
@@ -73,9 +78,9 @@ __all__ = [
 StrPath = str | PathLike[str]
 MAX_QUERY_LIMIT = 1000
 _PAGE = 8192  # lines per backend read when verifying or exporting
-# Entries hashed and appended per backend call: small enough that flushers
-# see progress and few objects are alive at once (cheap garbage collection).
-_CHUNK = 1024
+# 1024 entries hashed and appended per backend call (counted in queue slots):
+# small enough that flushers see progress and few objects are alive at once.
+_CHUNK_SLOTS = 1024 * PENDING_SLOTS
 # How long a woken writer waits for more entries before it drains the queue.
 _LINGER_S = 0.005
 _IDLE_EXIT_S = 30.0  # an idle writer thread ends; the next record starts a new one
@@ -93,140 +98,6 @@ class AuditPage(BaseModel):
     model_config = ConfigDict(frozen=True)
     entries: list[AuditEntry]
     next_cursor: str | None
-
-
-# --------------------------------------------------------------------------- writer encoding
-_encode = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-).encode
-_enc_str = json.encoder.encode_basestring  # the str encoder json.dumps(ensure_ascii=False) uses
-_sha256 = hashlib.sha256
-
-Pending = tuple[int, int, str, Any, Any, Any]  # seq, ts, kind, agent_id, session_id, data
-
-
-def _plain(value: dict[Any, Any], depth: int = 0) -> bool:
-    """True if dict ``value`` is JSON data that :func:`to_json_value` leaves as is.
-
-    Floats are let through: NaN and infinities make the encoder raise, which
-    sends the entry to the slow path.
-    """
-    for k, v in value.items():  # noqa: SIM110 - a plain loop is faster than all(<genexpr>)
-        if k.__class__ is not str or not _plain_value(v, depth):
-            return False
-    return True
-
-
-def _plain_value(v: Any, depth: int) -> bool:
-    t = v.__class__
-    if t is str or t is int or v is None or t is bool or t is float:
-        return True
-    if depth >= 50:
-        return False
-    if t is dict:
-        return _plain(v, depth + 1)
-    if t is list or t is tuple:
-        return all(_plain_value(x, depth + 1) for x in v)
-    return False
-
-
-def _ident(value: Any) -> str | None:
-    if value is None or value.__class__ is str:
-        return value
-    converted = to_json_value(value if isinstance(value, str) else str(value))
-    return converted if isinstance(converted, str) else str(converted)
-
-
-def _encode_slow(
-    seq: int, ts: Any, kind: str, agent_id: Any, session_id: Any, data: Any, prev: str
-) -> Row:
-    """The documented conversion, for anything the fast path does not take."""
-    value = to_json_value({} if data is None else data)
-    if not isinstance(value, dict):
-        value = {"value": value}
-    fields: dict[str, Any] = {
-        "agent_id": to_json_value(_ident(agent_id)),
-        "data": value,
-        "kind": kind,
-        "prev_hash": prev,
-        "seq": seq,
-        "session_id": to_json_value(_ident(session_id)),
-        "ts": int(ts),
-    }
-    hash_ = _sha256(prev.encode("ascii") + canonical_json(fields)).hexdigest()
-    fields["hash"] = hash_
-    line = canonical_json(fields)
-    return (
-        seq,
-        fields["ts"],
-        kind,
-        fields["agent_id"],
-        fields["session_id"],
-        value,
-        prev,
-        hash_,
-        line,
-    )
-
-
-def _encode_batch(batch: Sequence[Pending], prev: str) -> tuple[list[Row], str]:
-    """Chain ``batch`` after ``prev``: one row per entry, and the new head hash.
-
-    The fast path writes the canonical line from precomputed pieces (the
-    top-level keys are fixed and sorted); it is only taken for plain JSON
-    data and falls back to :func:`_encode_slow` on anything else, so both
-    give byte-identical results (checked by the tests).
-    """
-    out: list[Row] = []
-    add = out.append
-    enc, enc_str, sha, plain = _encode, _enc_str, _sha256, _plain
-    prev_b = prev.encode("ascii")
-    for seq, ts, kind, agent_id, session_id, data in batch:
-        try:
-            if data is None:
-                data = {}
-            elif data.__class__ is not dict:
-                # klockwork's own records hand over an immutable object and
-                # let us build its data here, off the recording thread.
-                build = getattr(data.__class__, "__audit_data__", None)
-                if build is not None:
-                    data = build(data)
-            if (
-                data.__class__ is not dict
-                or ts.__class__ is not int
-                or not (agent_id is None or agent_id.__class__ is str)
-                or not (session_id is None or session_id.__class__ is str)
-                or not plain(data)
-            ):
-                raise TypeError
-            a = "null" if agent_id is None else enc_str(agent_id)
-            s = "null" if session_id is None else enc_str(session_id)
-            head = f'{{"agent_id":{a},"data":{enc(data)}'.encode()
-            tail = (
-                f',"kind":"{kind}","prev_hash":"{prev}","seq":{seq},"session_id":{s},"ts":{ts}}}'
-            ).encode()
-            hash_ = sha(prev_b + head + tail).hexdigest()
-            prev_b = hash_.encode()
-            add(
-                (
-                    seq,
-                    ts,
-                    kind,
-                    agent_id,
-                    session_id,
-                    data,
-                    prev,
-                    hash_,
-                    head + b',"hash":"' + prev_b + b'"' + tail,
-                )
-            )
-        except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
-            row = _encode_slow(seq, ts, kind, agent_id, session_id, data, prev)
-            add(row)
-            hash_ = row[7]
-            prev_b = hash_.encode()
-        prev = hash_
-    return out, prev
 
 
 # --------------------------------------------------------------------------- the log
@@ -281,7 +152,8 @@ class AuditLog:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the writer waits here
         self._done = threading.Condition(self._lock)  # flush() waits here
-        self._pending: list[Pending] = []
+        #: Entries recorded but not taken by the writer, flat: :data:`PENDING_SLOTS` each.
+        self._pending: list[Any] = []
         #: True when record() must wake or start the writer (read on every record).
         self._wake_needed = True
         self._writer: threading.Thread | None = None
@@ -289,6 +161,8 @@ class AuditLog:
         self._flushers = 0  # threads in flush(): the writer must not linger
         self._closed = False
         self._error: tuple[type[KlockworkError], str, BaseException] | None = None
+        #: True once closed or failed (one attribute read on every record).
+        self._refusing = False
 
     # ----------------------------------------------------------------- hot path
     def record(
@@ -327,11 +201,64 @@ class AuditLog:
         elif ts.__class__ is not int:
             raise InvalidRequestError("ts", ts, "must be epoch milliseconds as an int")
         with self._lock:
-            if self._closed or self._error is not None:
+            if self._refusing:
                 self._raise_unusable()
             seq = self._next_seq
             self._next_seq = seq + 1
-            self._pending.append((seq, ts, kind, agent_id, session_id, data))
+            self._pending += (seq, ts, kind, agent_id, session_id, data, None)
+            if self._wake_needed:
+                self._wake()
+        return seq
+
+    def record_grant(self, rec: LeaseRecord, ts: int) -> int:
+        """Record that lease ``rec`` was granted at ``ts``; return the entry's seq.
+
+        For klockwork's lease manager: the entry is ``lease.granted`` by
+        ``rec``'s agent and session, its data what the granted
+        :class:`~klockwork.core.model.Lease` snapshot's ``__audit_data__()``
+        returns (:func:`~klockwork.core.audit_records.granted_data`). ``rec``
+        is read when the entry is written except for ``expires_at``, which is
+        read now; the other fields it records never change. ``ts`` is not
+        checked (the caller's clock gives an int).
+
+        Raises:
+            StoreUnavailableError: the log is closed, or its writer failed.
+        """
+        with self._lock:
+            if self._refusing:
+                self._raise_unusable()
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            self._pending += (
+                seq,
+                ts,
+                "lease.granted",
+                rec.agent_id,
+                rec.session_id,
+                rec,
+                rec.expires_at,
+            )
+            if self._wake_needed:
+                self._wake()
+        return seq
+
+    def record_end(self, kind: str, rec: LeaseRecord, ts: int) -> int:
+        """Record that lease ``rec`` ended (``kind``) at ``ts``; return the entry's seq.
+
+        For klockwork's lease manager: ``kind`` is ``lease.released``,
+        ``lease.expired`` or ``lease.revoked`` (not checked) and ``rec`` the
+        lease's final record, whose ``__audit_data__()`` is read when the
+        entry is written. ``ts`` is not checked (the caller's clock gives an int).
+
+        Raises:
+            StoreUnavailableError: the log is closed, or its writer failed.
+        """
+        with self._lock:
+            if self._refusing:
+                self._raise_unusable()
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            self._pending += (seq, ts, kind, rec.agent_id, rec.session_id, rec, ENDED)
             if self._wake_needed:
                 self._wake()
         return seq
@@ -375,7 +302,7 @@ class AuditLog:
                     if not self._work.wait(_IDLE_EXIT_S) and not self._pending:
                         self._writer = None  # idle for long: the next record restarts one
                         return
-                if not self._stopping and not self._flushers and len(self._pending) < _CHUNK:
+                if not self._stopping and not self._flushers and len(self._pending) < _CHUNK_SLOTS:
                     # Linger to gather a batch: waking per entry would make the
                     # recording threads and this one trade the GIL on every
                     # record. flush() and close() cut the wait short.
@@ -383,12 +310,12 @@ class AuditLog:
                 batch = self._pending
                 self._pending = []
                 self._wake_needed = False
-            for start in range(0, len(batch), _CHUNK):
-                chunk = batch[start : start + _CHUNK]
+            for start in range(0, len(batch), _CHUNK_SLOTS):
+                chunk = batch[start : start + _CHUNK_SLOTS]
                 try:
-                    rows, head = _encode_batch(chunk, prev)
+                    rows, head = encode_batch(chunk, prev)
                 except Exception as exc:  # a bug: never lose it silently
-                    self._fail(AuditIntegrityError, f"could not chain seq {chunk[0][0]}", exc)
+                    self._fail(AuditIntegrityError, f"could not chain seq {chunk[0]}", exc)
                     return
                 try:
                     self._backend.append(EntryBatch(rows))
@@ -397,20 +324,23 @@ class AuditLog:
                     self._fail(
                         AuditIntegrityError if integrity else StoreUnavailableError,
                         f"the audit backend failed to store entries "
-                        f"{chunk[0][0]}..{chunk[-1][0]}: {exc}",
+                        f"{rows[0][0]}..{rows[-1][0]}: {exc}",
                         exc,
                     )
                     return
-                del rows
+                written = rows[-1][0]
+                del rows, chunk
                 prev = head
                 with lock:
                     self._head_hash = head
-                    self._written_seq = chunk[-1][0]
+                    self._written_seq = written
                     self._done.notify_all()
+            del batch  # the recorded objects: free them now, not after the next wait
 
     def _fail(self, cls: type[KlockworkError], message: str, exc: BaseException) -> None:
         with self._lock:
             self._error = (cls, message, exc)
+            self._refusing = True
             self._writer = None
             self._done.notify_all()
 
@@ -555,6 +485,7 @@ class AuditLog:
         finally:
             with self._lock:
                 already, self._closed = self._closed, True
+                self._refusing = True
                 self._stopping = True
                 self._work.notify()
                 writer = self._writer

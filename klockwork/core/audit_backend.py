@@ -9,9 +9,10 @@ verified by the same code.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
-from typing import Any, Protocol, overload, runtime_checkable
+from typing import Protocol, overload, runtime_checkable
 
 from klockwork.core.audit_chain import AuditEntry
 from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
@@ -19,9 +20,9 @@ from klockwork.core.model import _build, _set_private
 
 __all__ = ["AuditBackend", "EntryBatch", "MemoryAuditBackend", "Row"]
 
-#: One chained entry as the writer hands it over:
-#: seq, ts, kind, agent_id, session_id, data, prev_hash, hash, line.
-Row = tuple[int, int, str, str | None, str | None, dict[str, Any], str, str, bytes]
+#: One chained entry as the writer hands it over: seq, ts, kind, agent_id,
+#: session_id, data_json (the canonical JSON text of ``data``), prev_hash, hash, line.
+Row = tuple[int, int, str, str | None, str | None, str, str, str, bytes]
 
 
 _ROW_FIELDS = ("seq", "ts", "kind", "agent_id", "session_id", "data", "prev_hash", "hash")
@@ -32,8 +33,9 @@ class EntryBatch(Sequence[AuditEntry]):
 
     A ``Sequence[AuditEntry]`` whose items are built on access. Backends that
     only need columns can read :attr:`rows` instead (no object per entry):
-    ``(seq, ts, kind, agent_id, session_id, data, prev_hash, hash, line)``
-    tuples, ``line`` being the entry's stored line.
+    ``(seq, ts, kind, agent_id, session_id, data_json, prev_hash, hash, line)``
+    tuples, ``data_json`` being the canonical JSON text of the entry's
+    ``data`` (``json.loads`` gives the dict) and ``line`` its stored line.
     """
 
     __slots__ = ("rows",)
@@ -55,7 +57,9 @@ class EntryBatch(Sequence[AuditEntry]):
 
 
 def _row_entry(row: Row) -> AuditEntry:
-    entry = _build(AuditEntry, dict(zip(_ROW_FIELDS, row[:8], strict=True)))
+    values = dict(zip(_ROW_FIELDS, row[:8], strict=True))
+    values["data"] = json.loads(row[5])
+    entry = _build(AuditEntry, values)
     _set_private(entry, {"_line": row[8]})
     return entry
 
@@ -114,9 +118,14 @@ class MemoryAuditBackend:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        # One column per filtered field, same position as the line. Columns of
+        # strings and ints, not a tuple per entry: the log's objects never
+        # become garbage-collector work (only containers are tracked).
         self._lines: list[bytes] = []
-        #: per entry (same position as its line): ts, kind, agent_id, session_id
-        self._index: list[tuple[int, str, str | None, str | None]] = []
+        self._ts: list[int] = []
+        self._kinds: list[str] = []
+        self._agents: list[str | None] = []
+        self._sessions: list[str | None] = []
         self._closed = False
 
     def _check_open(self) -> None:
@@ -131,11 +140,17 @@ class MemoryAuditBackend:
             rows = entries.rows
             first, last = rows[0][0], rows[-1][0]
             lines = [r[8] for r in rows]
-            index = [(r[1], r[2], r[3], r[4]) for r in rows]
+            ts = [r[1] for r in rows]
+            kinds = [r[2] for r in rows]
+            agents = [r[3] for r in rows]
+            sessions = [r[4] for r in rows]
         else:
             first, last = entries[0].seq, entries[-1].seq
             lines = [e.stored_line() for e in entries]
-            index = [(e.ts, e.kind, e.agent_id, e.session_id) for e in entries]
+            ts = [e.ts for e in entries]
+            kinds = [e.kind for e in entries]
+            agents = [e.agent_id for e in entries]
+            sessions = [e.session_id for e in entries]
         with self._lock:
             self._check_open()
             n = len(self._lines)
@@ -144,7 +159,10 @@ class MemoryAuditBackend:
                     f"entries {first}..{last} do not continue a chain that ends at seq {n}"
                 )
             self._lines += lines
-            self._index += index
+            self._ts += ts
+            self._kinds += kinds
+            self._agents += agents
+            self._sessions += sessions
 
     def read(
         self,
@@ -160,14 +178,14 @@ class MemoryAuditBackend:
         found: list[bytes] = []
         with self._lock:
             self._check_open()
-            index, lines = self._index, self._lines
-            for pos in range(max(0, after_seq), len(index)):
-                ts, k, a, s = index[pos]
+            lines, tss, kinds = self._lines, self._ts, self._kinds
+            agents, sessions = self._agents, self._sessions
+            for pos in range(max(0, after_seq), len(lines)):
                 if (
-                    (kind is None or k == kind)
-                    and (agent_id is None or a == agent_id)
-                    and (session_id is None or s == session_id)
-                    and (since is None or ts >= since)
+                    (kind is None or kinds[pos] == kind)
+                    and (agent_id is None or agents[pos] == agent_id)
+                    and (session_id is None or sessions[pos] == session_id)
+                    and (since is None or tss[pos] >= since)
                 ):
                     found.append(lines[pos])
                     if len(found) >= limit:

@@ -66,7 +66,9 @@ written; recording never fails on odd data):
 * Strings that are not valid Unicode (lone surrogates) are stored with each
   offending code point written as ``\\udXXX`` text (``backslashreplace``).
 * Anything else becomes ``repr(value)``; nesting deeper than 100 levels (or
-  a cycle) is cut with ``repr`` of the remainder.
+  a cycle) is cut with ``repr`` of the remainder. So does an object whose
+  ``__audit_data__()`` or ``model_dump`` raises. If ``repr`` raises too, the
+  text is ``<unrepresentable QualifiedClassName>``.
 """
 
 from __future__ import annotations
@@ -196,7 +198,7 @@ def to_json_value(value: Any, *, _depth: int = 0) -> Any:
     containers (``value`` is not changed) and :func:`canonical_json` accepts it.
     """
     if _depth > _MAX_DEPTH:
-        return _text(repr(value))
+        return _repr(value)
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, enum.Enum):
@@ -217,7 +219,7 @@ def to_json_value(value: Any, *, _depth: int = 0) -> Any:
         try:
             built = audit_data(value)
         except Exception:  # recording never fails on odd data
-            return _text(repr(value))
+            return _repr(value)
         return to_json_value(built, _depth=depth)
     if isinstance(value, Mapping):
         return {_key(k, depth): to_json_value(v, _depth=depth) for k, v in value.items()}
@@ -237,13 +239,17 @@ def to_json_value(value: Any, *, _depth: int = 0) -> Any:
         try:
             dumped = value.model_dump(mode="json")
         except Exception:  # a model that cannot dump itself is still recorded
-            return _text(repr(value))
+            return _repr(value)
         return to_json_value(dumped, _depth=depth)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
             _text(f.name): to_json_value(getattr(value, f.name, None), _depth=depth)
             for f in dataclasses.fields(value)
         }
+    return _repr(value)
+
+
+def _repr(value: Any) -> str:
     try:
         text = repr(value)
     except Exception:

@@ -32,6 +32,7 @@ Why a batch can fail to continue the chain, with two processes on one file::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import threading
@@ -260,7 +261,7 @@ class SqliteAuditBackend:
 def _contents(entries: Sequence[AuditEntry]) -> list[_Content]:
     """What re-chaining keeps of each entry (everything but seq and the hashes)."""
     if isinstance(entries, EntryBatch):
-        return [(r[1], r[2], r[3], r[4], r[5]) for r in entries.rows]
+        return [(r[1], r[2], r[3], r[4], json.loads(r[5])) for r in entries.rows]
     return [(e.ts, e.kind, e.agent_id, e.session_id, e.data) for e in entries]
 
 

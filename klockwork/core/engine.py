@@ -109,6 +109,10 @@ class Klockwork:
         clock: time source for everything (``ManualClock`` in tests).
         default_effect: what a gate does when no policy matches (fail closed).
         audit_key: HMAC key that signs audit checkpoints.
+        audit_leases: record every lease decision (granted, denied, released,
+            expired, revoked) in ``kw.audit`` (the default). False leaves
+            them out of the trail, for lease-heavy workloads that do not need
+            them audited; gates, approvals and delegations are audited either way.
     """
 
     _default: ClassVar[Klockwork | None] = None
@@ -121,6 +125,7 @@ class Klockwork:
         clock: Clock | None = None,
         default_effect: Effect = "deny",
         audit_key: bytes | str | None = None,
+        audit_leases: bool = True,
     ) -> None:
         if default_effect not in _EFFECTS:
             raise InvalidRequestError(
@@ -128,6 +133,8 @@ class Klockwork:
             )
         if store is not None and not isinstance(store, Store):
             raise InvalidRequestError("store", store, "expected a klockwork Store")
+        if audit_leases.__class__ is not bool:
+            raise InvalidRequestError("audit_leases", audit_leases, "expected True or False")
         self.store: Store = store if store is not None else MemoryStore()
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.default_effect: Effect = default_effect
@@ -135,7 +142,9 @@ class Klockwork:
         self._hub = EventHub()
         self._audit = AuditLog(audit_backend_for(self.store), clock=self.clock, key=self.audit_key)
         record = self._audit.record
-        self._leases = LeaseManager(self.store, self.clock, self._hub, record)
+        self._leases = LeaseManager(
+            self.store, self.clock, self._hub, self._audit if audit_leases else None
+        )
         self._delegations = Delegations(
             self.store, self.clock, record, self._register_priority, self._revoke_leases_of
         )

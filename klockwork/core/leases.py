@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import builtins
 from collections.abc import Generator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tenacity import RetryCallState, wait_exponential, wait_random
 from tenacity.wait import wait_base
 
+from klockwork.core.audit_records import Denied
 from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm
 from klockwork.core.errors import (
     EventLoopBlockedError,
@@ -33,7 +34,7 @@ from klockwork.core.errors import (
     StaleLeaseError,
     StoreUnavailableError,
 )
-from klockwork.core.events import AuditRecorder, EventHub
+from klockwork.core.events import EventHub
 from klockwork.core.holding import AsyncHolding, HeldLeases, Holding
 from klockwork.core.model import (
     Conflict,
@@ -48,8 +49,11 @@ from klockwork.core.model import (
 )
 from klockwork.core.notify import Signals
 from klockwork.core.renewer import Renewer
-from klockwork.core.rules import ParsedIntent, parse_intents, validate_ttl
+from klockwork.core.rules import parse_intents, validate_ttl
 from klockwork.core.stores.base import AcquireOutcome, AcquireRequest, Store
+
+if TYPE_CHECKING:
+    from klockwork.core.audit import AuditLog
 
 __all__ = ["DEFAULT_TTL_MS", "HeldLeases", "LeaseManager"]
 
@@ -102,14 +106,14 @@ class LeaseManager:
     """All lease operations of one engine (``kw.leases``)."""
 
     def __init__(
-        self, store: Store, clock: Clock, hub: EventHub, audit: AuditRecorder | None = None
+        self, store: Store, clock: Clock, hub: EventHub, audit: AuditLog | None = None
     ) -> None:
         self._store = store
         self._clock = clock
         self._hub = hub
-        # The audit trail's record(): it only queues the entry in order; the
-        # entry's data is built from the (immutable) object we hand over by the
-        # audit writer thread, off this path.
+        # The audit trail (None: lease decisions are not audited). Recording
+        # only queues the entry in order; the audit writer thread builds its
+        # data later from what we hand over (see klockwork.core.audit_records).
         self._audit = audit
         self._signals = Signals()
         self._renewer = Renewer(clock, self.heartbeat)
@@ -180,22 +184,17 @@ class LeaseManager:
                     "wait_time_ms": outcome.wait_time_ms,
                 },
             )
-        if self._audit is not None:
+        audit = self._audit
+        if audit is not None:
             if outcome.status is _GRANTED:
-                for lease in verdict.leases:
-                    self._audit(
-                        "lease.granted",
-                        request.agent_id,
-                        request.session_id,
-                        lease,
-                        ts=request.now_ms,
-                    )
+                for rec in outcome.granted:
+                    audit.record_grant(rec, request.now_ms)
             else:
-                self._audit(
+                audit.record(
                     "lease.denied",
                     request.agent_id,
                     request.session_id,
-                    _Denied(verdict, request.intents),
+                    Denied(verdict, request.intents),
                     ts=request.now_ms,
                 )
         if self._hub.active:
@@ -535,7 +534,7 @@ class LeaseManager:
     def _report(self, kind: str, rec: LeaseRecord, now_ms: int) -> None:
         """Audit and announce that a lease ended (released, revoked, expired)."""
         if self._audit is not None:
-            self._audit(kind, rec.agent_id, rec.session_id, rec, ts=now_ms)
+            self._audit.record_end(kind, rec, now_ms)
         if self._hub.active:
             self._hub.emit(
                 GovernanceEvent(kind, now_ms, rec.agent_id, rec.session_id, rec.__audit_data__())
@@ -560,7 +559,7 @@ class LeaseManager:
                 request.now_ms,
                 request.agent_id,
                 request.session_id,
-                _Denied(verdict, request.intents).__audit_data__(),
+                Denied(verdict, request.intents).__audit_data__(),
             )
         )
 
@@ -580,19 +579,3 @@ def _conflict(blocker: LeaseRecord | Reservation) -> Conflict:
             "lease_id": blocker.lease_id if isinstance(blocker, LeaseRecord) else None,
         },
     )
-
-
-class _Denied(NamedTuple):
-    """A refused verdict as the audit writer turns it into ``lease.denied`` data."""
-
-    verdict: Verdict
-    intents: tuple[ParsedIntent, ...]
-
-    def __audit_data__(self) -> dict[str, Any]:
-        verdict = self.verdict
-        return {
-            "verdict": verdict.status.value,
-            "intents": [[i.key, i.predicate.value] for i in self.intents],
-            "conflicts": [c.model_dump(mode="json") for c in verdict.conflicts],
-            "wait_time_ms": verdict.wait_time_ms,
-        }

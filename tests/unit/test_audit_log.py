@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from klockwork.core import audit as audit_mod
 from klockwork.core.audit import AuditBackend, AuditLog, MemoryAuditBackend, verify_file
 from klockwork.core.audit_chain import (
     GENESIS_HASH,
@@ -23,6 +22,7 @@ from klockwork.core.audit_chain import (
     entry_hash,
     to_json_value,
 )
+from klockwork.core.audit_encode import encode_batch
 from klockwork.core.clock import ManualClock
 from klockwork.core.errors import InvalidRequestError, StoreUnavailableError
 from klockwork.core.model import GovernanceEvent, Predicate
@@ -219,7 +219,7 @@ def test_fast_path_is_byte_identical_to_the_documented_form() -> None:
         ("a", "s", {"big": 1e300, "small": 5e-324}),
     ]
     batch = [(i + 1, 1000 + i, "tool.end", a, s, d) for i, (a, s, d) in enumerate(cases)]
-    rows, head = audit_mod._encode_batch(batch, GENESIS_HASH)
+    rows, head = encode_batch([slot for entry in batch for slot in (*entry, None)], GENESIS_HASH)
     prev = GENESIS_HASH
     for (seq, ts, kind, a, s, d), row in zip(batch, rows, strict=True):
         fields = {

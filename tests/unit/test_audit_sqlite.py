@@ -21,7 +21,7 @@ from support import run_spawned
 
 from klockwork.core.audit import AuditBackend, AuditLog, MemoryAuditBackend, verify_file
 from klockwork.core.audit_backend import EntryBatch
-from klockwork.core.audit_chain import GENESIS_HASH, AuditEntry
+from klockwork.core.audit_chain import GENESIS_HASH, AuditEntry, canonical_json
 from klockwork.core.audit_sqlite import SqliteAuditBackend
 from klockwork.core.audit_verify import verify_lines
 from klockwork.core.clock import ManualClock
@@ -85,7 +85,7 @@ def _batch(entries: list[AuditEntry]) -> EntryBatch:
                 e.kind,
                 e.agent_id,
                 e.session_id,
-                e.data,
+                canonical_json(e.data).decode(),
                 e.prev_hash,
                 e.hash,
                 e.stored_line(),

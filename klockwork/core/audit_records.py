@@ -1,0 +1,156 @@
+"""What the lease manager hands to the audit trail, and its direct JSON format.
+
+The lease manager records each decision with as little work as possible on
+its own thread; the audit writer builds the entry's data later. So what it
+hands over must not change in between:
+
+* A grant is recorded from the store's :class:`~klockwork.core.model.LeaseRecord`
+  plus its ``expires_at`` at that moment (:meth:`AuditLog.record_grant
+  <klockwork.core.audit.AuditLog.record_grant>`): every other field it
+  records (id, resource, predicate, fencing token) never changes. Its data
+  is the :class:`~klockwork.core.model.Lease` snapshot's ``__audit_data__()``
+  (:func:`granted_data`).
+* An ended lease (released, expired, revoked) is recorded from its final
+  record (:meth:`AuditLog.record_end <klockwork.core.audit.AuditLog.record_end>`);
+  its data is the record's ``__audit_data__()``.
+* A refusal is recorded as a :class:`Denied`, the verdict with the intents.
+
+Handing over the store's record, not a new snapshot, also means recording
+creates no object the garbage collector tracks: with a writer batch of
+pending entries alive at any moment, such objects would be promoted to the
+old generations and make full collections frequent (measured: several
+microseconds per lease cycle).
+
+:func:`granted_json`, :func:`ended_json` and :meth:`Denied.__audit_json__`
+format that data as canonical JSON text directly, for the writer's fast
+path (the contract is in :mod:`klockwork.core.audit_json`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from klockwork.core.audit_json import INT_LIMIT, json_str
+from klockwork.core.model import Conflict, LeaseRecord, Predicate, Verdict, VerdictStatus
+from klockwork.core.rules import ParsedIntent
+
+__all__ = ["Denied", "ended_json", "granted_data", "granted_json"]
+
+_ODD = "not a field type the direct format takes"
+
+
+def granted_data(rec: LeaseRecord, expires_at: int) -> dict[str, Any]:
+    """A ``lease.granted`` entry's data: the snapshot's, with ``expires_at`` as granted."""
+    data = rec.snapshot().__audit_data__()
+    data["expires_at"] = expires_at
+    return data
+
+
+def granted_json(rec: LeaseRecord, expires_at: int) -> str:
+    """:func:`granted_data` as canonical JSON text, formatted directly."""
+    lease_id, resource, token, predicate = (
+        rec.lease_id,
+        rec.resource,
+        rec.fencing_token,
+        rec.predicate,
+    )
+    if not (
+        lease_id.__class__ is str
+        and resource.__class__ is str
+        and predicate.__class__ is Predicate
+        and token.__class__ is int
+        and expires_at.__class__ is int
+        and -INT_LIMIT < token < INT_LIMIT
+        and -INT_LIMIT < expires_at < INT_LIMIT
+    ):
+        raise TypeError(_ODD)
+    return (
+        f'{{"expires_at":{expires_at},"fencing_token":{token},"lease_id":{json_str(lease_id)},'
+        f'"predicate":"{predicate._value_}","resource":{json_str(resource)}}}'
+    )
+
+
+def ended_json(rec: LeaseRecord) -> str:
+    """``rec.__audit_data__()`` (released, expired, revoked) as canonical JSON text."""
+    lease_id, resource, token, predicate = (
+        rec.lease_id,
+        rec.resource,
+        rec.fencing_token,
+        rec.predicate,
+    )
+    reason = rec.reason
+    if not (
+        lease_id.__class__ is str
+        and resource.__class__ is str
+        and predicate.__class__ is Predicate
+        and token.__class__ is int
+        and -INT_LIMIT < token < INT_LIMIT
+    ):
+        raise TypeError(_ODD)
+    if not reason:
+        return (
+            f'{{"fencing_token":{token},"lease_id":{json_str(lease_id)},'
+            f'"predicate":"{predicate._value_}","resource":{json_str(resource)}}}'
+        )
+    if reason.__class__ is not str:
+        raise TypeError(_ODD)
+    return (
+        f'{{"fencing_token":{token},"lease_id":{json_str(lease_id)},'
+        f'"predicate":"{predicate._value_}","reason":{json_str(reason)},'
+        f'"resource":{json_str(resource)}}}'
+    )
+
+
+class Denied(NamedTuple):
+    """A refused verdict as the audit writer turns it into ``lease.denied`` data."""
+
+    verdict: Verdict
+    intents: tuple[ParsedIntent, ...]
+
+    def __audit_data__(self) -> dict[str, Any]:
+        verdict = self.verdict
+        return {
+            "verdict": verdict.status.value,
+            "intents": [[i.key, i.predicate.value] for i in self.intents],
+            "conflicts": [c.model_dump(mode="json") for c in verdict.conflicts],
+            "wait_time_ms": verdict.wait_time_ms,
+        }
+
+    def __audit_json__(self) -> str:
+        """:meth:`__audit_data__` as canonical JSON text (see :mod:`~klockwork.core.audit_json`)."""
+        values = self.verdict.__dict__
+        status, wait = values["status"], values["wait_time_ms"]
+        if status.__class__ is not VerdictStatus or not (
+            wait is None or (wait.__class__ is int and -INT_LIMIT < wait < INT_LIMIT)
+        ):
+            raise TypeError(_ODD)
+        conflicts = []
+        for conflict in values["conflicts"]:
+            c = conflict.__dict__
+            agent, session, resource = c["agent_id"], c["session_id"], c["resource"]
+            predicate, lease_id = c["predicate"], c["lease_id"]
+            if not (
+                conflict.__class__ is Conflict
+                and agent.__class__ is str
+                and session.__class__ is str
+                and resource.__class__ is str
+                and predicate.__class__ is Predicate
+                and (lease_id is None or lease_id.__class__ is str)
+            ):
+                raise TypeError(_ODD)
+            conflicts.append(
+                f'{{"agent_id":{json_str(agent)},'
+                f'"lease_id":{"null" if lease_id is None else json_str(lease_id)},'
+                f'"predicate":"{predicate._value_}","resource":{json_str(resource)},'
+                f'"session_id":{json_str(session)}}}'
+            )
+        intents = []
+        for intent in self.intents:
+            key, predicate = intent.key, intent.predicate
+            if key.__class__ is not str or predicate.__class__ is not Predicate:
+                raise TypeError(_ODD)
+            intents.append(f'[{json_str(key)},"{predicate._value_}"]')
+        return (
+            f'{{"conflicts":[{",".join(conflicts)}],"intents":[{",".join(intents)}],'
+            f'"verdict":"{status._value_}","wait_time_ms":{"null" if wait is None else wait}}}'
+        )

@@ -1,0 +1,289 @@
+"""The audit writer's fast path: byte-identical to the documented conversion.
+
+The writer formats klockwork's own lease records as canonical JSON directly
+(:mod:`klockwork.core.audit_json`); every line it writes must be exactly the
+line the documented conversion (``to_json_value`` + ``canonical_json``)
+gives, whatever odd values the records hold. References here are computed
+with the chain's public helpers from the records' ``__audit_data__()``.
+"""
+
+from __future__ import annotations
+
+import enum
+import gc
+import warnings
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from klockwork.core.audit import AuditLog
+from klockwork.core.audit_chain import GENESIS_HASH, canonical_json, entry_hash, to_json_value
+from klockwork.core.audit_encode import ENDED, PENDING_SLOTS, encode_batch, encode_slow
+from klockwork.core.audit_json import INT_LIMIT
+from klockwork.core.audit_records import Denied, ended_json, granted_data, granted_json
+from klockwork.core.clock import ManualClock
+from klockwork.core.model import (
+    Conflict,
+    LeaseRecord,
+    LeaseState,
+    Predicate,
+    Verdict,
+    VerdictStatus,
+    _build,
+)
+from klockwork.core.rules import ParsedIntent
+
+ODD_CHARS = [
+    "a",
+    "Z",
+    '"',
+    "\\",
+    "\n",
+    "\t",
+    "\x00",
+    "\x1f",
+    "\x7f",
+    "\u2028",
+    "é",
+    "ü",
+    "\udc80",
+    "\ud800",
+    "😀",
+    "/",
+    " ",
+    ":",
+]
+
+
+class OddStr(str):
+    """A str subclass whose str() differs from its text (converted by str())."""
+
+    def __str__(self) -> str:
+        return "overridden"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+texts = st.one_of(
+    st.text(max_size=12),
+    st.lists(st.sampled_from(ODD_CHARS), max_size=8).map("".join),
+    st.sampled_from(["FILE:/x", "", OddStr("FILE:/odd")]),
+)
+ints = st.one_of(
+    st.integers(min_value=-(2**40), max_value=2**62),
+    st.sampled_from(
+        [0, -1, INT_LIMIT - 1, INT_LIMIT, -INT_LIMIT, -INT_LIMIT + 1, 1 << 13_500, True, Level.HIGH]
+    ),
+)
+# Records hold enum members (``__audit_data__`` reads ``.value``); another
+# enum's member must not pass for a predicate.
+predicates = st.sampled_from([*Predicate, VerdictStatus.WAIT])
+reasons = st.one_of(st.none(), texts, st.sampled_from([0, 7, ["list"]]))
+
+
+@st.composite
+def records(draw: st.DrawFn) -> LeaseRecord:
+    return LeaseRecord(
+        lease_id=draw(texts),
+        agent_id=draw(texts),
+        session_id=draw(texts),
+        resource=draw(texts),
+        predicate=draw(predicates),
+        priority=1,
+        fencing_token=draw(ints),
+        acquired_at=1_700_000_000_000,
+        expires_at=draw(ints),
+        ttl_ms=30_000,
+        state=LeaseState.RELEASED,
+        reason=draw(reasons),
+    )
+
+
+def documented(data: Any) -> str:
+    return canonical_json(to_json_value(data)).decode()
+
+
+def assert_same_or_refused(direct: Any, reference: Any) -> None:
+    """``direct()`` gives the documented text, or refuses (raises / is not UTF-8)."""
+    try:
+        text = direct()
+    except Exception:
+        return  # the writer takes the documented conversion instead
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return  # lone surrogates: the writer takes the documented conversion
+    assert text == documented(reference)
+
+
+# --------------------------------------------------------------------------- direct formats
+@settings(max_examples=400, deadline=None)
+@given(rec=records(), expires=ints)
+def test_granted_json_is_the_documented_text(rec: LeaseRecord, expires: Any) -> None:
+    assert_same_or_refused(lambda: granted_json(rec, expires), granted_data(rec, expires))
+
+
+@settings(max_examples=400, deadline=None)
+@given(rec=records())
+def test_ended_json_is_the_documented_text(rec: LeaseRecord) -> None:
+    assert_same_or_refused(lambda: ended_json(rec), rec.__audit_data__())
+
+
+def test_direct_formats_take_the_plain_cases() -> None:
+    """The common records are formatted directly (the fast path is really taken)."""
+    rec = LeaseRecord("id1", "a", "s", "FILE:/é\n", Predicate.MUTATES, 1, 7, 0, 99, 5, reason="r")
+    assert granted_json(rec, 123) == documented(granted_data(rec, 123))
+    assert ended_json(rec) == documented(rec.__audit_data__())
+    rec.reason = None
+    assert ended_json(rec) == documented(rec.__audit_data__())
+    assert granted_data(rec, 123)["expires_at"] == 123  # as granted, not the record's 99
+
+
+@st.composite
+def denials(draw: st.DrawFn) -> Denied:
+    conflicts = [
+        _build(
+            Conflict,
+            {
+                "agent_id": draw(texts),
+                "session_id": draw(texts),
+                "resource": draw(texts),
+                "predicate": draw(predicates),
+                "lease_id": draw(st.one_of(st.none(), texts)),
+            },
+        )
+        for _ in range(draw(st.integers(0, 3)))
+    ]
+    verdict = _build(
+        Verdict,
+        {
+            "status": draw(
+                st.sampled_from([VerdictStatus.WAIT, VerdictStatus.DIE, Predicate.DELETES])
+            ),
+            "leases": [],
+            "conflicts": conflicts,
+            "wait_time_ms": draw(st.one_of(st.none(), ints)),
+        },
+    )
+    intents = tuple(
+        ParsedIntent(draw(texts), draw(predicates), ())  # type: ignore[arg-type]
+        for _ in range(draw(st.integers(0, 3)))
+    )
+    return Denied(verdict, intents)
+
+
+@settings(max_examples=300, deadline=None)
+@given(denied=denials())
+def test_denied_json_is_the_documented_text(denied: Denied) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydantic warns when dumping odd field types
+        reference = denied.__audit_data__()
+    assert_same_or_refused(denied.__audit_json__, reference)
+
+
+# --------------------------------------------------------------------------- whole lines
+def reference_rows(entries: list[tuple[Any, ...]]) -> list[tuple[str, bytes]]:
+    """(hash, line) of each entry by the specification, from its documented data."""
+    out = []
+    prev = GENESIS_HASH
+    for seq, ts, kind, agent, session, data, how in entries:
+        if how is ENDED:
+            data = data.__audit_data__()
+        elif how is not None:
+            data = granted_data(data, how)
+        value = to_json_value({} if data is None else data)
+        if not isinstance(value, dict):
+            value = {"value": value}
+        fields = {
+            "agent_id": agent,
+            "data": value,
+            "kind": kind,
+            "prev_hash": prev,
+            "seq": seq,
+            "session_id": session,
+            "ts": ts,
+        }
+        prev = entry_hash(prev, fields)
+        out.append((prev, canonical_json({**fields, "hash": prev})))
+    return out
+
+
+identities = st.one_of(st.none(), st.text(max_size=6), st.sampled_from(["a", "é\n", '"q"']))
+plain_data = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), texts),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.one_of(texts, ints), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@st.composite
+def entries(draw: st.DrawFn) -> list[tuple[Any, ...]]:
+    out = []
+    for seq in range(1, draw(st.integers(1, 8)) + 1):
+        how_kind = draw(st.sampled_from(["record", "grant", "end"]))
+        agent = draw(identities)
+        session = draw(identities)
+        ts = draw(st.integers(0, 2**50))
+        if how_kind == "record":
+            data = draw(st.one_of(st.none(), plain_data))
+            out.append((seq, ts, "tool.end", agent, session, data, None))
+        elif how_kind == "grant":
+            out.append((seq, ts, "lease.granted", agent, session, draw(records()), draw(ints)))
+        else:
+            out.append((seq, ts, "lease.released", agent, session, draw(records()), ENDED))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch=entries())
+def test_encode_batch_lines_are_the_specified_lines(batch: list[tuple[Any, ...]]) -> None:
+    flat = [slot for entry in batch for slot in entry]
+    rows, head = encode_batch(flat, GENESIS_HASH)
+    expected = reference_rows(batch)
+    assert [(r[7], r[8]) for r in rows] == expected
+    assert head == expected[-1][0]
+    for row, entry in zip(rows, batch, strict=True):
+        slow = encode_slow(*entry[:6], row[6], entry[6])
+        assert row == slow  # every column, not only the line
+
+
+def test_encode_batch_refuses_a_torn_queue() -> None:
+    flat = [1, 1000, "tool.end", None, None, {}, None, 2]
+    with pytest.raises(ValueError):
+        encode_batch(flat, GENESIS_HASH)
+    assert PENDING_SLOTS == 7
+
+
+# --------------------------------------------------------------------------- recording
+def test_recording_creates_no_objects_the_garbage_collector_tracks() -> None:
+    """Queued entries must not be promoted by collections (DESIGN "Performance stance")."""
+    clock = ManualClock(1_700_000_000_000)
+    log = AuditLog(clock=clock)
+    rec = LeaseRecord("id", "a", "s", "FILE:/x", Predicate.MUTATES, 1, 1, 0, 9, 9)
+    log.record_grant(rec, 1)  # starts the writer
+    log.flush()
+    log._wake_needed = False  # keep the writer asleep: entries stay queued
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        for i in range(1000):
+            log.record_grant(rec, i)
+            log.record_end("lease.released", rec, i)
+            log.record("tool.end", "a", "s", None, ts=i)
+        grown = gc.get_count()[0] - before
+    finally:
+        if was:
+            gc.enable()
+        log._wake_needed = True
+    assert grown < 50, f"{grown} tracked objects allocated for 3000 queued entries"
+    log.record("tool.end", None, None)  # wakes the writer
+    result = log.verify()
+    assert result.valid and result.checked == 3002
+    log.close()

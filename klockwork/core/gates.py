@@ -51,10 +51,11 @@ from klockwork.core.errors import GateDeniedError, InvalidRequestError
 from klockwork.core.events import AuditRecorder
 from klockwork.core.model import _build
 from klockwork.core.policy import ConditionResult, Effect, Policy, decide
-from klockwork.core.policy_files import load_policies
+from klockwork.core.policy_set import Policies
 from klockwork.core.stores.base import Store
 
 __all__ = ["CAPABILITY_DENIED", "ActionResult", "GateRecord", "Gates", "Policies"]
+
 
 CAPABILITY_DENIED = "CAPABILITY_DENIED"
 GATE = "gate"  # record kind
@@ -137,75 +138,6 @@ class _Entry(NamedTuple):
         if r.conditions_evaluated:
             data["conditions"] = [c.model_dump(mode="json") for c in r.conditions_evaluated]
         return data
-
-
-class Policies:
-    """The engine's policy set (``kw.policies``); thread-safe, applies to new gates at once."""
-
-    def __init__(self) -> None:
-        self._by_name: dict[str, Policy] = {}
-        #: What gates read: replaced as a whole, so readers need no lock.
-        self.snapshot: tuple[Policy, ...] = ()
-
-    def add(self, policy: Policy | Mapping[str, Any], *, replace: bool = False) -> Policy:
-        """Add a policy (a :class:`Policy` or a dict of its fields).
-
-        Raises:
-            InvalidRequestError: invalid fields, or a policy of that name
-                exists and ``replace`` is False.
-        """
-        if isinstance(policy, Mapping):
-            from klockwork.core.policy_files import parse_policies
-
-            (policy,) = parse_policies({"policies": [dict(policy)]}, "kw.policies.add")
-        if not isinstance(policy, Policy):
-            raise InvalidRequestError("policy", policy, "expected a Policy or a dict")
-        if policy.name in self._by_name and not replace:
-            raise InvalidRequestError(
-                "policy", policy.name, "a policy of this name exists (pass replace=True)"
-            )
-        self._by_name = {**self._by_name, policy.name: policy}
-        self.snapshot = tuple(self._by_name.values())
-        return policy
-
-    def load(self, path: str | os.PathLike[str], *, replace: bool = False) -> list[Policy]:
-        """Add every policy of a YAML/JSON file (``{"policies": [...]}``); all or none.
-
-        Raises:
-            InvalidRequestError: naming the file, the policy and the field.
-        """
-        policies = load_policies(path)
-        clash = [p.name for p in policies if p.name in self._by_name]
-        if clash and not replace:
-            raise InvalidRequestError(
-                "path", os.fspath(path), f"policies {clash} exist already (pass replace=True)"
-            )
-        merged = dict(self._by_name)
-        merged.update((p.name, p) for p in policies)
-        self._by_name = merged
-        self.snapshot = tuple(merged.values())
-        return policies
-
-    def remove(self, name: str) -> bool:
-        """Remove a policy by name; False if there was none."""
-        if name not in self._by_name:
-            return False
-        self._by_name = {k: v for k, v in self._by_name.items() if k != name}
-        self.snapshot = tuple(self._by_name.values())
-        return True
-
-    def get(self, name: str) -> Policy | None:
-        """The policy of that name, or None."""
-        return self._by_name.get(name)
-
-    def list(self) -> builtins.list[Policy]:
-        """Every policy, in the order added."""
-        return list(self.snapshot)
-
-    def clear(self) -> None:
-        """Remove every policy (gates then apply ``default_effect``)."""
-        self._by_name = {}
-        self.snapshot = ()
 
 
 def _fields(

@@ -200,7 +200,9 @@ class AuditLog:
             ts = self._now_ms()
         elif ts.__class__ is not int:
             raise InvalidRequestError("ts", ts, "must be epoch milliseconds as an int")
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # as in record_grant
+        try:
             if self._refusing:
                 self._raise_unusable()
             seq = self._next_seq
@@ -208,6 +210,8 @@ class AuditLog:
             self._pending += (seq, ts, kind, agent_id, session_id, data, None)
             if self._wake_needed:
                 self._wake()
+        finally:
+            lock.release()
         return seq
 
     def record_grant(self, rec: LeaseRecord, ts: int) -> int:
@@ -224,7 +228,9 @@ class AuditLog:
         Raises:
             StoreUnavailableError: the log is closed, or its writer failed.
         """
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # acquire/try/finally costs less than `with` (zero-cost try)
+        try:
             if self._refusing:
                 self._raise_unusable()
             seq = self._next_seq
@@ -240,6 +246,8 @@ class AuditLog:
             )
             if self._wake_needed:
                 self._wake()
+        finally:
+            lock.release()
         return seq
 
     def record_end(self, kind: str, rec: LeaseRecord, ts: int) -> int:
@@ -253,7 +261,9 @@ class AuditLog:
         Raises:
             StoreUnavailableError: the log is closed, or its writer failed.
         """
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # as in record_grant
+        try:
             if self._refusing:
                 self._raise_unusable()
             seq = self._next_seq
@@ -261,6 +271,8 @@ class AuditLog:
             self._pending += (seq, ts, kind, rec.agent_id, rec.session_id, rec, ENDED)
             if self._wake_needed:
                 self._wake()
+        finally:
+            lock.release()
         return seq
 
     def listener(self, event: GovernanceEvent) -> None:

@@ -136,6 +136,11 @@ class MemoryAuditBackend:
         """Store ``entries``; they must continue the chain (else :class:`AuditIntegrityError`)."""
         if not entries:
             return
+        ts: Sequence[int]
+        kinds: Sequence[str]
+        agents: Sequence[str | None]
+        sessions: Sequence[str | None]
+        lines: Sequence[bytes]
         if isinstance(entries, EntryBatch):
             rows = entries.rows
             first, last = rows[0][0], rows[-1][0]

@@ -17,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from json.encoder import c_make_encoder  # type: ignore[attr-defined]
 from typing import Any
 
 from klockwork.core.audit_backend import Row
 from klockwork.core.audit_chain import canonical_json, to_json_value
-from klockwork.core.audit_json import json_str
-from klockwork.core.audit_records import ended_json, granted_data, granted_json
+from klockwork.core.audit_json import INT_LIMIT, json_str
+from klockwork.core.audit_records import granted_data
+from klockwork.core.model import Predicate
 
 __all__ = ["ENDED", "PENDING_SLOTS", "encode_batch", "encode_slow"]
 
@@ -50,24 +52,56 @@ _encode = json.JSONEncoder(
 ).encode
 _sha256 = hashlib.sha256
 _UNSET: Any = object()
+_ODD = "not a type the direct format takes"
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(_ODD)
+
+
+if c_make_encoder is not None:
+    # One C encoder for every entry (JSONEncoder.encode builds a new one per
+    # call). No cycle check: _plain only passes data nested at most 50 deep.
+    _c_encode = c_make_encoder(None, _refuse, json_str, None, ":", ",", True, False, False)
+
+    def _encode_plain(data: dict[str, Any]) -> str:
+        return "".join(_c_encode(data, 0))
+
+else:  # pragma: no cover - CPython always has the C encoder
+
+    def _encode_plain(data: dict[str, Any]) -> str:
+        return _encode(data)
 
 
 def _plain(value: dict[Any, Any], depth: int = 0) -> bool:
     """True if dict ``value`` is JSON data that :func:`to_json_value` leaves as is.
 
     Floats are let through: NaN and infinities make the encoder raise, which
-    sends the entry to the slow path.
+    sends the entry to the slow path. Scalars are checked inline (the common
+    flat dict costs no call per value).
     """
-    for k, v in value.items():  # noqa: SIM110 - a plain loop is faster than all(<genexpr>)
-        if k.__class__ is not str or not _plain_value(v, depth):
+    high, low = INT_LIMIT, -INT_LIMIT
+    for k, v in value.items():
+        if k.__class__ is not str:
+            return False
+        t = v.__class__
+        if t is str or v is None or t is bool or t is float:
+            continue
+        if t is int:
+            if low < v < high:
+                continue
+            return False
+        if not _plain_value(v, depth):
             return False
     return True
 
 
 def _plain_value(v: Any, depth: int) -> bool:
     t = v.__class__
-    if t is str or t is int or v is None or t is bool or t is float:
+    if t is str or v is None or t is bool or t is float:
         return True
+    if t is int:
+        return bool(-INT_LIMIT < v < INT_LIMIT)  # larger: hex beyond 13 000 bits
     if depth >= 50:
         return False
     if t is dict:
@@ -89,14 +123,13 @@ def _data_json(data: Any) -> str:
             return text
         build = getattr(cls, "__audit_data__", None)
         if build is None:
-            raise TypeError("not a dict")
+            raise TypeError(_ODD)
         data = build(data)
         if data.__class__ is not dict:
-            raise TypeError("not a dict")
+            raise TypeError(_ODD)
     if not _plain(data):
-        raise TypeError("not plain JSON data")
-    text = _encode(data)
-    return text
+        raise TypeError(_ODD)
+    return _encode_plain(data)
 
 
 def _ident(value: Any) -> str | None:
@@ -150,13 +183,18 @@ def encode_slow(
 def encode_batch(batch: Sequence[Any], prev: str) -> tuple[list[Row], str]:
     """Chain the entries queued flat in ``batch`` after ``prev``: their rows, and the new head hash.
 
-    ``batch`` holds :data:`PENDING_SLOTS` slots per entry. Consecutive
+    ``batch`` holds :data:`PENDING_SLOTS` slots per entry. The data of a
+    lease's record is formatted here, inline (this loop is the writer's whole
+    per-entry cost): exactly ``granted_json``/``ended_json`` of
+    :mod:`~klockwork.core.audit_records`, whose contract
+    (:mod:`~klockwork.core.audit_json`) the tests check on both. Consecutive
     entries usually share their agent and session, so their JSON text is
     reused while the object stays the same.
     """
     out: list[Row] = []
     add = out.append
-    sha, data_json, enc_str = _sha256, _data_json, json_str
+    sha, data_json, enc_str, predicate_cls = _sha256, _data_json, json_str, Predicate
+    high, low = INT_LIMIT, -INT_LIMIT
     last_a = last_s = _UNSET
     a = s = "null"
     slots = iter(batch)
@@ -166,17 +204,46 @@ def encode_batch(batch: Sequence[Any], prev: str) -> tuple[list[Row], str]:
         try:
             if how is None:
                 text = data_json(data)
-            elif how is ENDED:
-                text = ended_json(data)
-            else:
-                text = granted_json(data, how)
+            else:  # a lease's record: granted (how = expires_at) or ended
+                lease_id, resource, token = data.lease_id, data.resource, data.fencing_token
+                predicate = data.predicate
+                if not (
+                    lease_id.__class__ is str
+                    and resource.__class__ is str
+                    and predicate.__class__ is predicate_cls
+                    and token.__class__ is int
+                    and low < token < high
+                ):
+                    raise TypeError(_ODD)
+                if how is not ENDED:
+                    if how.__class__ is not int or not low < how < high:
+                        raise TypeError(_ODD)
+                    text = (
+                        f'{{"expires_at":{how},"fencing_token":{token},'
+                        f'"lease_id":{enc_str(lease_id)},"predicate":"{predicate._value_}",'
+                        f'"resource":{enc_str(resource)}}}'
+                    )
+                elif data.reason:
+                    reason = data.reason
+                    if reason.__class__ is not str:
+                        raise TypeError(_ODD)
+                    text = (
+                        f'{{"fencing_token":{token},"lease_id":{enc_str(lease_id)},'
+                        f'"predicate":"{predicate._value_}","reason":{enc_str(reason)},'
+                        f'"resource":{enc_str(resource)}}}'
+                    )
+                else:
+                    text = (
+                        f'{{"fencing_token":{token},"lease_id":{enc_str(lease_id)},'
+                        f'"predicate":"{predicate._value_}","resource":{enc_str(resource)}}}'
+                    )
             if agent_id is not last_a:
                 if agent_id is None:
                     a = "null"
                 elif agent_id.__class__ is str:
                     a = enc_str(agent_id)
                 else:
-                    raise TypeError("not a str")
+                    raise TypeError(_ODD)
                 last_a = agent_id
             if session_id is not last_s:
                 if session_id is None:
@@ -184,29 +251,16 @@ def encode_batch(batch: Sequence[Any], prev: str) -> tuple[list[Row], str]:
                 elif session_id.__class__ is str:
                     s = enc_str(session_id)
                 else:
-                    raise TypeError("not a str")
+                    raise TypeError(_ODD)
                 last_s = session_id
             if ts.__class__ is not int:
-                raise TypeError("not an int")
-            head = f'{{"agent_id":{a},"data":{text}'.encode()
-            tail = (
-                f',"kind":"{kind}","prev_hash":"{prev}","seq":{seq},"session_id":{s},"ts":{ts}}}'
-            ).encode()
-            hash_ = sha(prev.encode() + head + tail).hexdigest()
-            add(
-                (
-                    seq,
-                    ts,
-                    kind,
-                    agent_id,
-                    session_id,
-                    text,
-                    prev,
-                    hash_,
-                    b'%b,"hash":"%s"%b' % (head, hash_.encode(), tail),
-                )
-            )
-        except Exception:  # any doubt: the documented conversion decides
+                raise TypeError(_ODD)
+            head = f'{{"agent_id":{a},"data":{text}'
+            tail = f',"kind":"{kind}","prev_hash":"{prev}","seq":{seq},"session_id":{s},"ts":{ts}}}'
+            hash_ = sha(f"{prev}{head}{tail}".encode()).hexdigest()
+            line = f'{head},"hash":"{hash_}"{tail}'.encode()
+            add((seq, ts, kind, agent_id, session_id, text, prev, hash_, line))
+        except Exception:  # any doubt (or not UTF-8): the documented conversion decides
             row = encode_slow(seq, ts, kind, agent_id, session_id, data, prev, how)
             add(row)
             hash_ = row[7]

@@ -7,13 +7,15 @@ runs the JSON encoder; for klockwork's own records (a granted ``Lease``, an
 ended ``LeaseRecord``, a refused verdict) that is most of the writer's cost
 per entry, paid under the GIL by the threads that take leases.
 
-So those classes also define ``__audit_json__()``, which formats the same
-text directly. The contract, checked by the tests for every such class with
-generated odd values:
+So the writer formats the same text directly for them: inline for a
+lease's record (:func:`~klockwork.core.audit_encode.encode_batch`), and
+through ``__audit_json__()`` for any object whose class defines it (such as
+:class:`~klockwork.core.audit_records.Denied`). The contract of both,
+checked by the tests with generated odd values:
 
-* It returns exactly ``canonical_json(to_json_value(obj.__audit_data__()))``
+* The text is exactly ``canonical_json(to_json_value(obj.__audit_data__()))``
   decoded, whenever that text is valid UTF-8.
-* It raises (any exception, typically ``TypeError``) when a value is not of
+* Formatting raises (any exception, typically ``TypeError``) when a value is not of
   the exact type it formats: only exact ``str``, exact ``int`` within
   :data:`INT_LIMIT`, ``None`` and the class's own enum members are
   formatted. The writer then takes the generic way, so an odd value changes
@@ -23,7 +25,7 @@ generated odd values:
   (which writes them as ``\\udXXX`` text).
 
 This module only holds the shared helpers; it imports nothing from
-klockwork, so the model classes can use it.
+klockwork, so any record class can use it.
 """
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ pending entries alive at any moment, such objects would be promoted to the
 old generations and make full collections frequent (measured: several
 microseconds per lease cycle).
 
-:func:`granted_json`, :func:`ended_json` and :meth:`Denied.__audit_json__`
-format that data as canonical JSON text directly, for the writer's fast
-path (the contract is in :mod:`klockwork.core.audit_json`).
+:func:`~klockwork.core.audit_encode.encode_batch` formats the data of the
+first two as canonical JSON text directly, and :meth:`Denied.__audit_json__`
+that of the third, for the writer's fast path (the contract is in
+:mod:`klockwork.core.audit_json`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from klockwork.core.audit_json import INT_LIMIT, json_str
 from klockwork.core.model import Conflict, LeaseRecord, Predicate, Verdict, VerdictStatus
 from klockwork.core.rules import ParsedIntent
 
-__all__ = ["Denied", "ended_json", "granted_data", "granted_json"]
+__all__ = ["Denied", "granted_data"]
 
 _ODD = "not a field type the direct format takes"
 
@@ -44,61 +45,6 @@ def granted_data(rec: LeaseRecord, expires_at: int) -> dict[str, Any]:
     data = rec.snapshot().__audit_data__()
     data["expires_at"] = expires_at
     return data
-
-
-def granted_json(rec: LeaseRecord, expires_at: int) -> str:
-    """:func:`granted_data` as canonical JSON text, formatted directly."""
-    lease_id, resource, token, predicate = (
-        rec.lease_id,
-        rec.resource,
-        rec.fencing_token,
-        rec.predicate,
-    )
-    if not (
-        lease_id.__class__ is str
-        and resource.__class__ is str
-        and predicate.__class__ is Predicate
-        and token.__class__ is int
-        and expires_at.__class__ is int
-        and -INT_LIMIT < token < INT_LIMIT
-        and -INT_LIMIT < expires_at < INT_LIMIT
-    ):
-        raise TypeError(_ODD)
-    return (
-        f'{{"expires_at":{expires_at},"fencing_token":{token},"lease_id":{json_str(lease_id)},'
-        f'"predicate":"{predicate._value_}","resource":{json_str(resource)}}}'
-    )
-
-
-def ended_json(rec: LeaseRecord) -> str:
-    """``rec.__audit_data__()`` (released, expired, revoked) as canonical JSON text."""
-    lease_id, resource, token, predicate = (
-        rec.lease_id,
-        rec.resource,
-        rec.fencing_token,
-        rec.predicate,
-    )
-    reason = rec.reason
-    if not (
-        lease_id.__class__ is str
-        and resource.__class__ is str
-        and predicate.__class__ is Predicate
-        and token.__class__ is int
-        and -INT_LIMIT < token < INT_LIMIT
-    ):
-        raise TypeError(_ODD)
-    if not reason:
-        return (
-            f'{{"fencing_token":{token},"lease_id":{json_str(lease_id)},'
-            f'"predicate":"{predicate._value_}","resource":{json_str(resource)}}}'
-        )
-    if reason.__class__ is not str:
-        raise TypeError(_ODD)
-    return (
-        f'{{"fencing_token":{token},"lease_id":{json_str(lease_id)},'
-        f'"predicate":"{predicate._value_}","reason":{json_str(reason)},'
-        f'"resource":{json_str(resource)}}}'
-    )
 
 
 class Denied(NamedTuple):

@@ -180,11 +180,16 @@ def no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _batch_ns(fn: Callable[[], object], n: int) -> float:
+def _batch_ns(
+    fn: Callable[[], object], n: int, settle: Callable[[], object] | None = None
+) -> float:
+    """Mean ns per call of ``n`` calls; ``settle`` (if any) runs inside the timing, once."""
     rng = range(n)
     t0 = perf_ns()
     for _ in rng:
         fn()
+    if settle is not None:
+        settle()
     return (perf_ns() - t0) / n
 
 
@@ -202,7 +207,11 @@ def _calibrate(fn: Callable[[], object], batch_ms: float) -> int:
 
 
 def compare(
-    fns: dict[str, Callable[[], object]], batches: int, batch_ms: float
+    fns: dict[str, Callable[[], object]],
+    batches: int,
+    batch_ms: float,
+    settle: dict[str, Callable[[], object]] | None = None,
+    collect: bool = False,
 ) -> dict[str, Stats]:
     """Time every function in interleaved batches; median/p90 of batch means (ns/op).
 
@@ -210,17 +219,26 @@ def compare(
     ``batch_ms`` (so a 100 ns and a 10 µs operation are equally exposed to
     preemption). The order of the functions rotates from one round to the
     next; the garbage collector is off while a batch runs (young
-    generations are collected between rounds).
+    generations are collected between rounds), unless ``collect``: then it
+    runs as in any program, and its cost is part of the timing.
+    ``settle[name]`` runs at the end of each of that function's batches,
+    inside the timing: an engine's ``kw.audit.flush``, so that the audit
+    writer's work for the batch is charged to it and does not spill into the
+    next batch (another side's).
     """
     names = list(fns)
+    settle = settle or {}
     sizes = {name: _calibrate(fns[name], batch_ms) for name in names}
+    for done in settle.values():
+        done()
     means: dict[str, list[float]] = {name: [] for name in names}
     for i in range(batches):
-        gc.collect(1)
+        if not collect:
+            gc.collect(1)
         order = names[i % len(names) :] + names[: i % len(names)]
-        with no_gc():
+        with contextlib.nullcontext() if collect else no_gc():
             for name in order:
-                means[name].append(_batch_ns(fns[name], sizes[name]))
+                means[name].append(_batch_ns(fns[name], sizes[name], settle.get(name)))
     return {name: Stats.of(values) for name, values in means.items()}
 
 
@@ -269,15 +287,33 @@ def lease_op(kw: Klockwork, agent: str = "bench") -> Callable[[], None]:
 
 # --------------------------------------------------------------------------- sections
 def bench_memory_vs_lock(plan: Plan) -> list[Row]:
-    kw = Klockwork()
+    kw = Klockwork()  # lease decisions audited (the default)
+    kw_off = Klockwork(audit_leases=False)
     lock = threading.Lock()
 
     def lock_op() -> None:
         lock.acquire()
         lock.release()
 
-    res = compare({"ours": lease_op(kw), "lock": lock_op}, plan.batches, plan.batch_ms)
+    res = compare(
+        {"ours": lease_op(kw), "lock": lock_op, "off": lease_op(kw_off)},
+        plan.batches,
+        plan.batch_ms,
+        settle={"ours": kw.audit.flush, "off": kw_off.audit.flush},
+    )
+    entries = kw.audit.checkpoint().seq
+    # The same pair with the garbage collector running, as in a real program:
+    # objects kept alive until the writer takes them would be promoted and
+    # make full collections frequent; the other rows keep the collector off.
+    res_gc = compare(
+        {"ours": lease_op(kw), "off": lease_op(kw_off)},
+        plan.batches,
+        plan.batch_ms,
+        settle={"ours": kw.audit.flush, "off": kw_off.audit.flush},
+        collect=True,
+    )
     kw.close()
+    kw_off.close()
     return [
         Row(
             "memory try_acquire+release vs threading.Lock",
@@ -286,7 +322,25 @@ def bench_memory_vs_lock(plan: Plan) -> list[Row]:
             "threading.Lock acquire+release",
             "≤ 40x",
             40.0,
-        )
+            note="audited (the default); each batch ends with kw.audit.flush(), timed",
+        ),
+        Row(
+            "memory try_acquire+release, audit on vs off",
+            res["ours"],
+            res["off"],
+            "same, Klockwork(audit_leases=False)",
+            note=f"2 entries per cycle hashed and stored by the writer thread inside the "
+            f"timing ({entries:,} entries in all); same batches as the row above",
+            section="info",
+        ),
+        Row(
+            "memory try_acquire+release, audit on vs off, garbage collector on",
+            res_gc["ours"],
+            res_gc["off"],
+            "same, Klockwork(audit_leases=False)",
+            note="as the row above, with the garbage collector running during the batches",
+            section="info",
+        ),
     ]
 
 
@@ -316,7 +370,8 @@ def bench_scale(plan: Plan) -> list[Row]:
     gc.freeze()  # the fillers live for the whole section: keep them out of collections
     try:
         fns = {str(n): lease_op(kw) for n, kw in engines.items()}
-        res = compare(fns, plan.batches, plan.batch_ms)
+        settle = {str(n): kw.audit.flush for n, kw in engines.items()}
+        res = compare(fns, plan.batches, plan.batch_ms, settle)
     finally:
         gc.unfreeze()
     base = res[str(plan.scale_sizes[0])]
@@ -339,11 +394,15 @@ def bench_scale(plan: Plan) -> list[Row]:
     return rows
 
 
-def _sqlite_engine(path: Path, warmup: int) -> tuple[Klockwork, Callable[[], None]]:
-    kw = Klockwork.open(f"sqlite:///{path}")  # an absolute path gives sqlite:////...
+def _sqlite_engine(
+    path: Path, warmup: int, audit_leases: bool = True
+) -> tuple[Klockwork, Callable[[], None]]:
+    # an absolute path gives sqlite:////...
+    kw = Klockwork.open(f"sqlite:///{path}", audit_leases=audit_leases)
     op = lease_op(kw)
     for _ in range(warmup):
         op()
+    kw.audit.flush()
     return kw, op
 
 
@@ -352,7 +411,7 @@ def _fresh_sqlite_vs(
 ) -> tuple[Stats, Stats]:
     """SQLite acquire+release against ``anchor_op``, a fresh database per batch."""
     kw, op = _sqlite_engine(tmp / f"{tag}-warm.db", plan.sqlite_warmup)
-    ours_ns = _batch_ns(op, plan.slow_batch)
+    ours_ns = _batch_ns(op, plan.slow_batch, kw.audit.flush)
     kw.close()
     anchor_ns = _batch_ns(anchor_op, plan.slow_batch)
     # Same wall time per batch on both sides: the anchor does as many calls as fit.
@@ -365,9 +424,9 @@ def _fresh_sqlite_vs(
         with no_gc():
             if i % 2:
                 anchor.append(_batch_ns(anchor_op, anchor_n))
-                ours.append(_batch_ns(op, plan.slow_batch))
+                ours.append(_batch_ns(op, plan.slow_batch, kw.audit.flush))
             else:
-                ours.append(_batch_ns(op, plan.slow_batch))
+                ours.append(_batch_ns(op, plan.slow_batch, kw.audit.flush))
                 anchor.append(_batch_ns(anchor_op, anchor_n))
         kw.close()
     return Stats.of(ours), Stats.of(anchor)
@@ -408,10 +467,12 @@ def bench_sqlite_vs_filelock(plan: Plan, tmp: Path) -> list[Row]:
             "FileLock acquire+release (same dir)",
             "≤ 2x",
             2.0,
-            note=f"fresh database per batch: < {plan.sqlite_warmup + plan.slow_batch} "
-            "released leases in the resource's history",
+            note=f"audited; fresh database per batch: < {plan.sqlite_warmup + plan.slow_batch} "
+            "released leases in the resource's history; each batch ends with "
+            "kw.audit.flush(), timed",
         )
     ]
+    rows.append(_sqlite_audit_on_vs_off(plan, tmp))
 
     # The same operation once the resource has a long history of released leases.
     history = plan.sqlite_history
@@ -426,8 +487,8 @@ def bench_sqlite_vs_filelock(plan: Plan, tmp: Path) -> list[Row]:
         kw, op = _sqlite_engine(tmp / f"fresh-h{i}.db", plan.sqlite_warmup)
         gc.collect(1)
         with no_gc():
-            long_hist.append(_batch_ns(old_op, batch))
-            fresh.append(_batch_ns(op, batch))
+            long_hist.append(_batch_ns(old_op, batch, old_kw.audit.flush))
+            fresh.append(_batch_ns(op, batch, kw.audit.flush))
         kw.close()
     old_kw.close()
     rows.append(
@@ -441,6 +502,36 @@ def bench_sqlite_vs_filelock(plan: Plan, tmp: Path) -> list[Row]:
         )
     )
     return rows
+
+
+def _sqlite_audit_on_vs_off(plan: Plan, tmp: Path) -> Row:
+    """Row 4's operation with lease decisions audited (kw_audit in the same file) or not.
+
+    Both sides run on a fresh database per batch, in alternating order; each
+    batch ends with ``kw.audit.flush()`` inside the timing, so the writer's
+    commits of the batch's entries are charged to it.
+    """
+    on: list[float] = []
+    off: list[float] = []
+    for i in range(plan.batches):
+        kw_on, op_on = _sqlite_engine(tmp / f"audit-on-{i}.db", plan.sqlite_warmup)
+        kw_off, op_off = _sqlite_engine(tmp / f"audit-off-{i}.db", plan.sqlite_warmup, False)
+        gc.collect(1)
+        with no_gc():
+            sides = [(on, op_on, kw_on), (off, op_off, kw_off)]
+            for samples, op, kw in sides if i % 2 else sides[::-1]:
+                samples.append(_batch_ns(op, plan.slow_batch, kw.audit.flush))
+        kw_on.close()
+        kw_off.close()
+    return Row(
+        "sqlite try_acquire+release, audit on vs off",
+        Stats.of(on),
+        Stats.of(off),
+        "same, Klockwork.open(..., audit_leases=False)",
+        note="fresh database per batch for each side; the audited side's writer "
+        "commits its entries to kw_audit in the same file, inside the timing",
+        section="info",
+    )
 
 
 def bench_redis(plan: Plan, tmp: Path) -> list[Row]:
@@ -525,6 +616,7 @@ def bench_tool(plan: Plan) -> list[Row]:
         },
         plan.batches,
         plan.batch_ms,
+        settle={"ours": kw.audit.flush},
     )
     kw.close()
     return [

@@ -211,7 +211,6 @@ def compare(
     batches: int,
     batch_ms: float,
     settle: dict[str, Callable[[], object]] | None = None,
-    collect: bool = False,
 ) -> dict[str, Stats]:
     """Time every function in interleaved batches; median/p90 of batch means (ns/op).
 
@@ -219,12 +218,10 @@ def compare(
     ``batch_ms`` (so a 100 ns and a 10 µs operation are equally exposed to
     preemption). The order of the functions rotates from one round to the
     next; the garbage collector is off while a batch runs (young
-    generations are collected between rounds), unless ``collect``: then it
-    runs as in any program, and its cost is part of the timing.
-    ``settle[name]`` runs at the end of each of that function's batches,
-    inside the timing: an engine's ``kw.audit.flush``, so that the audit
-    writer's work for the batch is charged to it and does not spill into the
-    next batch (another side's).
+    generations are collected between rounds). ``settle[name]`` runs at the
+    end of each of that function's batches, inside the timing: an engine's
+    ``kw.audit.flush``, so that the audit writer's work for the batch is
+    charged to it and does not spill into the next batch (another side's).
     """
     names = list(fns)
     settle = settle or {}
@@ -233,10 +230,9 @@ def compare(
         done()
     means: dict[str, list[float]] = {name: [] for name in names}
     for i in range(batches):
-        if not collect:
-            gc.collect(1)
+        gc.collect(1)
         order = names[i % len(names) :] + names[: i % len(names)]
-        with contextlib.nullcontext() if collect else no_gc():
+        with no_gc():
             for name in order:
                 means[name].append(_batch_ns(fns[name], sizes[name], settle.get(name)))
     return {name: Stats.of(values) for name, values in means.items()}
@@ -302,16 +298,6 @@ def bench_memory_vs_lock(plan: Plan) -> list[Row]:
         settle={"ours": kw.audit.flush, "off": kw_off.audit.flush},
     )
     entries = kw.audit.checkpoint().seq
-    # The same pair with the garbage collector running, as in a real program:
-    # objects kept alive until the writer takes them would be promoted and
-    # make full collections frequent; the other rows keep the collector off.
-    res_gc = compare(
-        {"ours": lease_op(kw), "off": lease_op(kw_off)},
-        plan.batches,
-        plan.batch_ms,
-        settle={"ours": kw.audit.flush, "off": kw_off.audit.flush},
-        collect=True,
-    )
     kw.close()
     kw_off.close()
     return [
@@ -331,14 +317,6 @@ def bench_memory_vs_lock(plan: Plan) -> list[Row]:
             "same, Klockwork(audit_leases=False)",
             note=f"2 entries per cycle hashed and stored by the writer thread inside the "
             f"timing ({entries:,} entries in all); same batches as the row above",
-            section="info",
-        ),
-        Row(
-            "memory try_acquire+release, audit on vs off, garbage collector on",
-            res_gc["ours"],
-            res_gc["off"],
-            "same, Klockwork(audit_leases=False)",
-            note="as the row above, with the garbage collector running during the batches",
             section="info",
         ),
     ]

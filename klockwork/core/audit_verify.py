@@ -149,33 +149,36 @@ class ChainVerifier:
         lineno = first_lineno - 1
         it = iter(lines)
         while self._reason is None:
-            seq, prev_b, checked = self._seq, self._prev_b, self._checked
+            seq = start = self._seq
+            prev_b = self._prev_b
             careful: bytes | None = None
             for line in it:
-                lineno += 1
+                seq += 1
                 # Canonical tail: ,"hash":"H","kind":"K","prev_hash":"P","seq":N,"session_id":...
                 # Only its expected shape, with the expected P and N, is taken here.
                 cut = line.rfind(hash_key)
                 hash_b = line[cut + 9 : cut + 73]
                 if (
                     cut <= 0
-                    or seq + 1 == check_at
+                    or seq == check_at
                     or not line.startswith(kind_key, cut + 73)
                     or not line.startswith(
-                        b'","prev_hash":"%b","seq":%d,"session_id":' % (prev_b, seq + 1),
+                        b'","prev_hash":"%b","seq":%d,"session_id":' % (prev_b, seq),
                         line.find(b'"', cut + 83),
                     )
-                    or line[-1:] != b"}"
+                    or line[-1] != 0x7D  # "}"
                     or sha(prev_b + line[:cut] + line[cut + 74 :]).hexdigest().encode() != hash_b
                 ):
                     careful = line
+                    seq -= 1
                     break
-                seq += 1
                 prev_b = hash_b
-                checked += 1
-            self._seq, self._prev_b, self._checked = seq, prev_b, checked
+            self._seq, self._prev_b = seq, prev_b
+            self._checked += seq - start
+            lineno += seq - start
             if careful is None:
                 return
+            lineno += 1
             self.feed_line(careful, lineno)
 
     def _feed_parsed(self, line: bytes, lineno: int) -> None:

@@ -24,8 +24,8 @@ The queue is appended in the same critical section that assigns ``seq``, so
 queue order is seq order and the chain is gapless whatever the interleaving.
 
 Recording allocates nothing the garbage collector tracks: the queue is one
-flat list (seven slots per entry, see
-:data:`~klockwork.core.audit_encode.Pending`), not a tuple per entry, and the
+flat list (:data:`~klockwork.core.audit_encode.PENDING_SLOTS` slots per
+entry), not a tuple per entry, and the
 lease manager hands over the store's own records
 (:meth:`~AuditLog.record_grant`, :meth:`~AuditLog.record_end`). Tracked
 objects alive in the queue while the garbage collector runs would be
@@ -285,14 +285,13 @@ class AuditLog:
             self.record(event.kind, event.agent_id, event.session_id, event.data, ts=event.ts)
 
     def _wake(self) -> None:  # under the lock
-        self._wake_needed = False
         if self._writer is None:
-            self._writer = threading.Thread(
-                target=self._run, name="klockwork-audit-writer", daemon=True
-            )
-            self._writer.start()
+            writer = threading.Thread(target=self._run, name="klockwork-audit-writer", daemon=True)
+            writer.start()  # if this raises, nothing changed: the next record tries again
+            self._writer = writer
         else:
             self._work.notify()
+        self._wake_needed = False
 
     def _raise_unusable(self) -> None:  # under the lock
         if self._error is not None:

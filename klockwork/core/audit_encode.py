@@ -5,11 +5,11 @@ entry into its canonical line and chains the hashes, exactly as specified
 in :mod:`klockwork.core.audit_chain`. Under the GIL its CPU time is taken
 from the threads that record, so it has a fast path: the line is formatted
 from precomputed pieces (the eight top-level keys are fixed and sorted) and
-the ``data`` text comes either from the JSON encoder (plain JSON dicts) or,
-for klockwork's own records, from their ``__audit_json__()`` (see
-:mod:`klockwork.core.audit_json`). Anything the fast path does not take goes
-through :func:`encode_slow`, the documented conversion; both give
-byte-identical lines (checked by the tests).
+the ``data`` text is formatted directly for a lease's record, comes from
+``__audit_json__()`` for objects that define it, or from one C JSON encoder
+for plain JSON dicts (see :mod:`klockwork.core.audit_json`). Anything the
+fast path does not take goes through :func:`encode_slow`, the documented
+conversion; both give byte-identical lines (checked by the tests).
 """
 
 from __future__ import annotations
@@ -151,7 +151,13 @@ def encode_slow(
 ) -> Row:
     """One entry's row by the documented conversion (anything the fast path does not take)."""
     if how is not None and how is not ENDED:
-        data = granted_data(data, how)
+        try:
+            data = granted_data(data, how)
+        except Exception:  # an odd record: kept as its repr, as to_json_value does
+            try:
+                data = repr(data)
+            except Exception:
+                data = f"<unrepresentable {type(data).__qualname__}>"
     value = to_json_value({} if data is None else data)
     if not isinstance(value, dict):
         value = {"value": value}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import gc
+import threading
 import warnings
 from typing import Any
 
@@ -308,4 +309,24 @@ def test_recording_creates_no_objects_the_garbage_collector_tracks() -> None:
     log.record("tool.end", None, None)  # wakes the writer
     result = log.verify()
     assert result.valid and result.checked == 3002
+    log.close()
+
+
+def test_a_writer_that_cannot_start_is_started_by_the_next_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log = AuditLog(clock=ManualClock(1_700_000_000_000))
+    start = threading.Thread.start
+    with monkeypatch.context() as patch:
+
+        def refuse(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        patch.setattr(threading.Thread, "start", refuse)
+        with pytest.raises(RuntimeError):
+            log.record("tool.start", "a", "s")  # queued, but no writer yet
+    assert threading.Thread.start is start
+    log.record("tool.end", "a", "s")  # starts the writer, which takes both
+    result = log.verify()
+    assert result.valid and result.checked == 2
     log.close()

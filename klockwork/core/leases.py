@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import Generator
+import contextlib
+from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tenacity import RetryCallState, wait_exponential, wait_random
@@ -187,8 +188,15 @@ class LeaseManager:
         audit = self._audit
         if audit is not None:
             if outcome.status is _GRANTED:
-                for rec in outcome.granted:
-                    audit.record_grant(rec, request.now_ms)
+                try:
+                    for rec in outcome.granted:
+                        audit.record_grant(rec, request.now_ms)
+                except BaseException:
+                    # The audit trail cannot take the grant: fail closed, and
+                    # give the leases back rather than leave them held until
+                    # their TTL by a caller who was told it failed.
+                    self._give_back(outcome.granted)
+                    raise
             else:
                 audit.record(
                     "lease.denied",
@@ -200,6 +208,13 @@ class LeaseManager:
         if self._hub.active:
             self._emit_verdict(request, verdict)
         return verdict
+
+    def _give_back(self, granted: Sequence[LeaseRecord]) -> None:
+        now = self._clock.now_ms()
+        for rec in granted:
+            with contextlib.suppress(Exception):  # best effort: the error that matters is raised
+                if self._store.release(rec.lease_id, now) is not None:
+                    self._signals.notify(rec.resource)
 
     # -- blocking acquire -----------------------------------------------------
     def _acquire_flow(

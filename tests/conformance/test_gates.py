@@ -413,3 +413,14 @@ def test_three_processes_gating_share_one_gapless_chain(tmp_path: Path) -> None:
         all_entries = assert_gapless(kw)
         assert len(all_entries) == 90
         assert {e.agent_id for e in all_entries} == {"proc-0", "proc-1", "proc-2"}
+
+
+def test_a_grant_the_audit_cannot_take_is_given_back() -> None:
+    """Fail closed: an audit log that stopped working refuses the grant and frees the lease."""
+    from klockwork import Klockwork, StoreUnavailableError
+
+    kw = Klockwork()
+    kw.audit.close()  # the writer is gone: every record now raises
+    with pytest.raises(StoreUnavailableError):
+        kw.leases.try_acquire("a", "s", ("FILE:/x", "MUTATES"))
+    assert kw.leases.list() == []  # not left held until its TTL

@@ -322,13 +322,18 @@ class Gates:
             self._approvals._create(approval, audit)
 
         def create(current: GateRecord | None) -> tuple[GateRecord | None, GateRecord]:
-            return (current, current) if current is not None else (record, record)
+            if current is not None:
+                return current, current
+            if approval is None:
+                # Recorded inside the atomic section: if the audit trail cannot
+                # take it, nothing is stored (a retry with the same event_id
+                # must not find an unaudited "executed").
+                audit()
+            return record, record
 
         stored = self._store.update_record(GATE, key, GateRecord, create)
         if stored is not record:  # a concurrent twin with the same event_id won
             return self._settled(stored)
-        if approval is None:
-            audit()
         return result
 
     def _settled(self, record: GateRecord) -> ActionResult:

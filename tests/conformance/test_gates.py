@@ -424,3 +424,14 @@ def test_a_grant_the_audit_cannot_take_is_given_back() -> None:
     with pytest.raises(StoreUnavailableError):
         kw.leases.try_acquire("a", "s", ("FILE:/x", "MUTATES"))
     assert kw.leases.list() == []  # not left held until its TTL
+
+
+def test_a_gate_the_audit_cannot_record_is_not_stored_as_executed() -> None:
+    from klockwork import Klockwork, Policy, StoreUnavailableError
+
+    kw = Klockwork()
+    kw.policies.add(Policy(name="ok", action="tool.run", effect="allow"))
+    kw.audit.close()
+    for _ in range(2):  # a retry with the same event_id must fail the same way
+        with pytest.raises(StoreUnavailableError):
+            kw.gates.gate("a", "tool.run", event_id="e-1")

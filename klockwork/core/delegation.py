@@ -24,6 +24,7 @@ and two parents can both delegate a ``"reviewer"``.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,7 +39,14 @@ from klockwork.core.events import AuditRecorder
 from klockwork.core.policy import capability_allows, is_subset
 from klockwork.core.stores.base import Store
 
-__all__ = ["AGENT", "AgentProfile", "Delegation", "Delegations", "check_capabilities"]
+__all__ = [
+    "AGENT",
+    "AgentProfile",
+    "Delegation",
+    "DelegationBlock",
+    "Delegations",
+    "check_capabilities",
+]
 
 AGENT = "agent"  # record kind
 _FROZEN = ConfigDict(frozen=True)
@@ -314,6 +322,52 @@ class Delegations:
                 stack.callback(self.revoke, child.agent_id, "delegation block left")
                 created.append(child)
             yield created
+
+
+class DelegationBlock:
+    """What ``kw.delegate(...)`` returns: a sync *and* async context manager.
+
+    Entering creates the child (on a worker thread under ``async with`` when
+    the store does I/O); leaving revokes it and releases its leases, whether
+    the block ended normally or with an error.
+    """
+
+    def __init__(
+        self,
+        delegations: Delegations,
+        request: tuple[str, str, Sequence[str], float],
+        blocking_io: bool,
+        engine_closed: Callable[[], bool],
+    ) -> None:
+        self._delegations = delegations
+        self._request = request
+        self._blocking_io = blocking_io
+        self._engine_closed = engine_closed
+        self._child: Delegation | None = None
+
+    def __enter__(self) -> Delegation:
+        if self._child is not None:
+            raise InvalidRequestError(
+                "delegate", self._request[1], "this block was entered already"
+            )
+        self._child = self._delegations.create(*self._request)
+        return self._child
+
+    def __exit__(self, *exc_info: object) -> None:
+        child, self._child = self._child, None
+        if child is not None and not self._engine_closed():
+            self._delegations.revoke(child.agent_id, "delegation block left")
+
+    async def __aenter__(self) -> Delegation:
+        if not self._blocking_io:
+            return self.__enter__()
+        return await asyncio.to_thread(self.__enter__)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if not self._blocking_io:
+            self.__exit__(*exc_info)
+        else:
+            await asyncio.to_thread(self.__exit__, *exc_info)
 
 
 def _spec(spec: Any) -> tuple[str, Sequence[str], float]:

@@ -12,11 +12,10 @@ import contextlib
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
     AbstractContextManager,
-    asynccontextmanager,
     contextmanager,
 )
 from types import TracebackType
@@ -25,7 +24,12 @@ from typing import Any, ClassVar, Literal
 from klockwork.core.approval_desk import Approvals
 from klockwork.core.audit import AuditBackend, AuditLog, MemoryAuditBackend
 from klockwork.core.clock import Clock, SystemClock
-from klockwork.core.delegation import Delegation, Delegations, check_capabilities
+from klockwork.core.delegation import (
+    Delegation,
+    DelegationBlock,
+    Delegations,
+    check_capabilities,
+)
 from klockwork.core.errors import InvalidRequestError, StoreUnavailableError
 from klockwork.core.events import EventHub, Listener
 from klockwork.core.gates import Gates, Policies
@@ -292,46 +296,33 @@ class Klockwork:
         )
 
     # -- delegation -------------------------------------------------------------------
-    @contextmanager
     def delegate(
         self, parent_id: str, name: str, capabilities: Sequence[str], ttl_s: float
-    ) -> Iterator[Delegation]:
+    ) -> DelegationBlock:
         """``with kw.delegate(parent, "reviewer", ["pr.review"], ttl_s=300) as child:``
+        (or ``async with``: the same call is both a sync and an async context manager).
 
         Creates a child agent ``"<parent_id>/<name>"`` whose capabilities are
         within the parent's and whose TTL ends no later than the parent's; it
         keeps the parent's wait-die age. Leaving the block revokes it (and its
         own delegates) and releases its leases.
 
-        Raises:
+        Raises (on entering):
             CapabilityError: an escalation; nothing is created.
         """
         self._check_open()
-        child = self._delegations.create(parent_id, name, capabilities, ttl_s)
-        try:
-            yield child
-        finally:
-            if not self._closed:
-                self._delegations.revoke(child.agent_id, "delegation block left")
-
-    @asynccontextmanager
-    async def adelegate(
-        self, parent_id: str, name: str, capabilities: Sequence[str], ttl_s: float
-    ) -> AsyncIterator[Delegation]:
-        """Async twin of :meth:`delegate` (``async with kw.adelegate(...) as child``)."""
-        import asyncio
-
-        self._check_open()
-        child = await asyncio.to_thread(
-            self._delegations.create, parent_id, name, capabilities, ttl_s
+        return DelegationBlock(
+            self._delegations,
+            (parent_id, name, capabilities, ttl_s),
+            self.store.blocking_io,
+            lambda: self._closed,
         )
-        try:
-            yield child
-        finally:
-            if not self._closed:
-                await asyncio.to_thread(
-                    self._delegations.revoke, child.agent_id, "delegation block left"
-                )
+
+    def adelegate(
+        self, parent_id: str, name: str, capabilities: Sequence[str], ttl_s: float
+    ) -> DelegationBlock:
+        """Alias of :meth:`delegate` for ``async with kw.adelegate(...) as child``."""
+        return self.delegate(parent_id, name, capabilities, ttl_s)
 
     @contextmanager
     def parallel(

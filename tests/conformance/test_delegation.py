@@ -233,3 +233,17 @@ def test_a_lineage_never_approves_its_own_requests(engine: Engine) -> None:
     assert entries(kw, "approval.decided") == []
     kw.approvals.approve(parent_request, "alice")
     assert kw.approvals.get(parent_request).status.value == "approved"
+
+
+async def test_delegate_is_also_an_async_context_manager() -> None:
+    from klockwork import Klockwork
+
+    kw = Klockwork()
+    kw.register_agent("lead", capabilities=["pr.*"])
+    async with kw.delegate("lead", "async-sub", ["pr.review"], ttl_s=60) as child:
+        assert kw.gates.can_i(child.agent_id, "pr.merge").denial_reason == "CAPABILITY_DENIED"
+        profile = kw.get_agent(child.agent_id)
+        assert profile is not None and profile.parent_id == "lead"
+    refused = kw.gates.can_i(child.agent_id, "pr.review")
+    assert refused.denial_reason == "CAPABILITY_DENIED" and "revoked" in refused.message
+    kw.close()

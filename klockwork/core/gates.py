@@ -140,6 +140,10 @@ class _Entry(NamedTuple):
         return data
 
 
+def _waits(result: ActionResult) -> bool:
+    return result.status == "requested" and result.approval_id is not None
+
+
 def _fields(
     status: Status,
     policy_name: str | None,
@@ -406,14 +410,11 @@ class Gates:
                 decided (it stays pending; re-run with the same ``event_id``).
         """
         result = self.execute(agent_id, action, metadata, event_id, session_id=session_id)
-        if result.status == "requested" and result.approval_id is not None:
-            approval = self._approvals.wait(result.approval_id, timeout_s)
+        if _waits(result):
+            approval = self._approvals.wait(result.approval_id or "", timeout_s)
             record = self._store.get_record(GATE, result.audit_event_id or "", GateRecord)
-            assert record is not None
-            result = self._complete(record, approval)
-        if result.status == "denied":
-            raise self._denied(result)
-        return result
+            return self._finish(result, record, approval)
+        return self._finish(result, None, None)
 
     async def agate(
         self,
@@ -434,10 +435,18 @@ class Gates:
             )
         else:
             result = self.execute(agent_id, action, metadata, event_id, session_id=session_id)
-        if result.status == "requested" and result.approval_id is not None:
-            approval = await self._approvals.await_(result.approval_id, timeout_s)
+        if _waits(result):
+            approval = await self._approvals.await_(result.approval_id or "", timeout_s)
             record = await self._store.aget_record(GATE, result.audit_event_id or "", GateRecord)
-            assert record is not None
+            return self._finish(result, record, approval)
+        return self._finish(result, None, None)
+
+    def _finish(
+        self, result: ActionResult, record: GateRecord | None, approval: Approval | None
+    ) -> ActionResult:
+        """The end of gate/agate: apply a decided approval, raise on a denial."""
+        if approval is not None:
+            assert record is not None  # stored before its approval could be decided
             result = self._complete(record, approval)
         if result.status == "denied":
             raise self._denied(result)

@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(name: str, timeout_s: float = 120) -> str:
+    """Run ``examples/<name>`` as a user would; assert it exits 0 and return its stdout."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    out = result.stdout
+    assert result.returncode == 0, f"exit {result.returncode}\n{out}\n{result.stderr}"
+    return out
 
 
 def run_spawned(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import operator
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -259,20 +257,6 @@ def test_resume_from_another_process_over_sqlite(tmp_path: Path) -> None:
     assert kinds(kw).count("action.executed") == 1
     assert kw.audit.verify().valid
     kw.close()
-
-
-def test_the_approval_gate_example_runs() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "approval_gate.py")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    out = result.stdout
-    assert result.returncode == 0, f"exit {result.returncode}\n{out}\n{result.stderr}"
-    assert "merged #101" in out and "POLICY_DENIED" in out
-    assert "paused" in out and "approved by alice" in out and "audit chain verified" in out
 
 
 def test_gated_tool_called_inside_a_node_keeps_calls_apart(gkw: Klockwork) -> None:

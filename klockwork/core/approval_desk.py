@@ -155,12 +155,8 @@ class Approvals:
         return self._expired(stored)
 
     async def aget(self, approval_id: str) -> Approval:
-        """Async twin of :meth:`get`."""
-        _check_id(approval_id)
-        stored = await self._store.aget_record(APPROVAL, approval_id, Approval)
-        if stored is None:
-            raise ApprovalNotFoundError(f"no approval {approval_id!r}")
-        return self._expired(stored)
+        """Async twin of :meth:`get` (applying an expiry writes to the store: off the loop)."""
+        return await self._store.run_io(self.get, approval_id)
 
     def list(self, status: str | None = "pending") -> builtins.list[Approval]:
         """Approvals with ``status`` (``pending`` by default; None: all), oldest first."""

@@ -24,7 +24,6 @@ and two parents can both delegate a ``"reviewer"``.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -336,12 +335,12 @@ class DelegationBlock:
         self,
         delegations: Delegations,
         request: tuple[str, str, Sequence[str], float],
-        blocking_io: bool,
+        store: Store,
         engine_closed: Callable[[], bool],
     ) -> None:
         self._delegations = delegations
         self._request = request
-        self._blocking_io = blocking_io
+        self._store = store
         self._engine_closed = engine_closed
         self._child: Delegation | None = None
 
@@ -359,15 +358,10 @@ class DelegationBlock:
             self._delegations.revoke(child.agent_id, "delegation block left")
 
     async def __aenter__(self) -> Delegation:
-        if not self._blocking_io:
-            return self.__enter__()
-        return await asyncio.to_thread(self.__enter__)
+        return await self._store.run_io(self.__enter__)
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if not self._blocking_io:
-            self.__exit__(*exc_info)
-        else:
-            await asyncio.to_thread(self.__exit__, *exc_info)
+        await self._store.run_io(self.__exit__, *exc_info)
 
 
 def _spec(spec: Any) -> tuple[str, Sequence[str], float]:

@@ -266,11 +266,7 @@ class Klockwork:
     ) -> AgentInfo:
         """Async twin of :meth:`register_agent`."""
         self._check_open()
-        if self.store.blocking_io:
-            import asyncio
-
-            return await asyncio.to_thread(self.register_agent, agent_id, priority, capabilities)
-        return self.register_agent(agent_id, priority, capabilities)
+        return await self.store.run_io(self.register_agent, agent_id, priority, capabilities)
 
     def get_agent(self, agent_id: str) -> AgentInfo | None:
         """The registered agent (with its capabilities and parent), or None."""
@@ -314,7 +310,7 @@ class Klockwork:
         return DelegationBlock(
             self._delegations,
             (parent_id, name, capabilities, ttl_s),
-            self.store.blocking_io,
+            self.store,
             lambda: self._closed,
         )
 

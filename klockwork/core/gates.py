@@ -412,8 +412,7 @@ class Gates:
         result = self.execute(agent_id, action, metadata, event_id, session_id=session_id)
         if _waits(result):
             approval = self._approvals.wait(result.approval_id or "", timeout_s)
-            record = self._store.get_record(GATE, result.audit_event_id or "", GateRecord)
-            return self._finish(result, record, approval)
+            return self._settle_waited(result, approval)
         return self._finish(result, None, None)
 
     async def agate(
@@ -427,19 +426,18 @@ class Gates:
         session_id: str | None = None,
     ) -> ActionResult:
         """Async twin of :meth:`gate`; waiting never blocks the event loop."""
-        if self._store.blocking_io:
-            import asyncio
-
-            result = await asyncio.to_thread(
-                self.execute, agent_id, action, metadata, event_id, session_id=session_id
-            )
-        else:
-            result = self.execute(agent_id, action, metadata, event_id, session_id=session_id)
+        result = await self._store.run_io(
+            self.execute, agent_id, action, metadata, event_id, session_id=session_id
+        )
         if _waits(result):
             approval = await self._approvals.await_(result.approval_id or "", timeout_s)
-            record = await self._store.aget_record(GATE, result.audit_event_id or "", GateRecord)
-            return self._finish(result, record, approval)
+            # Settling writes the gate record: off the event loop.
+            return await self._store.run_io(self._settle_waited, result, approval)
         return self._finish(result, None, None)
+
+    def _settle_waited(self, result: ActionResult, approval: Approval) -> ActionResult:
+        record = self._store.get_record(GATE, result.audit_event_id or "", GateRecord)
+        return self._finish(result, record, approval)
 
     def _finish(
         self, result: ActionResult, record: GateRecord | None, approval: Approval | None

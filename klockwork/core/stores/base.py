@@ -208,58 +208,63 @@ class Store:
         """Release the store's resources. Idempotent."""
 
     # -- async twins, written once --------------------------------------
-    async def _run(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    async def run_io(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run ``fn`` (which calls this store) from async code without blocking the loop.
+
+        Inline for a store without I/O; on a worker thread otherwise. Every
+        async twin, here and in the engine's parts, goes through this.
+        """
         if not self.blocking_io:
             return fn(*args, **kwargs)
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def aregister_agent(self, agent_id: str, priority: int | None, now_ms: int) -> AgentInfo:
-        return await self._run(self.register_agent, agent_id, priority, now_ms)
+        return await self.run_io(self.register_agent, agent_id, priority, now_ms)
 
     async def aget_agent(self, agent_id: str) -> AgentInfo | None:
-        return await self._run(self.get_agent, agent_id)
+        return await self.run_io(self.get_agent, agent_id)
 
     async def atry_acquire(self, request: AcquireRequest) -> AcquireOutcome:
-        return await self._run(self.try_acquire, request)
+        return await self.run_io(self.try_acquire, request)
 
     async def arelease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
-        return await self._run(self.release, lease_id, now_ms)
+        return await self.run_io(self.release, lease_id, now_ms)
 
     async def aheartbeat(self, lease_id: str, ttl_ms: int | None, now_ms: int) -> LeaseRecord:
-        return await self._run(self.heartbeat, lease_id, ttl_ms, now_ms)
+        return await self.run_io(self.heartbeat, lease_id, ttl_ms, now_ms)
 
     async def arevoke(self, lease_id: str, reason: str, now_ms: int) -> LeaseRecord | None:
-        return await self._run(self.revoke, lease_id, reason, now_ms)
+        return await self.run_io(self.revoke, lease_id, reason, now_ms)
 
     async def aget_lease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
-        return await self._run(self.get_lease, lease_id, now_ms)
+        return await self.run_io(self.get_lease, lease_id, now_ms)
 
     async def alist_leases(
         self, agent_id: str | None, resource: ParsedIntent | None, now_ms: int
     ) -> list[LeaseRecord]:
-        return await self._run(self.list_leases, agent_id, resource, now_ms)
+        return await self.run_io(self.list_leases, agent_id, resource, now_ms)
 
     async def afence_state(self, intent: ParsedIntent, token: int, now_ms: int) -> FenceState:
-        return await self._run(self.fence_state, intent, token, now_ms)
+        return await self.run_io(self.fence_state, intent, token, now_ms)
 
     async def aunreserve(self, agent_id: str, session_id: str) -> None:
-        await self._run(self.unreserve, agent_id, session_id)
+        await self.run_io(self.unreserve, agent_id, session_id)
 
     async def asweep(self, now_ms: int) -> list[LeaseRecord]:
-        return await self._run(self.sweep, now_ms)
+        return await self.run_io(self.sweep, now_ms)
 
     async def aupdate_record(
         self, kind: str, key: str, model: type[_M], transition: Transition[_M, _T]
     ) -> _T:
-        return await self._run(self.update_record, kind, key, model, transition)
+        return await self.run_io(self.update_record, kind, key, model, transition)
 
     async def aget_record(self, kind: str, key: str, model: type[_M]) -> _M | None:
-        return await self._run(self.get_record, kind, key, model)
+        return await self.run_io(self.get_record, kind, key, model)
 
     async def alist_records(
         self, kind: str, model: type[_M], status: str | None = None
     ) -> list[_M]:
-        return await self._run(self.list_records, kind, model, status)
+        return await self.run_io(self.list_records, kind, model, status)
 
     # -- helpers shared by stores -----------------------------------------
     def _report_expired(self, records: Sequence[LeaseRecord]) -> None:

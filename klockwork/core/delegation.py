@@ -60,7 +60,7 @@ class AgentProfile(BaseModel):
         parent_id: the agent that delegated it; None for a registered agent.
         expires_at_ms: when the delegation ends; None: never.
         revoked_at_ms: when it was revoked; None while it stands.
-        status: ``active`` or ``revoked`` (an expired delegation stays
+        status: derived: ``active`` or ``revoked`` (an expired delegation stays
             ``active`` in the store and is judged by ``expires_at_ms``).
     """
 
@@ -71,7 +71,11 @@ class AgentProfile(BaseModel):
     created_at_ms: int = 0
     expires_at_ms: int | None = None
     revoked_at_ms: int | None = None
-    status: str = "active"
+
+    @property
+    def status(self) -> str:
+        """``revoked`` once revoked, else ``active`` (expiry is judged by ``expires_at_ms``)."""
+        return "active" if self.revoked_at_ms is None else "revoked"
 
     def usable(self, now_ms: int) -> bool:
         """True while neither revoked nor past its expiry."""
@@ -292,7 +296,7 @@ class Delegations:
                 return current, False
             else:
                 new = current
-            return new.model_copy(update={"revoked_at_ms": now, "status": "revoked"}), True
+            return new.model_copy(update={"revoked_at_ms": now}), True
 
         if not self._store.update_record(AGENT, agent_id, AgentProfile, mark):
             return False

@@ -63,6 +63,11 @@ BREAKER = "breaker"
 _FROZEN = ConfigDict(frozen=True)
 _REPORT_STATUSES = ("success", "failure", "partial")
 Status = Literal["executed", "requested", "denied"]
+_OUTCOME_KIND = {
+    "executed": "action.executed",
+    "denied": "action.denied",
+    "requested": "action.requested",
+}
 
 
 class ActionResult(BaseModel):
@@ -308,9 +313,7 @@ class Gates:
                 "reported": None,
             },
         )
-        kind = {"executed": "action.executed", "denied": "action.denied"}.get(
-            result.status, "action.requested"
-        )
+        kind = _OUTCOME_KIND[result.status]
 
         def audit() -> None:
             self._audit(
@@ -375,7 +378,7 @@ class Gates:
         )
         if changed:
             self._audit(
-                "action.executed" if settled.status == "executed" else "action.denied",
+                _OUTCOME_KIND[settled.status],
                 record.agent_id,
                 record.session_id,
                 _Entry(settled, record.action, record.metadata, record.event_id),

@@ -1,15 +1,28 @@
-# Every target installs what it needs into .venv itself, so each one works on a fresh machine.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Every target installs what it needs into .venv itself, from the committed
+# lock (uv.lock), so each one works on a fresh machine and gives the same
+# environment there as here. See "Refreshing the lock" in README.md.
+PYTHON     ?= python3
+UV_VERSION := 0.13.9
+VENV       := .venv
+BIN        := $(VENV)/bin
+TOOLS      := .tools
+UV         := $(TOOLS)/bin/uv
+STAMP      := $(VENV)/.installed
+LATEST     := .venv-latest
+# Never fetch a Python interpreter: use the machine's ($(PYTHON)).
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test test-latest lint typecheck bench lock clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+# uv itself, pinned, in a folder of its own (it is not part of the project's environment).
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+
+# The locked environment: --locked refuses a uv.lock that no longer matches
+# pyproject.toml instead of silently re-resolving it.
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --extra dev --python $(PYTHON)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -27,8 +40,23 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(BIN)/python -m pytest
 
+# The newest releases the ranges in pyproject.toml allow, in a separate
+# environment (not part of CI): run it before refreshing the lock.
+test-latest: $(UV)
+	rm -rf $(LATEST)
+	$(UV) venv -q --python $(PYTHON) $(LATEST)
+	$(UV) pip install -q --python $(LATEST)/bin/python --refresh --upgrade -e ".[dev]"
+	$(UV) pip list --python $(LATEST)/bin/python | grep -E '^(langchain|langgraph|mypy|pydantic|ruff) '
+	$(LATEST)/bin/ruff check klockwork tests examples benchmarks
+	$(LATEST)/bin/mypy --strict --cache-dir $(LATEST)/.mypy_cache klockwork
+	$(LATEST)/bin/python -m pytest -p no:cacheprovider
+
+# Re-resolve uv.lock to the newest releases (then run `make test`).
+lock: $(UV)
+	$(UV) lock --upgrade --python $(PYTHON)
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_leases.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

@@ -545,7 +545,9 @@ def gated_tool(
         raise InvalidRequestError("timeout_s", timeout_s, "must be >= 0 seconds or None")
     gate = _Gate(tool, action, metadata, kw, agent_id, timeout_s, on_denied)
     gated_cls = _gated_class(type(tool), gate)
-    copy = tool.model_copy()
+    # Annotated: newer langchain-core types model_copy as returning Self,
+    # which mypy reads as Any with python_version 3.10.
+    copy: BaseTool = tool.model_copy()
     # Same fields, same layout: switching the class of the copy only adds methods.
     object.__setattr__(copy, "__class__", gated_cls)
     return copy

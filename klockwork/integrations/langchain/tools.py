@@ -229,7 +229,7 @@ def protect_with_guard(tool: BaseTool, guard: Guard) -> BaseTool:
         raise InvalidRequestError(
             "tool", tool, "has neither a function nor its own _run/_arun to protect"
         )
-    copy = tool.model_copy(update=update)
+    copy: BaseTool = tool.model_copy(update=update)  # (Self is Any to mypy on 3.10)
     # Switching the class of a copy (same fields, same layout) keeps every
     # field and private attribute as model_copy left them; a subclass adds
     # only methods.

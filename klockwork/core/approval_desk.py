@@ -29,10 +29,11 @@ from klockwork.core.approvals import (
     decide_approval,
     expire_if_due,
 )
-from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm
+from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm, in_running_loop
 from klockwork.core.errors import (
     ApprovalNotFoundError,
     ApprovalTimeoutError,
+    EventLoopBlockedError,
     InvalidRequestError,
     NotAnApproverError,
     StoreUnavailableError,
@@ -344,6 +345,8 @@ class Approvals:
             ApprovalTimeoutError: ``timeout_s`` ran out first (it stays pending).
             ApprovalNotFoundError: unknown id.
             StoreUnavailableError: the engine closed while waiting.
+            EventLoopBlockedError: it is still pending and this thread runs
+                an event loop: use :meth:`await_` there.
         """
         _check_id(approval_id)
         flow = self._wait_flow(approval_id, timeout_s)
@@ -351,6 +354,13 @@ class Approvals:
         try:
             while True:
                 step = flow.send(self.get(approval_id))
+                if in_running_loop():  # still pending: waiting here would freeze the loop
+                    raise EventLoopBlockedError(
+                        "kw.approvals.wait(...)",
+                        "await kw.approvals.await_(...)",
+                        "an approval",
+                        approval_id=approval_id,
+                    )
                 alarm = ThreadAlarm()
                 if self._signals.register((approval_id,), step.epoch, alarm):
                     try:

@@ -20,7 +20,18 @@ import threading
 import time
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Clock", "LoopAlarm", "ManualClock", "SystemClock", "ThreadAlarm"]
+__all__ = ["Clock", "LoopAlarm", "ManualClock", "SystemClock", "ThreadAlarm", "in_running_loop"]
+
+
+def in_running_loop() -> bool:
+    """True on a thread that is running an asyncio event loop right now.
+
+    A sync call that would wait there would freeze every task of that loop;
+    such calls raise :class:`~klockwork.EventLoopBlockedError` instead.
+    """
+    # _get_running_loop() returns None outside a loop where get_running_loop()
+    # would raise, and raising costs more than the whole check.
+    return asyncio._get_running_loop() is not None
 
 
 class ThreadAlarm:

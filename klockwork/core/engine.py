@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import (
@@ -30,9 +32,10 @@ from klockwork.core.delegation import (
     Delegations,
     check_capabilities,
 )
-from klockwork.core.errors import InvalidRequestError, StoreUnavailableError
+from klockwork.core.errors import InvalidRequestError, KlockworkWarning, StoreUnavailableError
 from klockwork.core.events import EventHub, Listener
 from klockwork.core.gates import Gates, Policies
+from klockwork.core.holding import Holding
 from klockwork.core.leases import DEFAULT_TTL_MS, HeldLeases, LeaseManager
 from klockwork.core.model import AgentInfo
 from klockwork.core.stores.base import Store
@@ -45,24 +48,39 @@ _EFFECTS = ("allow", "deny", "require_approval")
 
 
 def open_store(url: str) -> Store:
-    """Build the store a URL names.
+    """Build the store a URL names (SQLAlchemy's spelling).
 
     ``memory://`` — in this process. ``sqlite:///relative.db`` or
     ``sqlite:////absolute/path.db`` — shared by processes on one machine.
 
     Raises:
-        InvalidRequestError: unknown scheme or a store not available here.
+        InvalidRequestError: a malformed URL (``memory``, ``sqlite://kw.db``),
+            an unknown scheme, or a store not available here.
     """
-    if not isinstance(url, str) or ("://" not in url and url != "memory"):
-        raise InvalidRequestError("url", url, "expected memory://, sqlite:///PATH or redis://...")
+    if not isinstance(url, str) or "://" not in url:
+        raise InvalidRequestError(
+            "url",
+            url,
+            "expected memory://, sqlite:///relative.db, sqlite:////abs.db or redis://...",
+        )
     scheme, _, rest = url.partition("://")
     scheme = scheme.lower()
-    if scheme == "memory" or url == "memory":
+    if scheme == "memory":
+        if rest:
+            raise InvalidRequestError("url", url, "a memory store takes nothing after memory://")
         return MemoryStore()
     if scheme == "sqlite":
         from klockwork.core.stores.sqlite import SqliteStore
 
-        path = rest[1:] if rest.startswith("/") else rest
+        if not rest.startswith("/"):
+            # sqlite://kw.db would name a host "kw.db" in SQLAlchemy's spelling.
+            raise InvalidRequestError(
+                "url",
+                url,
+                f"SQLite URLs have three slashes: sqlite:///{rest} (relative) "
+                f"or sqlite:////{rest.lstrip('/')} (absolute)",
+            )
+        path = rest[1:]
         if not path or path == ":memory:":
             raise InvalidRequestError(
                 "url", url, "SQLite needs a file path shared by processes, e.g. sqlite:///kw.db"
@@ -176,11 +194,17 @@ class Klockwork:
     def default(cls) -> Klockwork:
         """The process-wide engine integrations use when given none.
 
-        Opened on first use from ``$KLOCKWORK_URL`` (memory when unset).
+        Opened on first use from ``$KLOCKWORK_URL``. When it is unset the
+        engine is in memory and coordinates this process only: the first time
+        that happens in a process, a :class:`~klockwork.KlockworkWarning` is
+        issued (and logged on the ``klockwork`` logger) saying how to share one.
         """
         with cls._default_lock:
             if cls._default is None or cls._default.closed:
-                cls._default = cls.open()
+                url = os.environ.get("KLOCKWORK_URL")
+                cls._default = cls.open(url)
+                if not url:
+                    _warn_private_default()
             return cls._default
 
     @classmethod
@@ -352,13 +376,11 @@ class Klockwork:
         timeout_s: float | None = None,
     ) -> AbstractContextManager[HeldLeases]:
         """``with kw.lease(...) as held:`` acquire, auto-renew, release on exit."""
-        return self.leases.hold(
-            agent_id,
-            session_id,
-            (resource, predicate),
-            ttl_ms,
-            auto_renew=auto_renew,
-            timeout_s=timeout_s,
+        return Holding(
+            self.leases,
+            (agent_id, session_id, (resource, predicate), ttl_ms, timeout_s),
+            auto_renew,
+            ("with kw.lease(...)", "async with kw.alease(...)"),
         )
 
     def alease(
@@ -417,6 +439,24 @@ class Klockwork:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"Klockwork(store={type(self.store).__name__}, {state})"
+
+
+_PRIVATE_DEFAULT = (
+    "klockwork: no engine was given (kw=...) and KLOCKWORK_URL is unset, so leases, "
+    "gates and audit use a private in-memory engine that coordinates this process only: "
+    "agents in other processes are not excluded. To share one engine, set "
+    "KLOCKWORK_URL=sqlite:///kw.db (or redis://...) or pass kw=Klockwork.open(url)."
+)
+_warned_private_default = False
+
+
+def _warn_private_default() -> None:
+    global _warned_private_default
+    if _warned_private_default:
+        return
+    _warned_private_default = True
+    logging.getLogger("klockwork").warning(_PRIVATE_DEFAULT)
+    warnings.warn(_PRIVATE_DEFAULT, KlockworkWarning, stacklevel=3)
 
 
 def _check_agent(agent_id: object, priority: object) -> None:

@@ -26,6 +26,9 @@ because retrying bad input never helps::
         ├── NotAnApproverError
         └── CapabilityError
 
+:class:`KlockworkWarning` (a ``UserWarning``) flags a set-up that works
+but probably not as meant, such as the private in-memory default engine.
+
 Errors carry the facts a caller needs as attributes (``lease_id``,
 ``resource``, ``conflicts``...), not only in their message.
 """
@@ -48,6 +51,7 @@ __all__ = [
     "GateError",
     "InvalidRequestError",
     "KlockworkError",
+    "KlockworkWarning",
     "LeaseConflictError",
     "LeaseError",
     "LeaseExpiredError",
@@ -87,9 +91,44 @@ class StoreUnavailableError(KlockworkError):
 class EventLoopBlockedError(KlockworkError, RuntimeError):
     """A sync call would have to wait on a running event loop's thread.
 
-    Use the ``a``-prefixed twin (``await kw.leases.aacquire(...)``) instead;
-    klockwork never freezes your event loop for longer than a store round trip.
+    Use the async twin the message names (``await kw.leases.aacquire(...)``,
+    ``async with kw.alease(...)``, ``await kw.gates.agate(...)``, ``await
+    tool.ainvoke(...)``...); klockwork never freezes your event loop for
+    longer than a store round trip. Nothing was left half done: a lease
+    request withdrew its reservation, a gate created no approval.
+
+    Attributes:
+        call: the sync call that was made, as the user wrote it.
+        use: the async twin to call instead.
+        waiting_for: what it would have waited for (``"a lease"``, ``"an approval"``).
+        approval_id: the approval it would have waited for, if one exists.
     """
+
+    def __init__(
+        self,
+        call: str,
+        use: str,
+        waiting_for: str = "a lease",
+        *,
+        approval_id: str | None = None,
+    ) -> None:
+        self.call = call
+        self.use = use
+        self.waiting_for = waiting_for
+        self.approval_id = approval_id
+        pending = f" (approval {approval_id} stays pending)" if approval_id else ""
+        super().__init__(
+            f"{call} would block the running event loop while waiting for {waiting_for}"
+            f"{pending}; use {use} instead"
+        )
+
+    def as_call(self, call: str, use: str) -> EventLoopBlockedError:
+        """The same refusal, named after the call the user made at an outer layer."""
+        return EventLoopBlockedError(call, use, self.waiting_for, approval_id=self.approval_id)
+
+
+class KlockworkWarning(UserWarning):
+    """Something works, but probably not as you meant it (e.g. a private in-memory engine)."""
 
 
 class AuditIntegrityError(KlockworkError):

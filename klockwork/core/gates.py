@@ -45,9 +45,9 @@ from klockwork.core.approvals import (
     outcome,
     reset,
 )
-from klockwork.core.clock import Clock
+from klockwork.core.clock import Clock, in_running_loop
 from klockwork.core.delegation import Delegations
-from klockwork.core.errors import GateDeniedError, InvalidRequestError
+from klockwork.core.errors import EventLoopBlockedError, GateDeniedError, InvalidRequestError
 from klockwork.core.events import AuditRecorder
 from klockwork.core.model import _build
 from klockwork.core.policy import ConditionResult, Effect, Policy, decide
@@ -143,6 +143,9 @@ class _Entry(NamedTuple):
         if r.conditions_evaluated:
             data["conditions"] = [c.model_dump(mode="json") for c in r.conditions_evaluated]
         return data
+
+
+_GATE_NAMES = ("kw.gates.gate(...)", "await kw.gates.agate(...)")
 
 
 def _waits(result: ActionResult) -> bool:
@@ -411,12 +414,35 @@ class Gates:
             GateDeniedError: denied (``reason``, ``policy``, ``conditions``, ``approval_id``).
             ApprovalTimeoutError: ``timeout_s`` ran out before the approval was
                 decided (it stays pending; re-run with the same ``event_id``).
+            EventLoopBlockedError: the action needs an approval and this
+                thread runs an event loop: use :meth:`agate` there. Checked
+                before anything is recorded (no approval is opened).
         """
+        if in_running_loop():
+            self._refuse_waiting_on_loop(agent_id, action, metadata, event_id)
         result = self.execute(agent_id, action, metadata, event_id, session_id=session_id)
         if _waits(result):
-            approval = self._approvals.wait(result.approval_id or "", timeout_s)
+            try:
+                approval = self._approvals.wait(result.approval_id or "", timeout_s)
+            except EventLoopBlockedError as exc:  # the policies changed since the check
+                raise exc.as_call(*_GATE_NAMES) from None
             return self._settle_waited(result, approval)
         return self._finish(result, None, None)
+
+    def _refuse_waiting_on_loop(
+        self, agent_id: str, action: str, metadata: Mapping[str, Any] | None, event_id: str | None
+    ) -> None:
+        """Raise if a sync gate on an event loop's thread would wait for an approval."""
+        stored = (
+            None
+            if not isinstance(event_id, str)
+            else self._store.get_record(GATE, _gate_key(event_id), GateRecord)
+        )
+        result = (
+            self._settled(stored) if stored is not None else self.can_i(agent_id, action, metadata)
+        )
+        if result.status == "requested":
+            raise EventLoopBlockedError(*_GATE_NAMES, "an approval", approval_id=result.approval_id)
 
     async def agate(
         self,

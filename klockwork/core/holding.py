@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from klockwork.core.errors import InvalidRequestError, LeaseLostError
+from klockwork.core.errors import EventLoopBlockedError, InvalidRequestError, LeaseLostError
 from klockwork.core.model import Lease
 
 if TYPE_CHECKING:
     from klockwork.core.leases import LeaseManager
 
-__all__ = ["AsyncHolding", "HeldLeases", "Holding"]
+__all__ = ["HOLD_NAMES", "AsyncHolding", "HeldLeases", "Holding"]
 
 
 class HeldLeases:
@@ -67,15 +67,27 @@ class HeldLeases:
 HoldArgs = tuple[str, str, Any, int, "float | None"]
 
 
+#: How a holder is named in an :class:`~klockwork.EventLoopBlockedError`: the
+#: sync call the user wrote, and its async twin.
+HOLD_NAMES = ("with kw.leases.hold(...)", "async with kw.leases.ahold(...)")
+
+
 class _HoldingBase:
     """What the sync and async holders share: arguments, and the end of the block."""
 
-    __slots__ = ("_args", "_auto_renew", "_held", "_manager")
+    __slots__ = ("_args", "_auto_renew", "_held", "_manager", "_names")
 
-    def __init__(self, manager: LeaseManager, args: HoldArgs, auto_renew: bool) -> None:
+    def __init__(
+        self,
+        manager: LeaseManager,
+        args: HoldArgs,
+        auto_renew: bool,
+        names: tuple[str, str] = HOLD_NAMES,
+    ) -> None:
         self._manager = manager
         self._args = args
         self._auto_renew = auto_renew
+        self._names = names
         self._held: HeldLeases | None = None
 
     def _start(self, leases: list[Lease]) -> HeldLeases:
@@ -105,7 +117,11 @@ class Holding(_HoldingBase):
     __slots__ = ()
 
     def __enter__(self) -> HeldLeases:
-        return self._start(list(self._manager.acquire(*self._args).leases))
+        try:
+            verdict = self._manager.acquire(*self._args)
+        except EventLoopBlockedError as exc:
+            raise exc.as_call(*self._names) from None
+        return self._start(list(verdict.leases))
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         held = self._stop()

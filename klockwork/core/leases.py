@@ -16,7 +16,6 @@ to 50 ms).
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 from collections.abc import Generator, Sequence
@@ -26,7 +25,7 @@ from tenacity import RetryCallState, wait_exponential, wait_random
 from tenacity.wait import wait_base
 
 from klockwork.core.audit_records import Denied
-from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm
+from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm, in_running_loop
 from klockwork.core.errors import (
     EventLoopBlockedError,
     InvalidRequestError,
@@ -93,14 +92,6 @@ def _check_timeout(timeout_s: object) -> None:
         isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s < 0
     ):
         raise InvalidRequestError("timeout_s", timeout_s, "must be >= 0 seconds or None")
-
-
-def _in_running_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 class LeaseManager:
@@ -312,10 +303,9 @@ class LeaseManager:
                     step = flow.send(self._verdict(request, self._store.try_acquire(request)))
                 else:
                     assert type(step) is _Wait
-                    if _in_running_loop():
+                    if in_running_loop():
                         raise EventLoopBlockedError(
-                            "acquire() would block the running event loop while waiting "
-                            "for a lease; use 'await kw.leases.aacquire(...)'"
+                            "kw.leases.acquire(...)", "await kw.leases.aacquire(...)"
                         )
                     alarm = ThreadAlarm()
                     if self._signals.register(step.keys, step.epoch, alarm):

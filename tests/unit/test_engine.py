@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,10 +29,29 @@ def test_defaults() -> None:
     assert kw.closed and "closed" in repr(kw)
 
 
-@pytest.mark.parametrize("url", ["memory://", "memory", "MEMORY://"])
+@pytest.mark.parametrize("url", ["memory://", "MEMORY://"])
 def test_open_memory(url: str) -> None:
     with Klockwork.open(url) as kw:
         assert isinstance(kw.store, MemoryStore)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("memory", "expected memory://"),
+        ("memory://x", "nothing after memory://"),
+        ("sqlite://kw.db", "sqlite:///kw.db (relative) or sqlite:////kw.db (absolute)"),
+        ("sqlite:kw.db", "expected memory://"),
+        ("sqlite:///", "needs a file path"),
+        ("sqlite:///:memory:", "needs a file path"),
+        ("postgres://x", "unknown store scheme"),
+    ],
+)
+def test_malformed_urls_are_refused(url: str, says: str, tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match="url") as caught:
+        Klockwork.open(url)
+    assert says in str(caught.value)
+    assert not (tmp_path / "kw.db").exists()
 
 
 def test_open_sqlite_absolute_path(tmp_path: Path) -> None:
@@ -133,3 +155,44 @@ def test_an_engine_left_open_at_exit_still_stores_its_audit_tail(tmp_path: Path)
     with Klockwork.open(f"sqlite:///{db}") as kw:
         result = kw.audit.verify()
         assert result.valid and result.checked == 500
+
+
+_DEFAULT_WARNING_PROBE = """
+import warnings
+from langchain_core.tools import tool
+from klockwork import Klockwork, KlockworkWarning
+from klockwork.integrations.langchain import klock_protected
+
+@tool
+@klock_protected("FILE:{path}")
+def touch(path: str) -> str:
+    \"\"\"Touch a file.\"\"\"
+    return "ok"
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    touch.invoke({"path": "/a"})
+    touch.invoke({"path": "/b"})
+    Klockwork.default().close()
+    Klockwork.default()  # a fresh default after close: still one warning per process
+print(sum(issubclass(w.category, KlockworkWarning) for w in caught))
+"""
+
+
+@pytest.mark.parametrize("url", [None, "memory://"])
+def test_the_private_default_engine_warns_once_per_process(url: str | None, tmp_path: Path) -> None:
+    """Without kw= and KLOCKWORK_URL, two processes would silently not coordinate."""
+    env = {k: v for k, v in os.environ.items() if k != "KLOCKWORK_URL"}
+    if url is not None:
+        env["KLOCKWORK_URL"] = url
+    out = subprocess.run(
+        [sys.executable, "-c", _DEFAULT_WARNING_PROBE],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=True,
+    )  # fmt: skip
+    if url is None:
+        assert out.stdout.split() == ["1"]
+        assert out.stderr.count("private in-memory engine") == 1  # the log line
+        assert "KLOCKWORK_URL=sqlite:///kw.db" in out.stderr
+    else:  # memory chosen on purpose: nothing to warn about
+        assert out.stdout.split() == ["0"]
+        assert "private in-memory engine" not in out.stderr

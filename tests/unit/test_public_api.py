@@ -37,6 +37,7 @@ EXPECTED = [
     "KlockClient",
     "Klockwork",
     "KlockworkError",
+    "KlockworkWarning",
     "Lease",
     "LeaseConflictError",
     "LeaseError",

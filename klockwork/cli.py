@@ -4,7 +4,8 @@
     klockwork approvals list [--url URL] [--status pending|approved|denied|expired|all] [--json]
     klockwork approvals approve ID [--approver NAME] [--comment TEXT] [--url URL] [--json]
     klockwork approvals deny ID [--approver NAME] [--reason TEXT] [--url URL] [--json]
-    klockwork audit verify FILE|URL [--checkpoint FILE] [--key-env VAR] [--json]
+    klockwork audit verify FILE|URL [--checkpoint FILE [--key-env VAR | --ignore-signature]]
+                           [--json]
     klockwork audit tail [--url URL] [-n N] [--kind K] [--agent ID] [--follow] [--json]
 
 Exit codes a script can rely on:
@@ -18,7 +19,8 @@ Exit codes a script can rely on:
     2  bad usage or input: unknown option, unreadable file, no approver
        (``--approver`` or ``$KLOCKWORK_APPROVER``), an unknown approval id,
        no store URL (``--url`` or ``$KLOCKWORK_URL``), ``memory://`` or a
-       SQLite file that does not exist for a command that reads a shared store
+       SQLite file that does not exist (every command reads a shared store),
+       a signed checkpoint without ``--key-env`` (or ``--ignore-signature``)
     3  the store could not answer
 
 An unknown approval id is 2, not 1: 1 means "the store answered and said
@@ -29,13 +31,22 @@ request itself was wrong (a typo'd id, a different store).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
 
 from klockwork import cli_approvals, cli_audit
-from klockwork.cli_support import INVALID, OK, UNAVAILABLE, USAGE, CliError, fail, report
-from klockwork.core.engine import Klockwork
+from klockwork.cli_support import (
+    INVALID,
+    OK,
+    UNAVAILABLE,
+    USAGE,
+    CliError,
+    fail,
+    open_shared,
+    report,
+)
 from klockwork.core.errors import InvalidRequestError, StoreUnavailableError
 
 __all__ = ["INVALID", "OK", "UNAVAILABLE", "USAGE", "main"]
@@ -49,12 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     leases = commands.add_parser("leases", help="list active leases")
-    leases.add_argument(
-        "--url", help="store URL (default: $KLOCKWORK_URL, else an empty in-memory store)"
-    )
+    leases.add_argument("--url", help="the shared store (default: $KLOCKWORK_URL)")
     leases.add_argument("--agent", help="only this agent's leases")
     leases.add_argument("--resource", help="only leases overlapping this TYPE:path key")
-    leases.add_argument("--json", action="store_true", help="one JSON object per lease")
+    leases.add_argument("--json", action="store_true", help="a JSON array of leases")
 
     cli_approvals.add_parsers(commands)
     cli_audit.add_parsers(commands)
@@ -82,12 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _leases(args: argparse.Namespace) -> int:
-    try:
-        kw = Klockwork.open(args.url)
-    except InvalidRequestError as exc:
-        fail(USAGE, str(exc))
-    except StoreUnavailableError as exc:
-        fail(UNAVAILABLE, str(exc))
+    kw = open_shared(args.url)  # never a new, empty store that says "no active leases"
     try:
         leases = kw.leases.list(agent_id=args.agent, resource=args.resource)
     except InvalidRequestError as exc:
@@ -96,9 +100,8 @@ def _leases(args: argparse.Namespace) -> int:
         fail(UNAVAILABLE, str(exc))
     finally:
         kw.close()
-    if args.json:
-        for lease in leases:
-            print(lease.model_dump_json())
+    if args.json:  # one JSON array, [] when empty
+        print(json.dumps([lease.model_dump(mode="json") for lease in leases]))
         return OK
     if not leases:
         print("no active leases")

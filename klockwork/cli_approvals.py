@@ -9,6 +9,7 @@ usage error (2), never a silent ``root``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Literal
 
@@ -35,7 +36,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     listing = sub.add_parser("list", help="list approvals (pending by default)")
     listing.add_argument("--url", help=_URL_HELP)
     listing.add_argument("--status", choices=_STATUSES, default="pending")
-    listing.add_argument("--json", action="store_true", help="one JSON object per approval")
+    listing.add_argument("--json", action="store_true", help="a JSON array of approvals")
 
     for name, text, note in (
         ("approve", "approve an approval", "--comment"),
@@ -65,9 +66,8 @@ def _list(args: argparse.Namespace) -> int:
         except StoreUnavailableError as exc:
             fail(UNAVAILABLE, str(exc))
         now = kw.clock.now_ms()
-    if args.json:
-        for approval in approvals:
-            print(approval.model_dump_json())
+    if args.json:  # one JSON array, [] when empty
+        print(json.dumps([a.model_dump(mode="json") for a in approvals]))
         return OK
     if not approvals:
         print("no approvals" if args.status == "all" else f"no {args.status} approvals")

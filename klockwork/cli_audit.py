@@ -48,6 +48,11 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         metavar="VAR",
         help="environment variable holding the HMAC key that signed the checkpoint",
     )
+    verify.add_argument(
+        "--ignore-signature",
+        action="store_true",
+        help="verify against a signed checkpoint without its key (the signature is NOT checked)",
+    )
     verify.add_argument("--json", action="store_true", help="print the result as JSON")
 
     tail = sub.add_parser("tail", help="print the last audit entries of a shared store")
@@ -91,19 +96,41 @@ def _verify(args: argparse.Namespace) -> int:
         if args.checkpoint:
             with open(args.checkpoint, encoding="utf-8") as f:
                 checkpoint = Checkpoint.model_validate_json(f.read())
+            if checkpoint.signature is not None and key is None and not args.ignore_signature:
+                # A signature nobody checked must never read as checked.
+                fail(
+                    USAGE,
+                    f"{args.checkpoint} is signed: pass --key-env VAR (the variable holding "
+                    "the HMAC key) to check its signature, or --ignore-signature to verify "
+                    "without checking it",
+                )
         if "://" in args.file:
             result = _verify_store(args.file, checkpoint, key)
         else:
             result = verify_file(args.file, against=checkpoint, key=key)
     except (OSError, ValidationError) as exc:
         fail(USAGE, f"cannot read input: {exc}")
+    unchecked = checkpoint is not None and checkpoint.signature is not None and key is None
     if args.json:
-        print(result.model_dump_json())
+        out = result.model_dump(mode="json")
+        if unchecked:
+            out["signature_checked"] = False
+        print(json.dumps(out))
     else:
-        state = "valid" if result.valid else "INVALID"
-        broken = "" if result.first_broken_seq is None else f" at seq {result.first_broken_seq}"
-        print(f"{state}: {result.checked} entries checked{broken}. {result.reason}")
+        print(_describe(result, unchecked))
     return OK if result.valid else INVALID
+
+
+def _describe(result: VerifyResult, signature_unchecked: bool) -> str:
+    """One line a person reads: the verdict first, then what it rests on."""
+    if result.valid:
+        text = f"valid: {result.reason}."
+        if signature_unchecked:
+            text += " The checkpoint's signature was NOT checked (--ignore-signature)."
+        return text
+    where = "" if result.first_broken_seq is None else f" at seq {result.first_broken_seq}"
+    before = "entry" if result.checked == 1 else "entries"
+    return f"INVALID{where}: {result.reason} ({result.checked} {before} before it verify)."
 
 
 def _verify_store(url: str, checkpoint: Checkpoint | None, key: bytes | None) -> VerifyResult:

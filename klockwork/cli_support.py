@@ -56,10 +56,10 @@ def open_shared(url: str | None, **kwargs: Any) -> Klockwork:
             f"{chosen} would be a new, empty in-memory store; "
             "pass the shared store's URL, e.g. --url sqlite:///kw.db",
         )
-    if scheme.lower() == "sqlite":
-        path = rest[1:] if rest.startswith("/") else rest
+    if scheme.lower() == "sqlite" and rest.startswith("/"):  # else open() says what is wrong
+        path = rest[1:]
         if path and path != ":memory:" and not os.path.isfile(path):
-            fail(USAGE, f"no SQLite store at {path} (from {chosen})")
+            fail(USAGE, f"no SQLite store at {path} (from {chosen}); opening it would create one")
     try:
         return Klockwork.open(chosen, **kwargs)
     except InvalidRequestError as exc:

@@ -51,7 +51,8 @@ _POLL_MAX_S = 0.5
 
 #: Tells whether ``approver`` is the requester under another name (a delegate
 #: of it, or one it descends from): such a vote is self-approval.
-SameLineage = Callable[[str, str], bool]
+#: ``kinship(requester, approver)``: see :meth:`~klockwork.core.delegation.Delegations.kinship`.
+Kinship = Callable[[str, str], str | None]
 
 
 class _Wait(NamedTuple):
@@ -114,12 +115,12 @@ class Approvals:
         store: Store,
         clock: Clock,
         audit: AuditRecorder,
-        same_lineage: SameLineage,
+        kinship: Kinship,
     ) -> None:
         self._store = store
         self._clock = clock
         self._audit = audit
-        self._same_lineage = same_lineage
+        self._kinship = kinship
         self._signals = Signals()
 
     # -- creation (used by the gates) ----------------------------------------------
@@ -270,11 +271,27 @@ class Approvals:
             raise InvalidRequestError("comment", comment, "must be a string")
 
     def _lineage_check(self, approval: Approval | None, approver: str) -> None:
-        if approval is not None and self._same_lineage(approval.requester, approver):
-            raise NotAnApproverError(
-                f"{approver!r} is a delegate of (or delegated by) the requester "
-                f"{approval.requester!r} and cannot decide approval {approval.approval_id!r}"
+        if approval is None:
+            return
+        kin = self._kinship(approval.requester, approver)
+        if kin is None:
+            return
+        requester, approval_id = approval.requester, approval.approval_id
+        if kin == "itself":
+            why = (
+                f"{approver!r} requested approval {approval_id!r} and cannot decide its own request"
             )
+        elif kin == "delegate":
+            why = (
+                f"{approver!r} is a delegate of the requester {requester!r} "
+                f"and cannot decide approval {approval_id!r}"
+            )
+        else:
+            why = (
+                f"{approver!r} delegated to the requester {requester!r} "
+                f"and cannot decide approval {approval_id!r}"
+            )
+        raise NotAnApproverError(why)
 
     def _vote(self, approval_id: str, approver: str, verdict: str, comment: str) -> Approval:
         self._check_vote(approval_id, approver, comment)

@@ -405,7 +405,7 @@ class AuditLog:
         self._ready()
         verifier = ChainVerifier(against=against, key=self._key)
         after = 0
-        while not verifier.failed:
+        while not verifier.failed or verifier.wants_more:
             lines = self._backend.lines(after, _PAGE)
             verifier.feed_lines(lines, after + 1)
             if len(lines) < _PAGE:

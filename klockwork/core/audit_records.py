@@ -48,22 +48,35 @@ def granted_data(rec: LeaseRecord, expires_at: int) -> dict[str, Any]:
 
 
 class Denied(NamedTuple):
-    """A refused verdict as the audit writer turns it into ``lease.denied`` data."""
+    """A refused verdict as the audit writer turns it into ``lease.denied`` data.
+
+    ``attempts`` and ``waited_ms`` are set for a blocking acquire that gave
+    up (its one entry); a single try (``try_acquire``) leaves them out.
+    """
 
     verdict: Verdict
     intents: tuple[ParsedIntent, ...]
+    attempts: int | None = None
+    waited_ms: int | None = None
 
     def __audit_data__(self) -> dict[str, Any]:
         verdict = self.verdict
-        return {
+        data = {
             "verdict": verdict.status.value,
             "intents": [[i.key, i.predicate.value] for i in self.intents],
             "conflicts": [c.model_dump(mode="json") for c in verdict.conflicts],
             "wait_time_ms": verdict.wait_time_ms,
         }
+        if self.attempts is not None:
+            data["attempts"] = self.attempts
+            data["waited_ms"] = self.waited_ms
+            data["timed_out"] = True
+        return data
 
     def __audit_json__(self) -> str:
         """:meth:`__audit_data__` as canonical JSON text (see :mod:`~klockwork.core.audit_json`)."""
+        if self.attempts is not None:
+            raise TypeError(_ODD)  # rare (one per timed-out acquire): the generic path
         values = self.verdict.__dict__
         status, wait = values["status"], values["wait_time_ms"]
         if status.__class__ is not VerdictStatus or not (

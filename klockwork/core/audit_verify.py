@@ -54,7 +54,7 @@ class ChainVerifier:
             with it (an unsigned or wrongly signed checkpoint is invalid).
     """
 
-    __slots__ = ("_against", "_broken", "_checked", "_prev_b", "_reason", "_seq")
+    __slots__ = ("_against", "_broken", "_checked", "_gap", "_prev_b", "_reason", "_seq")
 
     def __init__(self, *, against: Checkpoint | None = None, key: bytes | None = None) -> None:
         self._against = against
@@ -63,6 +63,9 @@ class ChainVerifier:
         self._checked = 0
         self._broken: int | None = None
         self._reason: str | None = None
+        # A seq that jumped ahead: (expected, found). Missing, unless the next
+        # entry is the expected one (then the two were swapped).
+        self._gap: tuple[int, int] | None = None
         if against is not None and key is not None:
             if against.signature is None:
                 self._fail(None, "the checkpoint is not signed, but a key was given")
@@ -75,6 +78,20 @@ class ChainVerifier:
     def failed(self) -> bool:
         """True once a problem was found (further input is ignored)."""
         return self._reason is not None
+
+    @property
+    def wants_more(self) -> bool:
+        """True when one more entry would tell a missing entry from a reordered one."""
+        return self._gap is not None
+
+    def _after_gap(self, seq: object) -> None:
+        """The entry after a seq jump: is it the one that seemed missing?"""
+        gap, self._gap = self._gap, None
+        if gap is not None and seq == gap[0]:
+            self._reason = (
+                f"entries {gap[0]} and {gap[1]} are out of order "
+                f"(entry {gap[1]} comes before entry {gap[0]}: reordered)"
+            )
 
     def _fail(self, seq: int | None, reason: str) -> None:
         if self._reason is None:
@@ -94,6 +111,7 @@ class ChainVerifier:
         if seq != expected:
             if seq > expected:
                 self._fail(expected, f"entry {expected} is missing ({where} has seq {seq})")
+                self._gap = (expected, seq)
             else:
                 self._fail(seq, f"entry {seq} is out of order or repeated ({where})")
             return False
@@ -105,6 +123,8 @@ class ChainVerifier:
     def feed_entry(self, entry: AuditEntry, where: str | None = None) -> None:
         """Check the next entry, recomputing its hash from its fields."""
         if self._reason is not None:
+            if self._gap is not None:
+                self._after_gap(entry.seq)
             return
         where = where or f"entry at position {self._checked + 1}"
         if not self._link(entry.seq, entry.prev_hash, where):
@@ -122,6 +142,8 @@ class ChainVerifier:
     def feed_line(self, line: bytes, lineno: int) -> None:
         """Check the next stored/exported line (``lineno`` is used in messages)."""
         if self._reason is not None:
+            if self._gap is not None:
+                self._after_gap(_seq_of(line))
             return
         cut = line.rfind(_HASH_KEY)
         m = _tail_match(line, cut) if cut > 0 else None
@@ -180,6 +202,10 @@ class ChainVerifier:
                 return
             lineno += 1
             self.feed_line(careful, lineno)
+        if self._gap is not None:  # one more line tells missing from reordered
+            after = next(it, None)
+            if after is not None:  # else the next page (or the end: missing it is)
+                self._after_gap(_seq_of(after))
 
     def _feed_parsed(self, line: bytes, lineno: int) -> None:
         expected = self._seq + 1
@@ -230,6 +256,15 @@ class ChainVerifier:
         )
 
 
+def _seq_of(line: bytes) -> object:
+    """The ``seq`` a line claims, or None (for telling a reorder from a gap)."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj.get("seq") if isinstance(obj, dict) else None
+
+
 def _line_problem(obj: Any) -> str | None:
     if not isinstance(obj, dict):
         return "not an object"
@@ -271,7 +306,7 @@ def verify_entries(
     verifier = ChainVerifier(against=against, key=key)
     for entry in entries:
         verifier.feed_entry(entry)
-        if verifier.failed:
+        if verifier.failed and not verifier.wants_more:
             break
     return verifier.result()
 

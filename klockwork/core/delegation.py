@@ -188,9 +188,20 @@ class Delegations:
             current = self._store.get_record(AGENT, current.parent_id, AgentProfile)
         return chain
 
-    def same_lineage(self, requester: str, approver: str) -> bool:
-        """True when one of the two agents descends from the other (self-approval)."""
-        return approver in self.lineage(requester) or requester in self.lineage(approver)
+    def kinship(self, requester: str, approver: str) -> str | None:
+        """How ``approver`` is ``requester`` for self-approval, or None if it is not.
+
+        Returns ``"itself"`` (the same agent), ``"delegate"`` (``approver``
+        descends from ``requester``) or ``"delegator"`` (``requester``
+        descends from ``approver``).
+        """
+        if approver == requester:
+            return "itself"
+        if requester in self.lineage(approver):
+            return "delegate"
+        if approver in self.lineage(requester):
+            return "delegator"
+        return None
 
     # -- delegation ------------------------------------------------------------------
     def create(

@@ -170,7 +170,7 @@ class Klockwork:
         self._delegations = Delegations(
             self.store, self.clock, record, self._register_priority, self._revoke_leases_of
         )
-        self._approvals = Approvals(self.store, self.clock, record, self._delegations.same_lineage)
+        self._approvals = Approvals(self.store, self.clock, record, self._delegations.kinship)
         self._policies = Policies()
         self._gates = Gates(
             self.store,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from tenacity import RetryCallState, wait_exponential, wait_random
 from tenacity.wait import wait_base
 
-from klockwork.core.audit_records import Denied
+from klockwork.core.audit_records import Denied, granted_data
 from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm, in_running_loop
 from klockwork.core.errors import (
     EventLoopBlockedError,
@@ -80,6 +80,19 @@ class _Wait(NamedTuple):
 
 
 _Step = _Try | _Wait
+
+
+class _Tries:
+    """How many refused tries a blocking acquire made, and since when it waits."""
+
+    __slots__ = ("count", "started")
+
+    def __init__(self, clock: Clock) -> None:
+        self.count = 0
+        self.started = clock.monotonic()
+
+    def waited_ms(self, clock: Clock) -> int:
+        return max(0, round((clock.monotonic() - self.started) * 1000))
 
 
 def _backoff() -> wait_base:
@@ -155,7 +168,16 @@ class LeaseManager:
         request = self._request(agent_id, session_id, intents, ttl_ms)
         return self._verdict(request, await self._store.atry_acquire(request))
 
-    def _verdict(self, request: AcquireRequest, outcome: AcquireOutcome) -> Verdict:
+    def _verdict(
+        self, request: AcquireRequest, outcome: AcquireOutcome, tries: _Tries | None = None
+    ) -> Verdict:
+        """The caller's verdict; audit and announce it as the call's outcome.
+
+        ``tries`` marks a try of a blocking acquire: a refusal is not its
+        outcome (it tries again), and a grant after several tries records
+        how many it took and how long it waited. Each call thus leaves one
+        entry: granted, or (:meth:`_gave_up`) denied once.
+        """
         if outcome.status is _GRANTED:
             verdict = _build(
                 Verdict,
@@ -166,6 +188,8 @@ class LeaseManager:
                     "wait_time_ms": None,
                 },
             )
+            if self._audit is not None:
+                self._audit_grant(request, outcome.granted, tries)
         else:
             verdict = _build(
                 Verdict,
@@ -176,20 +200,11 @@ class LeaseManager:
                     "wait_time_ms": outcome.wait_time_ms,
                 },
             )
-        audit = self._audit
-        if audit is not None:
-            if outcome.status is _GRANTED:
-                try:
-                    for rec in outcome.granted:
-                        audit.record_grant(rec, request.now_ms)
-                except BaseException:
-                    # The audit trail cannot take the grant: fail closed, and
-                    # give the leases back rather than leave them held until
-                    # their TTL by a caller who was told it failed.
-                    self._give_back(outcome.granted)
-                    raise
-            else:
-                audit.record(
+            if tries is not None:
+                tries.count += 1
+                return verdict  # not an outcome yet
+            if self._audit is not None:
+                self._audit.record(
                     "lease.denied",
                     request.agent_id,
                     request.session_id,
@@ -199,6 +214,41 @@ class LeaseManager:
         if self._hub.active:
             self._emit_verdict(request, verdict)
         return verdict
+
+    def _audit_grant(
+        self, request: AcquireRequest, granted: Sequence[LeaseRecord], tries: _Tries | None
+    ) -> None:
+        audit = self._audit
+        assert audit is not None
+        try:
+            if tries is None or tries.count == 0:  # granted at once: the fast path
+                for rec in granted:
+                    audit.record_grant(rec, request.now_ms)
+            else:
+                waited = tries.waited_ms(self._clock)
+                for rec in granted:
+                    data = granted_data(rec, rec.expires_at)
+                    data["attempts"] = tries.count + 1
+                    data["waited_ms"] = waited
+                    audit.record(
+                        "lease.granted", rec.agent_id, rec.session_id, data, ts=request.now_ms
+                    )
+        except BaseException:
+            # The audit trail cannot take the grant: fail closed, and give the
+            # leases back rather than leave them held until their TTL by a
+            # caller who was told it failed.
+            self._give_back(granted)
+            raise
+
+    def _gave_up(self, request: AcquireRequest, last: Verdict, tries: _Tries) -> None:
+        """A blocking acquire's one refusal entry: its last verdict, tries and wait."""
+        if self._audit is not None:
+            denied = Denied(last, request.intents, tries.count, tries.waited_ms(self._clock))
+            self._audit.record(
+                "lease.denied", request.agent_id, request.session_id, denied, ts=request.now_ms
+            )
+        if self._hub.active:
+            self._emit_verdict(request, last)
 
     def _give_back(self, granted: Sequence[LeaseRecord]) -> None:
         now = self._clock.now_ms()
@@ -286,7 +336,8 @@ class LeaseManager:
         request = self._request(agent_id, session_id, intents, ttl_ms)
         _check_timeout(timeout_s)
         # Fast path: most requests are granted at once; build no retry machinery.
-        verdict = self._verdict(request, self._store.try_acquire(request))
+        tries = _Tries(self._clock)
+        verdict = self._verdict(request, self._store.try_acquire(request), tries)
         if verdict.status is _GRANTED:
             return verdict
         state = {"reserved": False}
@@ -300,7 +351,8 @@ class LeaseManager:
                         reserve_ms=step.reserve_ms,
                         clear_reservation=step.clear_reservation,
                     )
-                    step = flow.send(self._verdict(request, self._store.try_acquire(request)))
+                    verdict = self._verdict(request, self._store.try_acquire(request), tries)
+                    step = flow.send(verdict)
                 else:
                     assert type(step) is _Wait
                     if in_running_loop():
@@ -318,6 +370,9 @@ class LeaseManager:
         except StopIteration as done:
             granted: Verdict = done.value
             return granted
+        except LeaseTimeoutError:
+            self._gave_up(request, verdict, tries)
+            raise
         finally:
             if state["reserved"]:
                 self._store.unreserve(request.agent_id, request.session_id)
@@ -336,7 +391,8 @@ class LeaseManager:
         """
         request = self._request(agent_id, session_id, intents, ttl_ms)
         _check_timeout(timeout_s)
-        verdict = self._verdict(request, await self._store.atry_acquire(request))
+        tries = _Tries(self._clock)
+        verdict = self._verdict(request, await self._store.atry_acquire(request), tries)
         if verdict.status is _GRANTED:
             return verdict
         state = {"reserved": False}
@@ -351,7 +407,8 @@ class LeaseManager:
                         clear_reservation=step.clear_reservation,
                     )
                     outcome = await self._store.atry_acquire(request)
-                    step = flow.send(self._verdict(request, outcome))
+                    verdict = self._verdict(request, outcome, tries)
+                    step = flow.send(verdict)
                 else:
                     assert type(step) is _Wait
                     alarm = LoopAlarm()
@@ -365,6 +422,9 @@ class LeaseManager:
         except StopIteration as done:
             granted: Verdict = done.value
             return granted
+        except LeaseTimeoutError:
+            self._gave_up(request, verdict, tries)
+            raise
         finally:
             if state["reserved"]:
                 await self._store.aunreserve(request.agent_id, request.session_id)

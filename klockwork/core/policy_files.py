@@ -6,6 +6,7 @@ and the field, so a bad file can be fixed without reading klockwork's code.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import os
@@ -31,12 +32,18 @@ _PROBLEMS: dict[str, Callable[[dict[str, Any]], str]] = {
 
 
 def _field_error(source: str, label: str, exc: ValidationError) -> InvalidRequestError:
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    # An unknown field first: a typo ("efect:") is why a required one is missing.
+    err = min(errors, key=lambda e: e["type"] != "extra_forbidden")
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
     where = where.lstrip(".") or "policy"
     explain = _PROBLEMS.get(err["type"])
     problem = explain(err.get("ctx") or {}) if explain else str(err["msg"])
-    if err["type"] not in ("missing", "extra_forbidden"):
+    if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+        close = difflib.get_close_matches(str(err["loc"][0]), Policy.model_fields, n=1)
+        if close:
+            problem += f" (did you mean '{close[0]}'?)"
+    elif err["type"] != "missing":
         problem += f" (got {err['input']!r})"
     more = len(exc.errors()) - 1
     tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""

@@ -86,6 +86,18 @@ class Api:
         self.is_async = flavour == "async"
         self.events: list[GovernanceEvent] = []
         kw.add_listener(self.events.append)
+        # Every try a request makes, as the store answered it. A blocking
+        # acquire's refused tries are not decisions (no event, no audit
+        # entry: one outcome per call), so tests watch its tries here.
+        self.tried: list[tuple[str, str]] = []
+        store, decide = kw.store, kw.store.try_acquire
+
+        def try_acquire(request: Any) -> Any:
+            outcome = decide(request)
+            self.tried.append((request.agent_id, outcome.status.value))
+            return outcome
+
+        store.try_acquire = try_acquire  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return f"Api({self.store_kind}, {self.flavour})"
@@ -176,6 +188,10 @@ class Api:
         return self.kw.leases.sweep()
 
     # -- helpers ------------------------------------------------------------
+    def tries(self, agent_id: str) -> list[str]:
+        """The store's answers (``GRANTED``, ``WAIT``, ``DIE``) to each try of one agent."""
+        return [status for agent, status in self.tried if agent == agent_id]
+
     def kinds(self, agent_id: str | None = None) -> list[str]:
         """Kinds of the events seen so far (optionally of one agent)."""
         return [e.kind for e in self.events if agent_id is None or e.agent_id == agent_id]

@@ -24,6 +24,7 @@ from klockwork import (
     ApprovalNotFoundError,
     ApprovalStatus,
     ApprovalTimeoutError,
+    EventLoopBlockedError,
     GateDeniedError,
     InvalidRequestError,
     Klockwork,
@@ -152,6 +153,42 @@ def test_nobody_approves_their_own_request_and_only_listed_approvers_decide(
     assert kw.approvals.get(aid).decisions == []
     assert entries(kw, "approval.decided") == []
     assert kw.approvals.approve(aid, "team-ops").status is ApprovalStatus.APPROVED
+
+
+def test_a_refused_self_approval_says_why_in_plain_words(engine: Engine) -> None:
+    kw = engine()
+    ask(kw, approvers=["*"])
+    aid = kw.gates.execute("merger", "deploy").approval_id or ""
+    with pytest.raises(NotAnApproverError) as own:
+        kw.approvals.approve(aid, "merger")
+    assert str(own.value) == (
+        f"'merger' requested approval {aid!r} and cannot decide its own request"
+    )
+    with kw.delegate("merger", "helper", ["deploy"], ttl_s=60) as child:
+        with pytest.raises(NotAnApproverError, match="is a delegate of the requester 'merger'"):
+            kw.approvals.approve(aid, child.agent_id)
+        other = kw.gates.execute(child.agent_id, "deploy").approval_id or ""
+        with pytest.raises(NotAnApproverError, match="delegated to the requester 'merger/helper'"):
+            kw.approvals.approve(other, "merger")
+
+
+async def test_sync_gate_and_wait_refuse_to_freeze_a_running_loop(engine: Engine) -> None:
+    """On a loop's thread a sync wait would stop every task: refuse, opening nothing."""
+    kw = engine()
+    ask(kw)
+    with pytest.raises(EventLoopBlockedError) as info:
+        kw.gates.gate("a1", "deploy")
+    assert "await kw.gates.agate(...)" in str(info.value)
+    assert kw.approvals.list() == []  # checked before an approval was opened
+    assert entries(kw, "action.requested") == []
+    aid = kw.gates.execute("a1", "deploy").approval_id or ""
+    with pytest.raises(EventLoopBlockedError, match=r"await kw\.approvals\.await_") as waited:
+        kw.approvals.wait(aid, timeout_s=5)
+    assert waited.value.approval_id == aid
+    kw.approvals.approve(aid, "alice")
+    assert kw.approvals.wait(aid).status is ApprovalStatus.APPROVED  # decided: no wait
+    kw.policies.add(Policy(name="reads", action="read", effect="allow"))
+    assert kw.gates.gate("a1", "read").status == "executed"  # allowed: no wait either
 
 
 def test_unknown_approval_and_bad_arguments(engine: Engine) -> None:

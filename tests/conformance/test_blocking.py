@@ -70,11 +70,13 @@ async def test_die_retries_until_the_older_holder_releases(api: Api) -> None:
     for _ in range(3):  # back-off elapses: it retries, dies again, backs off again
         api.clock.advance(200)
         await api.until_sleeping()
-    assert api.kinds("young").count("lease.denied") >= 2
+    assert api.tries("young").count("DIE") >= 3
+    assert api.kinds("young") == []  # retries are not outcomes: nothing recorded yet
     assert not waiter.done()
     assert await api.release(holder)
     verdict = await asyncio.wait_for(waiter, 15)
     assert verdict.lease.agent_id == "young"
+    assert api.kinds("young") == ["lease.granted"]  # one outcome for the whole call
     assert api.kw.get_agent("young").priority == T0  # type: ignore[union-attr]
 
 
@@ -119,9 +121,9 @@ async def test_many_waiters_are_served_oldest_first(api: Api) -> None:
         await api.register_agent(f"w{prio}", prio)
         waiters[prio] = asyncio.create_task(api.acquire(f"w{prio}", "s", ("FILE:/x", "MUTATES")))
         await api.until_sleeping(len(waiters))
-    denied = [e for e in api.events if e.kind == "lease.denied"]
-    assert {e.agent_id for e in denied} == {"w1", "w2", "w3"}
-    assert {e.data["verdict"] for e in denied} == {"WAIT"}
+    refused = [(agent, status) for agent, status in api.tried if agent != "holder"]
+    assert {agent for agent, _ in refused} == {"w1", "w2", "w3"}
+    assert {status for _, status in refused} == {"WAIT"}
     order = []
     while waiters:
         assert await api.release(current)
@@ -168,6 +170,22 @@ async def test_sync_acquire_refuses_to_block_a_running_loop(api: Api) -> None:
     assert api.kw.leases.acquire("old", "s", ("FILE:/free", "MUTATES")).granted
 
 
+async def test_the_refusal_names_the_call_the_user_made(api: Api) -> None:
+    await _old_waits_for_young(api)
+    kw = api.kw
+    cases = [
+        (lambda: kw.leases.acquire("old", "s", ("FILE:/x", "MUTATES")), "await kw.leases.aacquire"),
+        (lambda: kw.leases.hold("old", "s", ("FILE:/x", "MUTATES")).__enter__(), "kw.leases.ahold"),
+        (lambda: kw.lease("old", "s", "FILE:/x").__enter__(), "async with kw.alease(...)"),
+    ]
+    for call, twin in cases:
+        with pytest.raises(EventLoopBlockedError) as info:
+            call()
+        assert info.value.use.startswith(twin.split("(")[0]) or twin in info.value.use
+        assert twin in str(info.value)
+    assert kw.leases.list(agent_id="old") == []  # nothing was taken on the way
+
+
 @pytest.mark.parametrize("ttl_ms", [1000, 2007])
 async def test_wait_wakes_at_the_holders_expiry_on_a_clock_at_zero(
     make_kw: Callable[..., Klockwork],
@@ -185,8 +203,7 @@ async def test_wait_wakes_at_the_holders_expiry_on_a_clock_at_zero(
         await api.try_acquire("young", "s", ("FILE:/x", "MUTATES"), ttl_ms)
         waiter = asyncio.create_task(api.acquire("old", "s", ("FILE:/x", "MUTATES")))
         await api.until_sleeping()
-        assert api.events[-1].kind == "lease.denied"
-        assert api.events[-1].data["verdict"] == "WAIT"  # old waits (it does not back off)
+        assert set(api.tries("old")) == {"WAIT"}  # old waits (it does not back off)
         clock.advance(ttl_ms)  # exactly the holder's expiry
         done, _ = await asyncio.wait([waiter], timeout=2)
         assert done, "the waiter was not woken by the holder's expiry"

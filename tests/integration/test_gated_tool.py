@@ -135,9 +135,15 @@ def test_approval_interrupts_then_a_refused_decider_then_alice(gkw: Klockwork) -
         with pytest.raises(NotAnApproverError):
             graph.invoke(Command(resume={"type": "approve", "approver": who}), CFG)
         assert gkw.approvals.get(approval_id).status.value == "pending"
-    # a malformed answer: refused by the schema, the graph stays paused
-    with pytest.raises(ValidationError):
-        graph.invoke(Command(resume={"type": "maybe", "approver": "alice"}), CFG)
+    # a malformed answer: refused by the schema, the graph stays paused, and the
+    # error says what a resume value must look like
+    for malformed in ({"type": "maybe", "approver": "alice"}, True, "approve"):
+        with pytest.raises(ValidationError) as info:
+            graph.invoke(Command(resume=malformed), CFG)
+        assert "resumed with Command(resume={'type': 'approve' | 'edit' | 'reject'" in str(
+            info.value
+        )
+        assert f"Got {malformed!r}" in str(info.value)
     assert merges.merged == []
 
     out = graph.invoke(Command(resume={"type": "approve", "approver": "alice"}), CFG)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from klockwork import InvalidRequestError, Klockwork, ManualClock, MemoryStore
+from klockwork import InvalidRequestError, Klockwork, LeaseTimeoutError, ManualClock, MemoryStore
 from klockwork.core.audit_chain import to_json_value
 from klockwork.core.model import GovernanceEvent
 
@@ -114,3 +114,54 @@ def test_audit_leases_must_be_a_bool(value: Any) -> None:
     with pytest.raises(InvalidRequestError) as info:
         Klockwork(audit_leases=value)
     assert info.value.argument == "audit_leases"
+
+
+def test_a_blocking_acquire_leaves_one_entry_however_often_it_retried(engine: Klockwork) -> None:
+    """DIE back-offs and WAIT wake-ups are not decisions: one outcome per acquire call."""
+    kw, clock = engine, engine.clock
+    assert isinstance(clock, ManualClock)
+    events: list[GovernanceEvent] = []
+    kw.add_listener(events.append)
+    kw.register_agent("old", 1)
+    kw.register_agent("young", 2)
+    held = kw.leases.try_acquire("old", "s-o", ("FILE:/a", "MUTATES"), 60_000).lease
+    done = threading.Event()
+    outcome: list[Any] = []
+
+    def young() -> None:  # DIEs against "old" until it releases
+        outcome.append(kw.leases.acquire("young", "s-y", ("FILE:/a", "MUTATES"), 1_000, 60))
+        done.set()
+
+    worker = threading.Thread(target=young)
+    worker.start()
+    while kw.leases.waiting == 0:  # young is blocked: it retries as time passes
+        done.wait(0.001)
+    for _ in range(20):
+        clock.advance(50)
+        done.wait(0.002)
+    kw.leases.release(held.lease_id)
+    worker.join(10)
+    assert outcome and outcome[0].granted
+    # A timeout: one denial, however many tries it took.
+    with pytest.raises(LeaseTimeoutError):
+        kw.leases.acquire("old", "s-o2", ("FILE:/a", "MUTATES"), 1_000, timeout_s=0)
+    kw.audit.flush()
+
+    lease_entries = [e for e in _entries(kw) if e.kind in LEASE_KINDS]
+    kinds = [(e.kind, e.agent_id) for e in lease_entries]
+    assert kinds == [
+        ("lease.granted", "old"),
+        ("lease.released", "old"),
+        ("lease.granted", "young"),
+        ("lease.denied", "old"),
+    ]
+    granted = lease_entries[2].data
+    assert granted["attempts"] >= 2 and granted["waited_ms"] >= 50
+    denied = lease_entries[3].data
+    assert (denied["attempts"], denied["timed_out"], denied["verdict"]) == (1, True, "WAIT")
+    assert [e.kind for e in events] == [k for k, _ in kinds]  # the event stream agrees
+    # a single try still leaves its own denial
+    assert not kw.leases.try_acquire("old", "s-o3", ("FILE:/a", "MUTATES")).granted
+    kw.audit.flush()
+    last = [e for e in _entries(kw) if e.kind in LEASE_KINDS][-1]
+    assert last.kind == "lease.denied" and "attempts" not in last.data

@@ -25,8 +25,10 @@ def test_leases_lists_what_another_engine_holds(
         assert "FILE:/src/auth.ts" in out and "writer" in out and "MUTATES" in out
 
         assert main(["leases", "--url", url, "--json"]) == OK
-        (line,) = capsys.readouterr().out.splitlines()
-        assert json.loads(line)["lease_id"] == lease.lease_id
+        (listed,) = json.loads(capsys.readouterr().out)
+        assert listed["lease_id"] == lease.lease_id
+        assert main(["leases", "--url", url, "--agent", "nobody", "--json"]) == OK
+        assert json.loads(capsys.readouterr().out) == []
 
         assert main(["leases", "--url", url, "--agent", "someone-else"]) == OK
         assert "no active leases" in capsys.readouterr().out
@@ -54,7 +56,7 @@ def test_audit_verify_accepts_an_intact_export(
     path, log = _exported(tmp_path)
     log.close()
     assert main(["audit", "verify", str(path)]) == OK
-    assert capsys.readouterr().out.startswith("valid: 5 entries checked")
+    assert capsys.readouterr().out == "valid: 5 entries verify (head seq 5).\n"
 
 
 def test_audit_verify_names_the_first_edited_entry(
@@ -102,6 +104,7 @@ def test_audit_verify_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_the_module_runs_as_a_command(tmp_path: Path) -> None:
+    Klockwork.open(f"sqlite:///{tmp_path}/k.db").close()
     done = subprocess.run(
         [sys.executable, "-m", "klockwork.cli", "leases", "--url", f"sqlite:///{tmp_path}/k.db"],
         capture_output=True,
@@ -111,3 +114,76 @@ def test_the_module_runs_as_a_command(tmp_path: Path) -> None:
     )
     assert done.returncode == OK, done.stderr
     assert "no active leases" in done.stdout
+
+
+@pytest.mark.parametrize("url", ["memory://", "memory", None])
+def test_leases_refuses_a_store_that_cannot_be_the_shared_one(
+    url: str | None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty in-memory store would answer "no active leases": a lie, not a listing."""
+    monkeypatch.delenv("KLOCKWORK_URL", raising=False)
+    assert main(["leases"] if url is None else ["leases", "--url", url]) == USAGE
+    err = capsys.readouterr().err
+    assert ("new, empty in-memory store" in err) if url else ("no store given" in err)
+
+
+def test_leases_does_not_create_a_store_for_a_typo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo.db"
+    assert main(["leases", "--url", f"sqlite:///{typo}"]) == USAGE
+    assert "no SQLite store at" in capsys.readouterr().err
+    assert not typo.exists()
+    assert main(["leases", "--url", "sqlite://kw.db"]) == USAGE  # two slashes: malformed
+    assert "three slashes" in capsys.readouterr().err
+
+
+def _signed_export(tmp_path: Path) -> tuple[list[str], Path]:
+    log = AuditLog(key=b"s3cret")
+    for i in range(3):
+        log.record("action.executed", "a", "s", {"i": i})
+    path = tmp_path / "audit.jsonl"
+    log.export(path)
+    checkpoint = tmp_path / "head.json"
+    checkpoint.write_text(log.checkpoint().model_dump_json())
+    log.close()
+    return ["audit", "verify", str(path), "--checkpoint", str(checkpoint)], checkpoint
+
+
+def test_a_signature_nobody_checked_never_reads_as_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args, checkpoint = _signed_export(tmp_path)
+    forged = json.loads(checkpoint.read_text())
+    forged["signature"] = "0" * 64
+    checkpoint.write_text(json.dumps(forged))
+    assert main(args) == USAGE  # no key: refused, not "valid"
+    err = capsys.readouterr().err
+    assert "--key-env" in err and "--ignore-signature" in err
+    monkeypatch.setenv("KW_AUDIT_KEY", "s3cret")
+    assert main([*args, "--key-env", "KW_AUDIT_KEY"]) == INVALID  # the forgery is caught
+    assert "bad signature" in capsys.readouterr().out
+    assert main([*args, "--ignore-signature"]) == OK  # explicitly unchecked, and said so
+    assert "signature was NOT checked" in capsys.readouterr().out
+    assert main([*args, "--ignore-signature", "--json"]) == OK
+    assert json.loads(capsys.readouterr().out)["signature_checked"] is False
+
+
+def test_two_swapped_lines_are_reported_as_reordered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, log = _exported(tmp_path)
+    log.close()
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2], lines[3] = lines[3], lines[2]
+    path.write_bytes(b"".join(lines))
+    assert main(["audit", "verify", str(path)]) == INVALID
+    out = capsys.readouterr().out
+    assert out == (
+        "INVALID at seq 3: entries 3 and 4 are out of order (entry 4 comes before entry 3: "
+        "reordered) (2 entries before it verify).\n"
+    )
+    del lines[3]  # now entry 3 is really gone: 1, 2, 4, 5
+    path.write_bytes(b"".join(lines))
+    assert main(["audit", "verify", str(path)]) == INVALID
+    assert "entry 3 is missing" in capsys.readouterr().out

@@ -160,11 +160,13 @@ def test_approvals_list_as_a_table_and_as_json(
 
     kw.approvals.deny(first, "carol", reason="no")
     assert main(["approvals", "list", "--url", url, "--status", "denied", "--json"]) == OK
-    (line,) = capsys.readouterr().out.splitlines()
-    assert json.loads(line)["approval_id"] == first
+    (denied,) = json.loads(capsys.readouterr().out)
+    assert denied["approval_id"] == first
     assert main(["approvals", "list", "--url", url, "--status", "all", "--json"]) == OK
-    listed = [json.loads(line)["approval_id"] for line in capsys.readouterr().out.splitlines()]
+    listed = [a["approval_id"] for a in json.loads(capsys.readouterr().out)]
     assert sorted(listed) == sorted([first, second])
+    assert main(["approvals", "list", "--url", url, "--status", "expired", "--json"]) == OK
+    assert json.loads(capsys.readouterr().out) == []  # an empty list is still JSON
 
 
 def _tamper(db: Path, seq: int) -> None:
@@ -185,12 +187,12 @@ def test_audit_verify_a_store_url(
     checkpoint = tmp_path / "head.json"
     checkpoint.write_text(kw.audit.checkpoint().model_dump_json())
     assert main(["audit", "verify", url, "--checkpoint", str(checkpoint)]) == OK
-    assert capsys.readouterr().out.startswith("valid: 2 entries checked")
+    assert capsys.readouterr().out.startswith("valid: 2 entries verify (head seq 2)")
 
     _tamper(tmp_path / "kw.db", 2)
     done = _cli("audit", "verify", url)
     assert done.returncode == INVALID, done.stderr
-    assert done.stdout.startswith("INVALID: 1 entries checked at seq 2")
+    assert done.stdout.startswith("INVALID at seq 2: entry 2 ")
     assert main(["audit", "verify", url, "--json"]) == INVALID
     assert json.loads(capsys.readouterr().out)["first_broken_seq"] == 2
     assert main(["audit", "verify", "memory://"]) == USAGE

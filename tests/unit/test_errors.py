@@ -43,6 +43,9 @@ def test_every_error_is_exported_and_rooted(name: str) -> None:
     cls = getattr(errors, name)
     assert getattr(klockwork, name) is cls
     assert name in klockwork.__all__
+    if issubclass(cls, Warning):  # KlockworkWarning: raised with warnings.warn, not raise
+        assert issubclass(cls, UserWarning) and not issubclass(cls, KlockworkError)
+        return
     assert issubclass(cls, KlockworkError)
     assert issubclass(cls, Exception)
 
@@ -53,7 +56,7 @@ def test_the_root_is_not_a_runtime_or_value_error() -> None:
     assert not issubclass(KlockworkError, OSError)
     for name in errors.__all__:
         cls = getattr(errors, name)
-        if cls not in (InvalidRequestError, EventLoopBlockedError):
+        if cls not in (InvalidRequestError, EventLoopBlockedError, klockwork.KlockworkWarning):
             assert not issubclass(cls, (RuntimeError, ValueError, OSError)), name
 
 

@@ -156,6 +156,15 @@ def test_several_errors_are_counted(tmp_path: Path) -> None:
     assert "policy 'x' (#1): field 'action': required (and 2 more errors)" in str(err)
 
 
+def test_a_typo_names_the_unknown_field_first(tmp_path: Path) -> None:
+    """``efect:`` is why ``effect`` is missing: say the typo, and what was meant."""
+    path = tmp_path / "policies.yaml"
+    path.write_text("policies:\n  - name: x\n    action: pr.merge\n    efect: allow\n")
+    err = load_error(path)
+    assert "policy 'x' (#1): field 'efect': unknown field (did you mean 'effect'?)" in str(err)
+    assert err.argument == "efect"
+
+
 def test_duplicate_names(tmp_path: Path) -> None:
     path = write(tmp_path, [GOOD, {**GOOD, "name": "other"}, GOOD])
     err = load_error(path)

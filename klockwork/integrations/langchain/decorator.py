@@ -9,8 +9,13 @@ Two call forms share one implementation:
                        lambda kwargs: kwargs["path"], predicate="MUTATES",
                        ttl_ms=60_000, max_retries=10)
 
-  ``client`` is a :class:`klockwork.KlockClient` or a :class:`klockwork.Klockwork`.
-  A refused call raises :class:`~.errors.KlockConflictError` (as Klock does).
+  ``client`` is a :class:`klockwork.KlockClient` or a :class:`klockwork.Klockwork`
+  (klockwork's engine: release notifications, reservations, fencing), or
+  Klock's own client — any object with ``acquire_lease``/``release_lease``,
+  driven with Klock's semantics (:mod:`.klock_client`). A refused call
+  raises :class:`~.errors.KlockConflictError` (as Klock does); inside
+  LangGraph's ``ToolNode`` or ``create_agent`` that becomes an error
+  ``ToolMessage``, not the end of the run.
 
 * **The short form**, with identity taken from the call's config
   (:func:`~.identity.resolve_identity`)::
@@ -19,12 +24,19 @@ Two call forms share one implementation:
 
   A refused call ends as an error ``ToolMessage`` (``on_conflict="tool_error"``).
 
+Whatever the form and position, an argument the model chose that makes no
+usable resource (``path="../etc/passwd"``) raises
+:class:`~.errors.ToolArgumentError` — a ``ValueError`` — or, for tool
+objects in ``tool_error`` mode, ends as an error ``ToolMessage``; inside
+``ToolNode`` / ``create_agent`` both reach the model as error messages.
+
 The decorator goes below ``@tool`` (on the function), above it (on the tool
 object), or on a ``BaseTool`` subclass's ``_run`` / ``_arun``; sync and async.
 Below ``@tool`` and on methods a refused call raises ``KlockConflictError``
-in both modes: it is a ``ToolException``, so a tool with
-``handle_tool_error=True`` (and LangGraph's ``ToolNode``) answers with the
-error message. Above ``@tool`` see :mod:`.tools`.
+in both modes: it is a LangGraph ``ToolInvocationError`` (and so a
+``ToolException``), which ``ToolNode``'s default error handling — and a
+tool with ``handle_tool_error=True`` — answers with an error
+``ToolMessage``. Above ``@tool`` see :mod:`.tools`.
 
 **max_retries.** Klock retried a WAIT up to ``max_retries`` times, sleeping
 ``wait_time or 1000`` ms each time, and never retried a DIE. klockwork waits
@@ -48,13 +60,12 @@ from klockwork.core.engine import Klockwork
 from klockwork.core.errors import InvalidRequestError
 from klockwork.core.leases import DEFAULT_TTL_MS
 from klockwork.core.model import Predicate
-from klockwork.integrations.langchain.guard import (
+from klockwork.integrations.langchain.guard import Guard, OnConflict, make_guard
+from klockwork.integrations.langchain.klock_client import KlockClientLeases, is_klock_client
+from klockwork.integrations.langchain.resources import (
     Extractor,
-    Guard,
-    OnConflict,
     ResourceSpec,
     klock_resolver,
-    make_guard,
     template_resolver,
 )
 from klockwork.integrations.langchain.tools import DEFAULT_TIMEOUT_S, protect_with_guard
@@ -121,7 +132,7 @@ def klock_protected(
 ) -> KlockProtector: ...
 @overload
 def klock_protected(
-    klock_client: KlockClient | Klockwork,
+    klock_client: KlockClient | Klockwork | Any,
     agent_id: str | None,
     session_id: str | None,
     resource_type: str,
@@ -169,9 +180,14 @@ def klock_protected(*args: Any, **kwargs: Any) -> KlockProtector:
     Raises:
         InvalidRequestError: an invalid option, named in the message.
     """
-    if (args and isinstance(args[0], (KlockClient, Klockwork))) or "klock_client" in kwargs:
+    # Klock's form has five positional arguments or more; the short form two at most.
+    if "klock_client" in kwargs or len(args) > 2 or (args and _is_client(args[0])):
         return KlockProtector(_klock_signature(*args, **kwargs))
     return KlockProtector(_short_signature(*args, **kwargs))
+
+
+def _is_client(obj: object) -> bool:
+    return isinstance(obj, (KlockClient, Klockwork)) or is_klock_client(obj)
 
 
 def _short_signature(
@@ -202,7 +218,7 @@ def _short_signature(
 
 
 def _klock_signature(
-    klock_client: KlockClient | Klockwork,
+    klock_client: KlockClient | Klockwork | Any,
     agent_id: str | None,
     session_id: str | None,
     resource_type: str,
@@ -214,16 +230,16 @@ def _klock_signature(
     timeout_s: float | None = None,
     on_conflict: OnConflict = "raise",
 ) -> Guard:
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise InvalidRequestError("max_retries", max_retries, "must be an int >= 0")
+    kw: Klockwork | None = None
+    foreign: KlockClientLeases | None = None
     if isinstance(klock_client, KlockClient):
         kw = klock_client.kw
     elif isinstance(klock_client, Klockwork):
         kw = klock_client
-    else:
-        raise InvalidRequestError(
-            "klock_client", klock_client, "expected a klockwork KlockClient or Klockwork"
-        )
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise InvalidRequestError("max_retries", max_retries, "must be an int >= 0")
+    else:  # Klock's own client (or a double): driven with Klock's semantics
+        foreign = KlockClientLeases(klock_client, max_retries)
     if timeout_s is None:
         timeout_s = max_retries * RETRY_BUDGET_S
     return make_guard(
@@ -235,4 +251,5 @@ def _klock_signature(
         ttl_ms=ttl_ms,
         timeout_s=timeout_s,
         on_conflict=on_conflict,
+        klock_client=foreign,
     )

@@ -1,32 +1,78 @@
-"""The error a protected tool raises when it cannot get its leases.
+"""The errors a protected tool call raises for the *model* to read.
 
-:class:`KlockConflictError` is at once a klockwork
-:class:`~klockwork.LeaseConflictError` (so ``except LeaseConflictError``
-catches it next to engine errors) and a LangChain
-:class:`~langchain_core.tools.ToolException` (so a tool with
-``handle_tool_error=True``, or LangGraph's ``ToolNode``, turns it into an
-error ``ToolMessage`` the model can read instead of crashing the run). It
-keeps the attributes of Klock's own ``KlockConflictError`` — ``agent_id``,
-``resource_path``, ``reason``, ``wait_time_ms`` — so code written against
-Klock keeps working.
+A refusal (a lease that could not be had in time) or a resource argument
+the model chose badly (``path="../etc/passwd"``, ``path=""``) is news for
+the model, not a crash: the agent should read it and do something else.
+LangGraph's ``ToolNode`` — and so ``create_agent`` — answers exactly one
+kind of exception with an error ``ToolMessage`` by default, its own
+``ToolInvocationError``; anything else ends the whole run. Both errors here
+are therefore ``ToolInvocationError``\\ s (and so ``ToolException``\\ s, so a
+tool with ``handle_tool_error=True`` answers with them too), whichever way
+the tool was protected:
+
+* :class:`KlockConflictError` — also a klockwork
+  :class:`~klockwork.LeaseConflictError`, with the attributes of Klock's own
+  ``KlockConflictError`` (``agent_id``, ``resource_path``, ``reason``,
+  ``wait_time_ms``) so code written against Klock keeps working;
+* :class:`ToolArgumentError` — also an :class:`~klockwork.InvalidRequestError`
+  (a ``ValueError``, as Klock raises for a bad path).
+
+A mistake in the protection's own configuration (a template naming a
+parameter the function does not have) is a plain
+:class:`~klockwork.InvalidRequestError`: it raises, and should.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from langchain_core.tools import ToolException
+from langgraph.prebuilt.tool_node import ToolInvocationError
 
-from klockwork.core.errors import LeaseConflictError, LeaseTimeoutError
+from klockwork.core.errors import InvalidRequestError, LeaseConflictError, LeaseTimeoutError
 from klockwork.core.model import Conflict
 
-__all__ = ["KlockConflictError", "conflict_from_timeout"]
+__all__ = [
+    "WAIT_TIMEOUT",
+    "KlockConflictError",
+    "ToolArgumentError",
+    "ToolCallError",
+    "conflict_from_timeout",
+]
 
 #: ``reason`` after a blocking acquire ran out of time on WAIT (Klock's name).
 WAIT_TIMEOUT = "WAIT_TIMEOUT"
 
 
-class KlockConflictError(LeaseConflictError, ToolException):
+class ToolCallError(ToolInvocationError):
+    """Base of the errors meant for the model: ``ToolNode`` answers them with an error message.
+
+    Attributes:
+        message: what the model reads (also ``str(error)``).
+        tool_name: the tool that was called, when known.
+        tool_kwargs: the arguments it was called with, when known.
+    """
+
+    def __init__(self, message: str) -> None:
+        # ToolInvocationError.__init__ wants a pydantic ValidationError to
+        # format; ours already has its message.
+        ToolException.__init__(self, message)
+        self.set_tool_call(message)
+
+    def set_tool_call(
+        self, message: str, tool_name: str = "", tool_kwargs: Mapping[str, Any] | None = None
+    ) -> None:
+        """Fill in the attributes ``ToolInvocationError`` handlers read."""
+        self.message = message
+        self.tool_name = tool_name
+        self.tool_kwargs = dict(tool_kwargs or {})
+        self.filtered_errors = None
+        # No pydantic error behind it (the cause, if any, is __cause__).
+        setattr(self, "source", None)  # noqa: B010  (typed as ValidationError upstream)
+
+
+class KlockConflictError(LeaseConflictError, ToolCallError):
     """A protected tool call could not lease its resources in time.
 
     The message says who holds what and when it frees, in words a model can
@@ -41,7 +87,8 @@ class KlockConflictError(LeaseConflictError, ToolException):
         resources: every requested resource key (``TYPE:path``).
         reason: ``"WAIT_TIMEOUT"`` when the call waited (it was older than
             every holder) until its time ran out; ``"DIE"`` when it kept
-            backing off from an older holder until its time ran out.
+            backing off from an older holder until its time ran out; or the
+            reason a Klock server gave.
         conflicts: one :class:`~klockwork.Conflict` per blocking holder.
         wait_time_ms: soonest time a blocking holder's TTL runs out (renewed
             holders extend it), or None.
@@ -68,6 +115,27 @@ class KlockConflictError(LeaseConflictError, ToolException):
         if message is None:
             message = _message(agent_id, self.resources, reason, conflicts, wait_time_ms)
         super().__init__(reason, conflicts, wait_time_ms, message)
+
+
+class ToolArgumentError(InvalidRequestError, ToolCallError):
+    """An argument the model chose makes no usable resource; the tool did not run.
+
+    E.g. ``edit(path="../etc/passwd")`` (escapes its root) or ``edit(path="")``.
+    ``argument`` names the tool's argument when one template field made the
+    resource, else ``"resource"``.
+    """
+
+    def __init__(self, tool_name: str, argument: str, value: Any, problem: str) -> None:
+        super().__init__(argument, value, problem)
+        tool = f"tool {tool_name!r}" if tool_name else "the tool"
+        self.set_tool_call(
+            f"Invalid argument for {tool}: {argument!r} {problem} (got {value!r}). The "
+            "tool did not run; call it again with a valid value.",
+            tool_name,
+        )
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _message(
@@ -105,14 +173,14 @@ def _message(
 
 
 def conflict_from_timeout(
-    exc: LeaseTimeoutError,
+    exc: LeaseTimeoutError | LeaseConflictError,
     *,
     agent_id: str,
     session_id: str,
     resource_path: str,
     resources: Sequence[str],
 ) -> KlockConflictError:
-    """Translate the engine's :class:`~klockwork.LeaseTimeoutError` into Klock's terms.
+    """Translate the engine's refusal into Klock's terms.
 
     The engine reports the last verdict (``WAIT`` or ``DIE``); Klock calls
     an exhausted wait ``WAIT_TIMEOUT``, and a DIE stays ``DIE``.

@@ -57,12 +57,20 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 from langgraph.config import get_config
 from langgraph.types import interrupt
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    model_validator,
+)
 
 from klockwork.core.approvals import Approval, ApprovalClosedError, ApprovalStatus
 from klockwork.core.engine import Klockwork
 from klockwork.core.errors import (
     ApprovalTimeoutError,
+    EventLoopBlockedError,
     GateDeniedError,
     InvalidRequestError,
 )
@@ -80,6 +88,12 @@ __all__ = [
     "run_event_id",
 ]
 
+#: What a resume value must look like (said by every refusal of a malformed one).
+RESUME_SHAPE = (
+    "A klockwork approval is resumed with Command(resume={'type': 'approve' | 'edit' | "
+    "'reject', 'approver': '<who decides>', 'message': '<optional comment>', "
+    "'args': {<edited arguments, for 'edit' only>}})."
+)
 #: The ``type`` of every interrupt value klockwork raises.
 APPROVAL_REQUEST_TYPE = "klockwork.approval"
 DECISIONS = ("approve", "edit", "reject")
@@ -114,6 +128,21 @@ class ApprovalResponse(BaseModel):
     approver: str = Field(min_length=1)
     message: str = ""
     args: dict[str, Any] | None = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _explain(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> ApprovalResponse:
+        # A resume value comes from a person or a UI: say what it must look
+        # like, not only which pydantic rule it broke.
+        try:
+            response: ApprovalResponse = handler(value)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}"
+                for e in exc.errors(include_url=False)
+            )
+            raise ValueError(f"{RESUME_SHAPE} Got {value!r} ({problems}).") from None
+        return response
 
     @model_validator(mode="after")
     def _apply(self) -> ApprovalResponse:
@@ -363,6 +392,9 @@ class _Gate:
                 )  # fmt: skip
             except (GateDeniedError, ApprovalTimeoutError) as exc:
                 return self._refused(exc, kw)
+            except EventLoopBlockedError as exc:  # name the call the user made
+                name = self.name
+                raise exc.as_call(f"{name}.invoke(...)", f"await {name}.ainvoke(...)") from None
             return tool_input
         return self._in_run(kw, ident, args, meta, conf, tool_input, call_id)
 

@@ -5,18 +5,21 @@ and turns a function into one that, on every call:
 
 1. binds the call's arguments to the function's parameter names (dropping
    ``self``, ``run_manager``, ``config``, ``callbacks``) and computes the
-   resources from them (:class:`Resources`) — a bad or empty resource is an
-   :class:`~klockwork.InvalidRequestError` (a ``ValueError``), raised
-   before anything is leased;
+   normalised resources from them (:mod:`.resources`) — an argument that
+   makes no usable resource is a :class:`~.errors.ToolArgumentError`,
+   raised before anything is leased;
 2. resolves who is calling (:func:`.identity.resolve_identity`);
-3. holds the leases for the whole call with ``kw.leases.hold`` (or
-   ``ahold`` for coroutines, so the event loop never blocks): WAIT waits
-   for the release, DIE backs off and retries, the leases renew every
-   ttl/3 while the function runs and are released in ``finally``;
-4. if the leases could not be had within ``timeout_s``, raises
+3. holds the leases for the whole call — with klockwork's engine
+   (``kw.leases.hold``, or ``ahold`` for coroutines, so the event loop
+   never blocks: WAIT waits for the release, DIE backs off and retries, the
+   leases renew every ttl/3 and are released in ``finally``), or through a
+   Klock client with Klock's semantics (:mod:`.klock_client`);
+4. if the leases could not be had within the time allowed, raises
    :class:`~.errors.KlockConflictError` — or, for tool objects in
    ``tool_error`` mode, returns what the tool layer makes of it.
 
+Both errors are for the model: inside ``ToolNode`` / ``create_agent`` they
+end as error ``ToolMessage``\\ s, never as the end of the run.
 There is no retry loop here: waiting and back-off live in the engine.
 """
 
@@ -24,222 +27,120 @@ from __future__ import annotations
 
 import functools
 import inspect
-import string
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, cast
 
+from langchain_core.runnables.config import var_child_runnable_config
+
 from klockwork.core.engine import Klockwork
-from klockwork.core.errors import InvalidRequestError, LeaseTimeoutError
+from klockwork.core.errors import (
+    EventLoopBlockedError,
+    InvalidRequestError,
+    LeaseConflictError,
+    LeaseTimeoutError,
+)
 from klockwork.core.model import Predicate
 from klockwork.core.rules import parse_predicate, validate_ttl
-from klockwork.integrations.langchain.errors import KlockConflictError, conflict_from_timeout
+from klockwork.integrations.langchain.errors import (
+    ToolArgumentError,
+    ToolCallError,
+    conflict_from_timeout,
+)
 from klockwork.integrations.langchain.identity import (
     Identity,
     active_call,
     call_session,
     resolve_identity,
 )
+from klockwork.integrations.langchain.klock_client import KlockClientLeases
+from klockwork.integrations.langchain.resources import ArgumentProblem, Resolver, Resources
 
 __all__ = [
     "ON_CONFLICT_MODES",
     "ConflictResult",
-    "Extractor",
+    "EngineLeases",
     "Guard",
+    "LeaseBackend",
     "OnConflict",
-    "ResourceSpec",
-    "Resources",
-    "klock_resolver",
     "make_guard",
-    "template_resolver",
 ]
 
 OnConflict = Literal["tool_error", "raise"]
 ON_CONFLICT_MODES: tuple[str, ...] = ("tool_error", "raise")
-#: Gets the call's named arguments; returns one ``TYPE:path`` key or several.
-Extractor = Callable[[dict[str, Any]], str | Iterable[str] | None]
-#: ``"FILE:{path}"``, an :data:`Extractor`, or a list of them (one atomic manifest).
-ResourceSpec = str | Extractor | Sequence[str | Extractor]
-#: What a tool object returns instead of raising when its own leases are refused.
-ConflictResult = Callable[[KlockConflictError], Any]
+#: What a tool object returns instead of raising when its own call is refused
+#: (a lease it could not get, or an argument that makes no resource).
+ConflictResult = Callable[[ToolCallError], Any]
 
 # Parameters that carry plumbing, not tool input.
 _EXCLUDED = frozenset({"self", "cls", "run_manager", "config", "callbacks"})
+Intents = list[tuple[str, Predicate]]
 
 
-class Resources(NamedTuple):
-    """The resources of one call: the keys to lease, and how the caller named them."""
+class EngineLeases:
+    """Leases from a klockwork engine (the given one, else the process default per call)."""
 
-    keys: list[str]
-    label: str
+    __slots__ = ("kw",)
 
+    def __init__(self, kw: Klockwork | None) -> None:
+        self.kw = kw
 
-Resolver = Callable[[dict[str, Any]], Resources]
+    def engine(self) -> Klockwork:
+        """The engine given, else ``Klockwork.default()`` (looked up per call)."""
+        return self.kw if self.kw is not None else Klockwork.default()
 
+    def identity(self, identity: Identity) -> Identity:
+        """Each call leases in its own sub-session (see :func:`.identity.call_session`)."""
+        return call_session(identity)
 
-# -- resource specs ---------------------------------------------------------------
-class _TemplateError(Exception):
-    pass
-
-
-class _Formatter(string.Formatter):
-    """``str.format`` that only takes named arguments, and refuses empty ones."""
-
-    def get_value(self, key: int | str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-        if isinstance(key, int):
-            raise _TemplateError("positional '{}' fields are not supported; name an argument")
-        if key not in kwargs:
-            raise _TemplateError(
-                f"names {key!r}, which is not an argument of the call "
-                f"(arguments: {', '.join(sorted(kwargs)) or 'none'})"
-            )
-        value = kwargs[key]
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise _TemplateError(f"argument {key!r} is empty ({value!r})")
-        return value
-
-
-_FORMATTER = _Formatter()
-
-
-def template_resolver(spec: ResourceSpec) -> Resolver:
-    """Resolver for the short form: templates, extractors, or a list of them.
-
-    A template is formatted with the call's named arguments
-    (``"FILE:{path}"``); an extractor gets them as a dict and returns one
-    resource key or several. A list makes one atomic manifest.
-
-    Raises:
-        InvalidRequestError: the spec is none of these (at decoration time).
-    """
-    items: list[str | Extractor]
-    if isinstance(spec, str) or callable(spec):
-        items = [spec]
-    elif (
-        isinstance(spec, Sequence) and spec and all(isinstance(i, str) or callable(i) for i in spec)
-    ):
-        items = list(spec)
-    else:
-        items = []
-    if not items:
-        raise InvalidRequestError(
-            "resource",
-            spec,
-            "expected a 'TYPE:{argument}' template, a callable returning resource keys, "
-            "or a non-empty list of them",
+    def hold(
+        self, ident: Identity, intents: Intents, ttl_ms: int, timeout_s: float | None
+    ) -> AbstractContextManager[object]:
+        """Blocking hold: WAIT waits for the release, DIE backs off; renewed every ttl/3."""
+        return self.engine().leases.hold(
+            ident.agent_id, ident.session_id, intents, ttl_ms, timeout_s=timeout_s
         )
-    for item in items:
-        if not isinstance(item, str):
-            _check_extractor("resource", item)
 
-    plain = {item: _plain_fields(item) for item in items if isinstance(item, str)}
-
-    def resolve(arguments: dict[str, Any]) -> Resources:
-        keys: list[str] = []
-        for item in items:
-            if isinstance(item, str):
-                keys.append(_format_fast(item, plain[item], arguments))
-            else:
-                keys.extend(_extract("resource", item, arguments))
-        return Resources(keys, ", ".join(keys))
-
-    return resolve
-
-
-def _plain_fields(template: str) -> tuple[str, ...] | None:
-    """Names of a template's fields when all are plain ``{name}`` (else None)."""
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError:
-        return None
-    return tuple(fields) if all(f.isidentifier() for f in fields) else None
-
-
-def _format_fast(template: str, fields: tuple[str, ...] | None, arguments: dict[str, Any]) -> str:
-    """``str.format_map`` when every field is a plain, present, non-empty argument.
-
-    Anything else goes through :func:`_format`, which explains what is wrong.
-    """
-    if fields is not None:
-        for name in fields:
-            value = arguments.get(name)
-            if value is None or (type(value) is str and not value.strip()):
-                break
-        else:
-            return template.format_map(arguments)
-    return _format(template, arguments)
-
-
-def klock_resolver(resource_type: str, extractor: Extractor) -> Resolver:
-    """Resolver for Klock's signature: ``resource_type`` + ``extractor(kwargs) -> path(s)``.
-
-    Raises:
-        InvalidRequestError: ``resource_type`` is not a non-empty string, or
-            ``extractor`` is not callable (at decoration time).
-    """
-    if not isinstance(resource_type, str) or not resource_type.strip():
-        raise InvalidRequestError("resource_type", resource_type, "must be a type like 'FILE'")
-    _check_extractor("resource_path_extractor", extractor)
-    rtype = resource_type.strip()
-
-    def resolve(arguments: dict[str, Any]) -> Resources:
-        paths = _extract("resource_path_extractor", extractor, arguments)
-        return Resources([f"{rtype}:{path}" for path in paths], ", ".join(paths))
-
-    return resolve
-
-
-def _check_extractor(argument: str, extractor: object) -> None:
-    # An extractor is called with one argument, the call's arguments dict. A
-    # tool function handed over by a bare ``@klock_protected`` usually is not.
-    if not callable(extractor):
-        raise InvalidRequestError(
-            argument, extractor, "must be a callable taking the arguments dict"
+    def ahold(
+        self, ident: Identity, intents: Intents, ttl_ms: int, timeout_s: float | None
+    ) -> AbstractAsyncContextManager[object]:
+        """Async twin of :meth:`hold`."""
+        return self.engine().leases.ahold(
+            ident.agent_id, ident.session_id, intents, ttl_ms, timeout_s=timeout_s
         )
-    try:
-        inspect.signature(extractor).bind({})
-    except TypeError:
-        raise InvalidRequestError(
-            argument,
-            extractor,
-            "must take exactly one argument, the call's arguments dict "
-            "(a bare @klock_protected needs a resource: @klock_protected('FILE:{path}'))",
-        ) from None
-    except ValueError:  # no signature to check (some builtins): trust it
-        pass
 
 
-def _format(template: str, arguments: dict[str, Any]) -> str:
-    try:
-        return _FORMATTER.vformat(template, (), arguments)
-    except _TemplateError as exc:
-        raise InvalidRequestError("resource", template, str(exc)) from None
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
-        # e.g. "{user.name}" on an object without .name, or a bad format spec.
-        raise InvalidRequestError("resource", template, f"cannot be formatted: {exc!r}") from exc
+class _KlockLeases:
+    """A Klock client's leases, in the guard's terms (see :mod:`.klock_client`)."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: KlockClientLeases) -> None:
+        self._client = client
+
+    def identity(self, identity: Identity) -> Identity:
+        # A Klock server knows nothing of sub-sessions: it sees the session named.
+        return identity
+
+    def hold(
+        self, ident: Identity, intents: Intents, ttl_ms: int, timeout_s: float | None
+    ) -> AbstractContextManager[object]:
+        return self._client.hold(ident.agent_id, ident.session_id, intents, ttl_ms)
+
+    def ahold(
+        self, ident: Identity, intents: Intents, ttl_ms: int, timeout_s: float | None
+    ) -> AbstractAsyncContextManager[object]:
+        return self._client.ahold(ident.agent_id, ident.session_id, intents, ttl_ms)
 
 
-def _extract(argument: str, extractor: Extractor, arguments: dict[str, Any]) -> list[str]:
-    try:
-        out = extractor(dict(arguments))  # a copy: the extractor cannot alter the call
-    except InvalidRequestError:
-        raise
-    except Exception as exc:
-        raise InvalidRequestError(
-            argument, extractor, f"raised {exc!r} for arguments {sorted(arguments)}"
-        ) from exc
-    values: list[object] = [out] if isinstance(out, str) or out is None else list(out)
-    if not values or not all(isinstance(v, str) and v.strip() for v in values):
-        raise InvalidRequestError(
-            argument, extractor, f"returned {out!r}; expected a non-empty path or a list of them"
-        )
-    return cast("list[str]", values)
+LeaseBackend = EngineLeases | _KlockLeases
 
 
-# -- the guard ----------------------------------------------------------------------
 class _Call(NamedTuple):
     identity: Identity
-    intents: list[tuple[str, Predicate]]
+    intents: Intents
     resources: Resources
 
 
@@ -249,28 +150,44 @@ class Guard:
 
     resolver: Resolver
     predicate: Predicate
-    kw: Klockwork | None
+    leases: LeaseBackend
     agent_id: str | None
     session_id: str | None
     ttl_ms: int
     timeout_s: float | None
     on_conflict: OnConflict
 
-    def engine(self) -> Klockwork:
-        """The engine given, else the process-wide default (looked up per call)."""
-        return self.kw if self.kw is not None else Klockwork.default()
+    @property
+    def kw(self) -> Klockwork | None:
+        """The engine given to the protection (None: the default, or a Klock client)."""
+        return self.leases.kw if isinstance(self.leases, EngineLeases) else None
 
-    def prepare(self, plan: BindPlan, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
-        """Resources, identity and intents of one call; raises before leasing anything."""
+    def prepare(
+        self, plan: BindPlan, args: tuple[Any, ...], kwargs: dict[str, Any], tool_name: str
+    ) -> _Call:
+        """Resources, identity and intents of one call; raises before leasing anything.
+
+        Raises:
+            ToolArgumentError: an argument makes no usable resource.
+            InvalidRequestError: the protection itself is misconfigured.
+        """
         arguments, config = bind_arguments(plan, args, kwargs)
-        resources = self.resolver(arguments)
-        identity = call_session(
+        try:
+            resources = self.resolver(arguments)
+        except ArgumentProblem as problem:
+            raise ToolArgumentError(
+                tool_name, problem.argument, problem.value, problem.problem
+            ) from problem.__cause__
+        identity = self.leases.identity(
             resolve_identity(config, agent_id=self.agent_id, session_id=self.session_id)
         )
         return _Call(identity, [(key, self.predicate) for key in resources.keys], resources)
 
     def refused(
-        self, call: _Call, exc: LeaseTimeoutError, on_own_conflict: ConflictResult | None
+        self,
+        call: _Call,
+        exc: LeaseTimeoutError | LeaseConflictError,
+        on_own_conflict: ConflictResult | None,
     ) -> Any:
         """Raise the call's :class:`KlockConflictError`, or hand it to ``on_own_conflict``."""
         error = conflict_from_timeout(
@@ -290,19 +207,45 @@ class Guard:
         *,
         on_own_conflict: ConflictResult | None = None,
         asynchronous: bool | None = None,
+        tool_name: str | None = None,
     ) -> Callable[..., Any]:
         """Return ``fn`` guarded by this protection (same name, docstring, signature).
 
         Args:
             fn: a function, coroutine function, or method (``self`` first).
             on_own_conflict: when given, the value a refused call returns
-                instead of raising (tool objects use it for ``tool_error``);
-                conflicts raised by nested protected calls still propagate.
+                instead of raising (tool objects use it for ``tool_error``):
+                for a lease it could not get, and for an argument that makes
+                no resource; errors raised by nested protected calls still
+                propagate.
             asynchronous: force the async wrapper (for callables known to
                 return a coroutine that ``inspect`` cannot recognise); by
                 default ``inspect.iscoroutinefunction(fn)`` decides.
+            tool_name: the tool's name in messages (default: ``fn.__name__``).
+
+        Raises:
+            InvalidRequestError: a template names an argument ``fn`` does not take.
         """
         plan = bind_plan(fn)
+        if plan.signature is not None:
+            self.resolver.check_parameters(fn, _call_parameters(plan.signature))
+        fixed_name = tool_name or str(getattr(fn, "__name__", "tool"))
+        # On a BaseTool's _run/_arun the tool is the first argument: name it per call.
+        method = fixed_name in ("_run", "_arun")
+
+        def name_of(args: tuple[Any, ...]) -> str:
+            if not method:
+                return fixed_name
+            return str(getattr(args[0], "name", "tool")) if args else "tool"
+
+        def refuse(call: _Call | None, exc: Exception) -> Any:
+            # The one place a refusal becomes the model's error (or the tool's message).
+            if isinstance(exc, ToolArgumentError):
+                if on_own_conflict is None:
+                    raise exc
+                return on_own_conflict(exc)
+            assert call is not None and isinstance(exc, (LeaseTimeoutError, LeaseConflictError))
+            return self.refused(call, exc, on_own_conflict)
 
         if asynchronous is None:
             asynchronous = inspect.iscoroutinefunction(fn)
@@ -312,49 +255,58 @@ class Guard:
 
             @functools.wraps(fn)
             async def aguarded(*args: Any, **kwargs: Any) -> Any:
-                call = self.prepare(plan, args, kwargs)
+                try:
+                    call = self.prepare(plan, args, kwargs, name_of(args))
+                except ToolArgumentError as exc:
+                    return refuse(None, exc)
                 ident = call.identity
                 acquired = False
                 try:
-                    async with self.engine().leases.ahold(
-                        ident.agent_id,
-                        ident.session_id,
-                        call.intents,
-                        self.ttl_ms,
-                        timeout_s=self.timeout_s,
-                    ):
+                    async with self.leases.ahold(ident, call.intents, self.ttl_ms, self.timeout_s):
                         acquired = True
                         with active_call(ident):
                             return await fn(*args, **kwargs)
-                except LeaseTimeoutError as exc:
+                except (LeaseTimeoutError, LeaseConflictError) as exc:
                     if acquired:  # raised by the function itself, not by our acquire
                         raise
-                    return self.refused(call, exc, on_own_conflict)
+                    return refuse(call, exc)
 
             return aguarded
 
         @functools.wraps(fn)
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            call = self.prepare(plan, args, kwargs)
+            try:
+                call = self.prepare(plan, args, kwargs, name_of(args))
+            except ToolArgumentError as exc:
+                return refuse(None, exc)
             ident = call.identity
             acquired = False
             try:
-                with self.engine().leases.hold(
-                    ident.agent_id,
-                    ident.session_id,
-                    call.intents,
-                    self.ttl_ms,
-                    timeout_s=self.timeout_s,
-                ):
+                with self.leases.hold(ident, call.intents, self.ttl_ms, self.timeout_s):
                     acquired = True
                     with active_call(ident):
                         return fn(*args, **kwargs)
-            except LeaseTimeoutError as exc:
+            except (LeaseTimeoutError, LeaseConflictError) as exc:
                 if acquired:
                     raise
-                return self.refused(call, exc, on_own_conflict)
+                return refuse(call, exc)
+            except EventLoopBlockedError as exc:
+                if acquired:
+                    raise
+                raise _blocked_as(exc, name_of(args)) from None
 
         return guarded
+
+
+def _blocked_as(exc: EventLoopBlockedError, name: str) -> EventLoopBlockedError:
+    """Name the call the user made: a tool's ``invoke``, or the function itself."""
+    if var_child_runnable_config.get() is not None:  # inside a runnable: a tool call
+        return exc.as_call(f"{name}.invoke(...)", f"await {name}.ainvoke(...)")
+    return exc.as_call(f"{name}(...)", f"an async def {name} awaited on the loop")
+
+
+def _call_parameters(signature: inspect.Signature) -> dict[str, inspect.Parameter]:
+    return {k: p for k, p in signature.parameters.items() if k not in _EXCLUDED}
 
 
 def bind_arguments(
@@ -421,8 +373,12 @@ def make_guard(
     ttl_ms: int,
     timeout_s: float | None,
     on_conflict: str,
+    klock_client: KlockClientLeases | None = None,
 ) -> Guard:
     """Check every option once, at decoration time, and build the :class:`Guard`.
+
+    ``klock_client`` (a foreign Klock client, already checked) replaces the
+    engine; ``timeout_s`` then plays no part (Klock counts retries).
 
     Raises:
         InvalidRequestError: an option is invalid (named in the message).
@@ -433,17 +389,20 @@ def make_guard(
         if value is not None and (not isinstance(value, str) or not value):
             raise InvalidRequestError(name, value, "must be a non-empty string or None")
     if timeout_s is not None and (
-        isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s < 0
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or not 0 <= timeout_s < math.inf  # also refuses NaN
     ):
-        raise InvalidRequestError("timeout_s", timeout_s, "must be >= 0 seconds or None")
+        raise InvalidRequestError("timeout_s", timeout_s, "must be >= 0 seconds (finite) or None")
     if on_conflict not in ON_CONFLICT_MODES:
         raise InvalidRequestError(
             "on_conflict", on_conflict, f"expected one of {', '.join(ON_CONFLICT_MODES)}"
         )
+    leases: LeaseBackend = EngineLeases(kw) if klock_client is None else _KlockLeases(klock_client)
     return Guard(
         resolver=resolver,
         predicate=parse_predicate(predicate),
-        kw=kw,
+        leases=leases,
         agent_id=agent_id,
         session_id=session_id,
         ttl_ms=validate_ttl(ttl_ms),

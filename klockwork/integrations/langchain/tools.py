@@ -29,6 +29,7 @@ behaves exactly as in the original tool.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -42,16 +43,10 @@ from klockwork.core.engine import Klockwork
 from klockwork.core.errors import InvalidRequestError
 from klockwork.core.leases import DEFAULT_TTL_MS
 from klockwork.core.model import Predicate
-from klockwork.integrations.langchain.errors import KlockConflictError
+from klockwork.integrations.langchain.errors import ToolCallError
 from klockwork.integrations.langchain.gating import Metadata, OnDenied, gated_tool
-from klockwork.integrations.langchain.guard import (
-    ConflictResult,
-    Guard,
-    OnConflict,
-    ResourceSpec,
-    make_guard,
-    template_resolver,
-)
+from klockwork.integrations.langchain.guard import ConflictResult, Guard, OnConflict, make_guard
+from klockwork.integrations.langchain.resources import ResourceSpec, template_resolver
 
 __all__ = ["DEFAULT_TIMEOUT_S", "protect_tool", "protect_tools", "protect_with_guard"]
 
@@ -106,7 +101,10 @@ def protect_tool(
         tool: a ``BaseTool``, or a plain function (made a tool with ``@tool``).
         resource: ``"FILE:{path}"`` (formatted with the call's arguments), a
             callable taking the arguments dict and returning one or several
-            ``TYPE:path`` keys, or a list of these (one atomic manifest).
+            ``TYPE:path`` keys, or a list of these (one atomic manifest). An
+            argument the model chose that makes no usable resource (an empty
+            or escaping path) ends the call as an error ``ToolMessage``
+            (``tool_error``) or raises :class:`ToolArgumentError`.
         predicate: what the tool does to the resource (``MUTATES``, ``CONSUMES``...).
         kw: the engine; ``Klockwork.default()`` when None.
         agent_id: fixed agent; by default read from the call's config.
@@ -217,14 +215,15 @@ def protect_with_guard(tool: BaseTool, guard: Guard) -> BaseTool:
     cls = type(tool)
     namespace: dict[str, Any] = {}
     update: dict[str, Any] = {}
+    wrap = functools.partial(guard.wrap, on_own_conflict=handler, tool_name=tool.name)
     if not _langchain_impl(cls._run):
-        namespace["_run"] = guard.wrap(cls._run, on_own_conflict=handler)
+        namespace["_run"] = wrap(cls._run)
     elif isinstance(tool, (StructuredTool, Tool)) and tool.func is not None:
-        update["func"] = guard.wrap(tool.func, on_own_conflict=handler)
+        update["func"] = wrap(tool.func)
     if not _langchain_impl(cls._arun):
-        namespace["_arun"] = guard.wrap(cls._arun, on_own_conflict=handler, asynchronous=True)
+        namespace["_arun"] = wrap(cls._arun, asynchronous=True)
     elif isinstance(tool, (StructuredTool, Tool)) and tool.coroutine is not None:
-        update["coroutine"] = guard.wrap(tool.coroutine, on_own_conflict=handler, asynchronous=True)
+        update["coroutine"] = wrap(tool.coroutine, asynchronous=True)
     if not namespace and not update:
         raise InvalidRequestError(
             "tool", tool, "has neither a function nor its own _run/_arun to protect"
@@ -241,7 +240,7 @@ def _refusal_result(tool: BaseTool) -> ConflictResult:
     name = tool.name
     with_artifact = tool.response_format == "content_and_artifact"
 
-    def result(error: KlockConflictError) -> Any:
+    def result(error: ToolCallError) -> Any:
         call_id = _TOOL_CALL_ID.get()
         out: Any = (
             str(error)

@@ -32,13 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from klockwork.core.audit import AuditLog  # noqa: E402
+from klockwork.core.audit.log import AuditLog  # noqa: E402
 from klockwork.core.clock import SystemClock  # noqa: E402
 
 perf = time.perf_counter
 TARGET_E2E = 100_000
 TARGET_VERIFY = 300_000
-# What the engine records for a granted lease (klockwork/core/leases.py).
+# What the engine records for a granted lease (klockwork/core/leases/manager.py).
 DATA = {
     "lease_id": "01J0Z8K5Q7W2X3Y4Z5A6B7C8D9",
     "resource": "FILE:/src/auth.ts",

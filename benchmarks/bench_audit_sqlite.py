@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from klockwork.core.audit import AuditBackend, AuditLog, MemoryAuditBackend  # noqa: E402
-from klockwork.core.audit_sqlite import SqliteAuditBackend  # noqa: E402
+from klockwork.core.audit.log import AuditBackend, AuditLog, MemoryAuditBackend  # noqa: E402
+from klockwork.core.audit.sqlite import SqliteAuditBackend  # noqa: E402
 from klockwork.core.clock import SystemClock  # noqa: E402
 
 perf = time.perf_counter

@@ -33,7 +33,7 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.types import Command
 
 from klockwork import Klockwork
-from klockwork.core.policy import Condition, Policy
+from klockwork.core.governance.policy import Condition, Policy
 from klockwork.integrations.langchain.gating import gated_tool
 
 POLICIES = [

@@ -4,12 +4,10 @@ Leases on resources (six intent predicates, wait-die, TTLs, fencing), with
 gates, an event bus and a verifiable audit trail built on the same engine.
 """
 
-from klockwork.core.approvals import Approval, ApprovalClosedError, ApprovalStatus, BreakerConfig
-from klockwork.core.audit import AuditPage
-from klockwork.core.audit_chain import AuditEntry, Checkpoint, VerifyResult
+from klockwork.core.audit.chain import AuditEntry, Checkpoint, VerifyResult
+from klockwork.core.audit.log import AuditPage
 from klockwork.core.clock import Clock, ManualClock, SystemClock
 from klockwork.core.compat import KlockClient
-from klockwork.core.delegation import Delegation
 from klockwork.core.engine import Klockwork
 from klockwork.core.errors import (
     ApprovalNotFoundError,
@@ -33,8 +31,16 @@ from klockwork.core.errors import (
     StaleLeaseError,
     StoreUnavailableError,
 )
-from klockwork.core.gates import ActionResult
-from klockwork.core.holding import HeldLeases
+from klockwork.core.governance.approvals import (
+    Approval,
+    ApprovalClosedError,
+    ApprovalStatus,
+    BreakerConfig,
+)
+from klockwork.core.governance.delegation import Delegation
+from klockwork.core.governance.gates import ActionResult
+from klockwork.core.governance.policy import Condition, ConditionResult, Effect, Policy
+from klockwork.core.leases.holding import HeldLeases
 from klockwork.core.model import (
     AgentInfo,
     Conflict,
@@ -46,7 +52,6 @@ from klockwork.core.model import (
     Verdict,
     VerdictStatus,
 )
-from klockwork.core.policy import Condition, ConditionResult, Effect, Policy
 from klockwork.core.stores import MemoryStore, SqliteStore, Store
 
 __version__ = "0.1.0"

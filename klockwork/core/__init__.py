@@ -1,1 +1,16 @@
-"""The klockwork engine. Imports nothing from LangChain or LangGraph."""
+"""The klockwork engine. Imports nothing from LangChain or LangGraph.
+
+The floors, bottom up — a module imports only from its own floor or below,
+and no two modules import each other (``tests/unit/test_layers.py`` checks):
+
+1. the ground floor, shared by all: ``model``, ``errors``, ``clock``,
+   ``events`` (the one internal hook), ``notify`` (keyed wake-ups);
+2. ``leases/rules``: the pure lease decisions the stores apply;
+3. ``stores/``: thin atomic layers (memory, SQLite);
+4. the pillars and the trail: ``leases/``, ``governance/``, ``bus/``, ``audit/``;
+5. ``engine`` (``Klockwork``: wires the parts over one store) and
+   ``compat`` (``KlockClient``, Klock's dict API).
+
+Above the core: ``klockwork.integrations`` (LangChain, LangGraph) and
+``klockwork.cli``. See ``docs/architecture.md`` for the map.
+"""

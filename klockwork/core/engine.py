@@ -23,20 +23,20 @@ from contextlib import (
 from types import TracebackType
 from typing import Any, ClassVar, Literal
 
-from klockwork.core.approval_desk import Approvals
-from klockwork.core.audit import AuditBackend, AuditLog, MemoryAuditBackend
+from klockwork.core.audit.log import AuditBackend, AuditLog, MemoryAuditBackend
 from klockwork.core.clock import Clock, SystemClock
-from klockwork.core.delegation import (
+from klockwork.core.errors import InvalidRequestError, KlockworkWarning, StoreUnavailableError
+from klockwork.core.events import EventHub, Listener
+from klockwork.core.governance.approval_desk import Approvals
+from klockwork.core.governance.delegation import (
     Delegation,
     DelegationBlock,
     Delegations,
     check_capabilities,
 )
-from klockwork.core.errors import InvalidRequestError, KlockworkWarning, StoreUnavailableError
-from klockwork.core.events import EventHub, Listener
-from klockwork.core.gates import Gates, Policies
-from klockwork.core.holding import Holding
-from klockwork.core.leases import DEFAULT_TTL_MS, HeldLeases, LeaseManager
+from klockwork.core.governance.gates import Gates, Policies
+from klockwork.core.leases.holding import Holding
+from klockwork.core.leases.manager import DEFAULT_TTL_MS, HeldLeases, LeaseManager
 from klockwork.core.model import AgentInfo
 from klockwork.core.stores.base import Store
 from klockwork.core.stores.memory import MemoryStore
@@ -117,7 +117,7 @@ def audit_backend_for(store: Store) -> AuditBackend:
     from klockwork.core.stores.sqlite import SqliteStore
 
     if isinstance(store, SqliteStore):
-        from klockwork.core.audit_sqlite import SqliteAuditBackend
+        from klockwork.core.audit.sqlite import SqliteAuditBackend
 
         return SqliteAuditBackend(store.path, rebase=True)
     return MemoryAuditBackend()

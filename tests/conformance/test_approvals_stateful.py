@@ -1,7 +1,7 @@
 """Hypothesis state machine: engine-level approvals against a tiny reference model.
 
 The model is written from DESIGN.md (it shares no code with
-``klockwork.core.approvals``): requests through ``kw.gates.execute`` under
+``klockwork.core.governance.approvals``): requests through ``kw.gates.execute`` under
 three policies (quorum 1, 2 and 3, with and without deadlines), votes by
 random deciders (listed approvers, the requester itself, an outsider), a
 manual clock moving past deadlines. After every step the engine's approvals,

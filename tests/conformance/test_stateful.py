@@ -1,7 +1,7 @@
 """Hypothesis state machine: the engine against a tiny reference model.
 
 The model is written from DESIGN.md alone (it shares no code with
-``klockwork.core.rules``): a list of leases, a clock, the KLIS matrix and
+``klockwork.core.leases.rules``): a list of leases, a clock, the KLIS matrix and
 wait-die. Every verdict of the engine must match the model's (status,
 blocking lease ids, wait time) and the invariants must hold after every
 step. Runs on the memory store and (fewer examples) on SQLite, through the

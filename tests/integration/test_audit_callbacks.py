@@ -23,8 +23,8 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
 from klockwork import InvalidRequestError, Klockwork, StoreUnavailableError
-from klockwork.core.audit import verify_file
-from klockwork.core.audit_chain import AuditEntry
+from klockwork.core.audit.chain import AuditEntry
+from klockwork.core.audit.log import verify_file
 from klockwork.integrations.langchain import (
     REDACTED,
     AsyncAuditCallbackHandler,

@@ -37,8 +37,8 @@ import yaml
 from support import ROOT
 
 from klockwork import Klockwork, Policy
-from klockwork.core.audit import AuditLog
-from klockwork.core.policy_files import parse_policies
+from klockwork.core.audit.log import AuditLog
+from klockwork.core.governance.policy_files import parse_policies
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CHECKED = {"python", "yaml", "bash", "sh", "text"}

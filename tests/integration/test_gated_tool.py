@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from klockwork import Klockwork
 from klockwork.core.clock import ManualClock
 from klockwork.core.errors import GateDeniedError, NotAnApproverError
-from klockwork.core.policy import Condition, Policy
+from klockwork.core.governance.policy import Condition, Policy
 from klockwork.integrations.langchain.gating import APPROVAL_REQUEST_TYPE, gated_tool
 from klockwork.integrations.langchain.tools import protect_tool
 

@@ -18,7 +18,7 @@ from support import run_spawned
 
 from klockwork import Klockwork
 from klockwork.core.errors import GateDeniedError, InvalidRequestError, NotAnApproverError
-from klockwork.core.policy import Condition, Policy
+from klockwork.core.governance.policy import Condition, Policy
 from klockwork.integrations.langgraph import RESULT_KEY, add_approval_gate, gate_node
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""The pure approval and circuit-breaker state machines of ``klockwork.core.approvals``."""
+"""The pure approval and circuit-breaker state machines (``core.governance.approvals``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from klockwork.core.approvals import (
+from klockwork.core.errors import InvalidRequestError, NotAnApproverError
+from klockwork.core.governance.approvals import (
     APPROVAL_EXPIRED,
     DENIED_BY_REVIEWER,
     Approval,
@@ -28,8 +29,7 @@ from klockwork.core.approvals import (
     remaining_s,
     reset,
 )
-from klockwork.core.errors import InvalidRequestError, NotAnApproverError
-from klockwork.core.policy import Policy
+from klockwork.core.governance.policy import Policy
 
 S = ApprovalStatus
 

@@ -15,8 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from klockwork.core.audit import AuditLog, export_jsonl, verify_file
-from klockwork.core.audit_chain import (
+from klockwork.core.audit.chain import (
     GENESIS_HASH,
     AuditEntry,
     Checkpoint,
@@ -24,7 +23,8 @@ from klockwork.core.audit_chain import (
     entry_hash,
     sign_checkpoint,
 )
-from klockwork.core.audit_verify import verify_entries
+from klockwork.core.audit.log import AuditLog, export_jsonl, verify_file
+from klockwork.core.audit.verify import verify_entries
 from klockwork.core.clock import ManualClock
 from klockwork.core.errors import AuditIntegrityError
 

@@ -1,7 +1,7 @@
 """The audit writer's fast path: byte-identical to the documented conversion.
 
 The writer formats klockwork's own lease records as canonical JSON directly
-(:mod:`klockwork.core.audit_json`); every line it writes must be exactly the
+(:mod:`klockwork.core.audit.canonical`); every line it writes must be exactly the
 line the documented conversion (``to_json_value`` + ``canonical_json``)
 gives, whatever odd values the records hold. References here are computed
 with the chain's public helpers from the records' ``__audit_data__()``.
@@ -19,13 +19,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from klockwork.core import audit_encode
-from klockwork.core.audit import AuditLog
-from klockwork.core.audit_chain import GENESIS_HASH, canonical_json, entry_hash, to_json_value
-from klockwork.core.audit_encode import ENDED, PENDING_SLOTS, encode_batch, encode_slow
-from klockwork.core.audit_json import INT_LIMIT
-from klockwork.core.audit_records import Denied, granted_data
+from klockwork.core.audit import encode as audit_encode
+from klockwork.core.audit.canonical import INT_LIMIT
+from klockwork.core.audit.chain import GENESIS_HASH, canonical_json, entry_hash, to_json_value
+from klockwork.core.audit.encode import ENDED, PENDING_SLOTS, encode_batch, encode_slow
+from klockwork.core.audit.log import AuditLog
+from klockwork.core.audit.records import Denied, granted_data
 from klockwork.core.clock import ManualClock
+from klockwork.core.leases.rules import ParsedIntent
 from klockwork.core.model import (
     Conflict,
     LeaseRecord,
@@ -35,7 +36,6 @@ from klockwork.core.model import (
     VerdictStatus,
     _build,
 )
-from klockwork.core.rules import ParsedIntent
 
 ODD_CHARS = [
     "a",

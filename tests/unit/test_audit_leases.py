@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from klockwork import InvalidRequestError, Klockwork, LeaseTimeoutError, ManualClock, MemoryStore
-from klockwork.core.audit_chain import to_json_value
+from klockwork.core.audit.chain import to_json_value
 from klockwork.core.model import GovernanceEvent
 
 LEASE_KINDS = {"lease.granted", "lease.denied", "lease.released", "lease.expired", "lease.revoked"}

@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 
-from klockwork.core.audit import AuditBackend, AuditLog, MemoryAuditBackend, verify_file
-from klockwork.core.audit_chain import (
+from klockwork.core.audit.chain import (
     GENESIS_HASH,
     AuditEntry,
     canonical_json,
     entry_hash,
     to_json_value,
 )
-from klockwork.core.audit_encode import encode_batch
+from klockwork.core.audit.encode import encode_batch
+from klockwork.core.audit.log import AuditBackend, AuditLog, MemoryAuditBackend, verify_file
 from klockwork.core.clock import ManualClock
 from klockwork.core.errors import InvalidRequestError, StoreUnavailableError
 from klockwork.core.model import GovernanceEvent, Predicate

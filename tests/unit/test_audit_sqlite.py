@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from support import run_spawned
 
-from klockwork.core.audit import AuditBackend, AuditLog, MemoryAuditBackend, verify_file
-from klockwork.core.audit_backend import EntryBatch
-from klockwork.core.audit_chain import GENESIS_HASH, AuditEntry, canonical_json
-from klockwork.core.audit_sqlite import SqliteAuditBackend
-from klockwork.core.audit_verify import verify_lines
+from klockwork.core.audit.backend import EntryBatch
+from klockwork.core.audit.chain import GENESIS_HASH, AuditEntry, canonical_json
+from klockwork.core.audit.log import AuditBackend, AuditLog, MemoryAuditBackend, verify_file
+from klockwork.core.audit.sqlite import SqliteAuditBackend
+from klockwork.core.audit.verify import verify_lines
 from klockwork.core.clock import ManualClock
 from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
 from klockwork.core.stores.sqlite import SqliteStore

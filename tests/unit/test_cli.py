@@ -11,7 +11,7 @@ import pytest
 
 from klockwork import Klockwork
 from klockwork.cli import INVALID, OK, USAGE, main
-from klockwork.core.audit import AuditLog
+from klockwork.core.audit.log import AuditLog
 
 
 def test_leases_lists_what_another_engine_holds(

@@ -1,4 +1,4 @@
-"""The pure gate decisions of ``klockwork.core.policy`` (no engine, no store)."""
+"""The pure gate decisions of ``klockwork.core.governance.policy`` (no engine, no store)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from klockwork.core import policy as policy_module
+from klockwork.core.governance import policy as policy_module
 from klockwork.core.errors import InvalidRequestError
-from klockwork.core.policy import (
+from klockwork.core.governance.policy import (
     CONDITIONS_DENIED,
     CONDITIONS_REQUIRE_APPROVAL,
     NO_POLICY,

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 
 from klockwork.core.errors import InvalidRequestError
-from klockwork.core.policy import (
+from klockwork.core.governance.policy import (
     CONDITIONS_REQUIRE_APPROVAL,
     Effect,
     Operator,
     Policy,
     decide,
 )
-from klockwork.core.policy_files import load_policies, parse_policies
+from klockwork.core.governance.policy_files import load_policies, parse_policies
 
 FILES = Path(__file__).parent / "policy_files"
 

@@ -1,4 +1,4 @@
-"""The pure decisions of ``klockwork.core.rules`` (no store, no clock)."""
+"""The pure decisions of ``klockwork.core.leases.rules`` (no store, no clock)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from klockwork import Intent, InvalidRequestError, LeaseState, Predicate, VerdictStatus
-from klockwork.core.model import LeaseRecord, Reservation
-from klockwork.core.rules import (
+from klockwork.core.leases.rules import (
     COMPATIBLE_PAIRS,
     HIERARCHICAL_TYPES,
     ParsedIntent,
@@ -27,6 +26,7 @@ from klockwork.core.rules import (
     parse_predicate,
     validate_ttl,
 )
+from klockwork.core.model import LeaseRecord, Reservation
 
 VECTORS = Path(__file__).parents[1] / "conformance" / "vectors"
 MATRIX = json.loads((VECTORS / "matrix.json").read_text())
@@ -353,7 +353,7 @@ def test_judge_wait_becomes_die_behind_an_older_waiter() -> None:
 
 
 def test_within_session_nests_by_path_segment() -> None:
-    from klockwork.core.rules import within_session
+    from klockwork.core.leases.rules import within_session
 
     assert within_session("t1", "t1")
     assert within_session("t1/call-7", "t1")

@@ -1,4 +1,4 @@
-"""Stores: thin atomic layers under the pure decisions of :mod:`klockwork.core.rules`."""
+"""Stores: thin atomic layers under the pure decisions of :mod:`klockwork.core.leases.rules`."""
 
 from klockwork.core.stores.base import Store
 from klockwork.core.stores.memory import MemoryStore

@@ -2,14 +2,14 @@
 
 A store keeps agents, leases and waiters' reservations, and performs each
 transition atomically. It makes no decision of its own: inside its atomic
-section it gathers the facts and calls :func:`klockwork.core.rules.judge`.
+section it gathers the facts and calls :func:`klockwork.core.leases.rules.judge`.
 
 Governance state (approvals, gate outcomes, breakers, delegations) is kept
 as *records*: frozen pydantic models filed under ``(kind, key)``.
 :meth:`Store.update_record` loads one, hands it to a pure transition
-function (from :mod:`klockwork.core.approvals` and friends) inside the
+function (from :mod:`klockwork.core.governance.approvals` and friends) inside the
 store's atomic section and persists what it returns, the same way leases
-use :func:`~klockwork.core.rules.judge`.
+use :func:`~klockwork.core.leases.rules.judge`.
 
 Like LangGraph's ``BaseCheckpointSaver``, a store implements a few sync
 primitives; the async twins are written once here. A store whose
@@ -28,8 +28,8 @@ from typing import ClassVar, NamedTuple, ParamSpec, TypeVar
 from pydantic import BaseModel
 
 from klockwork.core.errors import LeaseExpiredError, LeaseNotFoundError, LeaseRevokedError
+from klockwork.core.leases.rules import ParsedIntent
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
-from klockwork.core.rules import ParsedIntent
 
 __all__ = [
     "AcquireOutcome",

@@ -15,8 +15,8 @@ from typing import TypeVar, cast
 from pydantic import BaseModel
 
 from klockwork.core.errors import InvalidRequestError, LeaseNotFoundError, StoreUnavailableError
+from klockwork.core.leases.rules import ParsedIntent, ancestors, judge, overlaps
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
-from klockwork.core.rules import ParsedIntent, ancestors, judge, overlaps
 from klockwork.core.stores.base import (
     AcquireOutcome,
     AcquireRequest,

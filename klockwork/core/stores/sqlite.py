@@ -10,7 +10,7 @@ corrupt the file. sqlite3 errors are translated at this boundary into
 :class:`~klockwork.StoreUnavailableError` (fail closed).
 
 Waiters in other processes learn of releases by polling (an adaptive 1-50 ms
-interval, see :mod:`klockwork.core.leases`); waiters in this process are
+interval, see :mod:`klockwork.core.leases.manager`); waiters in this process are
 also woken at once by the in-process notification.
 """
 
@@ -33,6 +33,7 @@ from klockwork.core.errors import (
     LeaseNotFoundError,
     StoreUnavailableError,
 )
+from klockwork.core.leases.rules import ParsedIntent, descendant_range, judge, overlaps
 from klockwork.core.model import (
     AgentInfo,
     LeaseRecord,
@@ -41,7 +42,6 @@ from klockwork.core.model import (
     Reservation,
     VerdictStatus,
 )
-from klockwork.core.rules import ParsedIntent, descendant_range, judge, overlaps
 from klockwork.core.stores.base import (
     AcquireOutcome,
     AcquireRequest,

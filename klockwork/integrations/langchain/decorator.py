@@ -58,7 +58,7 @@ from langchain_core.tools import BaseTool
 from klockwork.core.compat import KlockClient
 from klockwork.core.engine import Klockwork
 from klockwork.core.errors import InvalidRequestError
-from klockwork.core.leases import DEFAULT_TTL_MS
+from klockwork.core.leases.manager import DEFAULT_TTL_MS
 from klockwork.core.model import Predicate
 from klockwork.integrations.langchain.guard import Guard, OnConflict, make_guard
 from klockwork.integrations.langchain.klock_client import KlockClientLeases, is_klock_client

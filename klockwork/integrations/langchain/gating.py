@@ -66,7 +66,6 @@ from pydantic import (
     model_validator,
 )
 
-from klockwork.core.approvals import Approval, ApprovalClosedError, ApprovalStatus
 from klockwork.core.engine import Klockwork
 from klockwork.core.errors import (
     ApprovalTimeoutError,
@@ -74,7 +73,8 @@ from klockwork.core.errors import (
     GateDeniedError,
     InvalidRequestError,
 )
-from klockwork.core.gates import ActionResult
+from klockwork.core.governance.approvals import Approval, ApprovalClosedError, ApprovalStatus
+from klockwork.core.governance.gates import ActionResult
 from klockwork.integrations.langchain.identity import Identity, resolve_identity
 
 __all__ = [

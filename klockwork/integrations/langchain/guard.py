@@ -42,8 +42,8 @@ from klockwork.core.errors import (
     LeaseConflictError,
     LeaseTimeoutError,
 )
+from klockwork.core.leases.rules import parse_predicate, validate_ttl
 from klockwork.core.model import Predicate
-from klockwork.core.rules import parse_predicate, validate_ttl
 from klockwork.integrations.langchain.errors import (
     ToolArgumentError,
     ToolCallError,

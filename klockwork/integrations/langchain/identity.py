@@ -42,7 +42,7 @@ from langchain_core.runnables.config import var_child_runnable_config
 from langgraph.runtime import Runtime, get_runtime
 
 from klockwork.core.errors import InvalidRequestError
-from klockwork.core.rules import within_session
+from klockwork.core.leases.rules import within_session
 
 __all__ = ["Identity", "agent_config", "resolve_identity"]
 

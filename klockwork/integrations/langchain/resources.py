@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from klockwork.core.errors import InvalidRequestError
-from klockwork.core.rules import normalize_resource
+from klockwork.core.leases.rules import normalize_resource
 
 __all__ = [
     "ArgumentProblem",

@@ -41,7 +41,7 @@ from langchain_core.tools import tool as make_tool
 
 from klockwork.core.engine import Klockwork
 from klockwork.core.errors import InvalidRequestError
-from klockwork.core.leases import DEFAULT_TTL_MS
+from klockwork.core.leases.manager import DEFAULT_TTL_MS
 from klockwork.core.model import Predicate
 from klockwork.integrations.langchain.errors import ToolCallError
 from klockwork.integrations.langchain.gating import Metadata, OnDenied, gated_tool

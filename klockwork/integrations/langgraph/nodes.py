@@ -33,7 +33,7 @@ from langgraph.types import Command
 
 from klockwork.core.engine import Klockwork
 from klockwork.core.errors import GateDeniedError, InvalidRequestError
-from klockwork.core.gates import ActionResult
+from klockwork.core.governance.gates import ActionResult
 from klockwork.integrations.langchain.gating import (
     checkpointed_run,
     interrupt_until_decided,

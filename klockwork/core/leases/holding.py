@@ -14,7 +14,7 @@ from klockwork.core.errors import EventLoopBlockedError, InvalidRequestError, Le
 from klockwork.core.model import Lease
 
 if TYPE_CHECKING:
-    from klockwork.core.leases import LeaseManager
+    from klockwork.core.leases.manager import LeaseManager
 
 __all__ = ["HOLD_NAMES", "AsyncHolding", "HeldLeases", "Holding"]
 

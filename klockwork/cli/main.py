@@ -31,23 +31,12 @@ request itself was wrong (a typo'd id, a different store).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 
-from klockwork import cli_approvals, cli_audit
-from klockwork.cli_support import (
-    INVALID,
-    OK,
-    UNAVAILABLE,
-    USAGE,
-    CliError,
-    fail,
-    open_shared,
-    report,
-)
-from klockwork.core.errors import InvalidRequestError, StoreUnavailableError
+from klockwork.cli import approvals, audit, leases
+from klockwork.cli.support import INVALID, OK, UNAVAILABLE, USAGE, CliError, report
 
 __all__ = ["INVALID", "OK", "UNAVAILABLE", "USAGE", "main"]
 
@@ -59,14 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    leases = commands.add_parser("leases", help="list active leases")
-    leases.add_argument("--url", help="the shared store (default: $KLOCKWORK_URL)")
-    leases.add_argument("--agent", help="only this agent's leases")
-    leases.add_argument("--resource", help="only leases overlapping this TYPE:path key")
-    leases.add_argument("--json", action="store_true", help="a JSON array of leases")
-
-    cli_approvals.add_parsers(commands)
-    cli_audit.add_parsers(commands)
+    leases.add_parsers(commands)
+    approvals.add_parsers(commands)
+    audit.add_parsers(commands)
     return parser
 
 
@@ -75,10 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "leases":
-            return _leases(args)
+            return leases.run(args)
         if args.command == "approvals":
-            return cli_approvals.run(args)
-        return cli_audit.run(args)
+            return approvals.run(args)
+        return audit.run(args)
     except CliError as error:
         return report(error)
     except BrokenPipeError:
@@ -88,33 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return OK
-
-
-def _leases(args: argparse.Namespace) -> int:
-    kw = open_shared(args.url)  # never a new, empty store that says "no active leases"
-    try:
-        leases = kw.leases.list(agent_id=args.agent, resource=args.resource)
-    except InvalidRequestError as exc:
-        fail(USAGE, str(exc))
-    except StoreUnavailableError as exc:
-        fail(UNAVAILABLE, str(exc))
-    finally:
-        kw.close()
-    if args.json:  # one JSON array, [] when empty
-        print(json.dumps([lease.model_dump(mode="json") for lease in leases]))
-        return OK
-    if not leases:
-        print("no active leases")
-        return OK
-    now = kw.clock.now_ms()
-    print(f"{'RESOURCE':40} {'PREDICATE':10} {'AGENT':20} {'SESSION':24} {'TOKEN':>6} EXPIRES")
-    for lease in leases:
-        left = max(0, lease.expires_at - now) / 1000
-        print(
-            f"{lease.resource:40} {lease.predicate.value:10} {lease.agent_id:20} "
-            f"{lease.session_id:24} {lease.fencing_token:>6} in {left:.1f} s"
-        )
-    return OK
 
 
 if __name__ == "__main__":  # pragma: no cover

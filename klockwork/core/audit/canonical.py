@@ -1,16 +1,16 @@
 """Formatting an audit entry's ``data`` as canonical JSON text directly.
 
 The audit writer thread turns each recorded object into the canonical JSON
-of its data (:mod:`klockwork.core.audit_chain`). The generic way,
+of its data (:mod:`klockwork.core.audit.chain`). The generic way,
 ``canonical_json(to_json_value(obj.__audit_data__()))``, builds a dict and
 runs the JSON encoder; for klockwork's own records (a granted ``Lease``, an
 ended ``LeaseRecord``, a refused verdict) that is most of the writer's cost
 per entry, paid under the GIL by the threads that take leases.
 
 So the writer formats the same text directly for them: inline for a
-lease's record (:func:`~klockwork.core.audit_encode.encode_batch`), and
+lease's record (:func:`~klockwork.core.audit.encode.encode_batch`), and
 through ``__audit_json__()`` for any object whose class defines it (such as
-:class:`~klockwork.core.audit_records.Denied`). The contract of both,
+:class:`~klockwork.core.audit.records.Denied`). The contract of both,
 checked by the tests with generated odd values:
 
 * The text is exactly ``canonical_json(to_json_value(obj.__audit_data__()))``

@@ -1,41 +1,32 @@
-"""LeaseManager: requests, waiting, DIE back-off, renewals and fencing.
+"""LeaseManager (``kw.leases``): requests, outcomes, renewals and fencing.
 
-The retry logic of a blocking acquire is written once, as a generator
-(:meth:`LeaseManager._acquire_flow`) that yields what to do next — try the
-store, wait for a release, back off — and is driven by a sync loop
-(:meth:`~LeaseManager.acquire`) and an async one
-(:meth:`~LeaseManager.aacquire`) that only do I/O and sleeping.
-
-Waiting is notification-driven: a WAIT verdict arms an alarm on the keys of
-the blocking holders (:mod:`klockwork.core.notify`), fired by the release,
-expiry or revoke of those leases; the holder's TTL bounds the wait. On
-stores shared by several processes, where a release may happen elsewhere,
-the wait is also bounded by a short adaptive poll interval (1 ms doubling
-to 50 ms).
+Every request is validated completely before anything changes, decided
+atomically by the store (:mod:`klockwork.core.leases.rules` inside its
+atomic section), and leaves one outcome: one audit entry and one event.
+A blocking acquire that is refused at first goes on in
+:mod:`klockwork.core.leases.acquiring` (waiting and back-off, written once).
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-from collections.abc import Generator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from tenacity import RetryCallState, wait_exponential, wait_random
-from tenacity.wait import wait_base
-
-from klockwork.core.audit_records import Denied, granted_data
-from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm, in_running_loop
+from klockwork.core.audit.records import Denied, granted_data
+from klockwork.core.clock import Clock
 from klockwork.core.errors import (
-    EventLoopBlockedError,
     InvalidRequestError,
     LeaseNotFoundError,
-    LeaseTimeoutError,
     StaleLeaseError,
     StoreUnavailableError,
 )
 from klockwork.core.events import EventHub
-from klockwork.core.holding import AsyncHolding, HeldLeases, Holding
+from klockwork.core.leases.acquiring import AcquireFlow, Tries, check_timeout
+from klockwork.core.leases.holding import AsyncHolding, HeldLeases, Holding
+from klockwork.core.leases.renewer import Renewer
+from klockwork.core.leases.rules import parse_intents, validate_ttl
 from klockwork.core.model import (
     Conflict,
     GovernanceEvent,
@@ -48,63 +39,19 @@ from klockwork.core.model import (
     _build,
 )
 from klockwork.core.notify import Signals
-from klockwork.core.renewer import Renewer
-from klockwork.core.rules import parse_intents, validate_ttl
 from klockwork.core.stores.base import AcquireOutcome, AcquireRequest, Store
 
 if TYPE_CHECKING:
-    from klockwork.core.audit import AuditLog
+    from klockwork.core.audit.log import AuditLog
 
 __all__ = ["DEFAULT_TTL_MS", "HeldLeases", "LeaseManager"]
 
 DEFAULT_TTL_MS = 30_000
-_POLL_MIN_S = 0.001
-_POLL_MAX_S = 0.05
 #: How long a cross-process waiter's reservation outlives its last refresh.
 _RESERVE_CROSS_PROCESS_MS = 2_000
 #: In one process a waiter always removes its reservation itself.
 _RESERVE_IN_PROCESS_MS = 2**62
 _GRANTED = VerdictStatus.GRANTED
-_WAIT = VerdictStatus.WAIT
-
-
-class _Try(NamedTuple):
-    reserve_ms: int | None
-    clear_reservation: bool
-
-
-class _Wait(NamedTuple):
-    keys: tuple[str, ...]
-    epoch: int
-    timeout_s: float | None
-
-
-_Step = _Try | _Wait
-
-
-class _Tries:
-    """How many refused tries a blocking acquire made, and since when it waits."""
-
-    __slots__ = ("count", "started")
-
-    def __init__(self, clock: Clock) -> None:
-        self.count = 0
-        self.started = clock.monotonic()
-
-    def waited_ms(self, clock: Clock) -> int:
-        return max(0, round((clock.monotonic() - self.started) * 1000))
-
-
-def _backoff() -> wait_base:
-    """DIE back-off: 1 ms doubling to 100 ms, plus up to 2 ms of jitter."""
-    return wait_exponential(multiplier=0.001, max=0.1) + wait_random(0, 0.002)
-
-
-def _check_timeout(timeout_s: object) -> None:
-    if timeout_s is not None and (
-        isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s < 0
-    ):
-        raise InvalidRequestError("timeout_s", timeout_s, "must be >= 0 seconds or None")
 
 
 class LeaseManager:
@@ -118,7 +65,7 @@ class LeaseManager:
         self._hub = hub
         # The audit trail (None: lease decisions are not audited). Recording
         # only queues the entry in order; the audit writer thread builds its
-        # data later from what we hand over (see klockwork.core.audit_records).
+        # data later from what we hand over (see klockwork.core.audit.records).
         self._audit = audit
         self._signals = Signals()
         self._renewer = Renewer(clock, self.heartbeat)
@@ -169,7 +116,7 @@ class LeaseManager:
         return self._verdict(request, await self._store.atry_acquire(request))
 
     def _verdict(
-        self, request: AcquireRequest, outcome: AcquireOutcome, tries: _Tries | None = None
+        self, request: AcquireRequest, outcome: AcquireOutcome, tries: Tries | None = None
     ) -> Verdict:
         """The caller's verdict; audit and announce it as the call's outcome.
 
@@ -201,8 +148,7 @@ class LeaseManager:
                 },
             )
             if tries is not None:
-                tries.count += 1
-                return verdict  # not an outcome yet
+                return verdict  # a try of a blocking acquire: not its outcome yet
             if self._audit is not None:
                 self._audit.record(
                     "lease.denied",
@@ -216,7 +162,7 @@ class LeaseManager:
         return verdict
 
     def _audit_grant(
-        self, request: AcquireRequest, granted: Sequence[LeaseRecord], tries: _Tries | None
+        self, request: AcquireRequest, granted: Sequence[LeaseRecord], tries: Tries | None
     ) -> None:
         audit = self._audit
         assert audit is not None
@@ -240,7 +186,7 @@ class LeaseManager:
             self._give_back(granted)
             raise
 
-    def _gave_up(self, request: AcquireRequest, last: Verdict, tries: _Tries) -> None:
+    def _gave_up(self, request: AcquireRequest, last: Verdict, tries: Tries) -> None:
         """A blocking acquire's one refusal entry: its last verdict, tries and wait."""
         if self._audit is not None:
             denied = Denied(last, request.intents, tries.count, tries.waited_ms(self._clock))
@@ -258,63 +204,6 @@ class LeaseManager:
                     self._signals.notify(rec.resource)
 
     # -- blocking acquire -----------------------------------------------------
-    def _acquire_flow(
-        self, timeout_s: float | None, state: dict[str, bool], first: Verdict
-    ) -> Generator[_Step, Verdict | None, Verdict]:
-        """Decide, after each refused verdict, what the driver does next.
-
-        ``first`` is the verdict of the driver's first try. ``state["reserved"]``
-        tells the driver whether a reservation must be removed if the caller
-        stops waiting.
-        """
-        clock = self._clock
-        deadline = None if timeout_s is None else clock.monotonic() + timeout_s
-        backoff = _backoff()
-        retry_state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-        poll_s = _POLL_MIN_S
-        verdict: Verdict | None = first
-        while True:
-            if verdict is None:
-                # (Re)try. A WAITing requester records a reservation so younger
-                # newcomers die instead of barging in ahead of it.
-                epoch = self._signals.epoch
-                verdict = yield _Try(self._reserve_ms, state["reserved"])
-                assert verdict is not None
-                if verdict.status is _GRANTED:
-                    state["reserved"] = False
-                    return verdict
-            else:
-                epoch = -1  # the first try (by the driver) reserved nothing: retry at once
-            remaining = None if deadline is None else deadline - clock.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise LeaseTimeoutError(
-                    verdict.status.value, verdict.conflicts, verdict.wait_time_ms
-                )
-            wait_s: float | None
-            # From its next try on, a blocked acquire holds a reservation (WAIT
-            # or DIE alike): younger newcomers die instead of barging past it,
-            # and its priority stays frozen while it is blocked.
-            state["reserved"] = True
-            if verdict.status is _WAIT:
-                retry_state.attempt_number = 1
-                # Wake on a release notification, or once the holder's TTL is over.
-                wait_s = None if verdict.wait_time_ms is None else verdict.wait_time_ms / 1000
-                if self._store.cross_process:
-                    wait_s = poll_s if wait_s is None else min(wait_s, poll_s)
-                    poll_s = min(poll_s * 2, _POLL_MAX_S)
-            else:
-                # DIE: back off (exponential + jitter), keeping our priority; a
-                # release of the blocking lease wakes us early.
-                wait_s = backoff(retry_state)
-                retry_state.attempt_number += 1
-            if remaining is not None:
-                wait_s = remaining if wait_s is None else min(wait_s, remaining)
-            # Wake on the end of a blocking lease, and also of the lease an older
-            # waiter (a reservation) will take: its release frees us too.
-            keys = tuple({c.resource for c in verdict.conflicts})
-            yield _Wait(keys, epoch, wait_s)
-            verdict = None
-
     def acquire(
         self,
         agent_id: str,
@@ -334,48 +223,13 @@ class LeaseManager:
                 loop's thread — use :meth:`aacquire` there.
         """
         request = self._request(agent_id, session_id, intents, ttl_ms)
-        _check_timeout(timeout_s)
+        check_timeout(timeout_s)
         # Fast path: most requests are granted at once; build no retry machinery.
-        tries = _Tries(self._clock)
+        tries = Tries(self._clock)
         verdict = self._verdict(request, self._store.try_acquire(request), tries)
         if verdict.status is _GRANTED:
             return verdict
-        state = {"reserved": False}
-        flow = self._acquire_flow(timeout_s, state, verdict)
-        try:
-            step = next(flow)
-            while True:
-                if type(step) is _Try:
-                    request = request._replace(
-                        now_ms=self._clock.now_ms(),
-                        reserve_ms=step.reserve_ms,
-                        clear_reservation=step.clear_reservation,
-                    )
-                    verdict = self._verdict(request, self._store.try_acquire(request), tries)
-                    step = flow.send(verdict)
-                else:
-                    assert type(step) is _Wait
-                    if in_running_loop():
-                        raise EventLoopBlockedError(
-                            "kw.leases.acquire(...)", "await kw.leases.aacquire(...)"
-                        )
-                    alarm = ThreadAlarm()
-                    if self._signals.register(step.keys, step.epoch, alarm):
-                        try:
-                            self._clock.wait(alarm, step.timeout_s)
-                        finally:
-                            self._signals.unregister(step.keys, alarm)
-                    self._check_open()
-                    step = flow.send(None)
-        except StopIteration as done:
-            granted: Verdict = done.value
-            return granted
-        except LeaseTimeoutError:
-            self._gave_up(request, verdict, tries)
-            raise
-        finally:
-            if state["reserved"]:
-                self._store.unreserve(request.agent_id, request.session_id)
+        return AcquireFlow(self, request, verdict, tries, timeout_s).block()
 
     async def aacquire(
         self,
@@ -390,44 +244,12 @@ class LeaseManager:
         Cancelling the task withdraws the request (and its reservation).
         """
         request = self._request(agent_id, session_id, intents, ttl_ms)
-        _check_timeout(timeout_s)
-        tries = _Tries(self._clock)
+        check_timeout(timeout_s)
+        tries = Tries(self._clock)
         verdict = self._verdict(request, await self._store.atry_acquire(request), tries)
         if verdict.status is _GRANTED:
             return verdict
-        state = {"reserved": False}
-        flow = self._acquire_flow(timeout_s, state, verdict)
-        try:
-            step = next(flow)
-            while True:
-                if type(step) is _Try:
-                    request = request._replace(
-                        now_ms=self._clock.now_ms(),
-                        reserve_ms=step.reserve_ms,
-                        clear_reservation=step.clear_reservation,
-                    )
-                    outcome = await self._store.atry_acquire(request)
-                    verdict = self._verdict(request, outcome, tries)
-                    step = flow.send(verdict)
-                else:
-                    assert type(step) is _Wait
-                    alarm = LoopAlarm()
-                    if self._signals.register(step.keys, step.epoch, alarm):
-                        try:
-                            await self._clock.await_alarm(alarm, step.timeout_s)
-                        finally:
-                            self._signals.unregister(step.keys, alarm)
-                    self._check_open()
-                    step = flow.send(None)
-        except StopIteration as done:
-            granted: Verdict = done.value
-            return granted
-        except LeaseTimeoutError:
-            self._gave_up(request, verdict, tries)
-            raise
-        finally:
-            if state["reserved"]:
-                await self._store.aunreserve(request.agent_id, request.session_id)
+        return await AcquireFlow(self, request, verdict, tries, timeout_s).ablock()
 
     # -- holding ----------------------------------------------------------------
     def hold(

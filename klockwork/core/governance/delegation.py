@@ -2,7 +2,7 @@
 
 An agent's *profile* (its capabilities, who delegated it, until when) is a
 record in the engine's store, so every process sharing the store enforces
-the same bounds. :func:`~klockwork.core.policy.is_subset` and the TTL
+the same bounds. :func:`~klockwork.core.governance.policy.is_subset` and the TTL
 arithmetic below decide; nothing a child claims about itself is trusted.
 
 Rules (each refusal raises :class:`~klockwork.CapabilityError` and creates
@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict
 from klockwork.core.clock import Clock
 from klockwork.core.errors import CapabilityError, InvalidRequestError
 from klockwork.core.events import AuditRecorder
-from klockwork.core.policy import capability_allows, is_subset
+from klockwork.core.governance.policy import capability_allows, is_subset
 from klockwork.core.stores.base import Store
 
 __all__ = [

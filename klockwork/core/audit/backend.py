@@ -1,8 +1,8 @@
 """Where an audit chain is stored: the backend protocol and the in-memory backend.
 
-A backend only stores what :class:`~klockwork.core.audit.AuditLog` decided
+A backend only stores what :class:`~klockwork.core.audit.log.AuditLog` decided
 and hashed; it never computes hashes. The unit of storage is an entry's
-canonical line (:meth:`~klockwork.core.audit_chain.AuditEntry.stored_line`),
+canonical line (:meth:`~klockwork.core.audit.chain.AuditEntry.stored_line`),
 which verification and export read back verbatim, so every backend is
 verified by the same code.
 """
@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol, overload, runtime_checkable
 
-from klockwork.core.audit_chain import AuditEntry
+from klockwork.core.audit.chain import AuditEntry
 from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
 from klockwork.core.model import _build, _set_private
 
@@ -70,7 +70,7 @@ class AuditBackend(Protocol):
     """Where a chain is stored. The log decides and hashes; a backend only stores.
 
     A backend holds one chain from seq 1 without gaps. Each entry's
-    :meth:`~klockwork.core.audit_chain.AuditEntry.stored_line` is its unit of
+    :meth:`~klockwork.core.audit.chain.AuditEntry.stored_line` is its unit of
     storage: ``lines`` must return exactly those bytes (verification and export
     read them), while ``read`` may parse them back into entries.
     """

@@ -5,7 +5,7 @@ mutation: every transition takes a frozen model and returns a new one (or
 the *same object* when nothing changed, so ``new is old`` tells the engine
 there is nothing to persist or audit). The engine and the stores load the
 state, call these functions inside their atomic section, and persist the
-result, the way :func:`klockwork.core.rules.judge` is used for leases.
+result, the way :func:`klockwork.core.leases.rules.judge` is used for leases.
 
 **Approval states**::
 
@@ -74,7 +74,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field
 
 from klockwork.core.errors import InvalidRequestError, NotAnApproverError
-from klockwork.core.policy import Policy
+from klockwork.core.governance.policy import Policy
 
 __all__ = [
     "APPROVAL_EXPIRED",

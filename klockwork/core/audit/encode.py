@@ -2,12 +2,12 @@
 
 :func:`encode_batch` runs on the audit writer thread. It turns each queued
 entry into its canonical line and chains the hashes, exactly as specified
-in :mod:`klockwork.core.audit_chain`. Under the GIL its CPU time is taken
+in :mod:`klockwork.core.audit.chain`. Under the GIL its CPU time is taken
 from the threads that record, so it has a fast path: the line is formatted
 from precomputed pieces (the eight top-level keys are fixed and sorted) and
 the ``data`` text is formatted directly for a lease's record, comes from
 ``__audit_json__()`` for objects that define it, or from one C JSON encoder
-for plain JSON dicts (see :mod:`klockwork.core.audit_json`). Anything the
+for plain JSON dicts (see :mod:`klockwork.core.audit.canonical`). Anything the
 fast path does not take goes through :func:`encode_slow`, the documented
 conversion; both give byte-identical lines (checked by the tests).
 """
@@ -20,17 +20,17 @@ from collections.abc import Sequence
 from json.encoder import c_make_encoder  # type: ignore[attr-defined]
 from typing import Any
 
-from klockwork.core.audit_backend import Row
-from klockwork.core.audit_chain import canonical_json, to_json_value
-from klockwork.core.audit_json import INT_LIMIT, json_str
-from klockwork.core.audit_records import granted_data
+from klockwork.core.audit.backend import Row
+from klockwork.core.audit.canonical import INT_LIMIT, json_str
+from klockwork.core.audit.chain import canonical_json, to_json_value
+from klockwork.core.audit.records import granted_data
 from klockwork.core.model import Predicate
 
 __all__ = ["ENDED", "PENDING_SLOTS", "encode_batch", "encode_slow"]
 
 #: How many slots of the log's flat queue one recorded entry takes: seq, ts,
 #: kind, agent_id, session_id, data, how. ``how`` says what ``data`` is:
-#: None for anything :meth:`~klockwork.core.audit.AuditLog.record` takes
+#: None for anything :meth:`~klockwork.core.audit.log.AuditLog.record` takes
 #: (converted as documented), :data:`ENDED` for an ended lease's
 #: ``LeaseRecord``, and an int for a granted lease's ``LeaseRecord``: its
 #: ``expires_at`` when granted.
@@ -192,8 +192,8 @@ def encode_batch(batch: Sequence[Any], prev: str) -> tuple[list[Row], str]:
     ``batch`` holds :data:`PENDING_SLOTS` slots per entry. The data of a
     lease's record is formatted here, inline (this loop is the writer's whole
     per-entry cost): exactly ``granted_json``/``ended_json`` of
-    :mod:`~klockwork.core.audit_records`, whose contract
-    (:mod:`~klockwork.core.audit_json`) the tests check on both. Consecutive
+    :mod:`~klockwork.core.audit.records`, whose contract
+    (:mod:`~klockwork.core.audit.canonical`) the tests check on both. Consecutive
     entries usually share their agent and session, so their JSON text is
     reused while the object stays the same.
     """

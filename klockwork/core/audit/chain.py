@@ -1,6 +1,6 @@
 """The pure half of the audit trail: canonical form, hash chain, verification.
 
-Nothing here does I/O or keeps state between calls; :mod:`klockwork.core.audit`
+Nothing here does I/O or keeps state between calls; :mod:`klockwork.core.audit.log`
 (the log, its backends and JSONL files) is built on it. This docstring is the
 complete specification of the chain, so that anyone can verify an exported
 log without klockwork.

@@ -1,8 +1,8 @@
 """An audit chain stored in SQLite, in the same file the SQLite lease store may use.
 
 :class:`SqliteAuditBackend` implements
-:class:`~klockwork.core.audit_backend.AuditBackend` with the same semantics as
-:class:`~klockwork.core.audit_backend.MemoryAuditBackend`. Each entry is one
+:class:`~klockwork.core.audit.backend.AuditBackend` with the same semantics as
+:class:`~klockwork.core.audit.backend.MemoryAuditBackend`. Each entry is one
 row of ``kw_audit``: its ``seq`` (the primary key), the columns the query
 filters use, and its stored line, byte for byte as the log made it::
 
@@ -40,8 +40,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from klockwork.core.audit_backend import EntryBatch
-from klockwork.core.audit_chain import GENESIS_HASH, AuditEntry, canonical_json, entry_hash
+from klockwork.core.audit.backend import EntryBatch
+from klockwork.core.audit.chain import GENESIS_HASH, AuditEntry, canonical_json, entry_hash
 from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
 from klockwork.core.stores.sqlite import ERROR_MAP
 
@@ -71,7 +71,7 @@ _Params = tuple[int, int, str, str | None, str | None, bytes]
 
 
 class SqliteAuditBackend:
-    """An :class:`~klockwork.core.audit_backend.AuditBackend` in one SQLite file.
+    """An :class:`~klockwork.core.audit.backend.AuditBackend` in one SQLite file.
 
     Thread-safe; one file may be shared by many processes. Appends use their
     own connection (so reads in this process never wait on another
@@ -215,7 +215,7 @@ class SqliteAuditBackend:
         session_id: str | None = None,
         since: int | None = None,
     ) -> list[AuditEntry]:
-        """See :meth:`~klockwork.core.audit_backend.AuditBackend.read`."""
+        """See :meth:`~klockwork.core.audit.backend.AuditBackend.read`."""
         where = ["seq > ?"]
         args: list[Any] = [after_seq]
         for column, value in (("kind", kind), ("agent_id", agent_id), ("session_id", session_id)):
@@ -232,7 +232,7 @@ class SqliteAuditBackend:
         return [AuditEntry.from_line(line) for line in found]
 
     def lines(self, after_seq: int, limit: int) -> list[bytes]:
-        """See :meth:`~klockwork.core.audit_backend.AuditBackend.lines`."""
+        """See :meth:`~klockwork.core.audit.backend.AuditBackend.lines`."""
         with self._reader("read audit lines") as conn:
             rows = conn.execute(
                 "SELECT line FROM kw_audit WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -241,7 +241,7 @@ class SqliteAuditBackend:
         return [r[0] for r in rows]
 
     def head(self) -> AuditEntry | None:
-        """See :meth:`~klockwork.core.audit_backend.AuditBackend.head`."""
+        """See :meth:`~klockwork.core.audit.backend.AuditBackend.head`."""
         with self._reader("read the audit head") as conn:
             row = conn.execute(_HEAD).fetchone()
         return None if row is None else AuditEntry.from_line(row[0])
@@ -269,8 +269,8 @@ def _rechain(contents: list[_Content], head_seq: int, head_hash: str) -> list[_P
     """Insert parameters chaining ``contents`` after the head (seq, hash), in order.
 
     Pure: the hash and line are made by
-    :func:`~klockwork.core.audit_chain.entry_hash` and
-    :func:`~klockwork.core.audit_chain.canonical_json`, exactly as the
+    :func:`~klockwork.core.audit.chain.entry_hash` and
+    :func:`~klockwork.core.audit.chain.canonical_json`, exactly as the
     chain's specification says, so the result verifies like any other entry.
     """
     params: list[_Params] = []

@@ -10,7 +10,7 @@ the hashes and appends to an :class:`AuditBackend`. Everything that reads
 was recorded before it, so a reader always sees its own writes.
 
 The chain format (which fields are hashed, how, and how odd data is made
-JSON) is specified in :mod:`klockwork.core.audit_chain`; :func:`export_jsonl`
+JSON) is specified in :mod:`klockwork.core.audit.chain`; :func:`export_jsonl`
 and :func:`verify_file` write and check it as JSON Lines.
 
 Timeline of the ordering guarantee, with two recording threads::
@@ -24,7 +24,7 @@ The queue is appended in the same critical section that assigns ``seq``, so
 queue order is seq order and the chain is gapless whatever the interleaving.
 
 Recording allocates nothing the garbage collector tracks: the queue is one
-flat list (:data:`~klockwork.core.audit_encode.PENDING_SLOTS` slots per
+flat list (:data:`~klockwork.core.audit.encode.PENDING_SLOTS` slots per
 entry), not a tuple per entry, and the
 lease manager hands over the store's own records
 (:meth:`~AuditLog.record_grant`, :meth:`~AuditLog.record_end`). Tracked
@@ -45,8 +45,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from klockwork.core.audit_backend import AuditBackend, EntryBatch, MemoryAuditBackend
-from klockwork.core.audit_chain import (
+from klockwork.core.audit.backend import AuditBackend, EntryBatch, MemoryAuditBackend
+from klockwork.core.audit.chain import (
     AUDIT_KINDS,
     GENESIS_HASH,
     AuditEntry,
@@ -54,8 +54,8 @@ from klockwork.core.audit_chain import (
     VerifyResult,
     sign_checkpoint,
 )
-from klockwork.core.audit_encode import ENDED, PENDING_SLOTS, encode_batch
-from klockwork.core.audit_verify import ChainVerifier, verify_lines
+from klockwork.core.audit.encode import ENDED, PENDING_SLOTS, encode_batch
+from klockwork.core.audit.verify import ChainVerifier, verify_lines
 from klockwork.core.clock import Clock, SystemClock
 from klockwork.core.errors import (
     AuditIntegrityError,
@@ -179,10 +179,10 @@ class AuditLog:
         ``data`` is read when the entry is written, off the caller's thread:
         do not mutate it after recording. Any data is accepted; values that
         are not JSON are converted as documented in
-        :mod:`klockwork.core.audit_chain`.
+        :mod:`klockwork.core.audit.chain`.
 
         Args:
-            kind: one of :data:`~klockwork.core.audit_chain.AUDIT_KINDS`.
+            kind: one of :data:`~klockwork.core.audit.chain.AUDIT_KINDS`.
             agent_id: who acted, if known.
             session_id: the agent's session, if known.
             data: details of the decision.
@@ -220,7 +220,7 @@ class AuditLog:
         For klockwork's lease manager: the entry is ``lease.granted`` by
         ``rec``'s agent and session, its data what the granted
         :class:`~klockwork.core.model.Lease` snapshot's ``__audit_data__()``
-        returns (:func:`~klockwork.core.audit_records.granted_data`). ``rec``
+        returns (:func:`~klockwork.core.audit.records.granted_data`). ``rec``
         is read when the entry is written except for ``expires_at``, which is
         read now; the other fields it records never change. ``ts`` is not
         checked (the caller's clock gives an int).

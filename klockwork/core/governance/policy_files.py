@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from klockwork.core.errors import InvalidRequestError
-from klockwork.core.policy import Policy
+from klockwork.core.governance.policy import Policy
 
 __all__ = ["load_policies", "parse_policies"]
 

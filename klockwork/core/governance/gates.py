@@ -1,9 +1,9 @@
 """Gates: whether an agent's action runs, is refused with reasons, or waits for approval.
 
-``kw.policies`` holds the rules (:mod:`klockwork.core.policy` decides);
+``kw.policies`` holds the rules (:mod:`klockwork.core.governance.policy` decides);
 ``kw.gates`` applies them. One gate decision, in order:
 
-1. the agent's capabilities (:mod:`klockwork.core.delegation`): outside
+1. the agent's capabilities (:mod:`klockwork.core.governance.delegation`): outside
    them, or revoked/expired → denied ``CAPABILITY_DENIED``;
 2. its circuit breaker: open → denied ``CIRCUIT_OPEN``;
 3. the most specific policy (no policy → the engine's ``default_effect``,
@@ -21,19 +21,19 @@ approval or audit entry, from any process sharing the store.
 
 from __future__ import annotations
 
-import builtins
-import hashlib
-import itertools
-import os
-from collections.abc import Iterable, Mapping
-from typing import Any, Literal, NamedTuple
+import contextlib
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
-from klockwork.core.approval_desk import Approvals
-from klockwork.core.approvals import (
+from klockwork.core.clock import Clock, in_running_loop
+from klockwork.core.errors import EventLoopBlockedError, GateDeniedError, InvalidRequestError
+from klockwork.core.events import AuditRecorder
+from klockwork.core.governance.approval_desk import Approvals
+from klockwork.core.governance.approvals import (
     CIRCUIT_OPEN,
     Approval,
+    ApprovalClosedError,
     ApprovalStatus,
     BreakerConfig,
     BreakerState,
@@ -45,157 +45,33 @@ from klockwork.core.approvals import (
     outcome,
     reset,
 )
-from klockwork.core.clock import Clock, in_running_loop
-from klockwork.core.delegation import Delegations
-from klockwork.core.errors import EventLoopBlockedError, GateDeniedError, InvalidRequestError
-from klockwork.core.events import AuditRecorder
+from klockwork.core.governance.delegation import Delegations
+from klockwork.core.governance.outcomes import (
+    BREAKER,
+    CAPABILITY_DENIED,
+    GATE,
+    GATE_NAMES,
+    OUTCOME_KIND,
+    REPORT_STATUSES,
+    ActionResult,
+    GateAnswer,
+    GateEntry,
+    GateRecord,
+    approval_id_for,
+    explain_approval,
+    explain_policy,
+    gate_key,
+    new_gate_key,
+    refusal_text,
+    result_fields,
+    waits,
+)
+from klockwork.core.governance.policies import Policies
+from klockwork.core.governance.policy import Effect, Policy, decide
 from klockwork.core.model import _build
-from klockwork.core.policy import ConditionResult, Effect, Policy, decide
-from klockwork.core.policy_set import Policies
 from klockwork.core.stores.base import Store
 
-__all__ = ["CAPABILITY_DENIED", "ActionResult", "GateRecord", "Gates", "Policies"]
-
-
-CAPABILITY_DENIED = "CAPABILITY_DENIED"
-GATE = "gate"  # record kind
-BREAKER = "breaker"
-_FROZEN = ConfigDict(frozen=True)
-_REPORT_STATUSES = ("success", "failure", "partial")
-Status = Literal["executed", "requested", "denied"]
-_OUTCOME_KIND = {
-    "executed": "action.executed",
-    "denied": "action.denied",
-    "requested": "action.requested",
-}
-
-
-class ActionResult(BaseModel):
-    """What a gate decided about one action.
-
-    Attributes:
-        status: ``executed`` (go ahead), ``requested`` (waiting for an
-            approval) or ``denied``.
-        audit_event_id: the gate's audit id: pass it to ``kw.gates.report``.
-            None for a dry run (:meth:`Gates.can_i`).
-        approval_id: the approval this action waits for (or waited for).
-        policy_name: the deciding policy; None for the default effect.
-        denial_reason: why it was denied (``CONDITIONS_DENIED``,
-            ``POLICY_DENIED``, ``NO_POLICY``, ``CAPABILITY_DENIED``,
-            ``CIRCUIT_OPEN``, ``DENIED_BY_REVIEWER``, ``APPROVAL_EXPIRED``).
-        conditions_evaluated: every condition of the deciding policy, with the
-            expected and the actual value, so an agent can adapt.
-        message: a sentence for people and models.
-    """
-
-    model_config = _FROZEN
-    status: Status
-    audit_event_id: str | None = None
-    approval_id: str | None = None
-    policy_name: str | None = None
-    denial_reason: str | None = None
-    conditions_evaluated: list[ConditionResult] = []
-    message: str = ""
-
-
-class GateRecord(BaseModel):
-    """A gate's stored outcome (idempotency, approvals, reports)."""
-
-    model_config = _FROZEN
-    audit_event_id: str
-    event_id: str | None
-    agent_id: str
-    session_id: str | None
-    action: str
-    metadata: dict[str, Any]
-    result: ActionResult
-    created_at_ms: int
-    reported: str | None = None
-
-    @property
-    def status(self) -> str:
-        """The result's status (what the store lists records by)."""
-        return self.result.status
-
-
-class _Entry(NamedTuple):
-    """A gate outcome as the audit writer turns it into entry data."""
-
-    result: ActionResult
-    action: str
-    metadata: Mapping[str, Any]
-    event_id: str | None
-
-    def __audit_data__(self) -> dict[str, Any]:
-        r = self.result
-        data: dict[str, Any] = {
-            "audit_event_id": r.audit_event_id,
-            "action": self.action,
-            "metadata": dict(self.metadata),
-            "policy": r.policy_name,
-        }
-        if self.event_id is not None:
-            data["event_id"] = self.event_id
-        if r.approval_id is not None:
-            data["approval_id"] = r.approval_id
-        if r.denial_reason is not None:
-            data["reason"] = r.denial_reason
-        if r.conditions_evaluated:
-            data["conditions"] = [c.model_dump(mode="json") for c in r.conditions_evaluated]
-        return data
-
-
-_GATE_NAMES = ("kw.gates.gate(...)", "await kw.gates.agate(...)")
-
-
-def _waits(result: ActionResult) -> bool:
-    return result.status == "requested" and result.approval_id is not None
-
-
-def _fields(
-    status: Status,
-    policy_name: str | None,
-    denial_reason: str | None,
-    conditions: builtins.list[ConditionResult],
-    message: str,
-) -> dict[str, Any]:
-    return {
-        "status": status,
-        "audit_event_id": None,
-        "approval_id": None,
-        "policy_name": policy_name,
-        "denial_reason": denial_reason,
-        "conditions_evaluated": conditions,
-        "message": message,
-    }
-
-
-# Gate keys without an event_id: a per-process random prefix and a counter
-# (next() on a count is atomic). os.urandom per call would release the GIL on
-# every gate and hand it to the audit writer mid-decision.
-_key_counter = itertools.count(1)
-_key_prefix = os.urandom(9).hex()
-
-
-def _new_prefix() -> None:
-    global _key_prefix, _key_counter
-    _key_prefix = os.urandom(9).hex()
-    _key_counter = itertools.count(1)
-
-
-os.register_at_fork(after_in_child=_new_prefix)  # a forked child must not reuse keys
-
-
-def _new_key() -> str:
-    return f"act_{_key_prefix}{next(_key_counter):x}"
-
-
-def _gate_key(event_id: str) -> str:
-    return "evt_" + hashlib.sha256(event_id.encode()).hexdigest()[:24]
-
-
-def _approval_id(audit_event_id: str) -> str:
-    return "apr_" + audit_event_id.partition("_")[2]
+__all__ = ["CAPABILITY_DENIED", "ActionResult", "GateAnswer", "GateRecord", "Gates", "Policies"]
 
 
 class Gates:
@@ -232,10 +108,10 @@ class Gates:
         """
         refusal = self._delegations.allows(agent_id, action, now)
         if refusal is not None:
-            return Effect.DENY, _fields("denied", None, CAPABILITY_DENIED, [], refusal)
+            return Effect.DENY, result_fields("denied", None, CAPABILITY_DENIED, [], refusal)
         state = self._store.get_record(BREAKER, agent_id, BreakerState)
         if state is not None and is_open(state, now, self.breaker):
-            return Effect.DENY, _fields(
+            return Effect.DENY, result_fields(
                 "denied",
                 None,
                 CIRCUIT_OPEN,
@@ -246,13 +122,15 @@ class Gates:
         d = decide(self._policies.snapshot, agent_id, action, metadata, self._default)
         effect = d.effect
         if effect is Effect.ALLOW:
-            return effect, _fields("executed", d.policy_name, None, d.conditions_evaluated, "")
-        return effect, _fields(
+            return effect, result_fields(
+                "executed", d.policy_name, None, d.conditions_evaluated, ""
+            )
+        return effect, result_fields(
             "denied" if effect is Effect.DENY else "requested",
             d.policy_name,
             d.reason if effect is Effect.DENY else None,
             d.conditions_evaluated,
-            _message(action, d.policy_name, d.reason, d.conditions_evaluated),
+            explain_policy(action, d.policy_name, d.reason, d.conditions_evaluated),
         )
 
     def can_i(
@@ -284,19 +162,19 @@ class Gates:
         """
         _check(agent_id, action, metadata, event_id)
         if event_id is not None:
-            stored = self._store.get_record(GATE, _gate_key(event_id), GateRecord)
+            stored = self._store.get_record(GATE, gate_key(event_id), GateRecord)
             if stored is not None:
                 return self._settled(stored)
         now = self._clock.now_ms()
         effect, fields = self._judge(agent_id, action, metadata, now)
-        key = _gate_key(event_id) if event_id is not None else _new_key()
+        key = gate_key(event_id) if event_id is not None else new_gate_key()
         approval: Approval | None = None
         if effect is Effect.REQUIRE_APPROVAL:
             policy = self._policies.get(fields["policy_name"] or "")
             if policy is None:  # the default effect asks for approval
                 policy = Policy(name="default", action="*", effect=Effect.REQUIRE_APPROVAL)
             approval = new_approval(
-                _approval_id(key), agent_id, action, dict(metadata or {}), policy, now, event_id
+                approval_id_for(key), agent_id, action, dict(metadata or {}), policy, now, event_id
             ).model_copy(update={"audit_event_id": key})
         fields["audit_event_id"] = key
         if approval is not None:
@@ -316,14 +194,14 @@ class Gates:
                 "reported": None,
             },
         )
-        kind = _OUTCOME_KIND[result.status]
+        kind = OUTCOME_KIND[result.status]
 
         def audit() -> None:
             self._audit(
                 kind,
                 agent_id,
                 session_id,
-                _Entry(result, action, record.metadata, event_id),
+                GateEntry(result, action, record.metadata, event_id),
                 ts=now,
             )
 
@@ -364,7 +242,7 @@ class Gates:
             update={
                 "status": "executed" if verdict == "allow" else "denied",
                 "denial_reason": reason,
-                "message": _approval_message(approval),
+                "message": explain_approval(approval),
             }
         )
 
@@ -381,21 +259,134 @@ class Gates:
         )
         if changed:
             self._audit(
-                _OUTCOME_KIND[settled.status],
+                OUTCOME_KIND[settled.status],
                 record.agent_id,
                 record.session_id,
-                _Entry(settled, record.action, record.metadata, record.event_id),
+                GateEntry(settled, record.action, record.metadata, record.event_id),
                 ts=approval.decided_at_ms,
             )
         return settled
 
-    def _denied(self, result: ActionResult) -> GateDeniedError:
+    # -- one call per decision, for the edges -------------------------------------------
+    def ask(
+        self,
+        agent_id: str,
+        action: str,
+        metadata: Mapping[str, Any] | None = None,
+        event_id: str | None = None,
+        *,
+        session_id: str | None = None,
+    ) -> GateAnswer:
+        """Decide once, never block, and say everything an edge needs to act.
+
+        What :meth:`execute` decides (idempotent on ``event_id`` alike), with
+        the approval's decision applied once made, the approval itself while
+        a human must decide, and for a refusal the sentence for people and
+        models (:func:`~klockwork.core.governance.outcomes.refusal_text`).
+        An integration maps this one answer to a tool message, an
+        ``interrupt()`` or a wait, without asking again.
+
+        Raises:
+            InvalidRequestError: bad arguments; nothing recorded.
+            StoreUnavailableError: the store cannot answer; nothing runs.
+        """
+        result = self.execute(agent_id, action, metadata, event_id, session_id=session_id)
+        return self._answer_for(action, result)
+
+    async def aask(
+        self,
+        agent_id: str,
+        action: str,
+        metadata: Mapping[str, Any] | None = None,
+        event_id: str | None = None,
+        *,
+        session_id: str | None = None,
+    ) -> GateAnswer:
+        """Async twin of :meth:`ask` (store work off the event loop)."""
+        return await self._store.run_io(
+            self.ask, agent_id, action, metadata, event_id, session_id=session_id
+        )
+
+    def answer(
+        self,
+        audit_event_id: str,
+        approver: str,
+        decision: Literal["approve", "reject"],
+        comment: str = "",
+        *,
+        edited_args: Mapping[str, Any] | None = None,
+    ) -> GateAnswer:
+        """Apply a human's decision to the approval a gate waits for; return the gate's answer.
+
+        Idempotent, so an edge may apply the same answer again (LangGraph
+        re-validates a stored resume value on every re-run): an approver who
+        already voted, or an approval already decided or expired (out of
+        band, e.g. from the CLI), changes nothing — the stored outcome wins.
+
+        Args:
+            audit_event_id: the gate's id (``GateAnswer.result.audit_event_id``).
+            approver: who decides; checked as by :meth:`Approvals.approve`.
+            decision: ``"approve"`` or ``"reject"``.
+            comment: the approver's comment, or the reason of a rejection.
+            edited_args: an approval that changes the action's arguments:
+                recorded with the vote.
+
+        Raises:
+            NotAnApproverError: ``approver`` may not decide it (the approval
+                stays pending).
+            InvalidRequestError: an unknown gate, one that asked for no
+                approval, or a bad decision.
+        """
+        if decision not in ("approve", "reject"):
+            raise InvalidRequestError("decision", decision, "expected 'approve' or 'reject'")
+        record = self._store.get_record(GATE, audit_event_id, GateRecord)
+        if record is None:
+            raise InvalidRequestError("audit_event_id", audit_event_id, "no such gate event")
+        approval_id = record.result.approval_id
+        if approval_id is None:
+            raise InvalidRequestError(
+                "audit_event_id", audit_event_id, "this gate asked for no approval"
+            )
+        approval = self._approvals.get(approval_id)
+        if approval.status is ApprovalStatus.PENDING and all(
+            d.approver != approver for d in approval.decisions
+        ):
+            if edited_args is not None:
+                edited = json.dumps(dict(edited_args), sort_keys=True, default=str)
+                comment = f"{comment} [edited args: {edited}]".strip()
+            vote = self._approvals.deny if decision == "reject" else self._approvals.approve
+            with contextlib.suppress(ApprovalClosedError):  # decided or expired meanwhile
+                vote(approval_id, approver, comment)
+        return self._answer_for(record.action, self._settled(record))
+
+    async def aanswer(
+        self,
+        audit_event_id: str,
+        approver: str,
+        decision: Literal["approve", "reject"],
+        comment: str = "",
+        *,
+        edited_args: Mapping[str, Any] | None = None,
+    ) -> GateAnswer:
+        """Async twin of :meth:`answer` (store work off the event loop)."""
+        return await self._store.run_io(
+            self.answer, audit_event_id, approver, decision, comment, edited_args=edited_args
+        )
+
+    def _answer_for(self, action: str, result: ActionResult) -> GateAnswer:
+        approval = self._approvals.get(result.approval_id) if result.approval_id else None
+        refusal = refusal_text(action, result, approval) if result.status == "denied" else ""
+        return GateAnswer(result, approval, refusal, action)
+
+    def _denied(
+        self, action: str, result: ActionResult, approval: Approval | None
+    ) -> GateDeniedError:
         return GateDeniedError(
             result.denial_reason or "POLICY_DENIED",
             result.policy_name,
             result.conditions_evaluated,
             result.approval_id,
-            message=result.message or None,
+            message=refusal_text(action, result, approval),
         )
 
     def gate(
@@ -421,13 +412,13 @@ class Gates:
         if in_running_loop():
             self._refuse_waiting_on_loop(agent_id, action, metadata, event_id)
         result = self.execute(agent_id, action, metadata, event_id, session_id=session_id)
-        if _waits(result):
+        if waits(result):
             try:
                 approval = self._approvals.wait(result.approval_id or "", timeout_s)
             except EventLoopBlockedError as exc:  # the policies changed since the check
-                raise exc.as_call(*_GATE_NAMES) from None
-            return self._settle_waited(result, approval)
-        return self._finish(result, None, None)
+                raise exc.as_call(*GATE_NAMES) from None
+            return self._settle_waited(action, result, approval)
+        return self._finish(action, result, None, None)
 
     def _refuse_waiting_on_loop(
         self, agent_id: str, action: str, metadata: Mapping[str, Any] | None, event_id: str | None
@@ -436,13 +427,13 @@ class Gates:
         stored = (
             None
             if not isinstance(event_id, str)
-            else self._store.get_record(GATE, _gate_key(event_id), GateRecord)
+            else self._store.get_record(GATE, gate_key(event_id), GateRecord)
         )
         result = (
             self._settled(stored) if stored is not None else self.can_i(agent_id, action, metadata)
         )
         if result.status == "requested":
-            raise EventLoopBlockedError(*_GATE_NAMES, "an approval", approval_id=result.approval_id)
+            raise EventLoopBlockedError(*GATE_NAMES, "an approval", approval_id=result.approval_id)
 
     async def agate(
         self,
@@ -458,25 +449,29 @@ class Gates:
         result = await self._store.run_io(
             self.execute, agent_id, action, metadata, event_id, session_id=session_id
         )
-        if _waits(result):
+        if waits(result):
             approval = await self._approvals.await_(result.approval_id or "", timeout_s)
             # Settling writes the gate record: off the event loop.
-            return await self._store.run_io(self._settle_waited, result, approval)
-        return self._finish(result, None, None)
+            return await self._store.run_io(self._settle_waited, action, result, approval)
+        return self._finish(action, result, None, None)
 
-    def _settle_waited(self, result: ActionResult, approval: Approval) -> ActionResult:
+    def _settle_waited(self, action: str, result: ActionResult, approval: Approval) -> ActionResult:
         record = self._store.get_record(GATE, result.audit_event_id or "", GateRecord)
-        return self._finish(result, record, approval)
+        return self._finish(action, result, record, approval)
 
     def _finish(
-        self, result: ActionResult, record: GateRecord | None, approval: Approval | None
+        self,
+        action: str,
+        result: ActionResult,
+        record: GateRecord | None,
+        approval: Approval | None,
     ) -> ActionResult:
         """The end of gate/agate: apply a decided approval, raise on a denial."""
         if approval is not None:
             assert record is not None  # stored before its approval could be decided
             result = self._complete(record, approval)
         if result.status == "denied":
-            raise self._denied(result)
+            raise self._denied(action, result, approval)
         return result
 
     def get(self, audit_event_id: str) -> GateRecord | None:
@@ -494,7 +489,7 @@ class Gates:
         Raises:
             InvalidRequestError: unknown status or id, or the action did not execute.
         """
-        if status not in _REPORT_STATUSES:
+        if status not in REPORT_STATUSES:
             raise InvalidRequestError(
                 "status", status, "expected 'success', 'failure' or 'partial'"
             )
@@ -564,23 +559,3 @@ def _check(agent_id: object, action: object, metadata: object, event_id: object)
         raise InvalidRequestError("metadata", metadata, "must be a dict or None")
     if event_id is not None and (not isinstance(event_id, str) or not event_id):
         raise InvalidRequestError("event_id", event_id, "must be a non-empty string or None")
-
-
-def _message(
-    action: str, policy: str | None, reason: str | None, conditions: Iterable[ConditionResult]
-) -> str:
-    if reason is None:
-        return ""
-    failed = [c for c in conditions if not c.result]
-    why = "; ".join(
-        f"{c.field} {c.operator.value} {c.expected!r} failed (actual {c.actual!r})" for c in failed
-    )
-    where = f"policy {policy!r}" if policy else "no policy matches"
-    return f"{action}: {reason} by {where}" + (f": {why}" if why else "")
-
-
-def _approval_message(approval: Approval) -> str:
-    if approval.status is ApprovalStatus.EXPIRED:
-        return f"approval {approval.approval_id} expired (on_timeout={approval.on_timeout})"
-    who = ", ".join(f"{d.approver} {d.verdict}d" for d in approval.decisions)
-    return f"approval {approval.approval_id} {approval.status.value}: {who}"

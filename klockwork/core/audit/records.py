@@ -6,12 +6,12 @@ hands over must not change in between:
 
 * A grant is recorded from the store's :class:`~klockwork.core.model.LeaseRecord`
   plus its ``expires_at`` at that moment (:meth:`AuditLog.record_grant
-  <klockwork.core.audit.AuditLog.record_grant>`): every other field it
+  <klockwork.core.audit.log.AuditLog.record_grant>`): every other field it
   records (id, resource, predicate, fencing token) never changes. Its data
   is the :class:`~klockwork.core.model.Lease` snapshot's ``__audit_data__()``
   (:func:`granted_data`).
 * An ended lease (released, expired, revoked) is recorded from its final
-  record (:meth:`AuditLog.record_end <klockwork.core.audit.AuditLog.record_end>`);
+  record (:meth:`AuditLog.record_end <klockwork.core.audit.log.AuditLog.record_end>`);
   its data is the record's ``__audit_data__()``.
 * A refusal is recorded as a :class:`Denied`, the verdict with the intents.
 
@@ -21,19 +21,19 @@ pending entries alive at any moment, such objects would be promoted to the
 old generations and make full collections frequent (measured: several
 microseconds per lease cycle).
 
-:func:`~klockwork.core.audit_encode.encode_batch` formats the data of the
+:func:`~klockwork.core.audit.encode.encode_batch` formats the data of the
 first two as canonical JSON text directly, and :meth:`Denied.__audit_json__`
 that of the third, for the writer's fast path (the contract is in
-:mod:`klockwork.core.audit_json`).
+:mod:`klockwork.core.audit.canonical`).
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from klockwork.core.audit_json import INT_LIMIT, json_str
+from klockwork.core.audit.canonical import INT_LIMIT, json_str
+from klockwork.core.leases.rules import ParsedIntent
 from klockwork.core.model import Conflict, LeaseRecord, Predicate, Verdict, VerdictStatus
-from klockwork.core.rules import ParsedIntent
 
 __all__ = ["Denied", "granted_data"]
 
@@ -74,7 +74,7 @@ class Denied(NamedTuple):
         return data
 
     def __audit_json__(self) -> str:
-        """:meth:`__audit_data__` as canonical JSON text (see :mod:`~klockwork.core.audit_json`)."""
+        """:meth:`__audit_data__` as canonical JSON text (see :mod:`.canonical`)."""
         if self.attempts is not None:
             raise TypeError(_ODD)  # rare (one per timed-out acquire): the generic path
         values = self.verdict.__dict__

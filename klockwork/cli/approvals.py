@@ -13,14 +13,14 @@ import json
 import os
 from typing import Literal
 
-from klockwork.cli_support import INVALID, OK, UNAVAILABLE, USAGE, fail, open_shared
-from klockwork.core.approvals import Approval, ApprovalClosedError, ApprovalStatus
+from klockwork.cli.support import INVALID, OK, UNAVAILABLE, USAGE, fail, open_shared
 from klockwork.core.errors import (
     ApprovalNotFoundError,
     InvalidRequestError,
     NotAnApproverError,
     StoreUnavailableError,
 )
+from klockwork.core.governance.approvals import Approval, ApprovalClosedError, ApprovalStatus
 
 __all__ = ["add_parsers", "run"]
 

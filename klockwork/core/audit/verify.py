@@ -1,6 +1,6 @@
 """Verifying an audit chain: streaming, O(1) memory, over entries or stored lines.
 
-The chain's format is specified in :mod:`klockwork.core.audit_chain`; this
+The chain's format is specified in :mod:`klockwork.core.audit.chain`; this
 module checks a sequence against it and names the first entry that breaks it
 (an edited, removed, reordered or inserted entry, or — given a checkpoint — a
 truncated chain or a checkpoint whose signature does not verify).
@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from klockwork.core.audit_chain import (
+from klockwork.core.audit.chain import (
     GENESIS_HASH,
     HASHED_FIELDS,
     AuditEntry,

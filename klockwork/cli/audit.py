@@ -18,9 +18,9 @@ from datetime import datetime, timezone
 
 from pydantic import ValidationError
 
-from klockwork.cli_support import INVALID, OK, UNAVAILABLE, USAGE, fail, open_shared
-from klockwork.core.audit import verify_file
-from klockwork.core.audit_chain import AuditEntry, Checkpoint, VerifyResult
+from klockwork.cli.support import INVALID, OK, UNAVAILABLE, USAGE, fail, open_shared
+from klockwork.core.audit.chain import AuditEntry, Checkpoint, VerifyResult
+from klockwork.core.audit.log import verify_file
 from klockwork.core.errors import AuditIntegrityError, InvalidRequestError, StoreUnavailableError
 
 __all__ = ["add_parsers", "run"]

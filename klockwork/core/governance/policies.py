@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from klockwork.core.errors import InvalidRequestError
-from klockwork.core.policy import Policy
-from klockwork.core.policy_files import load_policies, parse_policies
+from klockwork.core.governance.policy import Policy
+from klockwork.core.governance.policy_files import load_policies, parse_policies
 
 __all__ = ["Policies"]
 

@@ -1,6 +1,6 @@
 """``kw.approvals``: approvals stored in the engine's store, decided and awaited.
 
-The state machine is :mod:`klockwork.core.approvals` (pure); this module
+The state machine is :mod:`klockwork.core.governance.approvals` (pure); this module
 runs it inside the store's atomic section (:meth:`Store.update_record`),
 records every applied vote and expiry in the audit trail and wakes waiters.
 
@@ -22,13 +22,6 @@ import builtins
 from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 
-from klockwork.core.approvals import (
-    Approval,
-    ApprovalClosedError,
-    ApprovalStatus,
-    decide_approval,
-    expire_if_due,
-)
 from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm, in_running_loop
 from klockwork.core.errors import (
     ApprovalNotFoundError,
@@ -39,6 +32,13 @@ from klockwork.core.errors import (
     StoreUnavailableError,
 )
 from klockwork.core.events import AuditRecorder
+from klockwork.core.governance.approvals import (
+    Approval,
+    ApprovalClosedError,
+    ApprovalStatus,
+    decide_approval,
+    expire_if_due,
+)
 from klockwork.core.notify import Signals
 from klockwork.core.stores.base import Store
 
@@ -49,9 +49,9 @@ _STATUSES = {s.value for s in ApprovalStatus}
 _POLL_MIN_S = 0.02
 _POLL_MAX_S = 0.5
 
-#: Tells whether ``approver`` is the requester under another name (a delegate
-#: of it, or one it descends from): such a vote is self-approval.
-#: ``kinship(requester, approver)``: see :meth:`~klockwork.core.delegation.Delegations.kinship`.
+#: Tells whether ``approver`` is the requester under another name (itself, a
+#: delegate of it, or one it descends from): such a vote is self-approval.
+#: See :meth:`.delegation.Delegations.kinship`.
 Kinship = Callable[[str, str], str | None]
 
 

@@ -1,0 +1,7 @@
+"""``python -m klockwork.cli``: the same as the ``klockwork`` command."""
+
+import sys
+
+from klockwork.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,260 @@
+"""What a gate decided: results, stored records, audit entries, and the words for them.
+
+The data of :mod:`klockwork.core.governance.gates`, apart from its logic:
+
+* :class:`ActionResult` — one decision as a caller sees it; :class:`GateRecord`
+  — as the store keeps it (idempotency on ``event_id``, approvals, reports);
+  :class:`GateAnswer` — what an integration needs from *one* call to act:
+  the settled result, the approval a human must decide, and the sentence
+  that explains a refusal;
+* how gate keys and approval ids are made (``evt_`` + a digest of the
+  ``event_id``, so every process finds the same record; else a per-process
+  counter);
+* the sentences: why a policy held or refused an action, how an approval
+  ended, and :func:`refusal_text` for people and models.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import itertools
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict
+
+from klockwork.core.governance.approvals import Approval, ApprovalStatus
+from klockwork.core.governance.policy import ConditionResult
+
+__all__ = [
+    "BREAKER",
+    "CAPABILITY_DENIED",
+    "GATE",
+    "GATE_NAMES",
+    "OUTCOME_KIND",
+    "REPORT_STATUSES",
+    "ActionResult",
+    "GateAnswer",
+    "GateEntry",
+    "GateRecord",
+    "approval_id_for",
+    "explain_approval",
+    "explain_policy",
+    "gate_key",
+    "new_gate_key",
+    "refusal_text",
+    "result_fields",
+    "waits",
+]
+
+CAPABILITY_DENIED = "CAPABILITY_DENIED"
+GATE = "gate"  # record kind
+BREAKER = "breaker"
+_FROZEN = ConfigDict(frozen=True)
+REPORT_STATUSES = ("success", "failure", "partial")
+Status = Literal["executed", "requested", "denied"]
+OUTCOME_KIND = {
+    "executed": "action.executed",
+    "denied": "action.denied",
+    "requested": "action.requested",
+}
+
+
+class ActionResult(BaseModel):
+    """What a gate decided about one action.
+
+    Attributes:
+        status: ``executed`` (go ahead), ``requested`` (waiting for an
+            approval) or ``denied``.
+        audit_event_id: the gate's audit id: pass it to ``kw.gates.report``.
+            None for a dry run (:meth:`Gates.can_i`).
+        approval_id: the approval this action waits for (or waited for).
+        policy_name: the deciding policy; None for the default effect.
+        denial_reason: why it was denied (``CONDITIONS_DENIED``,
+            ``POLICY_DENIED``, ``NO_POLICY``, ``CAPABILITY_DENIED``,
+            ``CIRCUIT_OPEN``, ``DENIED_BY_REVIEWER``, ``APPROVAL_EXPIRED``).
+        conditions_evaluated: every condition of the deciding policy, with the
+            expected and the actual value, so an agent can adapt.
+        message: a sentence for people and models.
+    """
+
+    model_config = _FROZEN
+    status: Status
+    audit_event_id: str | None = None
+    approval_id: str | None = None
+    policy_name: str | None = None
+    denial_reason: str | None = None
+    conditions_evaluated: list[ConditionResult] = []
+    message: str = ""
+
+
+class GateRecord(BaseModel):
+    """A gate's stored outcome (idempotency, approvals, reports)."""
+
+    model_config = _FROZEN
+    audit_event_id: str
+    event_id: str | None
+    agent_id: str
+    session_id: str | None
+    action: str
+    metadata: dict[str, Any]
+    result: ActionResult
+    created_at_ms: int
+    reported: str | None = None
+
+    @property
+    def status(self) -> str:
+        """The result's status (what the store lists records by)."""
+        return self.result.status
+
+
+class GateEntry(NamedTuple):
+    """A gate outcome as the audit writer turns it into entry data (read off the hot path)."""
+
+    result: ActionResult
+    action: str
+    metadata: Mapping[str, Any]
+    event_id: str | None
+
+    def __audit_data__(self) -> dict[str, Any]:
+        r = self.result
+        data: dict[str, Any] = {
+            "audit_event_id": r.audit_event_id,
+            "action": self.action,
+            "metadata": dict(self.metadata),
+            "policy": r.policy_name,
+        }
+        if self.event_id is not None:
+            data["event_id"] = self.event_id
+        if r.approval_id is not None:
+            data["approval_id"] = r.approval_id
+        if r.denial_reason is not None:
+            data["reason"] = r.denial_reason
+        if r.conditions_evaluated:
+            data["conditions"] = [c.model_dump(mode="json") for c in r.conditions_evaluated]
+        return data
+
+
+GATE_NAMES = ("kw.gates.gate(...)", "await kw.gates.agate(...)")
+
+
+def waits(result: ActionResult) -> bool:
+    return result.status == "requested" and result.approval_id is not None
+
+
+def result_fields(
+    status: Status,
+    policy_name: str | None,
+    denial_reason: str | None,
+    conditions: builtins.list[ConditionResult],
+    message: str,
+) -> dict[str, Any]:
+    return {
+        "status": status,
+        "audit_event_id": None,
+        "approval_id": None,
+        "policy_name": policy_name,
+        "denial_reason": denial_reason,
+        "conditions_evaluated": conditions,
+        "message": message,
+    }
+
+
+# Gate keys without an event_id: a per-process random prefix and a counter
+# (next() on a count is atomic). os.urandom per call would release the GIL on
+# every gate and hand it to the audit writer mid-decision.
+_key_counter = itertools.count(1)
+_key_prefix = os.urandom(9).hex()
+
+
+def _new_prefix() -> None:
+    global _key_prefix, _key_counter
+    _key_prefix = os.urandom(9).hex()
+    _key_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_prefix)  # a forked child must not reuse keys
+
+
+def new_gate_key() -> str:
+    return f"act_{_key_prefix}{next(_key_counter):x}"
+
+
+def gate_key(event_id: str) -> str:
+    return "evt_" + hashlib.sha256(event_id.encode()).hexdigest()[:24]
+
+
+def approval_id_for(audit_event_id: str) -> str:
+    return "apr_" + audit_event_id.partition("_")[2]
+
+
+class GateAnswer(NamedTuple):
+    """One gate decision with everything an edge needs to act on it, from one call.
+
+    Attributes:
+        result: the decision, with its approval's outcome applied once decided.
+        approval: the approval a human decides (pending or decided), if one was asked for.
+        refusal: for a denied action, the sentence for people and models
+            (:func:`refusal_text`); empty otherwise.
+        action: the gated action.
+    """
+
+    result: ActionResult
+    approval: Approval | None
+    refusal: str
+    action: str
+
+    @property
+    def pending(self) -> bool:
+        """True while the action waits for a human's decision."""
+        return self.result.status == "requested" and self.approval is not None
+
+
+def explain_policy(
+    action: str, policy: str | None, reason: str | None, conditions: Iterable[ConditionResult]
+) -> str:
+    """Why a policy refused ``action`` or sent it to a human ("" when it allowed it)."""
+    if reason is None:
+        return ""
+    failed = [c for c in conditions if not c.result]
+    why = "; ".join(
+        f"{c.field} {c.operator.value} {c.expected!r} failed (actual {c.actual!r})" for c in failed
+    )
+    where = f"policy {policy!r}" if policy else "no policy matches"
+    return f"{action}: {reason} by {where}" + (f": {why}" if why else "")
+
+
+def explain_approval(approval: Approval) -> str:
+    """How an approval ended: who decided what, or that it expired."""
+    if approval.status is ApprovalStatus.EXPIRED:
+        return f"approval {approval.approval_id} expired (on_timeout={approval.on_timeout})"
+    who = ", ".join(f"{d.approver} {d.verdict}d" for d in approval.decisions)
+    return f"approval {approval.approval_id} {approval.status.value}: {who}"
+
+
+def refusal_text(action: str, result: ActionResult, approval: Approval | None = None) -> str:
+    """A sentence for people and models: why ``action`` did not run.
+
+    Names the reason and the policy, the conditions that decided (a deny
+    policy refuses when they hold, any other when they fail, with the
+    actual values, so an agent can adapt), and the approvers' comments.
+    """
+    reason = result.denial_reason or "DENIED"
+    text = f"{action} was not run: {reason}"
+    if result.policy_name:
+        text += f" (policy {result.policy_name!r})"
+    matched = result.denial_reason == "POLICY_DENIED"
+    shown = [c for c in result.conditions_evaluated if c.result is matched]
+    if shown:
+        text += ("; matched: " if matched else "; failed: ") + "; ".join(
+            f"{c.field} {c.operator.value} {c.expected!r} (actual {c.actual!r})" for c in shown
+        )
+    if approval is not None:
+        said = [f"{d.approver}: {d.comment}" for d in approval.decisions if d.comment]
+        if said:
+            text += "; " + "; ".join(said)
+    elif result.message and not shown:  # e.g. a capability or breaker refusal
+        text += f"; {result.message}"
+    return text

@@ -1,0 +1,219 @@
+"""The blocking acquire: one flow of decisions, driven by a sync and an async loop.
+
+``kw.leases.acquire`` tries the store once itself (most requests are
+granted at once, and then nothing here is built). When refused, an
+:class:`AcquireFlow` decides what happens next — retry the store, wait for
+a release, back off — as a generator that yields steps; :meth:`~AcquireFlow.block`
+and :meth:`~AcquireFlow.ablock` only do the I/O and the waiting (httpx's
+auth-flow shape), so the logic exists once.
+
+Waiting is notification-driven: a WAIT arms an alarm on the keys of the
+blocking holders (:mod:`klockwork.core.notify`), fired by the release,
+expiry or revoke of those leases; the holder's TTL bounds the wait. On
+stores shared by several processes, where a release may happen elsewhere,
+the wait is also bounded by a short adaptive poll interval (1 ms doubling
+to 50 ms). A DIE backs off (tenacity, exponential + jitter) keeping the
+agent's priority. From its second try on, a blocked request holds a
+*reservation*, so younger newcomers die instead of barging past it.
+
+One call, one outcome: the refused tries along the way are not audited or
+announced; the grant is (with the tries it took and the time it waited),
+or the refusal once when the time runs out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING, NamedTuple
+
+from tenacity import RetryCallState, wait_exponential, wait_random
+
+from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm, in_running_loop
+from klockwork.core.errors import EventLoopBlockedError, InvalidRequestError, LeaseTimeoutError
+from klockwork.core.model import Verdict, VerdictStatus
+from klockwork.core.stores.base import AcquireOutcome, AcquireRequest
+
+if TYPE_CHECKING:
+    from klockwork.core.leases.manager import LeaseManager
+
+__all__ = ["AcquireFlow", "Tries", "check_timeout"]
+
+_POLL_MIN_S = 0.001
+_POLL_MAX_S = 0.05
+_GRANTED = VerdictStatus.GRANTED
+_WAIT = VerdictStatus.WAIT
+
+
+class _Try(NamedTuple):
+    """Ask the store this request (it carries the reservation to record or clear)."""
+
+    request: AcquireRequest
+
+
+class _Wait(NamedTuple):
+    """Sleep until one of ``keys`` is released (or ``timeout_s``), unless ``epoch`` passed."""
+
+    keys: tuple[str, ...]
+    epoch: int
+    timeout_s: float | None
+
+
+class Tries:
+    """How many refused tries a blocking acquire made, and since when it waits."""
+
+    __slots__ = ("count", "started")
+
+    def __init__(self, clock: Clock) -> None:
+        self.count = 0
+        self.started = clock.monotonic()
+
+    def waited_ms(self, clock: Clock) -> int:
+        """Milliseconds since the first try."""
+        return max(0, round((clock.monotonic() - self.started) * 1000))
+
+
+def check_timeout(timeout_s: object) -> None:
+    """Refuse a timeout that is not a non-negative number of seconds (or None)."""
+    if timeout_s is not None and (
+        isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s < 0
+    ):
+        raise InvalidRequestError("timeout_s", timeout_s, "must be >= 0 seconds or None")
+
+
+class AcquireFlow:
+    """One blocking acquire after a refused first try (see the module docstring)."""
+
+    __slots__ = ("_manager", "_steps", "request", "reserved")
+
+    def __init__(
+        self,
+        manager: LeaseManager,
+        request: AcquireRequest,
+        first: Verdict,
+        tries: Tries,
+        timeout_s: float | None,
+    ) -> None:
+        self._manager = manager
+        #: The request as last sent to the store.
+        self.request = request
+        #: True while the store holds a reservation the driver must remove
+        #: if the caller stops waiting.
+        self.reserved = False
+        self._steps = self._decide(first, tries, timeout_s)
+
+    def _decide(
+        self, verdict: Verdict, tries: Tries, timeout_s: float | None
+    ) -> Generator[_Try | _Wait, AcquireOutcome | None, Verdict]:
+        manager = self._manager
+        clock, signals = manager._clock, manager._signals
+        deadline = None if timeout_s is None else clock.monotonic() + timeout_s
+        backoff = wait_exponential(multiplier=0.001, max=0.1) + wait_random(0, 0.002)
+        retry_state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        poll_s = _POLL_MIN_S
+        tries.count = 1
+        epoch = -1  # the first try reserved nothing: retry at once
+        while True:
+            remaining = None if deadline is None else deadline - clock.monotonic()
+            if remaining is not None and remaining <= 0:
+                manager._gave_up(self.request, verdict, tries)
+                raise LeaseTimeoutError(
+                    verdict.status.value, verdict.conflicts, verdict.wait_time_ms
+                )
+            wait_s: float | None
+            if verdict.status is _WAIT:
+                retry_state.attempt_number = 1
+                # Wake on a release notification, or once the holder's TTL is over.
+                wait_s = None if verdict.wait_time_ms is None else verdict.wait_time_ms / 1000
+                if manager._store.cross_process:
+                    wait_s = poll_s if wait_s is None else min(wait_s, poll_s)
+                    poll_s = min(poll_s * 2, _POLL_MAX_S)
+            else:
+                # DIE: back off, keeping our priority; a release of the blocking
+                # lease wakes us early.
+                wait_s = backoff(retry_state)
+                retry_state.attempt_number += 1
+            if remaining is not None:
+                wait_s = remaining if wait_s is None else min(wait_s, remaining)
+            # Wake on the end of a blocking lease, and also of the lease an older
+            # waiter (a reservation) will take: its release frees us too. (With
+            # epoch -1 the driver does not sleep: the first retry is at once.)
+            yield _Wait(tuple({c.resource for c in verdict.conflicts}), epoch, wait_s)
+            # Retry, reserving: a blocked request (WAIT or DIE alike) keeps
+            # younger newcomers out, and its priority stays frozen meanwhile.
+            epoch = signals.epoch
+            self.request = self.request._replace(
+                now_ms=clock.now_ms(),
+                reserve_ms=manager._reserve_ms,
+                clear_reservation=self.reserved,
+            )
+            self.reserved = True
+            outcome = yield _Try(self.request)
+            assert outcome is not None
+            verdict = manager._verdict(self.request, outcome, tries)
+            if verdict.status is _GRANTED:
+                self.reserved = False  # the grant replaced the reservation
+                return verdict
+            tries.count += 1
+
+    # -- drivers: only I/O and waiting ------------------------------------------------
+    def block(self) -> Verdict:
+        """Drive the flow on this thread (``acquire``).
+
+        Raises:
+            LeaseTimeoutError: not granted in time.
+            EventLoopBlockedError: it would wait on a running event loop's thread.
+            StoreUnavailableError: the engine closed while waiting.
+        """
+        manager = self._manager
+        steps = self._steps
+        try:
+            step = next(steps)
+            while True:
+                if type(step) is _Try:
+                    step = steps.send(manager._store.try_acquire(step.request))
+                    continue
+                assert type(step) is _Wait
+                if in_running_loop():
+                    raise EventLoopBlockedError(
+                        "kw.leases.acquire(...)", "await kw.leases.aacquire(...)"
+                    )
+                alarm = ThreadAlarm()
+                if manager._signals.register(step.keys, step.epoch, alarm):
+                    try:
+                        manager._clock.wait(alarm, step.timeout_s)
+                    finally:
+                        manager._signals.unregister(step.keys, alarm)
+                manager._check_open()
+                step = steps.send(None)
+        except StopIteration as done:
+            granted: Verdict = done.value
+            return granted
+        finally:
+            if self.reserved:
+                manager._store.unreserve(self.request.agent_id, self.request.session_id)
+
+    async def ablock(self) -> Verdict:
+        """Async twin of :meth:`block` (``aacquire``); cancelling withdraws the request."""
+        manager = self._manager
+        steps = self._steps
+        try:
+            step = next(steps)
+            while True:
+                if type(step) is _Try:
+                    step = steps.send(await manager._store.atry_acquire(step.request))
+                    continue
+                assert type(step) is _Wait
+                alarm = LoopAlarm()
+                if manager._signals.register(step.keys, step.epoch, alarm):
+                    try:
+                        await manager._clock.await_alarm(alarm, step.timeout_s)
+                    finally:
+                        manager._signals.unregister(step.keys, alarm)
+                manager._check_open()
+                step = steps.send(None)
+        except StopIteration as done:
+            granted: Verdict = done.value
+            return granted
+        finally:
+            if self.reserved:
+                await manager._store.aunreserve(self.request.agent_id, self.request.session_id)

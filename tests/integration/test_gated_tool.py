@@ -19,7 +19,8 @@ from klockwork import Klockwork
 from klockwork.core.clock import ManualClock
 from klockwork.core.errors import GateDeniedError, NotAnApproverError
 from klockwork.core.governance.policy import Condition, Policy
-from klockwork.integrations.langchain.gating import APPROVAL_REQUEST_TYPE, gated_tool
+from klockwork.integrations.langchain.approval_flow import APPROVAL_REQUEST_TYPE
+from klockwork.integrations.langchain.gating import gated_tool
 from klockwork.integrations.langchain.tools import protect_tool
 
 AGENT = "merger"

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from klockwork.core.governance import policy as policy_module
 from klockwork.core.errors import InvalidRequestError
+from klockwork.core.governance import policy as policy_module
 from klockwork.core.governance.policy import (
     CONDITIONS_DENIED,
     CONDITIONS_REQUIRE_APPROVAL,

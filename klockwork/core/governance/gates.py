@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from klockwork.core.clock import Clock, in_running_loop
-from klockwork.core.errors import EventLoopBlockedError, GateDeniedError, InvalidRequestError
+from klockwork.core.errors import EventLoopBlockedError, InvalidRequestError
 from klockwork.core.events import AuditRecorder
 from klockwork.core.governance.approval_desk import Approvals
 from klockwork.core.governance.approvals import (
@@ -378,17 +378,6 @@ class Gates:
         refusal = refusal_text(action, result, approval) if result.status == "denied" else ""
         return GateAnswer(result, approval, refusal, action)
 
-    def _denied(
-        self, action: str, result: ActionResult, approval: Approval | None
-    ) -> GateDeniedError:
-        return GateDeniedError(
-            result.denial_reason or "POLICY_DENIED",
-            result.policy_name,
-            result.conditions_evaluated,
-            result.approval_id,
-            message=refusal_text(action, result, approval),
-        )
-
     def gate(
         self,
         agent_id: str,
@@ -471,7 +460,7 @@ class Gates:
             assert record is not None  # stored before its approval could be decided
             result = self._complete(record, approval)
         if result.status == "denied":
-            raise self._denied(action, result, approval)
+            raise GateAnswer(result, approval, "", action).denied_error()
         return result
 
     def get(self, audit_event_id: str) -> GateRecord | None:

@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
+from klockwork.core.errors import GateDeniedError
 from klockwork.core.governance.approvals import Approval, ApprovalStatus
 from klockwork.core.governance.policy import ConditionResult
 
@@ -210,6 +211,17 @@ class GateAnswer(NamedTuple):
     def pending(self) -> bool:
         """True while the action waits for a human's decision."""
         return self.result.status == "requested" and self.approval is not None
+
+    def denied_error(self) -> GateDeniedError:
+        """The :class:`~klockwork.GateDeniedError` of a refusal, worded as :attr:`refusal`."""
+        r = self.result
+        return GateDeniedError(
+            r.denial_reason or "POLICY_DENIED",
+            r.policy_name,
+            r.conditions_evaluated,
+            r.approval_id,
+            message=self.refusal or refusal_text(self.action, r, self.approval),
+        )
 
 
 def explain_policy(

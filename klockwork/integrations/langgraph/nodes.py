@@ -33,11 +33,10 @@ from langgraph.types import Command
 
 from klockwork.core.engine import Klockwork
 from klockwork.core.errors import GateDeniedError, InvalidRequestError
-from klockwork.core.governance.gates import ActionResult
-from klockwork.integrations.langchain.gating import (
+from klockwork.core.governance.outcomes import ActionResult
+from klockwork.integrations.langchain.approval_flow import (
     checkpointed_run,
     interrupt_until_decided,
-    refusal_text,
     run_event_id,
 )
 from klockwork.integrations.langchain.identity import resolve_identity
@@ -92,24 +91,12 @@ def gate_node(
     def update_for(result: ActionResult) -> dict[str, Any]:
         return {} if result_key is None else {result_key: result.model_dump(mode="json")}
 
-    def denied(result: ActionResult) -> Any:
-        if on_denied is not None:
-            return Command(goto=on_denied, update=update_for(result))
-        approval = kw.approvals.get(result.approval_id) if result.approval_id else None
-        raise GateDeniedError(
-            result.denial_reason or "POLICY_DENIED",
-            result.policy_name,
-            result.conditions_evaluated,
-            result.approval_id,
-            message=refusal_text(action, result, approval),
-        )
-
     def node(state: Any, config: RunnableConfig) -> Any:
         ident = resolve_identity(config, agent_id=agent_id)
         meta = metadata(state) if callable(metadata) else metadata
         conf = checkpointed_run()
         edits: dict[str, Any] = {}
-        if conf is None:
+        if conf is None:  # no checkpointer: one blocking call
             try:
                 result = kw.gates.gate(
                     ident.agent_id, action, meta, None, timeout_s, session_id=ident.session_id
@@ -117,29 +104,23 @@ def gate_node(
             except GateDeniedError as exc:
                 if on_denied is None:
                     raise
-                result = ActionResult(
-                    status="denied",
-                    approval_id=exc.approval_id,
-                    policy_name=exc.policy,
-                    denial_reason=exc.reason,
-                    conditions_evaluated=list(exc.conditions),
-                    message=str(exc),
-                )
-        else:
-            event_id = run_event_id(conf, action)
-            result = kw.gates.execute(
-                ident.agent_id, action, meta, event_id, session_id=ident.session_id
+                return Command(goto=on_denied, update=update_for(_as_result(exc)))
+        else:  # one question; a pending answer becomes an interrupt
+            answer = kw.gates.ask(
+                ident.agent_id,
+                action,
+                meta,
+                run_event_id(conf, action),
+                session_id=ident.session_id,
             )
-            if result.status == "requested":
-                outcome = interrupt_until_decided(
-                    kw, result, ident=ident, action=action, event_id=event_id
-                )
-                result = outcome.result
-                response = outcome.response
-                if response is not None and response.type == "edit" and response.args:
-                    edits = dict(response.args)
-        if result.status == "denied":
-            return denied(result)
+            answer, response = interrupt_until_decided(kw, answer, agent_id=ident.agent_id)
+            result = answer.result
+            if result.status == "denied":
+                if on_denied is None:
+                    raise answer.denied_error()
+                return Command(goto=on_denied, update=update_for(result))
+            if response is not None and response.type == "edit" and response.args:
+                edits = dict(response.args)
         update = {**update_for(result), **edits}
         if on_approved is not None:
             return Command(goto=on_approved, update=update)
@@ -236,3 +217,15 @@ def add_approval_gate(
     for (source, branch_name), spec in new_branches.items():
         builder.branches[source][branch_name] = spec
     return builder
+
+
+def _as_result(exc: GateDeniedError) -> ActionResult:
+    """A blocking gate's refusal as the result a routed graph writes to its state."""
+    return ActionResult(
+        status="denied",
+        approval_id=exc.approval_id,
+        policy_name=exc.policy,
+        denial_reason=exc.reason,
+        conditions_evaluated=list(exc.conditions),
+        message=str(exc),
+    )

@@ -1,4 +1,4 @@
-"""In-process wake-ups for lease waiters (release → waiting agent, no polling).
+"""In-process wake-ups for waiters (a release → the waiting agent; a vote → the gate), no polling.
 
 A waiter that got ``WAIT`` registers an alarm on the keys of the holders
 that block it; every release, expiry or revoke in this process fires the
@@ -22,7 +22,7 @@ import itertools
 import threading
 from collections.abc import Iterable
 
-from klockwork.core.clock import LoopAlarm, ThreadAlarm
+from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm
 
 __all__ = ["Signals"]
 
@@ -59,6 +59,32 @@ class Signals:
                 self._discard(keys, alarm)
                 return False
             return True
+
+    def sleep(
+        self, keys: tuple[str, ...], since_epoch: int, timeout_s: float | None, clock: Clock
+    ) -> None:
+        """Sleep on this thread until ``keys`` are notified or ``timeout_s`` passes.
+
+        Returns at once when a notification came since ``since_epoch`` (or the
+        signals are closed): the caller re-checks what it waits for either way.
+        """
+        alarm = ThreadAlarm()
+        if self.register(keys, since_epoch, alarm):
+            try:
+                clock.wait(alarm, timeout_s)
+            finally:
+                self.unregister(keys, alarm)
+
+    async def asleep(
+        self, keys: tuple[str, ...], since_epoch: int, timeout_s: float | None, clock: Clock
+    ) -> None:
+        """Async twin of :meth:`sleep`: only this task waits (cancelling it disarms)."""
+        alarm = LoopAlarm()
+        if self.register(keys, since_epoch, alarm):
+            try:
+                await clock.await_alarm(alarm, timeout_s)
+            finally:
+                self.unregister(keys, alarm)
 
     def unregister(self, keys: Iterable[str], alarm: Alarm) -> None:
         """Disarm ``alarm`` (after it fired, timed out, or its waiter was cancelled)."""

@@ -200,19 +200,7 @@ class AuditLog:
             ts = self._now_ms()
         elif ts.__class__ is not int:
             raise InvalidRequestError("ts", ts, "must be epoch milliseconds as an int")
-        lock = self._lock
-        lock.acquire()  # as in record_grant
-        try:
-            if self._refusing:
-                self._raise_unusable()
-            seq = self._next_seq
-            self._next_seq = seq + 1
-            self._pending += (seq, ts, kind, agent_id, session_id, data, None)
-            if self._wake_needed:
-                self._wake()
-        finally:
-            lock.release()
-        return seq
+        return self._append(ts, kind, agent_id, session_id, data, None)
 
     def record_grant(self, rec: LeaseRecord, ts: int) -> int:
         """Record that lease ``rec`` was granted at ``ts``; return the entry's seq.
@@ -228,27 +216,7 @@ class AuditLog:
         Raises:
             StoreUnavailableError: the log is closed, or its writer failed.
         """
-        lock = self._lock
-        lock.acquire()  # acquire/try/finally costs less than `with` (zero-cost try)
-        try:
-            if self._refusing:
-                self._raise_unusable()
-            seq = self._next_seq
-            self._next_seq = seq + 1
-            self._pending += (
-                seq,
-                ts,
-                "lease.granted",
-                rec.agent_id,
-                rec.session_id,
-                rec,
-                rec.expires_at,
-            )
-            if self._wake_needed:
-                self._wake()
-        finally:
-            lock.release()
-        return seq
+        return self._append(ts, "lease.granted", rec.agent_id, rec.session_id, rec, rec.expires_at)
 
     def record_end(self, kind: str, rec: LeaseRecord, ts: int) -> int:
         """Record that lease ``rec`` ended (``kind``) at ``ts``; return the entry's seq.
@@ -261,14 +229,23 @@ class AuditLog:
         Raises:
             StoreUnavailableError: the log is closed, or its writer failed.
         """
+        return self._append(ts, kind, rec.agent_id, rec.session_id, rec, ENDED)
+
+    def _append(
+        self, ts: int, kind: str, agent_id: str | None, session_id: str | None, data: Any, how: Any
+    ) -> int:
+        """Queue one entry in order and fix its seq (the hot path's whole share of the work).
+
+        ``how`` says what ``data`` is (see :data:`~.encode.PENDING_SLOTS`).
+        """
         lock = self._lock
-        lock.acquire()  # as in record_grant
+        lock.acquire()  # acquire/try/finally costs less than `with` (zero-cost try)
         try:
             if self._refusing:
                 self._raise_unusable()
             seq = self._next_seq
             self._next_seq = seq + 1
-            self._pending += (seq, ts, kind, rec.agent_id, rec.session_id, rec, ENDED)
+            self._pending += (seq, ts, kind, agent_id, session_id, data, how)
             if self._wake_needed:
                 self._wake()
         finally:

@@ -37,13 +37,13 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from klockwork.core.audit.backend import EntryBatch
 from klockwork.core.audit.chain import GENESIS_HASH, AuditEntry, canonical_json, entry_hash
 from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
-from klockwork.core.stores.sqlite import ERROR_MAP
+from klockwork.core.stores.sqlite import connect, translated
 
 __all__ = ["SqliteAuditBackend"]
 
@@ -118,30 +118,10 @@ class SqliteAuditBackend:
 
     # -- plumbing -------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path,
-            timeout=self._busy_timeout_ms / 1000,
-            isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
-            check_same_thread=False,  # used under our locks, from any thread
-        )
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return connect(self.path, self._busy_timeout_ms)
 
-    @contextmanager
-    def _translated(self, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as exc:
-            for source, target in ERROR_MAP:
-                if isinstance(exc, source):
-                    raise target(f"sqlite audit {self.path} could not {doing}: {exc}") from exc
-            raise  # pragma: no cover - ERROR_MAP ends with sqlite3.Error
+    def _translated(self, doing: str) -> AbstractContextManager[None]:
+        return translated(f"sqlite audit {self.path}", doing)
 
     def _closed_error(self) -> StoreUnavailableError:
         return StoreUnavailableError(f"sqlite audit backend {self.path} is closed")

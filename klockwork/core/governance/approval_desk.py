@@ -22,7 +22,7 @@ import builtins
 from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 
-from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm, in_running_loop
+from klockwork.core.clock import Clock, in_running_loop
 from klockwork.core.errors import (
     ApprovalNotFoundError,
     ApprovalTimeoutError,
@@ -40,7 +40,7 @@ from klockwork.core.governance.approvals import (
     expire_if_due,
 )
 from klockwork.core.notify import Signals
-from klockwork.core.stores.base import Store
+from klockwork.core.stores.base import Store, io_twin
 
 __all__ = ["APPROVAL", "Approvals"]
 
@@ -156,9 +156,7 @@ class Approvals:
             raise ApprovalNotFoundError(f"no approval {approval_id!r}")
         return self._expired(stored)
 
-    async def aget(self, approval_id: str) -> Approval:
-        """Async twin of :meth:`get` (applying an expiry writes to the store: off the loop)."""
-        return await self._store.run_io(self.get, approval_id)
+    aget = io_twin(get)
 
     def list(self, status: str | None = "pending") -> builtins.list[Approval]:
         """Approvals with ``status`` (``pending`` by default; None: all), oldest first."""
@@ -378,12 +376,7 @@ class Approvals:
                         "an approval",
                         approval_id=approval_id,
                     )
-                alarm = ThreadAlarm()
-                if self._signals.register((approval_id,), step.epoch, alarm):
-                    try:
-                        self._clock.wait(alarm, step.timeout_s)
-                    finally:
-                        self._signals.unregister((approval_id,), alarm)
+                self._signals.sleep((approval_id,), step.epoch, step.timeout_s, self._clock)
                 self._check_open()
                 step = next(flow)
         except StopIteration as done:
@@ -398,12 +391,7 @@ class Approvals:
         try:
             while True:
                 step = flow.send(await self.aget(approval_id))
-                alarm = LoopAlarm()
-                if self._signals.register((approval_id,), step.epoch, alarm):
-                    try:
-                        await self._clock.await_alarm(alarm, step.timeout_s)
-                    finally:
-                        self._signals.unregister((approval_id,), alarm)
+                await self._signals.asleep((approval_id,), step.epoch, step.timeout_s, self._clock)
                 self._check_open()
                 step = next(flow)
         except StopIteration as done:

@@ -69,7 +69,7 @@ from klockwork.core.governance.outcomes import (
 from klockwork.core.governance.policies import Policies
 from klockwork.core.governance.policy import Effect, Policy, decide
 from klockwork.core.model import _build
-from klockwork.core.stores.base import Store
+from klockwork.core.stores.base import Store, io_twin
 
 __all__ = ["CAPABILITY_DENIED", "ActionResult", "GateAnswer", "GateRecord", "Gates", "Policies"]
 
@@ -293,19 +293,7 @@ class Gates:
         result = self.execute(agent_id, action, metadata, event_id, session_id=session_id)
         return self._answer_for(action, result)
 
-    async def aask(
-        self,
-        agent_id: str,
-        action: str,
-        metadata: Mapping[str, Any] | None = None,
-        event_id: str | None = None,
-        *,
-        session_id: str | None = None,
-    ) -> GateAnswer:
-        """Async twin of :meth:`ask` (store work off the event loop)."""
-        return await self._store.run_io(
-            self.ask, agent_id, action, metadata, event_id, session_id=session_id
-        )
+    aask = io_twin(ask)
 
     def answer(
         self,
@@ -359,19 +347,7 @@ class Gates:
                 vote(approval_id, approver, comment)
         return self._answer_for(record.action, self._settled(record))
 
-    async def aanswer(
-        self,
-        audit_event_id: str,
-        approver: str,
-        decision: Literal["approve", "reject"],
-        comment: str = "",
-        *,
-        edited_args: Mapping[str, Any] | None = None,
-    ) -> GateAnswer:
-        """Async twin of :meth:`answer` (store work off the event loop)."""
-        return await self._store.run_io(
-            self.answer, audit_event_id, approver, decision, comment, edited_args=edited_args
-        )
+    aanswer = io_twin(answer)
 
     def _answer_for(self, action: str, result: ActionResult) -> GateAnswer:
         approval = self._approvals.get(result.approval_id) if result.approval_id else None

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from tenacity import RetryCallState, wait_exponential, wait_random
 
-from klockwork.core.clock import Clock, LoopAlarm, ThreadAlarm, in_running_loop
+from klockwork.core.clock import Clock, in_running_loop
 from klockwork.core.errors import EventLoopBlockedError, InvalidRequestError, LeaseTimeoutError
 from klockwork.core.model import Verdict, VerdictStatus
 from klockwork.core.stores.base import AcquireOutcome, AcquireRequest
@@ -177,12 +177,7 @@ class AcquireFlow:
                     raise EventLoopBlockedError(
                         "kw.leases.acquire(...)", "await kw.leases.aacquire(...)"
                     )
-                alarm = ThreadAlarm()
-                if manager._signals.register(step.keys, step.epoch, alarm):
-                    try:
-                        manager._clock.wait(alarm, step.timeout_s)
-                    finally:
-                        manager._signals.unregister(step.keys, alarm)
+                manager._signals.sleep(step.keys, step.epoch, step.timeout_s, manager._clock)
                 manager._check_open()
                 step = steps.send(None)
         except StopIteration as done:
@@ -203,12 +198,7 @@ class AcquireFlow:
                     step = steps.send(await manager._store.atry_acquire(step.request))
                     continue
                 assert type(step) is _Wait
-                alarm = LoopAlarm()
-                if manager._signals.register(step.keys, step.epoch, alarm):
-                    try:
-                        await manager._clock.await_alarm(alarm, step.timeout_s)
-                    finally:
-                        manager._signals.unregister(step.keys, alarm)
+                await manager._signals.asleep(step.keys, step.epoch, step.timeout_s, manager._clock)
                 manager._check_open()
                 step = steps.send(None)
         except StopIteration as done:

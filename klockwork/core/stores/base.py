@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, ParamSpec, TypeVar
+from typing import Any, ClassVar, Concatenate, NamedTuple, ParamSpec, Protocol, TypeVar
 
 from pydantic import BaseModel
 
@@ -32,6 +32,7 @@ from klockwork.core.leases.rules import ParsedIntent
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
 
 __all__ = [
+    "io_twin",
     "AcquireOutcome",
     "AcquireRequest",
     "FenceState",
@@ -44,6 +45,34 @@ __all__ = [
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+
+
+class _UsesStore(Protocol):
+    _store: Store
+
+
+_S = TypeVar("_S", bound=_UsesStore)
+
+
+def io_twin(
+    method: Callable[Concatenate[_S, _P], _T],
+) -> Callable[Concatenate[_S, _P], Coroutine[Any, Any, _T]]:
+    """The async twin of a sync method of an engine part that only calls its store.
+
+    ``aask = io_twin(ask)`` in a class body: the same call, with the same
+    arguments and checks, run through :meth:`Store.run_io` (inline for a
+    store without I/O, on a worker thread otherwise), so the logic exists
+    once and the event loop never waits on the store.
+    """
+
+    async def twin(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return await self._store.run_io(method, self, *args, **kwargs)
+
+    twin.__name__ = twin.__qualname__ = f"a{method.__name__}"
+    twin.__doc__ = f"Async twin of :meth:`{method.__name__}`; never blocks the event loop."
+    return twin
+
+
 _M = TypeVar("_M", bound=BaseModel)
 
 #: A pure transition of one record: given the stored record (None when there

@@ -22,7 +22,7 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -115,6 +115,41 @@ _M = TypeVar("_M", bound=BaseModel)
 _T = TypeVar("_T")
 
 
+def connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    """A connection as every klockwork SQLite part uses one.
+
+    WAL (readers never block the writer), ``synchronous=NORMAL``,
+    transactions issued explicitly (``BEGIN IMMEDIATE``), and a busy timeout
+    after which a write lock held by another process fails closed.
+    """
+    conn = sqlite3.connect(
+        path,
+        timeout=busy_timeout_ms / 1000,
+        isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
+        check_same_thread=False,  # used under our own locks, from any thread
+    )
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextmanager
+def translated(what: str, doing: str) -> Iterator[None]:
+    """Turn a sqlite3 error into klockwork's (:data:`ERROR_MAP`), saying what failed."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        for source, target in ERROR_MAP:
+            if isinstance(exc, source):
+                raise target(f"{what} could not {doing}: {exc}") from exc
+        raise  # pragma: no cover - ERROR_MAP ends with sqlite3.Error
+
+
 def _record(row: Sequence[Any]) -> LeaseRecord:
     return LeaseRecord(
         row[0],
@@ -163,29 +198,14 @@ class SqliteStore(Store):
             return conn
         if self._closed:
             raise StoreUnavailableError(f"sqlite store {self.path} is closed")
-        conn = sqlite3.connect(
-            self.path,
-            timeout=self._busy_timeout_ms / 1000,
-            isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
-            check_same_thread=False,
-        )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+        conn = connect(self.path, self._busy_timeout_ms)
         self._local.conn = conn
         with self._conns_lock:
             self._conns.append(conn)
         return conn
 
-    @contextmanager
-    def _translated(self, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as exc:
-            for source, target in ERROR_MAP:
-                if isinstance(exc, source):
-                    raise target(f"sqlite store {self.path} could not {doing}: {exc}") from exc
-            raise  # pragma: no cover - ERROR_MAP ends with sqlite3.Error
+    def _translated(self, doing: str) -> AbstractContextManager[None]:
+        return translated(f"sqlite store {self.path}", doing)
 
     @contextmanager
     def _tx(self, doing: str) -> Iterator[sqlite3.Connection]:

@@ -4,7 +4,8 @@ The floors, bottom up — a module imports only from its own floor or below,
 and no two modules import each other (``tests/unit/test_layers.py`` checks):
 
 1. the ground floor, shared by all: ``model``, ``errors``, ``clock``,
-   ``events`` (the one internal hook), ``notify`` (keyed wake-ups);
+   ``events`` (the one internal hook), ``notify`` (keyed wake-ups),
+   ``validation`` (the checks every entry point applies to its arguments);
 2. ``leases/rules``: the pure lease decisions the stores apply;
 3. ``stores/``: thin atomic layers (memory, SQLite);
 4. the pillars and the trail: ``leases/``, ``governance/``, ``bus/``, ``audit/``;

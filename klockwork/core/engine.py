@@ -40,6 +40,7 @@ from klockwork.core.leases.manager import DEFAULT_TTL_MS, HeldLeases, LeaseManag
 from klockwork.core.model import AgentInfo
 from klockwork.core.stores.base import Store
 from klockwork.core.stores.memory import MemoryStore
+from klockwork.core.validation import check_identity
 
 __all__ = ["Klockwork", "audit_backend_for", "open_store"]
 
@@ -460,7 +461,6 @@ def _warn_private_default() -> None:
 
 
 def _check_agent(agent_id: object, priority: object) -> None:
-    if not isinstance(agent_id, str) or not agent_id:
-        raise InvalidRequestError("agent_id", agent_id, "must be a non-empty string")
+    check_identity(agent_id, "agent_id")
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
         raise InvalidRequestError("priority", priority, "must be an int (lower = older) or None")

@@ -29,6 +29,7 @@ FLOORS = [
     ("klockwork.core.clock", 0),
     ("klockwork.core.events", 0),
     ("klockwork.core.notify", 0),
+    ("klockwork.core.validation", 0),
     ("klockwork.core.leases.rules", 1),
     ("klockwork.core.stores", 2),
     ("klockwork.core.leases", 3),

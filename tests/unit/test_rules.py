@@ -27,6 +27,7 @@ from klockwork.core.leases.rules import (
     validate_ttl,
 )
 from klockwork.core.model import LeaseRecord, Reservation
+from klockwork.core.validation import MAX_TTL_MS
 
 VECTORS = Path(__file__).parents[1] / "conformance" / "vectors"
 MATRIX = json.loads((VECTORS / "matrix.json").read_text())
@@ -145,12 +146,14 @@ def test_ancestors_of_a_normalised_key(key: str) -> None:
 # -- other validation ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ttl", [1, 30_000, 2**40])
+@pytest.mark.parametrize("ttl", [1, 30_000, MAX_TTL_MS])
 def test_validate_ttl_accepts(ttl: int) -> None:
     assert validate_ttl(ttl) == ttl
 
 
-@pytest.mark.parametrize("ttl", [0, -1, 1.0, "10", True, False, None])
+@pytest.mark.parametrize(
+    "ttl", [0, -1, 1.0, "10", True, False, None, MAX_TTL_MS + 1, 2**40, 10**14, 2**62]
+)
 def test_validate_ttl_rejects(ttl: Any) -> None:
     with pytest.raises(InvalidRequestError) as info:
         validate_ttl(ttl)

@@ -41,6 +41,7 @@ from klockwork.core.governance.approvals import (
 )
 from klockwork.core.notify import Signals
 from klockwork.core.stores.base import Store, io_twin
+from klockwork.core.validation import check_identity, check_timeout
 
 __all__ = ["APPROVAL", "Approvals"]
 
@@ -263,8 +264,7 @@ class Approvals:
 
     def _check_vote(self, approval_id: str, approver: str, comment: str) -> None:
         _check_id(approval_id)
-        if not isinstance(approver, str) or not approver.strip():
-            raise InvalidRequestError("approver", approver, "must be a non-empty string")
+        check_identity(approver, "approver")
         if not isinstance(comment, str):
             raise InvalidRequestError("comment", comment, "must be a string")
 
@@ -324,10 +324,7 @@ class Approvals:
         self, approval_id: str, timeout_s: float | None
     ) -> Generator[_Wait, Approval, Approval]:
         """Decide after each look at the approval whether to return or sleep, and how long."""
-        if timeout_s is not None and (
-            isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s < 0
-        ):
-            raise InvalidRequestError("timeout_s", timeout_s, "must be >= 0 seconds or None")
+        timeout_s = check_timeout(timeout_s)
         clock = self._clock
         deadline = None if timeout_s is None else clock.monotonic() + timeout_s
         poll_s = _POLL_MIN_S

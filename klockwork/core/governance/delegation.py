@@ -37,6 +37,7 @@ from klockwork.core.errors import CapabilityError, InvalidRequestError
 from klockwork.core.events import AuditRecorder
 from klockwork.core.governance.policy import capability_allows, is_subset
 from klockwork.core.stores.base import Store
+from klockwork.core.validation import check_identity
 
 __all__ = [
     "AGENT",
@@ -277,8 +278,7 @@ class Delegations:
 
         Returns the ids revoked now (already revoked ones are skipped).
         """
-        if not isinstance(agent_id, str) or not agent_id:
-            raise InvalidRequestError("agent_id", agent_id, "must be a non-empty string")
+        check_identity(agent_id, "agent_id")
         profiles = self._store.list_records(AGENT, AgentProfile)
         children: dict[str, builtins.list[str]] = {}
         for p in profiles:

@@ -70,6 +70,7 @@ from klockwork.core.governance.policies import Policies
 from klockwork.core.governance.policy import Effect, Policy, decide
 from klockwork.core.model import _build
 from klockwork.core.stores.base import Store, io_twin
+from klockwork.core.validation import check_identity, check_timeout
 
 __all__ = ["CAPABILITY_DENIED", "ActionResult", "GateAnswer", "GateRecord", "Gates", "Policies"]
 
@@ -374,6 +375,7 @@ class Gates:
                 thread runs an event loop: use :meth:`agate` there. Checked
                 before anything is recorded (no approval is opened).
         """
+        check_timeout(timeout_s)  # before anything is recorded
         if in_running_loop():
             self._refuse_waiting_on_loop(agent_id, action, metadata, event_id)
         result = self.execute(agent_id, action, metadata, event_id, session_id=session_id)
@@ -411,6 +413,7 @@ class Gates:
         session_id: str | None = None,
     ) -> ActionResult:
         """Async twin of :meth:`gate`; waiting never blocks the event loop."""
+        check_timeout(timeout_s)
         result = await self._store.run_io(
             self.execute, agent_id, action, metadata, event_id, session_id=session_id
         )
@@ -516,8 +519,7 @@ class Gates:
 
 
 def _check(agent_id: object, action: object, metadata: object, event_id: object) -> None:
-    if not isinstance(agent_id, str) or not agent_id:
-        raise InvalidRequestError("agent_id", agent_id, "must be a non-empty string")
+    check_identity(agent_id, "agent_id")
     if not isinstance(action, str) or not action:
         raise InvalidRequestError("action", action, "must be a non-empty string")
     if metadata is not None and not isinstance(metadata, Mapping):

@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, NamedTuple
 from tenacity import RetryCallState, wait_exponential, wait_random
 
 from klockwork.core.clock import Clock, in_running_loop
-from klockwork.core.errors import EventLoopBlockedError, InvalidRequestError, LeaseTimeoutError
+from klockwork.core.errors import EventLoopBlockedError, LeaseTimeoutError
 from klockwork.core.model import Verdict, VerdictStatus
 from klockwork.core.stores.base import AcquireOutcome, AcquireRequest
 
 if TYPE_CHECKING:
     from klockwork.core.leases.manager import LeaseManager
 
-__all__ = ["AcquireFlow", "Tries", "check_timeout"]
+__all__ = ["AcquireFlow", "Tries"]
 
 _POLL_MIN_S = 0.001
 _POLL_MAX_S = 0.05
@@ -70,14 +70,6 @@ class Tries:
     def waited_ms(self, clock: Clock) -> int:
         """Milliseconds since the first try."""
         return max(0, round((clock.monotonic() - self.started) * 1000))
-
-
-def check_timeout(timeout_s: object) -> None:
-    """Refuse a timeout that is not a non-negative number of seconds (or None)."""
-    if timeout_s is not None and (
-        isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s < 0
-    ):
-        raise InvalidRequestError("timeout_s", timeout_s, "must be >= 0 seconds or None")
 
 
 class AcquireFlow:

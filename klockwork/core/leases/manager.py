@@ -23,7 +23,7 @@ from klockwork.core.errors import (
     StoreUnavailableError,
 )
 from klockwork.core.events import EventHub
-from klockwork.core.leases.acquiring import AcquireFlow, Tries, check_timeout
+from klockwork.core.leases.acquiring import AcquireFlow, Tries
 from klockwork.core.leases.holding import AsyncHolding, HeldLeases, Holding
 from klockwork.core.leases.renewer import Renewer
 from klockwork.core.leases.rules import parse_intents, validate_ttl
@@ -40,6 +40,7 @@ from klockwork.core.model import (
 )
 from klockwork.core.notify import Signals
 from klockwork.core.stores.base import AcquireOutcome, AcquireRequest, Store
+from klockwork.core.validation import MAX_TTL_MS, check_identity, check_timeout
 
 if TYPE_CHECKING:
     from klockwork.core.audit.log import AuditLog
@@ -77,11 +78,9 @@ class LeaseManager:
     # -- requests -------------------------------------------------------------
     def _request(self, agent_id: str, session_id: str, intents: Any, ttl_ms: int) -> AcquireRequest:
         """Validate a request completely before anything is changed."""
-        if type(agent_id) is not str or not agent_id:
-            raise InvalidRequestError("agent_id", agent_id, "must be a non-empty string")
-        if type(session_id) is not str or not session_id:
-            raise InvalidRequestError("session_id", session_id, "must be a non-empty string")
-        if type(ttl_ms) is not int or ttl_ms <= 0:
+        check_identity(agent_id, "agent_id")
+        check_identity(session_id, "session_id")
+        if type(ttl_ms) is not int or not 0 < ttl_ms <= MAX_TTL_MS:
             validate_ttl(ttl_ms)  # raises, naming the argument
         parsed = parse_intents(intents)
         return _new_request(

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -20,6 +22,9 @@ from klockwork.core.clock import Clock, ThreadAlarm
 from klockwork.core.errors import KlockworkError
 
 __all__ = ["Renewable", "Renewer"]
+
+_log = logging.getLogger("klockwork")
+_MAX_SLEEP_S = 3600.0
 
 
 class Renewable(Protocol):
@@ -96,44 +101,60 @@ class Renewer:
             thread.join(timeout=5)
 
     def _run(self) -> None:
+        # One holder's failure must never stop the renewals of every other
+        # holder: a failing renewal marks only its holder lost (_renew), and
+        # anything unexpected here is logged and the loop goes on.
         while True:
-            with self._lock:
-                if self._closed:
+            try:
+                if self._step():
                     return
-                self._alarm = alarm = ThreadAlarm()
-                now = self._now_us()
-                due: list[tuple[Renewable, int]] = []
-                while self._heap and self._heap[0][0] <= now:
-                    _, _, holder, interval = heapq.heappop(self._heap)
+            except Exception:
+                _log.exception("klockwork: the lease renewer hit an unexpected error; going on")
+                time.sleep(0.1)  # never spin if the error repeats
+
+    def _step(self) -> bool:
+        """One round: renew what is due, then sleep until the next is. True: closed."""
+        with self._lock:
+            if self._closed:
+                return True
+            self._alarm = alarm = ThreadAlarm()
+            now = self._now_us()
+            due: list[tuple[Renewable, int]] = []
+            while self._heap and self._heap[0][0] <= now:
+                _, _, holder, interval = heapq.heappop(self._heap)
+                if id(holder) in self._active:
+                    due.append((holder, interval))
+            timeout = self._heap[0][0] - now if self._heap else None  # µs
+        for holder, interval in due:
+            if self._renew(holder):
+                with self._lock:
                     if id(holder) in self._active:
-                        due.append((holder, interval))
-                timeout = self._heap[0][0] - now if self._heap else None  # µs
-            for holder, interval in due:
-                if self._renew(holder):
-                    with self._lock:
-                        if id(holder) in self._active:
-                            heapq.heappush(
-                                self._heap,
-                                (now + interval, next(self._seq), holder, interval),
-                            )
-                            if timeout is None or interval < timeout:
-                                timeout = interval
-            if not due:
-                self._clock.wait(alarm, None if timeout is None else timeout / 1_000_000)
+                        heapq.heappush(
+                            self._heap,
+                            (now + interval, next(self._seq), holder, interval),
+                        )
+                        if timeout is None or interval < timeout:
+                            timeout = interval
+        if not due:
+            # Sleep at most an hour at a time: waits are also bounded by
+            # what the platform's timers take.
+            wait_s = _MAX_SLEEP_S if timeout is None else min(timeout / 1e6, _MAX_SLEEP_S)
+            self._clock.wait(alarm, wait_s)
+        return False
 
     def _now_us(self) -> int:
         return round(self._clock.monotonic() * 1_000_000)
 
     def _renew(self, holder: Renewable) -> bool:
-        for lease_id in holder.lease_ids:
-            try:
+        """Renew one holder's leases; any failure marks that holder lost, and only it."""
+        try:
+            for lease_id in holder.lease_ids:
                 self._heartbeat(lease_id)
-            except KlockworkError as exc:
-                holder.mark_lost(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a broken store or holder must not stop the others
+            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, KlockworkError) else None
+            try:
+                holder.mark_lost(reason or f"renewal failed: {exc!r}")
+            finally:
                 self.remove(holder)
-                return False
-            except Exception as exc:  # a broken store must not kill the renewer
-                holder.mark_lost(f"renewal failed: {exc!r}")
-                self.remove(holder)
-                return False
+            return False
         return True

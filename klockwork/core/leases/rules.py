@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 from klockwork.core.errors import InvalidRequestError
 from klockwork.core.model import LeaseRecord, LeaseState, Predicate, Reservation, VerdictStatus
+from klockwork.core.validation import check_ttl
 
 __all__ = [
     "COMPATIBLE_PAIRS",
@@ -183,10 +184,8 @@ def overlaps(a: str, b: str) -> bool:
 
 
 def validate_ttl(ttl_ms: object, argument: str = "ttl_ms") -> int:
-    """Check a TTL is a positive whole number of milliseconds."""
-    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0:
-        raise InvalidRequestError(argument, ttl_ms, "must be a positive int of milliseconds")
-    return ttl_ms
+    """Check a TTL is whole milliseconds, 1 ms to 7 days (see ``validation.check_ttl``)."""
+    return check_ttl(ttl_ms, argument)
 
 
 class ParsedIntent(NamedTuple):

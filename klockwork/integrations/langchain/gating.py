@@ -46,6 +46,7 @@ from klockwork.core.errors import (
     GateDeniedError,
     InvalidRequestError,
 )
+from klockwork.core.validation import check_timeout
 from klockwork.integrations.langchain.approval_flow import (
     ApprovalResponse,
     checkpointed_run,
@@ -280,8 +281,7 @@ def gated_tool(
         raise InvalidRequestError("metadata", metadata, "expected a dict, a callable or None")
     if on_denied not in ("tool_error", "raise"):
         raise InvalidRequestError("on_denied", on_denied, "expected 'tool_error' or 'raise'")
-    if timeout_s is not None and timeout_s < 0:
-        raise InvalidRequestError("timeout_s", timeout_s, "must be >= 0 seconds or None")
+    timeout_s = check_timeout(timeout_s)
     gate = _Gate(tool, action, metadata, kw, agent_id, timeout_s, on_denied)
     gated_cls = _gated_class(type(tool), gate)
     # Annotated: newer langchain-core types model_copy as returning Self,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from klockwork.core.errors import (
 )
 from klockwork.core.leases.rules import parse_predicate, validate_ttl
 from klockwork.core.model import Predicate
+from klockwork.core.validation import check_identity, check_timeout
 from klockwork.integrations.langchain.errors import (
     ToolArgumentError,
     ToolCallError,
@@ -386,14 +386,9 @@ def make_guard(
     if kw is not None and not isinstance(kw, Klockwork):
         raise InvalidRequestError("kw", kw, "expected a Klockwork engine or None")
     for name, value in (("agent_id", agent_id), ("session_id", session_id)):
-        if value is not None and (not isinstance(value, str) or not value):
-            raise InvalidRequestError(name, value, "must be a non-empty string or None")
-    if timeout_s is not None and (
-        isinstance(timeout_s, bool)
-        or not isinstance(timeout_s, (int, float))
-        or not 0 <= timeout_s < math.inf  # also refuses NaN
-    ):
-        raise InvalidRequestError("timeout_s", timeout_s, "must be >= 0 seconds (finite) or None")
+        if value is not None:
+            check_identity(value, name)
+    timeout_s = check_timeout(timeout_s)
     if on_conflict not in ON_CONFLICT_MODES:
         raise InvalidRequestError(
             "on_conflict", on_conflict, f"expected one of {', '.join(ON_CONFLICT_MODES)}"

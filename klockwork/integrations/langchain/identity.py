@@ -43,6 +43,7 @@ from langgraph.runtime import Runtime, get_runtime
 
 from klockwork.core.errors import InvalidRequestError
 from klockwork.core.leases.rules import within_session
+from klockwork.core.validation import check_identity
 
 __all__ = ["Identity", "agent_config", "resolve_identity"]
 
@@ -302,6 +303,4 @@ def _text(value: object) -> str | None:
 
 
 def _check_id(argument: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise InvalidRequestError(argument, value, "must be a non-empty string")
-    return value
+    return check_identity(value, argument)

@@ -1,0 +1,130 @@
+"""Checks every public entry point applies to what callers pass in (the ground floor).
+
+Each check returns the value it accepted, or raises
+:class:`~klockwork.InvalidRequestError` naming the argument and saying what
+is wrong, before anything is changed:
+
+* :func:`check_identity` — agent ids, session ids, approvers: text a
+  person would read as one name. NFC-normalised, no leading or trailing
+  white space, no control, invisible format or unpaired surrogate
+  characters, at most :data:`MAX_IDENTITY_CHARS`. Two spellings of one
+  identity (``"merger"``, ``" merger"``, ``"merger\\u200b"``) can then never
+  act as two principals (self-approval, a second vote in a quorum).
+* :func:`check_timeout` — seconds to wait: a finite number >= 0 (NaN,
+  infinity and absurd values would hang or overflow the waiting code), or
+  None where waiting without a limit is allowed.
+* :func:`check_ttl` — a lease lifetime: whole milliseconds, 1 ms to
+  :data:`MAX_TTL_MS` (7 days; renewals keep a longer-lived holder alive).
+
+Identities are checked on every lease request, so the common case — ASCII
+text already seen — costs a set lookup.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+
+from klockwork.core.errors import InvalidRequestError
+
+__all__ = [
+    "MAX_IDENTITY_CHARS",
+    "MAX_TIMEOUT_S",
+    "MAX_TTL_MS",
+    "check_identity",
+    "check_timeout",
+    "check_ttl",
+]
+
+#: The longest identity accepted, in characters.
+MAX_IDENTITY_CHARS = 256
+#: The longest lease TTL: 7 days (a holder that needs longer renews).
+MAX_TTL_MS = 7 * 24 * 3600 * 1000
+#: The longest wait a timeout may ask for: one year (use None for "no limit").
+MAX_TIMEOUT_S = 365 * 24 * 3600.0
+
+# Categories that make two strings look alike while differing: controls,
+# invisible format characters (zero-width space, joiners, bidi marks), line
+# and paragraph separators, unpaired surrogates and unassigned code points.
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Cn", "Zl", "Zp"})
+_SEEN: set[str] = set()
+_SEEN_MAX = 65_536
+
+
+def check_identity(value: object, argument: str) -> str:
+    """``value`` if it is a usable identity (see the module docstring); else raise.
+
+    Raises:
+        InvalidRequestError: not a string, empty, too long, not NFC, padded
+            with white space, or holding a control or invisible character.
+    """
+    if isinstance(value, str) and value in _SEEN:
+        return value
+    if not isinstance(value, str):
+        raise InvalidRequestError(argument, value, "must be a string")
+    problem = _identity_problem(value)
+    if problem is not None:
+        raise InvalidRequestError(argument, value, problem)
+    if len(_SEEN) >= _SEEN_MAX:
+        _SEEN.clear()
+    _SEEN.add(value)
+    return value
+
+
+def _identity_problem(value: str) -> str | None:
+    if not value:
+        return "must not be empty"
+    if len(value) > MAX_IDENTITY_CHARS:
+        return f"is {len(value)} characters long; at most {MAX_IDENTITY_CHARS}"
+    if value != value.strip():
+        return "must not start or end with white space"
+    if value.isascii():
+        return None if value.isprintable() else "must not contain control characters"
+    for ch in value:
+        if unicodedata.category(ch) in _INVISIBLE:
+            return f"must not contain control or invisible characters (U+{ord(ch):04X})"
+    if unicodedata.normalize("NFC", value) != value:
+        return "must be NFC-normalised (one spelling per name)"
+    return None
+
+
+def check_timeout(
+    value: object, argument: str = "timeout_s", *, allow_none: bool = True
+) -> float | None:
+    """``value`` as seconds to wait (or None where allowed); else raise.
+
+    Raises:
+        InvalidRequestError: not a number, NaN, negative, infinite or over
+            :data:`MAX_TIMEOUT_S`, or None where a number is needed.
+    """
+    if value is None:
+        if allow_none:
+            return None
+        raise InvalidRequestError(argument, value, "must be a number of seconds")
+    if value.__class__ is bool or not isinstance(value, (int, float)):
+        raise InvalidRequestError(argument, value, "must be a number of seconds or None")
+    if isinstance(value, float) and math.isnan(value):
+        raise InvalidRequestError(argument, value, "must be a number, not NaN")
+    if value < 0:
+        raise InvalidRequestError(argument, value, "must be >= 0 seconds")
+    if value > MAX_TIMEOUT_S:
+        hint = "; use None to wait without a limit" if allow_none else ""
+        raise InvalidRequestError(
+            argument, value, f"must be finite and at most {MAX_TIMEOUT_S:.0f} seconds{hint}"
+        )
+    return float(value)
+
+
+def check_ttl(value: object, argument: str = "ttl_ms") -> int:
+    """``value`` if it is a lease lifetime in whole milliseconds (1 to :data:`MAX_TTL_MS`).
+
+    Raises:
+        InvalidRequestError: not an int, <= 0, or over 7 days.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidRequestError(argument, value, "must be a positive int of milliseconds")
+    if value > MAX_TTL_MS:
+        raise InvalidRequestError(
+            argument, value, f"must be at most {MAX_TTL_MS} ms (7 days); renew to hold longer"
+        )
+    return value

@@ -15,3 +15,14 @@ and no two modules import each other (``tests/unit/test_layers.py`` checks):
 Above the core: ``klockwork.integrations`` (LangChain, LangGraph) and
 ``klockwork.cli``. See ``docs/architecture.md`` for the map.
 """
+
+import sys as _sys
+
+from klockwork.core.audit import chain as _chain
+from klockwork.core.leases import rules as _rules
+
+# Scripts written against klockwork 0.1 import two modules by their old flat
+# paths (the probes in particular); they keep working until 0.3. New code
+# imports klockwork.core.leases.rules and klockwork.core.audit.chain.
+_sys.modules.setdefault("klockwork.core.rules", _rules)
+_sys.modules.setdefault("klockwork.core.audit_chain", _chain)

@@ -23,7 +23,7 @@ from contextlib import (
 from types import TracebackType
 from typing import Any, ClassVar, Literal
 
-from klockwork.core.audit.log import AuditBackend, AuditLog, MemoryAuditBackend
+from klockwork.core.audit.log import AuditLog, MemoryAuditBackend
 from klockwork.core.clock import Clock, SystemClock
 from klockwork.core.errors import InvalidRequestError, KlockworkWarning, StoreUnavailableError
 from klockwork.core.events import EventHub, Listener
@@ -42,7 +42,7 @@ from klockwork.core.stores.base import Store
 from klockwork.core.stores.memory import MemoryStore
 from klockwork.core.validation import check_identity
 
-__all__ = ["Klockwork", "audit_backend_for", "open_store"]
+__all__ = ["Klockwork", "audit_log_for", "open_store"]
 
 Effect = Literal["allow", "deny", "require_approval"]
 _EFFECTS = ("allow", "deny", "require_approval")
@@ -108,20 +108,23 @@ def _close_open_engines() -> None:
             kw.close()
 
 
-def audit_backend_for(store: Store) -> AuditBackend:
-    """Where the audit trail of an engine on ``store`` lives.
+def audit_log_for(store: Store, clock: Clock, key: bytes | None) -> AuditLog:
+    """The audit trail of an engine on ``store``.
 
-    A SQLite store keeps it in the same file (table ``kw_audit``), re-chaining
-    each process's batches onto the stored head so that every process sharing
-    the file appends to one gapless chain; anything else keeps it in memory.
+    On a durable store (SQLite) every decision's entry is written in the
+    decision's own transaction and sealed into the chain afterwards by
+    whichever process comes next (:class:`DurableAuditLog`; the chain lives
+    in the same file, table ``kw_audit``). In memory the log queues entries
+    in decision order and its writer thread seals them.
     """
-    from klockwork.core.stores.sqlite import SqliteStore
-
-    if isinstance(store, SqliteStore):
+    if store.durable_journal:
+        from klockwork.core.audit.durable import DurableAuditLog
         from klockwork.core.audit.sqlite import SqliteAuditBackend
+        from klockwork.core.stores.sqlite import SqliteStore
 
-        return SqliteAuditBackend(store.path, rebase=True)
-    return MemoryAuditBackend()
+        assert isinstance(store, SqliteStore)
+        return DurableAuditLog(SqliteAuditBackend(store.path), store=store, clock=clock, key=key)
+    return AuditLog(MemoryAuditBackend(), clock=clock, key=key)
 
 
 class Klockwork:
@@ -163,7 +166,7 @@ class Klockwork:
         self.default_effect: Effect = default_effect
         self.audit_key = audit_key.encode() if isinstance(audit_key, str) else audit_key
         self._hub = EventHub()
-        self._audit = AuditLog(audit_backend_for(self.store), clock=self.clock, key=self.audit_key)
+        self._audit = audit_log_for(self.store, self.clock, self.audit_key)
         record = self._audit.record
         self._leases = LeaseManager(
             self.store, self.clock, self._hub, self._audit if audit_leases else None

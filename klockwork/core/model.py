@@ -207,6 +207,8 @@ class AgentInfo(BaseModel):
     registered_at: int
     capabilities: list[str] = ["*"]
     parent_id: str | None = None
+    #: When the agent was revoked (it can take no lease any more); None while it stands.
+    revoked_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

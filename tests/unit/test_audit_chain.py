@@ -246,11 +246,17 @@ datas = st.dictionaries(
     ),
     max_size=4,
 )
+# Identities the log accepts (see klockwork.core.validation): visible, NFC text.
+IDENTITIES = st.text(
+    alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FF, categories=("L", "N", "P", "S")),
+    min_size=1,
+    max_size=5,
+)
 records = st.lists(
     st.tuples(
         st.sampled_from(["lease.granted", "tool.end", "action.denied"]),
-        st.none() | st.text(max_size=5),
-        st.none() | st.text(max_size=5),
+        st.none() | IDENTITIES,
+        st.none() | IDENTITIES,
         datas,
     ),
     min_size=1,

@@ -161,7 +161,8 @@ def _plain_denial() -> Denied:
         Verdict,
         {"status": VerdictStatus.WAIT, "leases": [], "conflicts": [conflict], "wait_time_ms": 5},
     )
-    return Denied(verdict, (ParsedIntent("FILE:/x", Predicate.CONSUMES, ()),))
+    intents = (ParsedIntent("FILE:/x", Predicate.CONSUMES, ()),)
+    return Denied(verdict.status, verdict.conflicts, verdict.wait_time_ms, intents)
 
 
 @st.composite
@@ -194,7 +195,7 @@ def denials(draw: st.DrawFn) -> Denied:
         ParsedIntent(draw(texts), draw(predicates), ())  # type: ignore[arg-type]
         for _ in range(draw(st.integers(0, 3)))
     )
-    return Denied(verdict, intents)
+    return Denied(verdict.status, verdict.conflicts, verdict.wait_time_ms, intents)
 
 
 @settings(max_examples=300, deadline=None)

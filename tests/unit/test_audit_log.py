@@ -201,10 +201,14 @@ def test_odd_data_is_recorded_faithfully_and_verifies(log: AuditLog, tmp_path: P
     assert log.verify().valid
 
 
-def test_odd_identities_and_non_mapping_data(log: AuditLog) -> None:
-    log.record("tool.error", 42, uuid.UUID(int=2), ["not", "a", "dict"])  # type: ignore[arg-type]
+def test_odd_identities_are_refused_and_non_mapping_data_kept(log: AuditLog) -> None:
+    # An identity is a name: a number or a spelling variant is refused, not recorded.
+    for agent, session in ((42, None), ("a", uuid.UUID(int=2)), (" a", None), ("a", "")):
+        with pytest.raises(InvalidRequestError):
+            log.record("tool.error", agent, session, {})  # type: ignore[arg-type]
+    log.record("tool.error", "42", None, ["not", "a", "dict"])
     entry = log.query().entries[0]
-    assert entry.agent_id == "42" and entry.session_id == "00000000-0000-0000-0000-000000000002"
+    assert entry.agent_id == "42" and entry.session_id is None
     assert entry.data == {"value": ["not", "a", "dict"]}
     assert log.verify().valid
 

@@ -17,7 +17,7 @@ from klockwork import (
     SqliteStore,
     StoreUnavailableError,
 )
-from klockwork.core.stores.sqlite import ERROR_MAP
+from klockwork.core.stores.sqlite_io import ERROR_MAP
 
 
 @pytest.fixture

@@ -13,3 +13,7 @@
 May import: the ground floor and :mod:`klockwork.core.leases.rules`. Never
 the other pillars' managers, the engine, the integrations or the CLI.
 """
+
+from klockwork.core.audit.log import AuditLog, export_jsonl, verify_file
+
+__all__ = ["AuditLog", "export_jsonl", "verify_file"]

@@ -24,9 +24,10 @@ from klockwork.core.audit.backend import Row
 from klockwork.core.audit.canonical import INT_LIMIT, json_str
 from klockwork.core.audit.chain import canonical_json, to_json_value
 from klockwork.core.audit.records import granted_data
+from klockwork.core.errors import InvalidRequestError
 from klockwork.core.model import Predicate
 
-__all__ = ["ENDED", "PENDING_SLOTS", "encode_batch", "encode_slow"]
+__all__ = ["ENDED", "PENDING_SLOTS", "TEXT", "data_text", "encode_batch", "encode_slow"]
 
 #: How many slots of the log's flat queue one recorded entry takes: seq, ts,
 #: kind, agent_id, session_id, data, how. ``how`` says what ``data`` is:
@@ -46,6 +47,18 @@ class _Ended:
 
 #: ``how`` of an entry whose data is an ended lease's record.
 ENDED: Any = _Ended()
+
+
+class _Text:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "TEXT"
+
+
+#: ``how`` of an entry whose data is its canonical JSON text already (an
+#: entry a durable store wrote with its decision, sealed later).
+TEXT: Any = _Text()
 
 _encode = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -150,17 +163,7 @@ def encode_slow(
     how: Any = None,
 ) -> Row:
     """One entry's row by the documented conversion (anything the fast path does not take)."""
-    if how is not None and how is not ENDED:
-        try:
-            data = granted_data(data, how)
-        except Exception:  # an odd record: kept as its repr, as to_json_value does
-            try:
-                data = repr(data)
-            except Exception:
-                data = f"<unrepresentable {type(data).__qualname__}>"
-    value = to_json_value({} if data is None else data)
-    if not isinstance(value, dict):
-        value = {"value": value}
+    value = _converted(data, how)
     fields: dict[str, Any] = {
         "agent_id": to_json_value(_ident(agent_id)),
         "data": value,
@@ -186,21 +189,110 @@ def encode_slow(
     )
 
 
+def _fast_text(data: Any, how: Any) -> str:
+    """The canonical JSON text of an entry's data, or an exception: take the slow path.
+
+    A lease's record is formatted directly (this is the writer's whole
+    per-entry cost): exactly ``granted_json``/``ended_json`` of
+    :mod:`~klockwork.core.audit.records`, whose contract
+    (:mod:`~klockwork.core.audit.canonical`) the tests check on both.
+    """
+    if how is None:
+        return _data_json(data)
+    if how is TEXT:
+        if data.__class__ is not str:
+            raise TypeError(_ODD)
+        text: str = data
+        return text
+    # a lease's record: granted (how = expires_at) or ended
+    high, low = INT_LIMIT, -INT_LIMIT
+    lease_id, resource, token = data.lease_id, data.resource, data.fencing_token
+    predicate = data.predicate
+    if not (
+        lease_id.__class__ is str
+        and resource.__class__ is str
+        and predicate.__class__ is Predicate
+        and token.__class__ is int
+        and low < token < high
+    ):
+        raise TypeError(_ODD)
+    enc_str = json_str
+    if how is not ENDED:
+        if how.__class__ is not int or not low < how < high:
+            raise TypeError(_ODD)
+        return (
+            f'{{"expires_at":{how},"fencing_token":{token},'
+            f'"lease_id":{enc_str(lease_id)},"predicate":"{predicate._value_}",'
+            f'"resource":{enc_str(resource)}}}'
+        )
+    if data.reason:
+        reason = data.reason
+        if reason.__class__ is not str:
+            raise TypeError(_ODD)
+        return (
+            f'{{"fencing_token":{token},"lease_id":{enc_str(lease_id)},'
+            f'"predicate":"{predicate._value_}","reason":{enc_str(reason)},'
+            f'"resource":{enc_str(resource)}}}'
+        )
+    return (
+        f'{{"fencing_token":{token},"lease_id":{enc_str(lease_id)},'
+        f'"predicate":"{predicate._value_}","resource":{enc_str(resource)}}}'
+    )
+
+
+def data_text(data: Any, how: Any = None) -> str:
+    """An entry's data as the canonical JSON text its sealed line will hold.
+
+    What a durable store writes with a decision (the entry is sealed into
+    the chain later, from this text). Never fails on odd data: anything
+    the direct format does not take goes through the documented conversion.
+
+    Raises:
+        InvalidRequestError: the text cannot be stored as UTF-8 (a lone
+            surrogate in a string).
+    """
+    try:
+        text = _fast_text(data, how)
+    except Exception:
+        try:
+            text = _encode(_converted(data, how))
+        except RecursionError:
+            raise InvalidRequestError("data", "...", "is nested too deeply to record") from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError("data", data, f"cannot be stored as UTF-8 text: {exc}") from None
+    return text
+
+
+def _converted(data: Any, how: Any) -> dict[str, Any]:
+    """The documented conversion of an entry's data (see :func:`encode_slow`)."""
+    if how is TEXT:
+        data = json.loads(data)
+    elif how is not None and how is not ENDED:
+        try:
+            data = granted_data(data, how)
+        except Exception:  # an odd record: kept as its repr, as to_json_value does
+            try:
+                data = repr(data)
+            except Exception:
+                data = f"<unrepresentable {type(data).__qualname__}>"
+    value = to_json_value({} if data is None else data)
+    return value if isinstance(value, dict) else {"value": value}
+
+
 def encode_batch(batch: Sequence[Any], prev: str) -> tuple[list[Row], str]:
     """Chain the entries queued flat in ``batch`` after ``prev``: their rows, and the new head hash.
 
-    ``batch`` holds :data:`PENDING_SLOTS` slots per entry. The data of a
-    lease's record is formatted here, inline (this loop is the writer's whole
-    per-entry cost): exactly ``granted_json``/``ended_json`` of
-    :mod:`~klockwork.core.audit.records`, whose contract
-    (:mod:`~klockwork.core.audit.canonical`) the tests check on both. Consecutive
-    entries usually share their agent and session, so their JSON text is
-    reused while the object stays the same.
+    ``batch`` holds :data:`PENDING_SLOTS` slots per entry. The data is
+    formatted by :func:`_fast_text`, or the documented conversion when it
+    cannot (:func:`encode_slow`); consecutive entries usually share their
+    agent and session, so their JSON text is reused while the object stays
+    the same.
     """
     out: list[Row] = []
     add = out.append
-    sha, data_json, enc_str, predicate_cls = _sha256, _data_json, json_str, Predicate
-    high, low = INT_LIMIT, -INT_LIMIT
+    sha, fast_text, enc_str = _sha256, _fast_text, json_str
     last_a = last_s = _UNSET
     a = s = "null"
     slots = iter(batch)
@@ -208,41 +300,7 @@ def encode_batch(batch: Sequence[Any], prev: str) -> tuple[list[Row], str]:
         slots, slots, slots, slots, slots, slots, slots, strict=True
     ):
         try:
-            if how is None:
-                text = data_json(data)
-            else:  # a lease's record: granted (how = expires_at) or ended
-                lease_id, resource, token = data.lease_id, data.resource, data.fencing_token
-                predicate = data.predicate
-                if not (
-                    lease_id.__class__ is str
-                    and resource.__class__ is str
-                    and predicate.__class__ is predicate_cls
-                    and token.__class__ is int
-                    and low < token < high
-                ):
-                    raise TypeError(_ODD)
-                if how is not ENDED:
-                    if how.__class__ is not int or not low < how < high:
-                        raise TypeError(_ODD)
-                    text = (
-                        f'{{"expires_at":{how},"fencing_token":{token},'
-                        f'"lease_id":{enc_str(lease_id)},"predicate":"{predicate._value_}",'
-                        f'"resource":{enc_str(resource)}}}'
-                    )
-                elif data.reason:
-                    reason = data.reason
-                    if reason.__class__ is not str:
-                        raise TypeError(_ODD)
-                    text = (
-                        f'{{"fencing_token":{token},"lease_id":{enc_str(lease_id)},'
-                        f'"predicate":"{predicate._value_}","reason":{enc_str(reason)},'
-                        f'"resource":{enc_str(resource)}}}'
-                    )
-                else:
-                    text = (
-                        f'{{"fencing_token":{token},"lease_id":{enc_str(lease_id)},'
-                        f'"predicate":"{predicate._value_}","resource":{enc_str(resource)}}}'
-                    )
+            text = fast_text(data, how)
             if agent_id is not last_a:
                 if agent_id is None:
                     a = "null"

@@ -46,6 +46,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from klockwork.core.audit.backend import AuditBackend, EntryBatch, MemoryAuditBackend
+from klockwork.core.audit.canonical import INT_LIMIT
 from klockwork.core.audit.chain import (
     AUDIT_KINDS,
     GENESIS_HASH,
@@ -54,7 +55,7 @@ from klockwork.core.audit.chain import (
     VerifyResult,
     sign_checkpoint,
 )
-from klockwork.core.audit.encode import ENDED, PENDING_SLOTS, encode_batch
+from klockwork.core.audit.encode import ENDED, PENDING_SLOTS, TEXT, data_text, encode_batch
 from klockwork.core.audit.verify import ChainVerifier, verify_lines
 from klockwork.core.clock import Clock, SystemClock
 from klockwork.core.errors import (
@@ -64,6 +65,7 @@ from klockwork.core.errors import (
     StoreUnavailableError,
 )
 from klockwork.core.model import GovernanceEvent, LeaseRecord
+from klockwork.core.validation import check_identity
 
 __all__ = [
     "AuditBackend",
@@ -145,9 +147,8 @@ class AuditLog:
         self._clock: Clock = SystemClock() if clock is None else clock
         self._now_ms = self._clock.now_ms
         self._key = key
-        head = self._backend.head()
-        self._head_hash = GENESIS_HASH if head is None else head.hash
-        self._next_seq = 1 if head is None else head.seq + 1
+        head_seq, self._head_hash = self._open_head()
+        self._next_seq = head_seq + 1
         self._written_seq = self._next_seq - 1
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the writer waits here
@@ -164,6 +165,11 @@ class AuditLog:
         #: True once closed or failed (one attribute read on every record).
         self._refusing = False
 
+    def _open_head(self) -> tuple[int, str]:
+        """The stored chain's head (seq, hash) this log continues."""
+        head = self._backend.head()
+        return (0, GENESIS_HASH) if head is None else (head.seq, head.hash)
+
     # ----------------------------------------------------------------- hot path
     def record(
         self,
@@ -176,10 +182,9 @@ class AuditLog:
     ) -> int:
         """Append one entry to the chain and return its seq (hashed and stored later).
 
-        ``data`` is read when the entry is written, off the caller's thread:
-        do not mutate it after recording. Any data is accepted; values that
-        are not JSON are converted as documented in
-        :mod:`klockwork.core.audit.chain`.
+        ``data`` is encoded now (later changes to it do not reach the trail).
+        Any data is accepted; values that are not JSON are converted as
+        documented in :mod:`klockwork.core.audit.chain`.
 
         Args:
             kind: one of :data:`~klockwork.core.audit.chain.AUDIT_KINDS`.
@@ -189,8 +194,11 @@ class AuditLog:
             ts: epoch milliseconds (default: the log's clock, now).
 
         Raises:
-            InvalidRequestError: ``kind`` is not an audit kind, or ``ts`` not an int.
-            StoreUnavailableError: the log is closed, or its writer failed.
+            InvalidRequestError: ``kind`` is not an audit kind, ``ts`` not
+                epoch milliseconds, an id not a valid identity, or ``data``
+                that cannot be stored as text (too deeply nested, a lone
+                surrogate); nothing was recorded.
+            StoreUnavailableError: the log is closed, or its store cannot answer.
         """
         if kind not in AUDIT_KINDS:
             raise InvalidRequestError(
@@ -198,9 +206,12 @@ class AuditLog:
             )
         if ts is None:
             ts = self._now_ms()
-        elif ts.__class__ is not int:
-            raise InvalidRequestError("ts", ts, "must be epoch milliseconds as an int")
-        return self._append(ts, kind, agent_id, session_id, data, None)
+        elif ts.__class__ is not int or not 0 <= ts < INT_LIMIT:
+            raise InvalidRequestError("ts", ts, "must be epoch milliseconds (an int from 0)")
+        for argument, value in (("agent_id", agent_id), ("session_id", session_id)):
+            if value is not None:
+                check_identity(value, argument)
+        return self._append(ts, kind, agent_id, session_id, data_text(data), TEXT)
 
     def record_grant(self, rec: LeaseRecord, ts: int) -> int:
         """Record that lease ``rec`` was granted at ``ts``; return the entry's seq.

@@ -29,11 +29,12 @@ that of the third, for the writer's fast path (the contract is in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from klockwork.core.audit.canonical import INT_LIMIT, json_str
 from klockwork.core.leases.rules import ParsedIntent
-from klockwork.core.model import Conflict, LeaseRecord, Predicate, Verdict, VerdictStatus
+from klockwork.core.model import LeaseRecord, Predicate, VerdictStatus
 
 __all__ = ["Denied", "granted_data"]
 
@@ -48,24 +49,38 @@ def granted_data(rec: LeaseRecord, expires_at: int) -> dict[str, Any]:
 
 
 class Denied(NamedTuple):
-    """A refused verdict as the audit writer turns it into ``lease.denied`` data.
+    r"""A refused request as the audit writer turns it into ``lease.denied`` data.
 
-    ``attempts`` and ``waited_ms`` are set for a blocking acquire that gave
-    up (its one entry); a single try (``try_acquire``) leaves them out.
+    ``blockers`` are the store's records of what blocked it (leases and
+    reservations), or the verdict's :class:`~klockwork.core.model.Conflict`\ s:
+    both have ``agent_id``, ``session_id``, ``resource`` and ``predicate``,
+    and a lease has a ``lease_id``. ``attempts`` and ``waited_ms`` are set
+    for a blocking acquire that gave up (its one entry); a single try
+    (``try_acquire``) leaves them out.
     """
 
-    verdict: Verdict
+    status: VerdictStatus
+    blockers: Sequence[Any]
+    wait_time_ms: int | None
     intents: tuple[ParsedIntent, ...]
     attempts: int | None = None
     waited_ms: int | None = None
 
     def __audit_data__(self) -> dict[str, Any]:
-        verdict = self.verdict
         data = {
-            "verdict": verdict.status.value,
+            "verdict": self.status.value,
             "intents": [[i.key, i.predicate.value] for i in self.intents],
-            "conflicts": [c.model_dump(mode="json") for c in verdict.conflicts],
-            "wait_time_ms": verdict.wait_time_ms,
+            "conflicts": [
+                {
+                    "agent_id": b.agent_id,
+                    "lease_id": getattr(b, "lease_id", None),
+                    "predicate": b.predicate.value,
+                    "resource": b.resource,
+                    "session_id": b.session_id,
+                }
+                for b in self.blockers
+            ],
+            "wait_time_ms": self.wait_time_ms,
         }
         if self.attempts is not None:
             data["attempts"] = self.attempts
@@ -75,22 +90,19 @@ class Denied(NamedTuple):
 
     def __audit_json__(self) -> str:
         """:meth:`__audit_data__` as canonical JSON text (see :mod:`.canonical`)."""
-        if self.attempts is not None:
-            raise TypeError(_ODD)  # rare (one per timed-out acquire): the generic path
-        values = self.verdict.__dict__
-        status, wait = values["status"], values["wait_time_ms"]
-        if status.__class__ is not VerdictStatus or not (
-            wait is None or (wait.__class__ is int and -INT_LIMIT < wait < INT_LIMIT)
+        status, wait = self.status, self.wait_time_ms
+        if (
+            self.attempts is not None
+            or status.__class__ is not VerdictStatus
+            or not (wait is None or (wait.__class__ is int and -INT_LIMIT < wait < INT_LIMIT))
         ):
-            raise TypeError(_ODD)
+            raise TypeError(_ODD)  # rare (a timed-out acquire): the generic path
         conflicts = []
-        for conflict in values["conflicts"]:
-            c = conflict.__dict__
-            agent, session, resource = c["agent_id"], c["session_id"], c["resource"]
-            predicate, lease_id = c["predicate"], c["lease_id"]
+        for b in self.blockers:
+            agent, session, resource = b.agent_id, b.session_id, b.resource
+            predicate, lease_id = b.predicate, getattr(b, "lease_id", None)
             if not (
-                conflict.__class__ is Conflict
-                and agent.__class__ is str
+                agent.__class__ is str
                 and session.__class__ is str
                 and resource.__class__ is str
                 and predicate.__class__ is Predicate

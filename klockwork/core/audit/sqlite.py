@@ -14,7 +14,7 @@ the check that a batch continues the chain and the insert of that batch are
 atomic, even against other processes. The database runs in WAL mode with
 ``synchronous=NORMAL`` (an OS crash may lose the last commits, never corrupt
 the file). sqlite3 errors are translated through the lease store's
-:data:`~klockwork.core.stores.sqlite.ERROR_MAP` into
+:data:`~klockwork.core.stores.sqlite_io.ERROR_MAP` into
 :class:`~klockwork.StoreUnavailableError`.
 
 Why a batch can fail to continue the chain, with two processes on one file::
@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -42,24 +43,11 @@ from typing import Any
 
 from klockwork.core.audit.backend import EntryBatch
 from klockwork.core.audit.chain import GENESIS_HASH, AuditEntry, canonical_json, entry_hash
+from klockwork.core.audit.encode import TEXT, encode_batch
 from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
-from klockwork.core.stores.sqlite import connect, translated
+from klockwork.core.stores.sqlite_io import AUDIT_SCHEMA, connect, translated
 
 __all__ = ["SqliteAuditBackend"]
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS kw_audit (
-    seq        INTEGER PRIMARY KEY,  -- from 1, gapless
-    ts         INTEGER NOT NULL,
-    kind       TEXT NOT NULL,
-    agent_id   TEXT,
-    session_id TEXT,
-    line       BLOB NOT NULL         -- the entry's stored line, verbatim
-);
-CREATE INDEX IF NOT EXISTS kw_audit_kind ON kw_audit(kind, seq);
-CREATE INDEX IF NOT EXISTS kw_audit_agent ON kw_audit(agent_id, seq);
-CREATE INDEX IF NOT EXISTS kw_audit_session ON kw_audit(session_id, seq);
-"""
 
 _INSERT = "INSERT INTO kw_audit (seq, ts, kind, agent_id, session_id, line) VALUES (?,?,?,?,?,?)"
 _HEAD = "SELECT line FROM kw_audit ORDER BY seq DESC LIMIT 1"
@@ -110,7 +98,7 @@ class SqliteAuditBackend:
         try:
             with self._translated("create the audit table"):
                 self._wconn = self._connect()
-                self._wconn.executescript(_SCHEMA)
+                self._wconn.executescript(AUDIT_SCHEMA)
                 self._rconn = self._connect()
         except BaseException:
             self.close()
@@ -167,9 +155,7 @@ class SqliteAuditBackend:
                 raise AuditIntegrityError(f"entries {first}..{last} are not consecutive seqs")
             conn.execute("BEGIN IMMEDIATE")
             try:
-                row = conn.execute(_HEAD).fetchone()
-                head = None if row is None else AuditEntry.from_line(row[0])
-                head_seq, head_hash = (0, GENESIS_HASH) if head is None else (head.seq, head.hash)
+                head_seq, head_hash = _head_point(conn)
                 if first != head_seq + 1 or prev != head_hash:
                     if not self.rebase:
                         raise AuditIntegrityError(
@@ -221,10 +207,98 @@ class SqliteAuditBackend:
         return [r[0] for r in rows]
 
     def head(self) -> AuditEntry | None:
-        """See :meth:`~klockwork.core.audit.backend.AuditBackend.head`."""
+        """See :meth:`~klockwork.core.audit.backend.AuditBackend.head`.
+
+        Raises:
+            AuditIntegrityError: the stored head is not an audit entry.
+        """
         with self._reader("read the audit head") as conn:
             row = conn.execute(_HEAD).fetchone()
-        return None if row is None else AuditEntry.from_line(row[0])
+        if row is None:
+            return None
+        try:
+            return AuditEntry.from_line(row[0])
+        except (ValueError, RecursionError) as exc:
+            raise AuditIntegrityError(f"the stored head is not an audit entry: {exc}") from None
+
+    def head_point(self) -> tuple[int, str]:
+        """The stored head's seq and hash ((0, genesis) when empty), read without parsing data.
+
+        Raises:
+            AuditIntegrityError: the stored head is not an audit entry.
+        """
+        with self._reader("read the audit head") as conn:
+            return _head_point(conn)
+
+    # -- sealing (entries a durable store wrote with their decisions) --------------
+    def seal_pending(self, limit: int = 1024) -> int:
+        """Seal up to ``limit`` pending entries onto the chain, in seq order; return how many.
+
+        A SQLite store writes each audit entry with its decision, unsealed,
+        in ``kw_audit_pending`` (its data as canonical JSON text and its final
+        seq). Sealing chains them: in one ``BEGIN IMMEDIATE`` transaction the
+        stored head is read, the pending entries after it are hashed exactly
+        as :mod:`klockwork.core.audit.chain` specifies and moved into
+        ``kw_audit``. Any process may seal, any number of times: the result is
+        the same chain (entries left by a crashed process are sealed by the
+        next one that seals).
+
+        Raises:
+            AuditIntegrityError: the stored head is not an audit entry (nothing sealed).
+            StoreUnavailableError: SQLite failed, or the backend is closed.
+        """
+        with self._wlock, self._translated("seal audit entries"):
+            conn = self._wconn
+            if self._closed or conn is None:
+                raise self._closed_error()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = conn.execute(
+                    "SELECT seq, ts, kind, agent_id, session_id, data FROM kw_audit_pending "
+                    "ORDER BY seq LIMIT ?",
+                    (max(1, limit),),
+                ).fetchall()
+                if not rows:
+                    conn.execute("ROLLBACK")
+                    return 0
+                _, head_hash = _head_point(conn)
+                flat: list[Any] = []
+                for seq, ts, kind, agent_id, session_id, data in rows:
+                    flat += (seq, ts, kind, agent_id, session_id, data, TEXT)
+                sealed, _ = encode_batch(flat, head_hash)
+                conn.executemany(_INSERT, [(r[0], r[1], r[2], r[3], r[4], r[8]) for r in sealed])
+                conn.execute("DELETE FROM kw_audit_pending WHERE seq <= ?", (rows[-1][0],))
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        return len(rows)
+
+    def pending(self) -> int:
+        """How many entries wait to be sealed."""
+        with self._reader("count pending audit entries") as conn:
+            count: int = conn.execute("SELECT count(*) FROM kw_audit_pending").fetchone()[0]
+        return count
+
+    def first_column_mismatch(self) -> int | None:
+        """The first seq whose query columns disagree with its (hashed) line, or None.
+
+        ``query`` filters on the ``ts``, ``kind``, ``agent_id`` and
+        ``session_id`` columns; only the line is covered by the chain, so
+        verification checks that the columns say what the line says (an
+        edited column would hide an entry from queries).
+        """
+        with self._reader("check audit columns") as conn:
+            row = conn.execute(
+                "SELECT seq FROM kw_audit WHERE json_valid(line) AND ("
+                "json_extract(line, '$.ts') IS NOT ts OR "
+                "json_extract(line, '$.kind') IS NOT kind OR "
+                "json_extract(line, '$.agent_id') IS NOT agent_id OR "
+                "json_extract(line, '$.session_id') IS NOT session_id) "
+                "ORDER BY seq LIMIT 1"
+            ).fetchone()
+        return None if row is None else int(row[0])
 
     def close(self) -> None:
         """Close both connections (after any append in progress). Idempotent."""
@@ -270,3 +344,22 @@ def _rechain(contents: list[_Content], head_seq: int, head_hash: str) -> list[_P
         fields["hash"] = prev
         params.append((seq, ts, kind, agent_id, session_id, canonical_json(fields)))
     return params
+
+
+_HEAD_HASH = re.compile(rb'"hash":"([0-9a-f]{64})"')
+
+
+def _head_point(conn: sqlite3.Connection) -> tuple[int, str]:
+    """The stored head's (seq, hash) without parsing its data; (0, genesis) when empty."""
+    row = conn.execute("SELECT seq, line FROM kw_audit ORDER BY seq DESC LIMIT 1").fetchone()
+    if row is None:
+        return 0, GENESIS_HASH
+    seq, line = row
+    line = bytes(line) if isinstance(line, (bytes, memoryview)) else str(line).encode()
+    # The top-level "hash" is the last one in a canonical line (data comes
+    # before it; strings after it cannot hold an unescaped quote).
+    cut = line.rfind(b'"hash":"')
+    found = _HEAD_HASH.match(line, cut) if cut >= 0 else None
+    if found is None:
+        raise AuditIntegrityError(f"the stored head (seq {seq}) is not an audit entry")
+    return int(seq), found.group(1).decode()

@@ -279,6 +279,13 @@ class Approvals:
             why = (
                 f"{approver!r} requested approval {approval_id!r} and cannot decide its own request"
             )
+        elif kin == "revoked":
+            why = f"{approver!r} was revoked and can decide nothing"
+        elif kin == "relative":
+            why = (
+                f"{approver!r} and the requester {requester!r} were delegated by the same "
+                f"agent and {approver!r} cannot decide approval {approval_id!r}"
+            )
         elif kin == "delegate":
             why = (
                 f"{approver!r} is a delegate of the requester {requester!r} "

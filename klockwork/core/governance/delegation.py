@@ -193,15 +193,23 @@ class Delegations:
         """How ``approver`` is ``requester`` for self-approval, or None if it is not.
 
         Returns ``"itself"`` (the same agent), ``"delegate"`` (``approver``
-        descends from ``requester``) or ``"delegator"`` (``requester``
-        descends from ``approver``).
+        descends from ``requester``), ``"delegator"`` (``requester``
+        descends from ``approver``), ``"relative"`` (one agent delegated to
+        both, e.g. siblings) — or ``"revoked"``: a revoked agent decides nothing.
         """
         if approver == requester:
             return "itself"
-        if requester in self.lineage(approver):
+        profile = self.profile(approver)
+        if profile is not None and profile.revoked_at_ms is not None:
+            return "revoked"
+        approver_line = self.lineage(approver)
+        if requester in approver_line:
             return "delegate"
-        if approver in self.lineage(requester):
+        requester_line = self.lineage(requester)
+        if approver in requester_line:
             return "delegator"
+        if set(approver_line) & set(requester_line):
+            return "relative"  # siblings (or cousins): one agent delegated to both
         return None
 
     # -- delegation ------------------------------------------------------------------
@@ -250,6 +258,13 @@ class Delegations:
         def put(current: AgentProfile | None) -> tuple[AgentProfile | None, bool]:
             if current is not None and current.usable(now):
                 return current, False
+            self._audit(  # with the delegation itself: both are stored, or neither
+                "delegation.created",
+                parent_id,
+                None,
+                {"child_id": child_id, "capabilities": caps, "expires_at_ms": expires},
+                ts=now,
+            )
             return child, True
 
         # The child keeps the parent's age for wait-die (registered first: the
@@ -258,17 +273,13 @@ class Delegations:
         if not self._store.update_record(AGENT, child_id, AgentProfile, put):
             raise CapabilityError(f"{child_id!r} is already delegated; pick another name")
         self._register_priority(child_id, priority)
-        self._audit(
-            "delegation.created",
-            parent_id,
-            None,
-            {
-                "child_id": child_id,
-                "capabilities": caps,
-                "expires_at_ms": expires,
-            },
-            ts=now,
-        )
+        # A revocation of the parent that marked it after the check above has
+        # listed its children before this one existed: revoke it here (the
+        # revocation marks first and lists after, so one of the two sees it).
+        after = self.profile(parent_id)
+        if after is not None and after.revoked_at_ms is not None:
+            self._revoke_one(child_id, f"{parent_id!r} was revoked")
+            raise CapabilityError(f"{parent_id!r} was revoked while delegating to {child_id!r}")
         return Delegation(
             agent_id=child_id, parent_id=parent_id, capabilities=caps, expires_at_ms=expires
         )
@@ -279,26 +290,29 @@ class Delegations:
         Returns the ids revoked now (already revoked ones are skipped).
         """
         check_identity(agent_id, "agent_id")
+        # Mark first, then list: a delegate created meanwhile either is listed
+        # below or finds its parent revoked when it checks again (see create).
+        revoked = [agent_id] if self._revoke_one(agent_id, reason) else []
         profiles = self._store.list_records(AGENT, AgentProfile)
         children: dict[str, builtins.list[str]] = {}
         for p in profiles:
             if p.parent_id is not None:
                 children.setdefault(p.parent_id, []).append(p.agent_id)
-        order, stack = [], [agent_id]
-        while stack:  # descendants first is not needed: each revoke is independent
+        seen, stack = {agent_id}, list(children.get(agent_id, ()))
+        while stack:
             current = stack.pop()
-            if current in order:
+            if current in seen:
                 continue
-            order.append(current)
+            seen.add(current)
+            if self._revoke_one(current, f"{agent_id!r} was revoked: {reason}"):
+                revoked.append(current)
             stack.extend(children.get(current, ()))
-        revoked = []
-        for target in order:
-            if self._revoke_one(target, reason):
-                revoked.append(target)
         return revoked
 
     def _revoke_one(self, agent_id: str, reason: str) -> bool:
+        """Revoke one agent: no new lease from now on, then its leases released."""
         now = self._clock.now_ms()
+        self._store.revoke_agent(agent_id, now)  # refuses its lease requests from here on
 
         def mark(current: AgentProfile | None) -> tuple[AgentProfile | None, bool]:
             if current is None:
@@ -307,18 +321,13 @@ class Delegations:
                 return current, False
             else:
                 new = current
+            self._audit("delegation.revoked", agent_id, None, {"reason": reason}, ts=now)
             return new.model_copy(update={"revoked_at_ms": now}), True
 
         if not self._store.update_record(AGENT, agent_id, AgentProfile, mark):
             return False
-        released = self._release_leases(agent_id, f"delegation revoked: {reason}")
-        self._audit(
-            "delegation.revoked",
-            agent_id,
-            None,
-            {"reason": reason, "leases_released": released},
-            ts=now,
-        )
+        # Each lease ends as its own audited decision (lease.revoked).
+        self._release_leases(agent_id, f"delegation revoked: {reason}")
         return True
 
     def parallel(

@@ -247,26 +247,21 @@ class Gates:
             }
         )
 
-        def settle(
-            current: GateRecord | None,
-        ) -> tuple[GateRecord | None, tuple[ActionResult, bool]]:
+        def settle(current: GateRecord | None) -> tuple[GateRecord | None, ActionResult]:
             assert current is not None
             if current.result.status != "requested":
-                return current, (current.result, False)
-            return current.model_copy(update={"result": final}), (final, True)
-
-        settled, changed = self._store.update_record(
-            GATE, record.audit_event_id, GateRecord, settle
-        )
-        if changed:
+                return current, current.result
+            # Audited once, by the call that settles it, with the settling.
             self._audit(
-                OUTCOME_KIND[settled.status],
+                OUTCOME_KIND[final.status],
                 record.agent_id,
                 record.session_id,
-                GateEntry(settled, record.action, record.metadata, record.event_id),
+                GateEntry(final, record.action, record.metadata, record.event_id),
                 ts=approval.decided_at_ms,
             )
-        return settled
+            return current.model_copy(update={"result": final}), final
+
+        return self._store.update_record(GATE, record.audit_event_id, GateRecord, settle)
 
     # -- one call per decision, for the edges -------------------------------------------
     def ask(
@@ -483,25 +478,25 @@ class Gates:
         config = self.breaker
         agent_id = marked.agent_id
 
-        def apply(current: BreakerState | None) -> tuple[BreakerState | None, BreakerState | None]:
+        def apply(current: BreakerState | None) -> tuple[BreakerState | None, None]:
             state = current or BreakerState(agent_id=agent_id)
             new, opened = on_report(state, status, now, config)
-            return (new if new is not state else current), (new if opened else None)
+            if opened:  # audited with the opening itself
+                self._audit(
+                    "breaker.opened",
+                    agent_id,
+                    marked.session_id,
+                    {
+                        "consecutive_failures": new.consecutive_failures,
+                        "cooldown_s": config.cooldown_s,
+                        "audit_event_id": audit_event_id,
+                        "message": message,
+                    },
+                    ts=now,
+                )
+            return (new if new is not state else current), None
 
-        opened = self._store.update_record(BREAKER, agent_id, BreakerState, apply)
-        if opened is not None:
-            self._audit(
-                "breaker.opened",
-                agent_id,
-                marked.session_id,
-                {
-                    "consecutive_failures": opened.consecutive_failures,
-                    "cooldown_s": config.cooldown_s,
-                    "audit_event_id": audit_event_id,
-                    "message": message,
-                },
-                ts=now,
-            )
+        self._store.update_record(BREAKER, agent_id, BreakerState, apply)
         return True
 
     def reset_breaker(self, agent_id: str) -> None:

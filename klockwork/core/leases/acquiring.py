@@ -82,7 +82,6 @@ class AcquireFlow:
         manager: LeaseManager,
         request: AcquireRequest,
         first: Verdict,
-        tries: Tries,
         timeout_s: float | None,
     ) -> None:
         self._manager = manager
@@ -91,7 +90,8 @@ class AcquireFlow:
         #: True while the store holds a reservation the driver must remove
         #: if the caller stops waiting.
         self.reserved = False
-        self._steps = self._decide(first, tries, timeout_s)
+        assert request.tries is not None, "a blocking acquire counts its tries"
+        self._steps = self._decide(first, request.tries, timeout_s)
 
     def _decide(
         self, verdict: Verdict, tries: Tries, timeout_s: float | None
@@ -141,7 +141,7 @@ class AcquireFlow:
             self.reserved = True
             outcome = yield _Try(self.request)
             assert outcome is not None
-            verdict = manager._verdict(self.request, outcome, tries)
+            verdict = manager._verdict(self.request, outcome)
             if verdict.status is _GRANTED:
                 self.reserved = False  # the grant replaced the reservation
                 return verdict

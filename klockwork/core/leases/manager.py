@@ -10,8 +10,6 @@ A blocking acquire that is refused at first goes on in
 from __future__ import annotations
 
 import builtins
-import contextlib
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from klockwork.core.audit.records import Denied, granted_data
@@ -64,10 +62,12 @@ class LeaseManager:
         self._store = store
         self._clock = clock
         self._hub = hub
-        # The audit trail (None: lease decisions are not audited). Recording
-        # only queues the entry in order; the audit writer thread builds its
-        # data later from what we hand over (see klockwork.core.audit.records).
+        # The audit trail (None: lease decisions are not audited). Entries are
+        # recorded by the store's atomic section itself (LeaseAudit): stored
+        # with the decision, both or neither.
         self._audit = audit
+        if audit is not None:
+            store.lease_hooks = LeaseAudit(audit, clock)
         self._signals = Signals()
         self._renewer = Renewer(clock, self.heartbeat)
         self._reserve_ms = (
@@ -84,7 +84,7 @@ class LeaseManager:
             validate_ttl(ttl_ms)  # raises, naming the argument
         parsed = parse_intents(intents)
         return _new_request(
-            (agent_id, session_id, parsed, ttl_ms, self._clock.now_ms(), None, False)
+            (agent_id, session_id, parsed, ttl_ms, self._clock.now_ms(), None, False, None)
         )
 
     def try_acquire(
@@ -114,15 +114,12 @@ class LeaseManager:
         request = self._request(agent_id, session_id, intents, ttl_ms)
         return self._verdict(request, await self._store.atry_acquire(request))
 
-    def _verdict(
-        self, request: AcquireRequest, outcome: AcquireOutcome, tries: Tries | None = None
-    ) -> Verdict:
-        """The caller's verdict; audit and announce it as the call's outcome.
+    def _verdict(self, request: AcquireRequest, outcome: AcquireOutcome) -> Verdict:
+        """The caller's verdict, announced to listeners as the call's outcome.
 
-        ``tries`` marks a try of a blocking acquire: a refusal is not its
-        outcome (it tries again), and a grant after several tries records
-        how many it took and how long it waited. Each call thus leaves one
-        entry: granted, or (:meth:`_gave_up`) denied once.
+        (Its audit entry was recorded inside the store's atomic section.) A
+        refused try of a blocking acquire (``request.tries``) is not an
+        outcome: the blocking acquire announces one at its end.
         """
         if outcome.status is _GRANTED:
             verdict = _build(
@@ -134,8 +131,6 @@ class LeaseManager:
                     "wait_time_ms": None,
                 },
             )
-            if self._audit is not None:
-                self._audit_grant(request, outcome.granted, tries)
         else:
             verdict = _build(
                 Verdict,
@@ -146,61 +141,28 @@ class LeaseManager:
                     "wait_time_ms": outcome.wait_time_ms,
                 },
             )
-            if tries is not None:
-                return verdict  # a try of a blocking acquire: not its outcome yet
-            if self._audit is not None:
-                self._audit.record(
-                    "lease.denied",
-                    request.agent_id,
-                    request.session_id,
-                    Denied(verdict, request.intents),
-                    ts=request.now_ms,
-                )
+            if request.tries is not None:
+                return verdict
         if self._hub.active:
             self._emit_verdict(request, verdict)
         return verdict
 
-    def _audit_grant(
-        self, request: AcquireRequest, granted: Sequence[LeaseRecord], tries: Tries | None
-    ) -> None:
-        audit = self._audit
-        assert audit is not None
-        try:
-            if tries is None or tries.count == 0:  # granted at once: the fast path
-                for rec in granted:
-                    audit.record_grant(rec, request.now_ms)
-            else:
-                waited = tries.waited_ms(self._clock)
-                for rec in granted:
-                    data = granted_data(rec, rec.expires_at)
-                    data["attempts"] = tries.count + 1
-                    data["waited_ms"] = waited
-                    audit.record(
-                        "lease.granted", rec.agent_id, rec.session_id, data, ts=request.now_ms
-                    )
-        except BaseException:
-            # The audit trail cannot take the grant: fail closed, and give the
-            # leases back rather than leave them held until their TTL by a
-            # caller who was told it failed.
-            self._give_back(granted)
-            raise
-
     def _gave_up(self, request: AcquireRequest, last: Verdict, tries: Tries) -> None:
         """A blocking acquire's one refusal entry: its last verdict, tries and wait."""
         if self._audit is not None:
-            denied = Denied(last, request.intents, tries.count, tries.waited_ms(self._clock))
+            denied = Denied(
+                last.status,
+                last.conflicts,
+                last.wait_time_ms,
+                request.intents,
+                tries.count,
+                tries.waited_ms(self._clock),
+            )
             self._audit.record(
                 "lease.denied", request.agent_id, request.session_id, denied, ts=request.now_ms
             )
         if self._hub.active:
             self._emit_verdict(request, last)
-
-    def _give_back(self, granted: Sequence[LeaseRecord]) -> None:
-        now = self._clock.now_ms()
-        for rec in granted:
-            with contextlib.suppress(Exception):  # best effort: the error that matters is raised
-                if self._store.release(rec.lease_id, now) is not None:
-                    self._signals.notify(rec.resource)
 
     # -- blocking acquire -----------------------------------------------------
     def acquire(
@@ -224,11 +186,11 @@ class LeaseManager:
         request = self._request(agent_id, session_id, intents, ttl_ms)
         check_timeout(timeout_s)
         # Fast path: most requests are granted at once; build no retry machinery.
-        tries = Tries(self._clock)
-        verdict = self._verdict(request, self._store.try_acquire(request), tries)
+        request = request._replace(tries=Tries(self._clock))
+        verdict = self._verdict(request, self._store.try_acquire(request))
         if verdict.status is _GRANTED:
             return verdict
-        return AcquireFlow(self, request, verdict, tries, timeout_s).block()
+        return AcquireFlow(self, request, verdict, timeout_s).block()
 
     async def aacquire(
         self,
@@ -244,11 +206,11 @@ class LeaseManager:
         """
         request = self._request(agent_id, session_id, intents, ttl_ms)
         check_timeout(timeout_s)
-        tries = Tries(self._clock)
-        verdict = self._verdict(request, await self._store.atry_acquire(request), tries)
+        request = request._replace(tries=Tries(self._clock))
+        verdict = self._verdict(request, await self._store.atry_acquire(request))
         if verdict.status is _GRANTED:
             return verdict
-        return await AcquireFlow(self, request, verdict, tries, timeout_s).ablock()
+        return await AcquireFlow(self, request, verdict, timeout_s).ablock()
 
     # -- holding ----------------------------------------------------------------
     def hold(
@@ -291,7 +253,7 @@ class LeaseManager:
         if rec is None:
             return False
         self._signals.notify(rec.resource)
-        self._report("lease.released", rec, self._clock.now_ms())
+        self._announce("lease.released", rec, self._clock.now_ms())
         return True
 
     async def arelease(self, lease_id: str) -> bool:
@@ -408,19 +370,17 @@ class LeaseManager:
         if rec is None:
             return False
         self._signals.notify(rec.resource)
-        self._report(kind, rec, self._clock.now_ms())
+        self._announce(kind, rec, self._clock.now_ms())
         return True
 
     def _on_expired(self, records: builtins.list[LeaseRecord]) -> None:
         now = self._clock.now_ms()
         for rec in records:
             self._signals.notify(rec.resource)
-            self._report("lease.expired", rec, now)
+            self._announce("lease.expired", rec, now)
 
-    def _report(self, kind: str, rec: LeaseRecord, now_ms: int) -> None:
-        """Audit and announce that a lease ended (released, revoked, expired)."""
-        if self._audit is not None:
-            self._audit.record_end(kind, rec, now_ms)
+    def _announce(self, kind: str, rec: LeaseRecord, now_ms: int) -> None:
+        """Tell listeners that a lease ended (its audit entry is already recorded)."""
         if self._hub.active:
             self._hub.emit(
                 GovernanceEvent(kind, now_ms, rec.agent_id, rec.session_id, rec.__audit_data__())
@@ -445,7 +405,9 @@ class LeaseManager:
                 request.now_ms,
                 request.agent_id,
                 request.session_id,
-                Denied(verdict, request.intents).__audit_data__(),
+                Denied(
+                    verdict.status, verdict.conflicts, verdict.wait_time_ms, request.intents
+                ).__audit_data__(),
             )
         )
 
@@ -465,3 +427,44 @@ def _conflict(blocker: LeaseRecord | Reservation) -> Conflict:
             "lease_id": blocker.lease_id if isinstance(blocker, LeaseRecord) else None,
         },
     )
+
+
+class LeaseAudit:
+    """Records lease decisions *inside* the store's atomic section (:class:`LeaseHooks`).
+
+    A grant, a refusal and the end of a lease are stored with the decision:
+    a durable store commits both or neither, and the in-memory store takes
+    back a grant whose entry could not be recorded. A blocking acquire's
+    refused tries are not outcomes (only its grant, or its one refusal when
+    it gives up, is recorded); a grant after retries records how many tries
+    it took and how long it waited.
+    """
+
+    __slots__ = ("_audit", "_clock")
+
+    def __init__(self, audit: AuditLog, clock: Clock) -> None:
+        self._audit = audit
+        self._clock = clock
+
+    def decided(self, request: AcquireRequest, outcome: AcquireOutcome) -> None:
+        audit = self._audit
+        tries = request.tries
+        if outcome.status is _GRANTED:
+            if tries is None or tries.count == 0:  # granted at once: the fast path
+                for rec in outcome.granted:
+                    audit.record_grant(rec, request.now_ms)
+                return
+            waited = tries.waited_ms(self._clock)
+            for rec in outcome.granted:
+                data = granted_data(rec, rec.expires_at)
+                data["attempts"] = tries.count + 1
+                data["waited_ms"] = waited
+                audit.record("lease.granted", rec.agent_id, rec.session_id, data, ts=request.now_ms)
+        elif tries is None:
+            denied = Denied(outcome.status, outcome.blockers, outcome.wait_time_ms, request.intents)
+            audit.record(
+                "lease.denied", request.agent_id, request.session_id, denied, ts=request.now_ms
+            )
+
+    def ended(self, kind: str, rec: LeaseRecord, now_ms: int) -> None:
+        self._audit.record_end(kind, rec, now_ms)

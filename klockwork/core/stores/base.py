@@ -27,7 +27,12 @@ from typing import Any, ClassVar, Concatenate, NamedTuple, ParamSpec, Protocol, 
 
 from pydantic import BaseModel
 
-from klockwork.core.errors import LeaseExpiredError, LeaseNotFoundError, LeaseRevokedError
+from klockwork.core.errors import (
+    CapabilityError,
+    LeaseExpiredError,
+    LeaseNotFoundError,
+    LeaseRevokedError,
+)
 from klockwork.core.leases.rules import ParsedIntent
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
 
@@ -35,11 +40,15 @@ __all__ = [
     "io_twin",
     "AcquireOutcome",
     "AcquireRequest",
+    "AuditJournal",
     "FenceState",
+    "JournalSection",
+    "LeaseHooks",
     "IdPool",
     "Store",
     "Transition",
     "raise_unless_active",
+    "refuse_revoked",
     "record_status",
 ]
 
@@ -98,6 +107,9 @@ class AcquireRequest(NamedTuple):
     now_ms: int
     reserve_ms: int | None = None
     clear_reservation: bool = False
+    #: A blocking acquire's count of tries (its refusals are not outcomes);
+    #: None for a single try.
+    tries: Any = None
 
 
 class AcquireOutcome(NamedTuple):
@@ -118,6 +130,47 @@ class FenceState:
 
 
 ExpiryListener = Callable[[list[LeaseRecord]], None]
+
+
+class LeaseHooks(Protocol):
+    """What the lease manager records *inside* a store's atomic section.
+
+    A store calls these after it changed its state and before that change
+    is visible (committed, or its lock released), so an audit entry is
+    stored with its decision: both or neither. If a hook raises, a durable
+    store rolls the decision back and the in-memory store undoes a grant.
+    """
+
+    def decided(self, request: AcquireRequest, outcome: AcquireOutcome) -> None:
+        """A request was decided (granted, or refused)."""
+
+    def ended(self, kind: str, rec: LeaseRecord, now_ms: int) -> None:
+        """A lease ended: ``lease.released``, ``lease.revoked`` or ``lease.expired``."""
+
+
+class JournalSection(Protocol):
+    """Audit entries written in the store transaction running on this thread."""
+
+    def append(
+        self,
+        ts: int,
+        kind: str,
+        agent_id: str | None,
+        session_id: str | None,
+        data: Any,
+        how: Any,
+    ) -> int:
+        """Store one entry with the transaction; return its (final) seq."""
+
+
+class AuditJournal(Protocol):
+    """What a durable store asks of the audit trail whose entries it keeps."""
+
+    def text(self, data: Any, how: Any) -> str:
+        """An entry's data as canonical JSON text (see ``klockwork.core.audit.chain``)."""
+
+    def committed(self) -> None:
+        """New entries were committed: seal them (off the caller's thread)."""
 
 
 class IdPool:
@@ -154,10 +207,31 @@ class Store:
     #: True when primitives do I/O; async twins then run them on a thread.
     blocking_io: ClassVar[bool] = False
 
+    #: True when audit entries are kept by the store itself, written in the
+    #: same transaction as the decision they record (see :meth:`journal_section`).
+    durable_journal: ClassVar[bool] = False
+
     def __init__(self) -> None:
         #: Called (outside the store's atomic section) with leases the store
         #: found past their expiry and marked EXPIRED.
         self.expiry_listener: ExpiryListener | None = None
+        #: Called inside the atomic section (see :class:`LeaseHooks`).
+        self.lease_hooks: LeaseHooks | None = None
+        #: For a durable journal: encodes entries, hears of commits.
+        self.journal: AuditJournal | None = None
+
+    def journal_section(self) -> JournalSection | None:
+        """The transaction running on this thread, if entries can join it (durable stores)."""
+        return None
+
+    def append_journal(
+        self, entries: Sequence[tuple[int, str, str | None, str | None, Any, Any]]
+    ) -> list[int]:
+        """Store entries ``(ts, kind, agent_id, session_id, data, how)`` in one transaction.
+
+        Only for stores with a durable journal; returns their seqs.
+        """
+        raise NotImplementedError
 
     # -- sync primitives -------------------------------------------------
     def register_agent(self, agent_id: str, priority: int | None, now_ms: int) -> AgentInfo:
@@ -172,8 +246,19 @@ class Store:
         """The agent, or None if never registered."""
         raise NotImplementedError
 
+    def revoke_agent(self, agent_id: str, now_ms: int) -> None:
+        """Mark an agent revoked (registering it if unknown): it can take no lease any more.
+
+        Revocation is final: registering the agent again does not undo it.
+        """
+        raise NotImplementedError
+
     def try_acquire(self, request: AcquireRequest) -> AcquireOutcome:
-        """Decide and apply one request atomically (see :func:`rules.judge`)."""
+        """Decide and apply one request atomically (see :func:`rules.judge`).
+
+        Raises:
+            CapabilityError: the agent was revoked; nothing changed.
+        """
         raise NotImplementedError
 
     def release(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
@@ -296,9 +381,24 @@ class Store:
         return await self.run_io(self.list_records, kind, model, status)
 
     # -- helpers shared by stores -----------------------------------------
+    def _hook_expired(self, records: Sequence[LeaseRecord], now_ms: int) -> None:
+        """Inside the atomic section: record the leases this section marked EXPIRED."""
+        hooks = self.lease_hooks
+        if hooks is not None:
+            for rec in records:
+                hooks.ended("lease.expired", rec, now_ms)
+
     def _report_expired(self, records: Sequence[LeaseRecord]) -> None:
         if records and self.expiry_listener is not None:
             self.expiry_listener(list(records))
+
+
+def refuse_revoked(agent: AgentInfo) -> None:
+    """Raise for a revoked agent's lease request (called in the atomic section)."""
+    if agent.revoked_at is not None:
+        raise CapabilityError(
+            f"agent {agent.agent_id!r} was revoked at {agent.revoked_at} and can take no lease"
+        )
 
 
 def record_status(record: BaseModel) -> str | None:

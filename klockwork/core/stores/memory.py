@@ -26,6 +26,7 @@ from klockwork.core.stores.base import (
     Transition,
     raise_unless_active,
     record_status,
+    refuse_revoked,
 )
 
 __all__ = ["MemoryStore"]
@@ -117,6 +118,12 @@ class MemoryStore(Store):
     def get_agent(self, agent_id: str) -> AgentInfo | None:
         return self._agents.get(agent_id)
 
+    def revoke_agent(self, agent_id: str, now_ms: int) -> None:
+        with self._lock:
+            agent = self._agents.get(agent_id) or self._new_agent(agent_id, None, now_ms)
+            if agent.revoked_at is None:
+                self._agents[agent_id] = agent.model_copy(update={"revoked_at": now_ms})
+
     # -- acquire --------------------------------------------------------------
     def try_acquire(self, request: AcquireRequest) -> AcquireOutcome:
         # Explicit acquire/release instead of `with`: this is the hot path, and
@@ -125,20 +132,37 @@ class MemoryStore(Store):
         lock.acquire()
         try:
             outcome, expired = self._decide(request)
+            hooks = self.lease_hooks
+            if hooks is not None:  # recorded before anyone can see the decision
+                if expired:
+                    self._hook_expired(expired, request.now_ms)
+                try:
+                    hooks.decided(request, outcome)
+                except BaseException:
+                    self._undo(outcome.granted)  # nothing granted without its entry
+                    raise
         finally:
             lock.release()
         if expired:
             self._report_expired(expired)
         return outcome
 
+    def _undo(self, granted: Sequence[LeaseRecord]) -> None:
+        """Take back a grant whose audit entry could not be recorded (lock held)."""
+        for rec in granted:
+            if rec.state is _ACTIVE:
+                self._deactivate(rec, LeaseState.RELEASED)
+
     def _decide(self, request: AcquireRequest) -> tuple[AcquireOutcome, Sequence[LeaseRecord]]:
         """The atomic section of try_acquire (called with the lock held)."""
-        agent_id, session_id, intents, ttl_ms, now, reserve_ms, clear_reservation = request
+        agent_id, session_id, intents, ttl_ms, now, reserve_ms, clear_reservation, _ = request
         if self._closed:
             raise StoreUnavailableError("memory store is closed")
         agent = self._agents.get(agent_id)
         if agent is None:
             agent = self._new_agent(agent_id, None, now)
+        elif agent.revoked_at is not None:
+            refuse_revoked(agent)
         if len(intents) == 1:
             candidates: Sequence[Sequence[LeaseRecord]] = (self._overlapping(intents[0]),)
         else:
@@ -247,10 +271,14 @@ class MemoryStore(Store):
             rec = self._leases.get(lease_id)
             if rec is None or rec.state is not _ACTIVE:
                 return None
+            hooks = self.lease_hooks
             if rec.expires_at > now_ms:
                 self._deactivate(rec, LeaseState.RELEASED)
+                if hooks is not None:
+                    hooks.ended("lease.released", rec, now_ms)
                 return rec
             self._deactivate(rec, LeaseState.EXPIRED)
+            self._hook_expired([rec], now_ms)
         finally:
             lock.release()
         self._report_expired([rec])
@@ -264,6 +292,7 @@ class MemoryStore(Store):
                 if rec is None:
                     raise LeaseNotFoundError(lease_id, f"no lease {lease_id!r}")
                 self._expire_if_due(rec, now_ms, expired)
+                self._hook_expired(expired, now_ms)
                 raise_unless_active(rec)
                 rec.expires_at = now_ms + (ttl_ms or rec.ttl_ms)
                 return rec
@@ -277,9 +306,12 @@ class MemoryStore(Store):
             if rec is None:
                 return None
             self._expire_if_due(rec, now_ms, expired)
+            self._hook_expired(expired, now_ms)
             if rec.state is _ACTIVE:
                 rec.reason = reason
                 self._deactivate(rec, LeaseState.REVOKED)
+                if self.lease_hooks is not None:
+                    self.lease_hooks.ended("lease.revoked", rec, now_ms)
             else:
                 rec = None
         self._report_expired(expired)
@@ -291,6 +323,7 @@ class MemoryStore(Store):
             rec = self._leases.get(lease_id)
             if rec is not None:
                 self._expire_if_due(rec, now_ms, expired)
+                self._hook_expired(expired, now_ms)
         self._report_expired(expired)
         return rec
 
@@ -331,6 +364,7 @@ class MemoryStore(Store):
             due = [r for rs in self._active.values() for r in rs if r.expires_at <= now_ms]
             for rec in due:
                 self._expire_if_due(rec, now_ms, expired)
+            self._hook_expired(expired, now_ms)
             stale = [
                 k for k, rs in self._reservations.items() if all(r.expires_at <= now_ms for r in rs)
             ]

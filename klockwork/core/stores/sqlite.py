@@ -29,7 +29,6 @@ from pydantic import BaseModel
 
 from klockwork.core.errors import (
     InvalidRequestError,
-    KlockworkError,
     LeaseNotFoundError,
     StoreUnavailableError,
 )
@@ -46,11 +45,14 @@ from klockwork.core.stores.base import (
     AcquireOutcome,
     AcquireRequest,
     FenceState,
+    JournalSection,
     Store,
     Transition,
     raise_unless_active,
     record_status,
+    refuse_revoked,
 )
+from klockwork.core.stores.sqlite_io import AUDIT_SCHEMA, Section, connect, translated
 
 __all__ = ["SqliteStore"]
 
@@ -58,7 +60,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kw_agents (
     agent_id      TEXT PRIMARY KEY,
     priority      INTEGER NOT NULL,
-    registered_at INTEGER NOT NULL
+    registered_at INTEGER NOT NULL,
+    revoked_at    INTEGER            -- NULL while the agent stands
 );
 CREATE TABLE IF NOT EXISTS kw_leases (
     fencing_token INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: strictly increasing
@@ -102,52 +105,8 @@ _COLS = (
 _PREDICATE = {p.value: p for p in Predicate}
 _STATE = {s.value: s for s in LeaseState}
 
-#: sqlite3 error → klockwork error, most specific first. Every failure to
-#: answer is a StoreUnavailableError: the caller gets no grant (fail closed).
-ERROR_MAP: tuple[tuple[type[sqlite3.Error], type[KlockworkError]], ...] = (
-    (sqlite3.OperationalError, StoreUnavailableError),  # locked, I/O, missing table
-    (sqlite3.ProgrammingError, StoreUnavailableError),  # closed connection
-    (sqlite3.DatabaseError, StoreUnavailableError),  # corrupt or not a database
-    (sqlite3.Error, StoreUnavailableError),
-)
-
 _M = TypeVar("_M", bound=BaseModel)
 _T = TypeVar("_T")
-
-
-def connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
-    """A connection as every klockwork SQLite part uses one.
-
-    WAL (readers never block the writer), ``synchronous=NORMAL``,
-    transactions issued explicitly (``BEGIN IMMEDIATE``), and a busy timeout
-    after which a write lock held by another process fails closed.
-    """
-    conn = sqlite3.connect(
-        path,
-        timeout=busy_timeout_ms / 1000,
-        isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
-        check_same_thread=False,  # used under our own locks, from any thread
-    )
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-@contextmanager
-def translated(what: str, doing: str) -> Iterator[None]:
-    """Turn a sqlite3 error into klockwork's (:data:`ERROR_MAP`), saying what failed."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        for source, target in ERROR_MAP:
-            if isinstance(exc, source):
-                raise target(f"{what} could not {doing}: {exc}") from exc
-        raise  # pragma: no cover - ERROR_MAP ends with sqlite3.Error
 
 
 def _record(row: Sequence[Any]) -> LeaseRecord:
@@ -189,7 +148,10 @@ class SqliteStore(Store):
         self._closed = False
         with self._translated("create its schema"):
             conn = self._conn()
-            conn.executescript(_SCHEMA)
+            conn.executescript(_SCHEMA + AUDIT_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(kw_agents)")}
+            if "revoked_at" not in columns:  # a file made by klockwork 0.1
+                conn.execute("ALTER TABLE kw_agents ADD COLUMN revoked_at INTEGER")
 
     # -- plumbing -------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -209,17 +171,45 @@ class SqliteStore(Store):
 
     @contextmanager
     def _tx(self, doing: str) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction; rolled back on any error."""
+        """One ``BEGIN IMMEDIATE`` transaction; rolled back on any error.
+
+        Audit entries recorded on this thread meanwhile (see
+        :meth:`journal_section`) are written in it: committed with the
+        decision, or rolled back with it.
+        """
         with self._translated(doing):
             conn = self._conn()
+            local = self._local
+            if getattr(local, "section", None) is not None:
+                raise RuntimeError("klockwork: nested store transactions")  # a bug, not input
             conn.execute("BEGIN IMMEDIATE")
+            section = local.section = Section(conn, self.journal)
             try:
                 yield conn
             except BaseException:
+                local.section = None
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            local.section = None
             conn.execute("COMMIT")
+        if section.count and self.journal is not None:
+            self.journal.committed()
+
+    durable_journal = True
+
+    def journal_section(self) -> JournalSection | None:
+        """The transaction this thread runs, if any (audit entries then join it)."""
+        section: Section | None = getattr(self._local, "section", None)
+        return section
+
+    def append_journal(
+        self, entries: Sequence[tuple[int, str, str | None, str | None, Any, Any]]
+    ) -> list[int]:
+        """Store audit entries in one transaction of their own; returns their seqs."""
+        with self._tx("record audit entries"):
+            section = self._local.section
+            return [section.append(*entry) for entry in entries]
 
     def _one(self, doing: str, sql: str, args: Sequence[Any]) -> list[Any]:
         """Run one auto-committed statement and fetch its rows."""
@@ -234,7 +224,10 @@ class SqliteStore(Store):
             ).fetchone()
             if row is None:
                 prio = now_ms if priority is None else priority
-                conn.execute("INSERT INTO kw_agents VALUES (?, ?, ?)", (agent_id, prio, now_ms))
+                conn.execute(
+                    "INSERT INTO kw_agents (agent_id, priority, registered_at) VALUES (?, ?, ?)",
+                    (agent_id, prio, now_ms),
+                )
                 return AgentInfo(agent_id=agent_id, priority=prio, registered_at=now_ms)
             if priority is None or priority == row[0]:
                 return AgentInfo(agent_id=agent_id, priority=row[0], registered_at=row[1])
@@ -257,15 +250,30 @@ class SqliteStore(Store):
             )
             return AgentInfo(agent_id=agent_id, priority=priority, registered_at=row[1])
 
+    def revoke_agent(self, agent_id: str, now_ms: int) -> None:
+        with self._tx("revoke an agent") as conn:
+            conn.execute(
+                "INSERT INTO kw_agents (agent_id, priority, registered_at, revoked_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (agent_id) DO UPDATE SET "
+                "revoked_at = coalesce(kw_agents.revoked_at, excluded.revoked_at)",
+                (agent_id, now_ms, now_ms, now_ms),
+            )
+
     def get_agent(self, agent_id: str) -> AgentInfo | None:
         rows = self._one(
             "read an agent",
-            "SELECT priority, registered_at FROM kw_agents WHERE agent_id = ?",
+            "SELECT priority, registered_at, revoked_at FROM kw_agents WHERE agent_id = ?",
             (agent_id,),
         )
         if not rows:
             return None
-        return AgentInfo(agent_id=agent_id, priority=rows[0][0], registered_at=rows[0][1])
+        priority, registered_at, revoked_at = rows[0]
+        return AgentInfo(
+            agent_id=agent_id,
+            priority=priority,
+            registered_at=registered_at,
+            revoked_at=revoked_at,
+        )
 
     # -- acquire ----------------------------------------------------------------
     def try_acquire(self, request: AcquireRequest) -> AcquireOutcome:
@@ -273,13 +281,21 @@ class SqliteStore(Store):
         agent_id, session_id = request.agent_id, request.session_id
         with self._tx("decide a lease request") as conn:
             row = conn.execute(
-                "SELECT priority FROM kw_agents WHERE agent_id = ?", (agent_id,)
+                "SELECT priority, revoked_at FROM kw_agents WHERE agent_id = ?", (agent_id,)
             ).fetchone()
             if row is None:
                 priority = now
-                conn.execute("INSERT INTO kw_agents VALUES (?, ?, ?)", (agent_id, now, now))
+                conn.execute(
+                    "INSERT INTO kw_agents (agent_id, priority, registered_at) VALUES (?, ?, ?)",
+                    (agent_id, now, now),
+                )
             else:
                 priority = row[0]
+                if row[1] is not None:
+                    refuse_revoked(
+                        AgentInfo(agent_id=agent_id, priority=priority, registered_at=0,
+                                  revoked_at=row[1])
+                    )  # fmt: skip
             candidates = [self._overlapping(conn, i) for i in request.intents]
             reservations = self._reservations(conn, request.intents, now)
             j = judge(
@@ -342,8 +358,13 @@ class SqliteStore(Store):
                         for i in request.intents
                     ],
                 )
+            outcome = AcquireOutcome(j.status, granted, j.blockers, j.wait_time_ms)
+            hooks = self.lease_hooks
+            if hooks is not None:  # its audit entries commit with it, or neither does
+                self._hook_expired(j.expired, now)
+                hooks.decided(request, outcome)
         self._report_expired(j.expired)
-        return AcquireOutcome(j.status, granted, j.blockers, j.wait_time_ms)
+        return outcome
 
     @staticmethod
     def _overlapping(conn: sqlite3.Connection, intent: ParsedIntent) -> list[LeaseRecord]:
@@ -391,17 +412,21 @@ class SqliteStore(Store):
     def _end(
         self, lease_id: str, state: str, reason: str | None, now_ms: int
     ) -> LeaseRecord | None:
-        rows = self._one(
-            f"mark a lease {state.lower()}",
-            "UPDATE kw_leases SET "
-            "state = CASE WHEN expires_at <= ? THEN 'EXPIRED' ELSE ? END, "
-            "reason = CASE WHEN expires_at <= ? THEN reason ELSE ? END "
-            f"WHERE lease_id = ? AND state = 'ACTIVE' RETURNING {_COLS}",
-            (now_ms, state, now_ms, reason, lease_id),
-        )
-        if not rows:
-            return None
-        rec = _record(rows[0])
+        with self._tx(f"mark a lease {state.lower()}") as conn:
+            rows = conn.execute(
+                "UPDATE kw_leases SET "
+                "state = CASE WHEN expires_at <= ? THEN 'EXPIRED' ELSE ? END, "
+                "reason = CASE WHEN expires_at <= ? THEN reason ELSE ? END "
+                f"WHERE lease_id = ? AND state = 'ACTIVE' RETURNING {_COLS}",
+                (now_ms, state, now_ms, reason, lease_id),
+            ).fetchall()
+            if not rows:
+                return None
+            rec = _record(rows[0])
+            if rec.state is LeaseState.EXPIRED:
+                self._hook_expired([rec], now_ms)
+            elif self.lease_hooks is not None:
+                self.lease_hooks.ended(f"lease.{state.lower()}", rec, now_ms)
         if rec.state is LeaseState.EXPIRED:
             self._report_expired([rec])
             return None
@@ -429,16 +454,17 @@ class SqliteStore(Store):
         raise LeaseNotFoundError(lease_id, f"lease {lease_id!r} changed during renewal")
 
     def get_lease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
-        rows = self._one(
-            "expire a lease",
-            "UPDATE kw_leases SET state = 'EXPIRED' "
-            f"WHERE lease_id = ? AND state = 'ACTIVE' AND expires_at <= ? RETURNING {_COLS}",
-            (lease_id, now_ms),
-        )
-        if rows:
-            rec = _record(rows[0])
-            self._report_expired([rec])
-            return rec
+        with self._tx("expire a lease") as conn:
+            rows = conn.execute(
+                "UPDATE kw_leases SET state = 'EXPIRED' "
+                f"WHERE lease_id = ? AND state = 'ACTIVE' AND expires_at <= ? RETURNING {_COLS}",
+                (lease_id, now_ms),
+            ).fetchall()
+            expired = [_record(r) for r in rows]
+            self._hook_expired(expired, now_ms)
+        if expired:
+            self._report_expired(expired)
+            return expired[0]
         rows = self._one(
             "read a lease", f"SELECT {_COLS} FROM kw_leases WHERE lease_id = ?", (lease_id,)
         )
@@ -493,7 +519,8 @@ class SqliteStore(Store):
                 (now_ms,),
             ).fetchall()
             conn.execute("DELETE FROM kw_reservations WHERE expires_at <= ?", (now_ms,))
-        expired = [_record(r) for r in rows]
+            expired = [_record(r) for r in rows]
+            self._hook_expired(expired, now_ms)
         self._report_expired(expired)
         return expired
 

@@ -1,0 +1,202 @@
+"""The audit trail of a durable store: entries committed with their decisions, sealed after.
+
+On a store that keeps state across crashes (SQLite), "the decision
+committed" must mean "its audit entry committed too". So the entry is not
+queued in memory: it is written by the decision's own transaction —
+canonical data text and final ``seq``, no hash yet — into the store's
+``kw_audit_pending`` table (:meth:`~klockwork.core.stores.base.Store.journal_section`).
+Hashing stays off the caller's thread: a *sealer* chains pending entries
+into ``kw_audit`` in seq order, exactly as
+:mod:`klockwork.core.audit.chain` specifies.
+
+Timeline of the guarantees, with two processes A and B on one file::
+
+    1. A grants a lease: one transaction stores the lease *and* entry 41
+       (pending). A crash after the commit loses neither.
+    2. B denies a gate: its transaction stores the record and entry 42.
+       Seqs come from the write lock's holder, so they are gapless.
+    3. A's sealer (woken by its commit) seals 41 and 42 — B's too: sealing
+       is the same deterministic chain whoever does it.
+    4. Had A crashed before 3, B's sealer (or any reader: ``verify``,
+       ``query``, ``export``, ``checkpoint``, or a new engine) seals them.
+
+Nothing here makes a failure sticky: an entry is durable once its decision
+commits, so a sealer that cannot reach the store (locked, disk full) just
+tries again; a caller is told about a failure only for its own call.
+Readers first seal what is pending, so they see every committed decision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+from klockwork.core.audit.chain import GENESIS_HASH, Checkpoint, VerifyResult, sign_checkpoint
+from klockwork.core.audit.encode import data_text
+from klockwork.core.audit.log import AuditLog
+from klockwork.core.audit.sqlite import SqliteAuditBackend
+from klockwork.core.clock import Clock
+from klockwork.core.errors import AuditIntegrityError, InvalidRequestError, StoreUnavailableError
+from klockwork.core.stores.base import Store
+
+__all__ = ["DurableAuditLog"]
+
+_log = logging.getLogger("klockwork")
+_IDLE_EXIT_S = 30.0
+_RETRY_S = 0.2
+
+
+class DurableAuditLog(AuditLog):
+    """``kw.audit`` over a store whose transactions write the audit entries themselves.
+
+    Args:
+        backend: the sealed chain (``kw_audit``) in the store's file.
+        store: the store whose decisions write entries (it must keep a durable journal).
+        clock, key: as for :class:`AuditLog`.
+    """
+
+    def __init__(
+        self,
+        backend: SqliteAuditBackend,
+        *,
+        store: Store,
+        clock: Clock | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        if not store.durable_journal:
+            raise InvalidRequestError("store", store, "keeps no durable audit journal")
+        self._journal_store = store
+        self._sealer_lock = threading.Lock()
+        self._seal_wanted = threading.Event()
+        self._sealer: threading.Thread | None = None
+        self._sealer_stop = False
+        super().__init__(backend, clock=clock, key=key)
+        self._sealed: SqliteAuditBackend = backend
+        store.journal = self
+        self.committed()  # seal what earlier processes left pending
+
+    def _open_head(self) -> tuple[int, str]:
+        # The stored head is not read at open: seqs come from the store, and
+        # a damaged head must not keep the engine (and its leases) from opening.
+        return 0, GENESIS_HASH
+
+    # -- recording: in the decision's transaction --------------------------------------
+    def _append(
+        self, ts: int, kind: str, agent_id: str | None, session_id: str | None, data: Any, how: Any
+    ) -> int:
+        if self._closed:
+            raise StoreUnavailableError("the audit log is closed")
+        store = self._journal_store
+        section = store.journal_section()
+        if section is not None:  # with the decision: both commit, or neither
+            return section.append(ts, kind, agent_id, session_id, data, how)
+        return store.append_journal([(ts, kind, agent_id, session_id, data, how)])[0]
+
+    def text(self, data: Any, how: Any) -> str:
+        """An entry's data as canonical JSON text (the store writes it with the decision)."""
+        return data_text(data, how)
+
+    def committed(self) -> None:
+        """Entries were committed: have the sealer chain them (off the caller's thread)."""
+        self._seal_wanted.set()
+        with self._sealer_lock:
+            if self._sealer is None and not self._sealer_stop:
+                self._sealer = threading.Thread(
+                    target=self._run_sealer, name="klockwork-audit-sealer", daemon=True
+                )
+                self._sealer.start()
+
+    def _run_sealer(self) -> None:
+        reported: str | None = None
+        while True:
+            if not self._seal_wanted.wait(_IDLE_EXIT_S):
+                with self._sealer_lock:
+                    if not self._seal_wanted.is_set():
+                        self._sealer = None  # idle: the next commit starts one
+                        return
+            if self._sealer_stop:
+                return
+            self._seal_wanted.clear()
+            try:
+                while self._sealed.seal_pending():
+                    pass
+                reported = None
+            except Exception as exc:  # the entries are durable: try again later
+                if str(exc) != reported:
+                    reported = str(exc)
+                    _log.warning("klockwork: audit entries not sealed yet (will retry): %s", exc)
+                self._seal_wanted.set()
+                threading.Event().wait(_RETRY_S)
+
+    # -- readers: seal first ---------------------------------------------------------------
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Seal every committed entry now, on this thread.
+
+        Raises:
+            StoreUnavailableError: the store cannot answer now (nothing is lost:
+                the entries stay committed, pending).
+            AuditIntegrityError: the stored chain's head is damaged.
+        """
+        if self._closed:
+            raise StoreUnavailableError("the audit log is closed")
+        while self._sealed.seal_pending():
+            pass
+        return True
+
+    def verify(self, against: Checkpoint | None = None) -> VerifyResult:
+        """Verify the stored chain, and that its query columns match their lines.
+
+        Entries that cannot be sealed (a damaged head) are left pending and
+        the damage is reported by the verification itself.
+        """
+        with contextlib.suppress(AuditIntegrityError):
+            self.flush()
+        result = super().verify(against)
+        bad = self._sealed.first_column_mismatch()
+        if bad is not None and (result.valid or bad < (result.first_broken_seq or bad + 1)):
+            return VerifyResult(
+                valid=False,
+                checked=max(0, min(result.checked, bad - 1)),
+                head_seq=result.head_seq,
+                head_hash=result.head_hash,
+                first_broken_seq=bad,
+                reason=(
+                    f"entry {bad}'s stored columns (ts, kind, agent_id, session_id) do not "
+                    "match its hashed line: edited outside the chain, so queries miss or "
+                    "misreport it"
+                ),
+            )
+        return result
+
+    def _ready(self) -> None:
+        self.flush()
+
+    def checkpoint(self) -> Checkpoint:
+        """The sealed head after sealing everything committed, signed when a key is set."""
+        self.flush()
+        seq, hash_ = self._sealed.head_point()
+        signature = None if self._key is None else sign_checkpoint(self._key, seq, hash_)
+        return Checkpoint(seq=seq, hash=hash_, ts=self._now_ms(), signature=signature)
+
+    def close(self) -> None:
+        """Seal what is committed (best effort), stop the sealer, close the backend."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        except Exception:  # committed entries stay pending: the next opener seals them
+            _log.warning("klockwork: audit entries left pending at close", exc_info=True)
+        finally:
+            with self._sealer_lock:
+                self._sealer_stop = True
+                sealer = self._sealer
+            self._seal_wanted.set()
+            if sealer is not None and sealer is not threading.current_thread():
+                sealer.join(timeout=5)
+            self._closed = True
+            self._refusing = True
+            if self._journal_store.journal is self:
+                self._journal_store.journal = None
+            self._backend.close()

@@ -1,0 +1,143 @@
+"""What every SQLite part of klockwork shares: connections, errors, the audit tables.
+
+The lease store (:mod:`.sqlite`) and the audit trail's sealer
+(:mod:`klockwork.core.audit.sqlite`) use one file: they open connections
+the same way (:func:`connect`), translate sqlite3's errors the same way
+(:func:`translated`, :data:`ERROR_MAP`) and share the audit tables
+(:data:`AUDIT_SCHEMA`). A store transaction writes the audit entries of its
+decisions through a :class:`Section`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from klockwork.core.errors import KlockworkError, StoreUnavailableError
+
+if TYPE_CHECKING:
+    from klockwork.core.stores.base import AuditJournal
+
+__all__ = ["AUDIT_SCHEMA", "ERROR_MAP", "Section", "connect", "translated"]
+
+#: The audit trail's tables, in the store's file (the store writes unsealed
+#: entries; :mod:`klockwork.core.audit.sqlite` seals and reads them).
+AUDIT_SCHEMA = """
+-- The audit trail: entries are written with their decisions (unsealed),
+-- then sealed into kw_audit, in seq order, by whichever process comes next
+-- (see klockwork.core.audit.sqlite).
+CREATE TABLE IF NOT EXISTS kw_audit (
+    seq        INTEGER PRIMARY KEY,  -- from 1, gapless
+    ts         INTEGER NOT NULL,
+    kind       TEXT NOT NULL,
+    agent_id   TEXT,
+    session_id TEXT,
+    line       BLOB NOT NULL         -- the entry's sealed line, verbatim
+);
+CREATE INDEX IF NOT EXISTS kw_audit_kind ON kw_audit(kind, seq);
+CREATE INDEX IF NOT EXISTS kw_audit_agent ON kw_audit(agent_id, seq);
+CREATE INDEX IF NOT EXISTS kw_audit_session ON kw_audit(session_id, seq);
+CREATE TABLE IF NOT EXISTS kw_audit_pending (
+    seq        INTEGER PRIMARY KEY,  -- continues kw_audit's seqs
+    ts         INTEGER NOT NULL,
+    kind       TEXT NOT NULL,
+    agent_id   TEXT,
+    session_id TEXT,
+    data       TEXT NOT NULL         -- canonical JSON of the entry's data
+);
+"""
+
+#: sqlite3 error → klockwork error, most specific first. Every failure to
+#: answer is a StoreUnavailableError: the caller gets no grant (fail closed).
+ERROR_MAP: tuple[tuple[type[sqlite3.Error], type[KlockworkError]], ...] = (
+    (sqlite3.OperationalError, StoreUnavailableError),  # locked, I/O, missing table
+    (sqlite3.ProgrammingError, StoreUnavailableError),  # closed connection
+    (sqlite3.DatabaseError, StoreUnavailableError),  # corrupt or not a database
+    (sqlite3.Error, StoreUnavailableError),
+)
+
+
+def connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    """A connection as every klockwork SQLite part uses one.
+
+    WAL (readers never block the writer), ``synchronous=NORMAL``,
+    transactions issued explicitly (``BEGIN IMMEDIATE``), and a busy timeout
+    after which a write lock held by another process fails closed.
+    """
+    conn = sqlite3.connect(
+        path,
+        timeout=busy_timeout_ms / 1000,
+        isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
+        check_same_thread=False,  # used under our own locks, from any thread
+    )
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextmanager
+def translated(what: str, doing: str) -> Iterator[None]:
+    """Turn a sqlite3 error into klockwork's (:data:`ERROR_MAP`), saying what failed."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        for source, target in ERROR_MAP:
+            if isinstance(exc, source):
+                raise target(f"{what} could not {doing}: {exc}") from exc
+        raise  # pragma: no cover - ERROR_MAP ends with sqlite3.Error
+
+
+class Section:
+    """Audit entries joining one store transaction (see ``SqliteStore._tx``).
+
+    Each entry is inserted into ``kw_audit_pending`` at once, with the next
+    seq after every entry stored or pending: the write lock the transaction
+    holds makes the seqs gapless across processes. The sealer moves them
+    into ``kw_audit`` later, hashed in seq order.
+    """
+
+    __slots__ = ("_conn", "_journal", "_next", "count")
+
+    def __init__(self, conn: sqlite3.Connection, journal: AuditJournal | None) -> None:
+        self._conn = conn
+        self._journal = journal
+        self._next = 0
+        self.count = 0
+
+    def append(
+        self,
+        ts: int,
+        kind: str,
+        agent_id: str | None,
+        session_id: str | None,
+        data: Any,
+        how: Any,
+    ) -> int:
+        journal = self._journal
+        if journal is None:
+            raise StoreUnavailableError("no audit trail is attached to this store")
+        text = journal.text(data, how)
+        if not self._next:
+            self._next = (
+                1
+                + self._conn.execute(
+                    "SELECT max(coalesce((SELECT max(seq) FROM kw_audit), 0), "
+                    "coalesce((SELECT max(seq) FROM kw_audit_pending), 0))"
+                ).fetchone()[0]
+            )
+        seq = self._next
+        self._conn.execute(
+            "INSERT INTO kw_audit_pending (seq, ts, kind, agent_id, session_id, data) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (seq, ts, kind, agent_id, session_id, text),
+        )
+        self._next = seq + 1
+        self.count += 1
+        return seq

@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import math
 import unicodedata
+from typing import Any
 
 from klockwork.core.errors import InvalidRequestError
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "MAX_IDENTITY_CHARS",
     "MAX_TIMEOUT_S",
     "MAX_TTL_MS",
     "check_identity",
+    "check_json_object",
     "check_timeout",
     "check_ttl",
 ]
@@ -40,6 +43,8 @@ __all__ = [
 MAX_IDENTITY_CHARS = 256
 #: The longest lease TTL: 7 days (a holder that needs longer renews).
 MAX_TTL_MS = 7 * 24 * 3600 * 1000
+#: How deeply JSON data (gate metadata, payloads) may nest.
+MAX_JSON_DEPTH = 32
 #: The longest wait a timeout may ask for: one year (use None for "no limit").
 MAX_TIMEOUT_S = 365 * 24 * 3600.0
 
@@ -128,3 +133,69 @@ def check_ttl(value: object, argument: str = "ttl_ms") -> int:
             argument, value, f"must be at most {MAX_TTL_MS} ms (7 days); renew to hold longer"
         )
     return value
+
+
+def check_json_object(value: object, argument: str) -> dict[str, Any]:
+    """``value`` if it is a JSON object (str keys; JSON values; text that is valid UTF-8).
+
+    What is stored and audited must be storable as text exactly as given:
+    no non-string keys, bytes, sets, objects, NaN or infinities, lone
+    surrogates, or nesting deeper than :data:`MAX_JSON_DEPTH`.
+
+    Raises:
+        InvalidRequestError: naming ``argument`` and where in it the problem is.
+    """
+    if not isinstance(value, dict):
+        raise InvalidRequestError(argument, value, "must be a JSON object (a dict with str keys)")
+    problem = _json_problem(value, 0)
+    if problem is not None:
+        raise InvalidRequestError(argument, _short(value), problem)
+    return value
+
+
+def _json_problem(value: object, depth: int, where: str = "") -> str | None:
+    if depth > MAX_JSON_DEPTH:
+        return f"nests deeper than {MAX_JSON_DEPTH} levels{_at(where)}"
+    if value is None or value.__class__ in (bool, int):
+        return None
+    if isinstance(value, str):
+        return _text_problem(value, where)
+    if isinstance(value, float):
+        return (
+            None
+            if math.isfinite(value)
+            else f"holds {value!r}, which JSON has no spelling for{_at(where)}"
+        )
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"has a key that is not a string ({key!r}){_at(where)}"
+            path = f"{where}.{key}" if where else key
+            problem = _text_problem(key, path) or _json_problem(item, depth + 1, path)
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            problem = _json_problem(item, depth + 1, f"{where}[{index}]")
+            if problem is not None:
+                return problem
+        return None
+    return f"holds a {type(value).__name__}, which is not JSON data{_at(where)}"
+
+
+def _text_problem(text: str, where: str) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"holds text that is not valid UTF-8 (a lone surrogate){_at(where)}"
+    return None
+
+
+def _at(where: str) -> str:
+    return f" at {where}" if where else ""
+
+
+def _short(value: object) -> object:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -195,7 +195,7 @@ class MemoryAuditBackend:
                     found.append(lines[pos])
                     if len(found) >= limit:
                         break
-        return [AuditEntry.from_line(line) for line in found]
+        return [_entry(line) for line in found]
 
     def lines(self, after_seq: int, limit: int) -> list[bytes]:
         """See :meth:`AuditBackend.lines`."""
@@ -215,3 +215,13 @@ class MemoryAuditBackend:
         """Mark closed (the entries are dropped with the object)."""
         with self._lock:
             self._closed = True
+
+
+def _entry(line: bytes) -> AuditEntry:
+    """A stored line as an entry; a line that is not one is an integrity problem, typed."""
+    try:
+        return AuditEntry.from_line(line)
+    except (ValueError, RecursionError) as exc:
+        raise AuditIntegrityError(
+            f"a stored audit line is not an entry (verify the chain): {exc}"
+        ) from None

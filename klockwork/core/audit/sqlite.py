@@ -195,7 +195,7 @@ class SqliteAuditBackend:
         sql = f"SELECT line FROM kw_audit WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
         with self._reader("read audit entries") as conn:
             found = [r[0] for r in conn.execute(sql, args).fetchall()]
-        return [AuditEntry.from_line(line) for line in found]
+        return [_entry(line) for line in found]
 
     def lines(self, after_seq: int, limit: int) -> list[bytes]:
         """See :meth:`~klockwork.core.audit.backend.AuditBackend.lines`."""
@@ -363,3 +363,13 @@ def _head_point(conn: sqlite3.Connection) -> tuple[int, str]:
     if found is None:
         raise AuditIntegrityError(f"the stored head (seq {seq}) is not an audit entry")
     return int(seq), found.group(1).decode()
+
+
+def _entry(line: bytes) -> AuditEntry:
+    """A stored line as an entry; a line that is not one is an integrity problem, typed."""
+    try:
+        return AuditEntry.from_line(line)
+    except (ValueError, RecursionError) as exc:
+        raise AuditIntegrityError(
+            f"a stored audit line is not an entry (verify the chain): {exc}"
+        ) from None

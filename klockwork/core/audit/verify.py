@@ -210,9 +210,15 @@ class ChainVerifier:
     def _feed_parsed(self, line: bytes, lineno: int) -> None:
         expected = self._seq + 1
         try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            self._fail(expected, f"line {lineno} is not valid JSON ({exc.__class__.__name__})")
+            obj = _strict_loads(line)
+        except (ValueError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else exc.__class__.__name__
+            self._fail(expected, f"line {lineno} is not valid JSON ({why})")
+            return
+        except _DuplicateKey as exc:
+            self._fail(
+                expected, f"line {lineno} repeats the key {exc.key!r}: not a canonical entry"
+            )
             return
         problem = _line_problem(obj)
         if problem is not None:
@@ -259,10 +265,29 @@ class ChainVerifier:
 def _seq_of(line: bytes) -> object:
     """The ``seq`` a line claims, or None (for telling a reorder from a gap)."""
     try:
-        obj = json.loads(line)
-    except ValueError:
+        obj = _strict_loads(line)
+    except (ValueError, RecursionError, _DuplicateKey):
         return None
     return obj.get("seq") if isinstance(obj, dict) else None
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:  # json.loads would keep the last silently: two readings of one line
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _strict_loads(line: bytes) -> Any:
+    """``json.loads`` that refuses duplicate keys (a canonical line has none)."""
+    return json.loads(line, object_pairs_hook=_unique_pairs)
 
 
 def _line_problem(obj: Any) -> str | None:

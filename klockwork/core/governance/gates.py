@@ -70,7 +70,7 @@ from klockwork.core.governance.policies import Policies
 from klockwork.core.governance.policy import Effect, Policy, decide
 from klockwork.core.model import _build
 from klockwork.core.stores.base import Store, io_twin
-from klockwork.core.validation import check_identity, check_timeout
+from klockwork.core.validation import check_identity, check_json_object, check_timeout
 
 __all__ = ["CAPABILITY_DENIED", "ActionResult", "GateAnswer", "GateRecord", "Gates", "Policies"]
 
@@ -515,9 +515,21 @@ class Gates:
 
 def _check(agent_id: object, action: object, metadata: object, event_id: object) -> None:
     check_identity(agent_id, "agent_id")
-    if not isinstance(action, str) or not action:
-        raise InvalidRequestError("action", action, "must be a non-empty string")
-    if metadata is not None and not isinstance(metadata, Mapping):
-        raise InvalidRequestError("metadata", metadata, "must be a dict or None")
-    if event_id is not None and (not isinstance(event_id, str) or not event_id):
-        raise InvalidRequestError("event_id", event_id, "must be a non-empty string or None")
+    _check_text(action, "action", 512)
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise InvalidRequestError("metadata", metadata, "must be a dict or None")
+        check_json_object(dict(metadata), "metadata")
+    if event_id is not None:
+        _check_text(event_id, "event_id", 2048)
+
+
+def _check_text(value: object, argument: str, longest: int) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(argument, value, "must be a non-empty string")
+    if len(value) > longest:
+        raise InvalidRequestError(argument, value[:40] + "...", f"is longer than {longest}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(argument, value, "is not valid UTF-8 text") from None

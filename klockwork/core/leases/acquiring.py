@@ -187,7 +187,7 @@ class AcquireFlow:
             step = next(steps)
             while True:
                 if type(step) is _Try:
-                    step = steps.send(await manager._store.atry_acquire(step.request))
+                    step = steps.send(await manager._atry(step.request))
                     continue
                 assert type(step) is _Wait
                 await manager._signals.asleep(step.keys, step.epoch, step.timeout_s, manager._clock)

@@ -9,7 +9,10 @@ A blocking acquire that is refused at first goes on in
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import contextlib
+import threading
 from typing import TYPE_CHECKING, Any
 
 from klockwork.core.audit.records import Denied, granted_data
@@ -112,7 +115,52 @@ class LeaseManager:
     ) -> Verdict:
         """Async twin of :meth:`try_acquire`."""
         request = self._request(agent_id, session_id, intents, ttl_ms)
-        return self._verdict(request, await self._store.atry_acquire(request))
+        return self._verdict(request, await self._atry(request))
+
+    async def _atry(self, request: AcquireRequest) -> AcquireOutcome:
+        """The store's answer to one try, from async code; cancelling withdraws it.
+
+        On a store with I/O the try runs on a worker thread that a
+        cancellation cannot stop: a grant (or a reservation) it makes after
+        the caller was cancelled is given back as soon as it lands, instead
+        of being held by nobody until its TTL.
+        """
+        store = self._store
+        if not store.blocking_io:
+            return store.try_acquire(request)
+        pending = asyncio.ensure_future(store.atry_acquire(request))
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            # Let the in-flight call finish (one store round trip), then undo
+            # what it did before the cancellation goes on: the next request
+            # sees neither a grant nor a reservation of ours.
+            try:
+                outcome = await asyncio.shield(pending)
+                await asyncio.shield(asyncio.to_thread(self._withdraw, request, outcome))
+            except BaseException:  # cancelled again, or the call failed: undo when it lands
+                pending.add_done_callback(lambda done: self._withdraw_later(request, done))
+            raise
+
+    def _withdraw(self, request: AcquireRequest, outcome: AcquireOutcome) -> None:
+        """Give back what a try did for a caller that is gone (best effort: TTLs bound the rest)."""
+        with contextlib.suppress(Exception):
+            for rec in outcome.granted:
+                self.release(rec.lease_id)
+            if not outcome.granted and request.reserve_ms is not None:
+                self._store.unreserve(request.agent_id, request.session_id)
+
+    def _withdraw_later(
+        self, request: AcquireRequest, done: asyncio.Future[AcquireOutcome]
+    ) -> None:
+        if not done.cancelled() and done.exception() is None:
+            outcome = done.result()
+            threading.Thread(
+                target=self._withdraw,
+                args=(request, outcome),
+                name="klockwork-withdraw",
+                daemon=True,
+            ).start()
 
     def _verdict(self, request: AcquireRequest, outcome: AcquireOutcome) -> Verdict:
         """The caller's verdict, announced to listeners as the call's outcome.
@@ -207,7 +255,7 @@ class LeaseManager:
         request = self._request(agent_id, session_id, intents, ttl_ms)
         check_timeout(timeout_s)
         request = request._replace(tries=Tries(self._clock))
-        verdict = self._verdict(request, await self._store.atry_acquire(request))
+        verdict = self._verdict(request, await self._atry(request))
         if verdict.status is _GRANTED:
             return verdict
         return await AcquireFlow(self, request, verdict, timeout_s).ablock()
@@ -329,7 +377,9 @@ class LeaseManager:
         """Refuse a write carrying a superseded fencing token.
 
         A token is current while its lease is active, or when no newer lease
-        was granted on ``resource`` (or a directory above it) since.
+        was granted on ``resource``, a directory above it or a path inside it
+        since (a zombie holder of ``FILE:/repo`` may not write into
+        ``/repo/a.py`` once someone else was granted that).
 
         Raises:
             StaleLeaseError: a newer lease exists and this one ended.

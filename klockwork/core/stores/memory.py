@@ -7,6 +7,7 @@ ancestor key the multiset of descendant keys that have active leases.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -15,7 +16,13 @@ from typing import TypeVar, cast
 from pydantic import BaseModel
 
 from klockwork.core.errors import InvalidRequestError, LeaseNotFoundError, StoreUnavailableError
-from klockwork.core.leases.rules import ParsedIntent, ancestors, judge, overlaps
+from klockwork.core.leases.rules import (
+    ParsedIntent,
+    ancestors,
+    descendant_range,
+    judge,
+    overlaps,
+)
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
 from klockwork.core.stores.base import (
     AcquireOutcome,
@@ -60,6 +67,7 @@ class MemoryStore(Store):
         # ancestor key -> descendant keys that have active leases
         self._below: dict[str, set[str]] = {}
         self._fence: dict[str, int] = {}
+        self._fence_keys: list[str] = []
         self._reservations: dict[tuple[str, str], list[Reservation]] = {}
         self._retired: deque[str] = deque()
         self._retain = retain_inactive
@@ -224,6 +232,8 @@ class MemoryStore(Store):
     def _activate(self, rec: LeaseRecord, key_ancestors: tuple[str, ...]) -> None:
         key = rec.resource
         self._leases[rec.lease_id] = rec
+        if key not in self._fence:
+            bisect.insort(self._fence_keys, key)  # kept sorted: descendants are one range
         self._fence[key] = rec.fencing_token
         held = self._active.get(key)
         if held is not None:
@@ -347,7 +357,14 @@ class MemoryStore(Store):
 
     def fence_state(self, intent: ParsedIntent, token: int, now_ms: int) -> FenceState:
         with self._lock:
-            tokens = [self._fence[k] for k in (intent.key, *intent.ancestors) if k in self._fence]
+            fence = self._fence
+            tokens = [fence[k] for k in (intent.key, *intent.ancestors) if k in fence]
+            span = descendant_range(intent.key)
+            if span is not None:  # a newer grant inside a directory supersedes it too
+                keys = self._fence_keys
+                lo = bisect.bisect_left(keys, span[0])
+                hi = bisect.bisect_left(keys, span[1], lo)
+                tokens.extend(fence[k] for k in keys[lo:hi])
             active = any(
                 r.fencing_token == token and r.expires_at > now_ms
                 for r in self._active.get(intent.key, ())

@@ -500,6 +500,14 @@ class SqliteStore(Store):
             newest = conn.execute(
                 f"SELECT max(fencing_token) FROM kw_leases WHERE resource IN ({marks})", keys
             ).fetchone()[0]
+            span = descendant_range(intent.key)
+            if span is not None:  # a newer grant inside a directory supersedes it too
+                below = conn.execute(
+                    "SELECT max(fencing_token) FROM kw_leases WHERE resource >= ? AND resource < ?",
+                    span,
+                ).fetchone()[0]
+                if below is not None and (newest is None or below > newest):
+                    newest = below
             active = conn.execute(
                 "SELECT 1 FROM kw_leases WHERE fencing_token = ? AND resource = ? "
                 "AND state = 'ACTIVE' AND expires_at > ?",

@@ -13,6 +13,7 @@ import asyncio
 import builtins
 import contextlib
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from klockwork.core.audit.records import Denied, granted_data
@@ -64,6 +65,7 @@ class LeaseManager:
     ) -> None:
         self._store = store
         self._clock = clock
+        store.clock = clock
         self._hub = hub
         # The audit trail (None: lease decisions are not audited). Entries are
         # recorded by the store's atomic section itself (LeaseAudit): stored
@@ -87,7 +89,7 @@ class LeaseManager:
             validate_ttl(ttl_ms)  # raises, naming the argument
         parsed = parse_intents(intents)
         return _new_request(
-            (agent_id, session_id, parsed, ttl_ms, self._clock.now_ms(), None, False, None)
+            (agent_id, session_id, parsed, ttl_ms, self._clock.now_ms(), None, False, None, None)
         )
 
     def try_acquire(
@@ -234,7 +236,10 @@ class LeaseManager:
         request = self._request(agent_id, session_id, intents, ttl_ms)
         check_timeout(timeout_s)
         # Fast path: most requests are granted at once; build no retry machinery.
-        request = request._replace(tries=Tries(self._clock))
+        request = request._replace(
+            tries=Tries(self._clock),
+            deadline=None if timeout_s is None else time.monotonic() + timeout_s,
+        )
         verdict = self._verdict(request, self._store.try_acquire(request))
         if verdict.status is _GRANTED:
             return verdict
@@ -254,7 +259,10 @@ class LeaseManager:
         """
         request = self._request(agent_id, session_id, intents, ttl_ms)
         check_timeout(timeout_s)
-        request = request._replace(tries=Tries(self._clock))
+        request = request._replace(
+            tries=Tries(self._clock),
+            deadline=None if timeout_s is None else time.monotonic() + timeout_s,
+        )
         verdict = self._verdict(request, await self._atry(request))
         if verdict.status is _GRANTED:
             return verdict

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Concatenate, NamedTuple, ParamSpec, Protocol, 
 
 from pydantic import BaseModel
 
+from klockwork.core.clock import Clock
 from klockwork.core.errors import (
     CapabilityError,
     LeaseExpiredError,
@@ -110,6 +111,9 @@ class AcquireRequest(NamedTuple):
     #: A blocking acquire's count of tries (its refusals are not outcomes);
     #: None for a single try.
     tries: Any = None
+    #: When the caller stops waiting (``time.monotonic()``): bounds how long
+    #: the store may wait for a lock held by another process.
+    deadline: float | None = None
 
 
 class AcquireOutcome(NamedTuple):
@@ -219,6 +223,9 @@ class Store:
         self.lease_hooks: LeaseHooks | None = None
         #: For a durable journal: encodes entries, hears of commits.
         self.journal: AuditJournal | None = None
+        #: Where a store that may wait for a lock reads the time *after*
+        #: taking it, so that nothing it grants is born expired.
+        self.clock: Clock | None = None
 
     def journal_section(self) -> JournalSection | None:
         """The transaction running on this thread, if entries can join it (durable stores)."""

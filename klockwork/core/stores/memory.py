@@ -163,7 +163,7 @@ class MemoryStore(Store):
 
     def _decide(self, request: AcquireRequest) -> tuple[AcquireOutcome, Sequence[LeaseRecord]]:
         """The atomic section of try_acquire (called with the lock held)."""
-        agent_id, session_id, intents, ttl_ms, now, reserve_ms, clear_reservation, _ = request
+        agent_id, session_id, intents, ttl_ms, now, reserve_ms, clear_reservation, _, _ = request
         if self._closed:
             raise StoreUnavailableError("memory store is closed")
         agent = self._agents.get(agent_id)

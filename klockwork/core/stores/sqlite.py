@@ -52,7 +52,13 @@ from klockwork.core.stores.base import (
     record_status,
     refuse_revoked,
 )
-from klockwork.core.stores.sqlite_io import AUDIT_SCHEMA, Section, connect, translated
+from klockwork.core.stores.sqlite_io import (
+    AUDIT_SCHEMA,
+    Section,
+    begin_immediate,
+    connect,
+    translated,
+)
 
 __all__ = ["SqliteStore"]
 
@@ -170,7 +176,7 @@ class SqliteStore(Store):
         return translated(f"sqlite store {self.path}", doing)
 
     @contextmanager
-    def _tx(self, doing: str) -> Iterator[sqlite3.Connection]:
+    def _tx(self, doing: str, deadline: float | None = None) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction; rolled back on any error.
 
         Audit entries recorded on this thread meanwhile (see
@@ -182,7 +188,7 @@ class SqliteStore(Store):
             local = self._local
             if getattr(local, "section", None) is not None:
                 raise RuntimeError("klockwork: nested store transactions")  # a bug, not input
-            conn.execute("BEGIN IMMEDIATE")
+            begin_immediate(conn, self._busy_timeout_ms, deadline)
             section = local.section = Section(conn, self.journal)
             try:
                 yield conn
@@ -277,9 +283,13 @@ class SqliteStore(Store):
 
     # -- acquire ----------------------------------------------------------------
     def try_acquire(self, request: AcquireRequest) -> AcquireOutcome:
-        now = request.now_ms
         agent_id, session_id = request.agent_id, request.session_id
-        with self._tx("decide a lease request") as conn:
+        with self._tx("decide a lease request", request.deadline) as conn:
+            # The time is read once the write lock is ours: a request that
+            # waited for the lock is judged, and its lease dated, by now.
+            if self.clock is not None:
+                request = request._replace(now_ms=self.clock.now_ms())
+            now = request.now_ms
             row = conn.execute(
                 "SELECT priority, revoked_at FROM kw_agents WHERE agent_id = ?", (agent_id,)
             ).fetchone()

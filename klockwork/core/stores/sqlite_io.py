@@ -11,6 +11,7 @@ decisions through a :class:`Section`.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from klockwork.core.errors import KlockworkError, StoreUnavailableError
 if TYPE_CHECKING:
     from klockwork.core.stores.base import AuditJournal
 
-__all__ = ["AUDIT_SCHEMA", "ERROR_MAP", "Section", "connect", "translated"]
+__all__ = ["AUDIT_SCHEMA", "ERROR_MAP", "Section", "begin_immediate", "connect", "translated"]
 
 #: The audit trail's tables, in the store's file (the store writes unsealed
 #: entries; :mod:`klockwork.core.audit.sqlite` seals and reads them).
@@ -80,6 +81,27 @@ def connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def begin_immediate(
+    conn: sqlite3.Connection, busy_timeout_ms: int, deadline: float | None = None
+) -> None:
+    """``BEGIN IMMEDIATE``: take the write lock, waiting at most until ``deadline``.
+
+    ``deadline`` (``time.monotonic()``) is the caller's own: a request that
+    gives up after one second must not wait ten for another process's lock.
+    """
+    left_ms = (
+        busy_timeout_ms if deadline is None else max(1, int((deadline - time.monotonic()) * 1000))
+    )
+    if left_ms >= busy_timeout_ms:
+        conn.execute("BEGIN IMMEDIATE")
+        return
+    conn.execute(f"PRAGMA busy_timeout={left_ms}")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
 
 
 @contextmanager

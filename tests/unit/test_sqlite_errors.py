@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -52,6 +53,16 @@ class _FailingConnection:
     executescript = executemany = execute
 
 
+def _fail_with(monkeypatch: pytest.MonkeyPatch, kw: Klockwork, exc: sqlite3.Error) -> None:
+    """Every connection the store borrows fails with ``exc``."""
+
+    @contextlib.contextmanager
+    def failing() -> Iterator[_FailingConnection]:
+        yield _FailingConnection(exc)
+
+    monkeypatch.setattr(kw.store._pool, "connection", failing)  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     "exc",
     [
@@ -71,7 +82,7 @@ class _FailingConnection:
 def test_every_sqlite_error_becomes_store_unavailable(
     kw: Klockwork, monkeypatch: pytest.MonkeyPatch, exc: sqlite3.Error
 ) -> None:
-    monkeypatch.setattr(kw.store, "_conn", lambda: _FailingConnection(exc))
+    _fail_with(monkeypatch, kw, exc)
     calls = [
         lambda: kw.leases.try_acquire("a", "s", ("FILE:/x", "MUTATES")),
         lambda: kw.leases.release("id"),
@@ -94,7 +105,7 @@ def test_every_sqlite_error_becomes_store_unavailable(
 
 async def test_async_twins_translate_too(kw: Klockwork, monkeypatch: pytest.MonkeyPatch) -> None:
     exc = sqlite3.OperationalError("database is locked")
-    monkeypatch.setattr(kw.store, "_conn", lambda: _FailingConnection(exc))
+    _fail_with(monkeypatch, kw, exc)
     with pytest.raises(StoreUnavailableError):
         await kw.leases.atry_acquire("a", "s", ("FILE:/x", "MUTATES"))
     with pytest.raises(StoreUnavailableError):

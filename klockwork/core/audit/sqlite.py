@@ -45,7 +45,7 @@ from klockwork.core.audit.backend import EntryBatch
 from klockwork.core.audit.chain import GENESIS_HASH, AuditEntry, canonical_json, entry_hash
 from klockwork.core.audit.encode import TEXT, encode_batch
 from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
-from klockwork.core.stores.sqlite_io import AUDIT_SCHEMA, connect, translated
+from klockwork.core.stores.sqlite_io import AUDIT_SCHEMA, FileGuard, connect, translated
 
 __all__ = ["SqliteAuditBackend"]
 
@@ -95,11 +95,14 @@ class SqliteAuditBackend:
         self._rlock = threading.Lock()  # guards _rconn (reads)
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
+        self._guard = FileGuard(self.path)
+        FileGuard.refuse_empty(self.path)
         try:
             with self._translated("create the audit table"):
                 self._wconn = self._connect()
                 self._wconn.executescript(AUDIT_SCHEMA)
                 self._rconn = self._connect()
+            self._guard.remember()
         except BaseException:
             self.close()
             raise
@@ -119,6 +122,7 @@ class SqliteAuditBackend:
         with self._rlock, self._translated(doing):
             if self._closed or self._rconn is None:
                 raise self._closed_error()
+            self._guard.check()
             yield self._rconn
 
     # -- writing ----------------------------------------------------------------
@@ -151,6 +155,7 @@ class SqliteAuditBackend:
             conn = self._wconn
             if self._closed or conn is None:
                 raise self._closed_error()
+            self._guard.check()
             if last != first + len(params) - 1:
                 raise AuditIntegrityError(f"entries {first}..{last} are not consecutive seqs")
             conn.execute("BEGIN IMMEDIATE")
@@ -251,6 +256,7 @@ class SqliteAuditBackend:
             conn = self._wconn
             if self._closed or conn is None:
                 raise self._closed_error()
+            self._guard.check()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 rows = conn.execute(

@@ -16,7 +16,6 @@ also woken at once by the in-process notification.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import sqlite3
@@ -30,7 +29,6 @@ from pydantic import BaseModel
 from klockwork.core.errors import (
     InvalidRequestError,
     LeaseNotFoundError,
-    StoreUnavailableError,
 )
 from klockwork.core.leases.rules import ParsedIntent, descendant_range, judge, overlaps
 from klockwork.core.model import (
@@ -54,9 +52,10 @@ from klockwork.core.stores.base import (
 )
 from klockwork.core.stores.sqlite_io import (
     AUDIT_SCHEMA,
+    ConnectionPool,
+    FileGuard,
     Section,
     begin_immediate,
-    connect,
     translated,
 )
 
@@ -148,30 +147,17 @@ class SqliteStore(Store):
         super().__init__()
         self.path = os.fspath(path)
         self._busy_timeout_ms = busy_timeout_ms
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
-        self._closed = False
-        with self._translated("create its schema"):
-            conn = self._conn()
+        self._local = threading.local()  # the transaction this thread runs, if any
+        FileGuard.refuse_empty(self.path)
+        self._pool = ConnectionPool(self.path, busy_timeout_ms)
+        with self._translated("create its schema"), self._pool.connection() as conn:
             conn.executescript(_SCHEMA + AUDIT_SCHEMA)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(kw_agents)")}
             if "revoked_at" not in columns:  # a file made by klockwork 0.1
                 conn.execute("ALTER TABLE kw_agents ADD COLUMN revoked_at INTEGER")
+        self._pool.guard.remember()
 
     # -- plumbing -------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn
-        if self._closed:
-            raise StoreUnavailableError(f"sqlite store {self.path} is closed")
-        conn = connect(self.path, self._busy_timeout_ms)
-        self._local.conn = conn
-        with self._conns_lock:
-            self._conns.append(conn)
-        return conn
-
     def _translated(self, doing: str) -> AbstractContextManager[None]:
         return translated(f"sqlite store {self.path}", doing)
 
@@ -183,8 +169,7 @@ class SqliteStore(Store):
         :meth:`journal_section`) are written in it: committed with the
         decision, or rolled back with it.
         """
-        with self._translated(doing):
-            conn = self._conn()
+        with self._translated(doing), self._pool.connection() as conn:
             local = self._local
             if getattr(local, "section", None) is not None:
                 raise RuntimeError("klockwork: nested store transactions")  # a bug, not input
@@ -219,8 +204,8 @@ class SqliteStore(Store):
 
     def _one(self, doing: str, sql: str, args: Sequence[Any]) -> list[Any]:
         """Run one auto-committed statement and fetch its rows."""
-        with self._translated(doing):
-            return self._conn().execute(sql, args).fetchall()
+        with self._translated(doing), self._pool.connection() as conn:
+            return conn.execute(sql, args).fetchall()
 
     # -- agents -------------------------------------------------------------------
     def register_agent(self, agent_id: str, priority: int | None, now_ms: int) -> AgentInfo:
@@ -484,8 +469,7 @@ class SqliteStore(Store):
     def list_leases(
         self, agent_id: str | None, resource: ParsedIntent | None, now_ms: int
     ) -> list[LeaseRecord]:
-        with self._translated("list leases"):
-            conn = self._conn()
+        with self._translated("list leases"), self._pool.connection() as conn:
             if resource is not None:
                 pool = self._overlapping(conn, resource)
             else:
@@ -505,8 +489,7 @@ class SqliteStore(Store):
     def fence_state(self, intent: ParsedIntent, token: int, now_ms: int) -> FenceState:
         keys = (intent.key, *intent.ancestors)
         marks = ", ".join("?" * len(keys))
-        with self._translated("read fencing tokens"):
-            conn = self._conn()
+        with self._translated("read fencing tokens"), self._pool.connection() as conn:
             newest = conn.execute(
                 f"SELECT max(fencing_token) FROM kw_leases WHERE resource IN ({marks})", keys
             ).fetchone()[0]
@@ -526,8 +509,8 @@ class SqliteStore(Store):
         return FenceState(newest, active is not None)
 
     def unreserve(self, agent_id: str, session_id: str) -> None:
-        with self._translated("drop a reservation"):
-            self._unreserve(self._conn(), agent_id, session_id)
+        with self._translated("drop a reservation"), self._pool.connection() as conn:
+            self._unreserve(conn, agent_id, session_id)
 
     def sweep(self, now_ms: int) -> list[LeaseRecord]:
         with self._tx("sweep expired leases") as conn:
@@ -587,10 +570,10 @@ class SqliteStore(Store):
             )
         return [model.model_validate_json(r[0]) for r in rows]
 
+    @property
+    def _conns(self) -> list[sqlite3.Connection]:
+        """The connections kept open between operations (at most the pool's ``max_idle``)."""
+        return self._pool.idle
+
     def close(self) -> None:
-        with self._conns_lock:
-            self._closed = True
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            with contextlib.suppress(sqlite3.Error):  # closing is best effort
-                conn.close()
+        self._pool.close()

@@ -10,7 +10,10 @@ decisions through a :class:`Section`.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +24,16 @@ from klockwork.core.errors import KlockworkError, StoreUnavailableError
 if TYPE_CHECKING:
     from klockwork.core.stores.base import AuditJournal
 
-__all__ = ["AUDIT_SCHEMA", "ERROR_MAP", "Section", "begin_immediate", "connect", "translated"]
+__all__ = [
+    "AUDIT_SCHEMA",
+    "ERROR_MAP",
+    "ConnectionPool",
+    "FileGuard",
+    "Section",
+    "begin_immediate",
+    "connect",
+    "translated",
+]
 
 #: The audit trail's tables, in the store's file (the store writes unsealed
 #: entries; :mod:`klockwork.core.audit.sqlite` seals and reads them).
@@ -163,3 +175,120 @@ class Section:
         self._next = seq + 1
         self.count += 1
         return seq
+
+
+class FileGuard:
+    """Notices that the database file is no longer the one that was opened.
+
+    SQLite keeps using an open file after it was deleted or replaced on
+    disk (or truncated): the engine would go on granting from a file no
+    other process sees, while a new process starts a fresh store on the
+    same path — two stores, each believing it is the one. Every borrowed
+    connection is checked first: the path must still name the same file
+    (device and inode) and the file must not have been emptied. Otherwise
+    the store fails closed with :class:`~klockwork.StoreUnavailableError`,
+    and recovers by itself if the file comes back.
+    """
+
+    __slots__ = ("_identity", "path")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._identity: tuple[int, int] | None = None
+
+    @staticmethod
+    def refuse_empty(path: str) -> None:
+        """Refuse to start a store in a file that exists but is empty (truncated?)."""
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return  # a new store: SQLite creates the file
+        except OSError as exc:
+            raise StoreUnavailableError(f"sqlite store {path} cannot be read: {exc}") from None
+        if size == 0:
+            raise StoreUnavailableError(
+                f"sqlite store {path} exists but is empty (0 bytes): it may have been "
+                "truncated; refusing to start a new store over it (remove the file to start one)"
+            )
+
+    def remember(self) -> None:
+        """Record the file now open as *the* store file."""
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def check(self) -> None:
+        """Raise unless the path still names the file that was opened, not emptied."""
+        if self._identity is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            raise StoreUnavailableError(
+                f"sqlite store {self.path} was deleted or moved while open: refusing to "
+                "answer from a file no other process sees"
+            ) from None
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise StoreUnavailableError(
+                f"sqlite store {self.path} was replaced by another file while open"
+            )
+        if st.st_size == 0:
+            raise StoreUnavailableError(f"sqlite store {self.path} was truncated while open")
+
+
+class ConnectionPool:
+    """A bounded set of connections to one file, lent one at a time (thread-safe).
+
+    A thread borrows a connection for one operation or transaction and gives
+    it back; at most ``max_idle`` stay open between operations, so threads
+    that come and go leave no connection (and file descriptor) behind.
+    """
+
+    def __init__(self, path: str, busy_timeout_ms: int, *, max_idle: int = 8) -> None:
+        self.path = path
+        self.guard = FileGuard(path)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._max_idle = max_idle
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """Borrow a connection (checked against :class:`FileGuard`) for the ``with`` block."""
+        self.guard.check()
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailableError(f"sqlite store {self.path} is closed")
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = connect(self.path, self._busy_timeout_ms)
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:  # never lend a connection in the middle of something
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        finally:
+            with self._lock:
+                keep = not self._closed and len(self._idle) < self._max_idle
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    @property
+    def idle(self) -> list[sqlite3.Connection]:
+        """The connections open between operations (a copy)."""
+        with self._lock:
+            return list(self._idle)
+
+    def close(self) -> None:
+        """Close the idle connections; borrowed ones close when given back. Idempotent."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()

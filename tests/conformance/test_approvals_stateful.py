@@ -155,7 +155,9 @@ class ApprovalMachine(RuleBasedStateMachine):
         """Re-run the gate with the same event_id: the stored outcome, decided once."""
         req = data.draw(st.sampled_from(self.reqs))
         req.expire(self.now())
-        result = self.kw.gates.execute(req.requester, req.action, {"x": 1}, req.event_id)
+        # the same action: an event_id is bound to it (other metadata is refused)
+        meta = {"n": int(req.event_id[1:])}
+        result = self.kw.gates.execute(req.requester, req.action, meta, req.event_id)
         assert result.status == req.outcome()
         assert result.approval_id == req.approval_id
         if req.status != "pending":

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from klockwork import Klockwork
 from klockwork.core.clock import ManualClock
-from klockwork.core.errors import GateDeniedError, NotAnApproverError
+from klockwork.core.errors import GateDeniedError, InvalidRequestError, NotAnApproverError
 from klockwork.core.governance.policy import Condition, Policy
 from klockwork.integrations.langchain.approval_flow import APPROVAL_REQUEST_TYPE
 from klockwork.integrations.langchain.gating import gated_tool
@@ -157,19 +157,71 @@ def test_approval_interrupts_then_a_refused_decider_then_alice(gkw: Klockwork) -
     assert kinds(gkw).count("action.executed") == 1
 
 
-def test_edit_runs_with_the_edited_args(gkw: Klockwork) -> None:
+def test_an_edit_is_judged_again_and_one_that_still_needs_approval_asks_again(
+    gkw: Klockwork,
+) -> None:
     merges = Merges()
     graph = agent(gkw, merges, files=73)
-    graph.invoke(START, CFG)
+    first = graph.invoke(START, CFG)["__interrupt__"][0].value["approval_id"]
     with pytest.raises(ValidationError):  # not an argument of merge_pr
         graph.invoke(
             Command(resume={"type": "edit", "approver": "bob", "args": {"force": True}}), CFG
         )
-    graph.invoke(Command(resume={"type": "edit", "approver": "bob", "args": {"pr": 8}}), CFG)
+    # Still 73 files: the edited action needs its own approval.
+    out = graph.invoke(
+        Command(resume={"type": "edit", "approver": "bob", "args": {"pr": 8}}), CFG
+    )
+    assert merges.merged == []
+    second = out["__interrupt__"][0].value
+    assert second["approval_id"] != first and second["args"]["pr"] == 8  # asked about the edit
+    assert gkw.approvals.get(first).status.value == "denied"  # replaced by the edit
+    assert "replaced by an edit" in gkw.approvals.get(first).decisions[0].comment
+    graph.invoke(Command(resume={"type": "approve", "approver": "alice"}), CFG)
     assert merges.merged == [(8, 73)]
-    (approval,) = gkw.approvals.list(status=None)
-    assert approval.status.value == "approved"
-    assert '"pr": 8' in approval.decisions[0].comment
+
+
+def test_an_edit_the_policies_allow_runs_at_once(gkw: Klockwork) -> None:
+    merges = Merges()
+    graph = agent(gkw, merges, files=73)
+    graph.invoke(START, CFG)
+    graph.invoke(Command(resume={"type": "edit", "approver": "bob", "args": {"files": 12}}), CFG)
+    assert merges.merged == [(7, 12)]
+    executed = [e for e in gkw.audit.query(limit=200).entries if e.kind == "action.executed"]
+    assert [e.data["metadata"] for e in executed] == [{"files": 12}]
+
+
+def test_an_edit_into_a_denied_action_never_runs(gkw: Klockwork) -> None:
+    """An approver's edit cannot walk around a deny policy (the edit escaped it before)."""
+    merges = Merges()
+    tool = gated_tool(
+        merges.tool,
+        action="pr.merge",
+        kw=gkw,
+        metadata=lambda a: {"files": a["files"], "dirs": ["infra"] if a["pr"] == 666 else []},
+    )
+    call = {"name": "merge_pr", "args": {"pr": 7, "files": 73}, "id": "call-1"}
+    model = ScriptedModel(messages=iter([AIMessage("", tool_calls=[call]), "Done."]))
+    graph = create_agent(model, [tool], checkpointer=InMemorySaver(), name=AGENT)
+    graph.invoke(START, CFG)
+    out = graph.invoke(
+        Command(resume={"type": "edit", "approver": "bob", "args": {"pr": 666, "files": 1}}), CFG
+    )
+    assert merges.merged == []
+    (msg,) = tool_messages(out)
+    assert msg.status == "error" and "POLICY_DENIED" in str(msg.content)
+    assert "no-infra" in str(msg.content)
+
+
+def test_an_event_id_serves_one_action_only(gkw: Klockwork) -> None:
+    """An approval is bound to the exact action it approved: no transplanting it."""
+    gkw.gates.execute(AGENT, "pr.merge", {"files": 73}, event_id="pr-7")
+    with pytest.raises(InvalidRequestError, match="another action"):
+        gkw.gates.execute(AGENT, "pr.merge", {"files": 74}, event_id="pr-7")
+    with pytest.raises(InvalidRequestError, match="another action"):
+        gkw.gates.execute("someone-else", "pr.merge", {"files": 73}, event_id="pr-7")
+    assert gkw.gates.execute(AGENT, "pr.merge", {"files": 73}, event_id="pr-7").status == (
+        "requested"
+    )
 
 
 def test_reject_never_runs_the_tool(gkw: Klockwork) -> None:

@@ -123,10 +123,20 @@ def test_approval_interrupts_and_resume_is_idempotent(gkw: Klockwork) -> None:
 def test_edit_args_become_a_state_update(gkw: Klockwork) -> None:
     graph = pipeline(gkw).compile(checkpointer=InMemorySaver())
     graph.invoke({"files": 80}, cfg())
-    out = graph.invoke(
+    # The edited state still has 80 files: judged again, it needs its own approval.
+    paused = graph.invoke(
         Command(resume={"type": "edit", "approver": "alice", "args": {"env": "canary"}}), cfg()
     )
+    assert paused["__interrupt__"][0].value["args"] == {"env": "canary"}
+    out = graph.invoke(Command(resume={"type": "approve", "approver": "alice"}), cfg())
     assert out["env"] == "canary" and out["log"] == ["plan", "deploy"]
+    # An edit that makes the action acceptable runs at once.
+    graph = pipeline(gkw).compile(checkpointer=InMemorySaver())
+    graph.invoke({"files": 80}, cfg("t-2"))
+    out = graph.invoke(
+        Command(resume={"type": "edit", "approver": "alice", "args": {"files": 10}}), cfg("t-2")
+    )
+    assert out["files"] == 10 and out["log"] == ["plan", "deploy"]
 
 
 def test_reject_goes_to_on_denied(gkw: Klockwork) -> None:

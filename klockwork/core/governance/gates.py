@@ -22,6 +22,7 @@ approval or audit entry, from any process sharing the store.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -57,6 +58,7 @@ from klockwork.core.governance.outcomes import (
     GateAnswer,
     GateEntry,
     GateRecord,
+    action_digest,
     approval_id_for,
     explain_approval,
     explain_policy,
@@ -162,9 +164,19 @@ class Gates:
             StoreUnavailableError: the store cannot answer; nothing runs.
         """
         _check(agent_id, action, metadata, event_id)
+        digest = action_digest(agent_id, action, metadata)
         if event_id is not None:
             stored = self._store.get_record(GATE, gate_key(event_id), GateRecord)
             if stored is not None:
+                # An event_id stands for one action: its outcome (an approval
+                # above all) is never handed to another one.
+                if stored.digest and stored.digest != digest:
+                    raise InvalidRequestError(
+                        "event_id",
+                        event_id,
+                        f"was used for another action (agent, action or metadata differ from "
+                        f"the {stored.action!r} it decided)",
+                    )
                 return self._settled(stored)
         now = self._clock.now_ms()
         effect, fields = self._judge(agent_id, action, metadata, now)
@@ -193,6 +205,8 @@ class Gates:
                 "result": result,
                 "created_at_ms": now,
                 "reported": None,
+                "digest": digest,
+                "replaced_by": None,
             },
         )
         kind = OUTCOME_KIND[result.status]
@@ -287,7 +301,11 @@ class Gates:
             StoreUnavailableError: the store cannot answer; nothing runs.
         """
         result = self.execute(agent_id, action, metadata, event_id, session_id=session_id)
-        return self._answer_for(action, result)
+        replaced_by = None
+        if result.status == "denied" and result.approval_id and result.audit_event_id:
+            record = self._store.get_record(GATE, result.audit_event_id, GateRecord)
+            replaced_by = None if record is None else record.replaced_by
+        return self._answer_for(action, result, replaced_by)
 
     aask = io_twin(ask)
 
@@ -295,12 +313,19 @@ class Gates:
         self,
         audit_event_id: str,
         approver: str,
-        decision: Literal["approve", "reject"],
+        decision: Literal["approve", "reject", "edit"],
         comment: str = "",
         *,
-        edited_args: Mapping[str, Any] | None = None,
+        edited: Mapping[str, Any] | None = None,
     ) -> GateAnswer:
         """Apply a human's decision to the approval a gate waits for; return the gate's answer.
+
+        An **edit** is a new action: the original request is declined (one
+        vote: "replaced by an edit") and the edited one — the same agent and
+        action with the ``edited`` metadata — is judged by the policies again,
+        under an event id of its own. A deny still wins; an edit that still
+        needs approval opens a new approval (the answer returned is then
+        pending on it). Nothing the approver wrote can run unjudged.
 
         Idempotent, so an edge may apply the same answer again (LangGraph
         re-validates a stored resume value on every re-run): an approver who
@@ -310,19 +335,24 @@ class Gates:
         Args:
             audit_event_id: the gate's id (``GateAnswer.result.audit_event_id``).
             approver: who decides; checked as by :meth:`Approvals.approve`.
-            decision: ``"approve"`` or ``"reject"``.
+            decision: ``"approve"``, ``"reject"`` or ``"edit"``.
             comment: the approver's comment, or the reason of a rejection.
-            edited_args: an approval that changes the action's arguments:
-                recorded with the vote.
+            edited: for ``"edit"``: the metadata of the action as edited.
 
         Raises:
             NotAnApproverError: ``approver`` may not decide it (the approval
                 stays pending).
             InvalidRequestError: an unknown gate, one that asked for no
-                approval, or a bad decision.
+                approval, a bad decision, or edited metadata that is not JSON.
         """
-        if decision not in ("approve", "reject"):
-            raise InvalidRequestError("decision", decision, "expected 'approve' or 'reject'")
+        if decision not in ("approve", "reject", "edit"):
+            raise InvalidRequestError(
+                "decision", decision, "expected 'approve', 'reject' or 'edit'"
+            )
+        if (decision == "edit") != (edited is not None):
+            raise InvalidRequestError("edited", edited, "goes with decision 'edit' (only)")
+        if edited is not None:
+            check_json_object(dict(edited), "edited")
         record = self._store.get_record(GATE, audit_event_id, GateRecord)
         if record is None:
             raise InvalidRequestError("audit_event_id", audit_event_id, "no such gate event")
@@ -332,23 +362,40 @@ class Gates:
                 "audit_event_id", audit_event_id, "this gate asked for no approval"
             )
         approval = self._approvals.get(approval_id)
-        if approval.status is ApprovalStatus.PENDING and all(
-            d.approver != approver for d in approval.decisions
-        ):
-            if edited_args is not None:
-                edited = json.dumps(dict(edited_args), sort_keys=True, default=str)
-                comment = f"{comment} [edited args: {edited}]".strip()
-            vote = self._approvals.deny if decision == "reject" else self._approvals.approve
+        mine = [d for d in approval.decisions if d.approver == approver]
+        edit_id = None if edited is None else _edit_event_id(record, edited)
+        if approval.status is ApprovalStatus.PENDING and not mine:
+            if edit_id is not None:
+                comment = f"{comment} [replaced by an edit: {edit_id}]".strip()
+            vote = self._approvals.approve if decision == "approve" else self._approvals.deny
             with contextlib.suppress(ApprovalClosedError):  # decided or expired meanwhile
-                vote(approval_id, approver, comment)
+                decided = vote(approval_id, approver, comment)
+                mine = [d for d in decided.decisions if d.approver == approver]
+        if edit_id is not None and any(edit_id in d.comment for d in mine):
+            # The edit replaced the request: the edited action is judged anew.
+            def replaced(current: GateRecord | None) -> tuple[GateRecord | None, None]:
+                if current is None or current.replaced_by == edit_id:
+                    return current, None
+                return current.model_copy(update={"replaced_by": edit_id}), None
+
+            self._store.update_record(GATE, record.audit_event_id, GateRecord, replaced)
+            return self.ask(
+                record.agent_id,
+                record.action,
+                edited,
+                edit_id,
+                session_id=record.session_id,
+            )
         return self._answer_for(record.action, self._settled(record))
 
     aanswer = io_twin(answer)
 
-    def _answer_for(self, action: str, result: ActionResult) -> GateAnswer:
+    def _answer_for(
+        self, action: str, result: ActionResult, replaced_by: str | None = None
+    ) -> GateAnswer:
         approval = self._approvals.get(result.approval_id) if result.approval_id else None
         refusal = refusal_text(action, result, approval) if result.status == "denied" else ""
-        return GateAnswer(result, approval, refusal, action)
+        return GateAnswer(result, approval, refusal, action, replaced_by)
 
     def gate(
         self,
@@ -533,3 +580,10 @@ def _check_text(value: object, argument: str, longest: int) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidRequestError(argument, value, "is not valid UTF-8 text") from None
+
+
+def _edit_event_id(record: GateRecord, edited: Mapping[str, Any]) -> str:
+    """The event id of an edit of ``record``: the same for the same edit, on every replay."""
+    base = record.event_id or record.audit_event_id
+    text = json.dumps(dict(edited), sort_keys=True, separators=(",", ":"), default=str)
+    return f"{base}#edit-{hashlib.sha256(text.encode()).hexdigest()[:16]}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import itertools
+import json
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, NamedTuple
@@ -40,6 +41,7 @@ __all__ = [
     "GateAnswer",
     "GateEntry",
     "GateRecord",
+    "action_digest",
     "approval_id_for",
     "explain_approval",
     "explain_policy",
@@ -104,6 +106,11 @@ class GateRecord(BaseModel):
     result: ActionResult
     created_at_ms: int
     reported: str | None = None
+    #: What it decided, as a digest of agent, action and metadata
+    #: (:func:`action_digest`): its ``event_id`` serves that action only.
+    digest: str = ""
+    #: The event id of the edit that replaced this request, if an approver edited it.
+    replaced_by: str | None = None
 
     @property
     def status(self) -> str:
@@ -206,6 +213,9 @@ class GateAnswer(NamedTuple):
     approval: Approval | None
     refusal: str
     action: str
+    #: Set when an approver's edit replaced this request: the edit's event id
+    #: (its own gate, judged again). The request itself ends denied.
+    replaced_by: str | None = None
 
     @property
     def pending(self) -> bool:
@@ -270,3 +280,11 @@ def refusal_text(action: str, result: ActionResult, approval: Approval | None = 
     elif result.message and not shown:  # e.g. a capability or breaker refusal
         text += f"; {result.message}"
     return text
+
+
+def action_digest(agent_id: str, action: str, metadata: Mapping[str, Any] | None) -> str:
+    """A digest binding a gate decision (and its approval) to one exact action."""
+    text = json.dumps(
+        [agent_id, action, dict(metadata or {})], sort_keys=True, separators=(",", ":"), default=str
+    )
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

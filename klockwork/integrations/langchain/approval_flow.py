@@ -127,10 +127,18 @@ class ApprovalResponse(BaseModel):
 
 
 class GateOutcome(NamedTuple):
-    """The final word of a gate on one call: the core's answer, and the human's if any."""
+    """The final word of a gate on one call.
+
+    Attributes:
+        answer: the core's answer on what runs (after edits: the edited action's).
+        response: the last human answer, if any.
+        edits: the arguments approvers' edits changed (merged in order); empty
+            when nobody edited.
+    """
 
     answer: GateAnswer
     response: ApprovalResponse | None
+    edits: dict[str, Any]
 
 
 # -- the run ------------------------------------------------------------------------
@@ -212,28 +220,46 @@ def interrupt_until_decided(
     agent_id: str,
     args: Mapping[str, Any] | None = None,
     check_args: Callable[[dict[str, Any]], None] | None = None,
+    metadata_for: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
 ) -> GateOutcome:
     """Interrupt the run while ``answer`` waits for a human (see the module docstring).
 
     Each resume value is checked (``check_args`` for an edit's arguments)
     and handed to ``kw.gates.answer``; a quorum above one interrupts again.
+    An edit is a new action: ``metadata_for(edited args)`` gives its
+    metadata, which the policies judge again (an edit that still needs
+    approval interrupts again, for the new approval). Without
+    ``metadata_for`` the edit does not change what the gate judged (it
+    only updates the run's state), and counts as an approval.
     """
     response: ApprovalResponse | None = None
-    audit_event_id = answer.result.audit_event_id or ""
-    while answer.pending:
-        value = approval_request(answer, agent_id=agent_id, args=args)
+    edits: dict[str, Any] = {}
+    # A request an edit replaced asks again too: on a re-run LangGraph replays
+    # the stored edit into this interrupt, and the core answers with the edit.
+    while answer.pending or answer.replaced_by is not None:
+        value = approval_request(answer, agent_id=agent_id, args={**dict(args or {}), **edits})
         answered: list[GateAnswer] = []
+        audit_event_id = answer.result.audit_event_id or ""
 
-        def hook(given: ApprovalResponse, answered: list[GateAnswer] = answered) -> None:
-            if given.type == "edit" and check_args is not None:
-                check_args(given.args or {})
+        def hook(
+            given: ApprovalResponse, answered: list[GateAnswer] = answered, on: str = audit_event_id
+        ) -> None:
+            edited = None
+            if given.type == "edit":
+                if check_args is not None:
+                    check_args(given.args or {})
+                if metadata_for is not None:
+                    edited = dict(metadata_for({**dict(args or {}), **edits, **(given.args or {})}))
+            decision: Literal["approve", "reject", "edit"] = (
+                "reject" if given.type == "reject" else "edit" if edited else "approve"
+            )
             answered.append(
                 kw.gates.answer(
-                    audit_event_id,
+                    on,
                     given.approver,
-                    "reject" if given.type == "reject" else "approve",
+                    decision,
                     given.message,
-                    edited_args=given.args if given.type == "edit" else None,
+                    edited=edited,
                 )
             )
 
@@ -241,7 +267,9 @@ def interrupt_until_decided(
             response = interrupt(value, response_schema=ApprovalResponse)
         # interrupt() returns a value only after validating it, which ran the hook.
         answer = answered[-1]
-    return GateOutcome(answer, response)
+        if response.type == "edit" and response.args:
+            edits.update(response.args)
+    return GateOutcome(answer, response, edits)
 
 
 def json_safe(value: Any) -> Any:

@@ -183,15 +183,18 @@ class _Gate:
             run_event_id(conf, self.action, key),
             session_id=ident.session_id,
         )
-        answer, response = interrupt_until_decided(
-            kw, answer, agent_id=ident.agent_id, args=args, check_args=self._check_args(args)
+        answer, _, edits = interrupt_until_decided(
+            kw,
+            answer,
+            agent_id=ident.agent_id,
+            args=args,
+            check_args=self._check_args(args),
+            metadata_for=self._metadata,  # an edit is judged again, as the action it now is
         )
         if answer.result.status == "denied":
             return self._refused(answer.denied_error())
-        if response is not None and response.type == "edit" and response.args is not None:
-            if isinstance(tool_input, Mapping):
-                return {**tool_input, **response.args}
-            return response.args
+        if edits:  # run what was approved: the call's arguments as edited
+            return {**tool_input, **edits} if isinstance(tool_input, Mapping) else edits
         return tool_input
 
     def _refused(self, exc: GateDeniedError | ApprovalTimeoutError) -> _Refused:

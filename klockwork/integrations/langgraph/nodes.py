@@ -113,14 +113,18 @@ def gate_node(
                 run_event_id(conf, action),
                 session_id=ident.session_id,
             )
-            answer, response = interrupt_until_decided(kw, answer, agent_id=ident.agent_id)
+            edited_metadata = None
+            if callable(metadata) and isinstance(state, Mapping):
+                # An edit updates the state: judge the action the new state makes.
+                edited_metadata = lambda edits: metadata({**state, **edits})  # noqa: E731
+            answer, _, edits = interrupt_until_decided(
+                kw, answer, agent_id=ident.agent_id, metadata_for=edited_metadata
+            )
             result = answer.result
             if result.status == "denied":
                 if on_denied is None:
                     raise answer.denied_error()
                 return Command(goto=on_denied, update=update_for(result))
-            if response is not None and response.type == "edit" and response.args:
-                edits = dict(response.args)
         update = {**update_for(result), **edits}
         if on_approved is not None:
             return Command(goto=on_approved, update=update)

@@ -40,7 +40,14 @@ from klockwork.core.leases.manager import DEFAULT_TTL_MS, HeldLeases, LeaseManag
 from klockwork.core.model import AgentInfo
 from klockwork.core.stores.base import Store
 from klockwork.core.stores.memory import MemoryStore
-from klockwork.core.validation import check_identity
+from klockwork.core.validation import (
+    INT64_MAX,
+    check_flag,
+    check_identity,
+    check_int,
+    check_key,
+    check_text,
+)
 
 __all__ = ["Klockwork", "audit_log_for", "open_store"]
 
@@ -153,18 +160,18 @@ class Klockwork:
         audit_key: bytes | str | None = None,
         audit_leases: bool = True,
     ) -> None:
-        if default_effect not in _EFFECTS:
+        if not isinstance(default_effect, str) or default_effect not in _EFFECTS:
             raise InvalidRequestError(
                 "default_effect", default_effect, f"expected one of {', '.join(_EFFECTS)}"
             )
         if store is not None and not isinstance(store, Store):
             raise InvalidRequestError("store", store, "expected a klockwork Store")
-        if audit_leases.__class__ is not bool:
-            raise InvalidRequestError("audit_leases", audit_leases, "expected True or False")
+        check_flag(audit_leases, "audit_leases")
+        audit_key = _check_audit_key(audit_key)
         self.store: Store = store if store is not None else MemoryStore()
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.default_effect: Effect = default_effect
-        self.audit_key = audit_key.encode() if isinstance(audit_key, str) else audit_key
+        self.audit_key = audit_key
         self._hub = EventHub()
         self._audit = audit_log_for(self.store, self.clock, self.audit_key)
         record = self._audit.record
@@ -192,7 +199,14 @@ class Klockwork:
     @classmethod
     def open(cls, url: str | None = None, **kwargs: Any) -> Klockwork:
         """Open an engine on the store a URL names (``$KLOCKWORK_URL``, else memory)."""
-        return cls(open_store(url or os.environ.get("KLOCKWORK_URL") or "memory://"), **kwargs)
+        if url is None:
+            url = os.environ.get("KLOCKWORK_URL") or "memory://"
+        store = open_store(url)
+        try:
+            return cls(store, **kwargs)
+        except BaseException:
+            store.close()  # a bad keyword argument must not leak the open store
+            raise
 
     @classmethod
     def default(cls) -> Klockwork:
@@ -299,6 +313,7 @@ class Klockwork:
     def get_agent(self, agent_id: str) -> AgentInfo | None:
         """The registered agent (with its capabilities and parent), or None."""
         self._check_open()
+        check_key(agent_id, "agent_id")
         info = self.store.get_agent(agent_id)
         return None if info is None else self._with_profile(info)
 
@@ -465,5 +480,18 @@ def _warn_private_default() -> None:
 
 def _check_agent(agent_id: object, priority: object) -> None:
     check_identity(agent_id, "agent_id")
-    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-        raise InvalidRequestError("priority", priority, "must be an int (lower = older) or None")
+    if priority is not None:
+        check_int(priority, "priority", low=-INT64_MAX)
+
+
+def _check_audit_key(key: object) -> bytes | None:
+    """The HMAC key as bytes: None (no signing) or non-empty bytes or text."""
+    if key is None:
+        return None
+    if isinstance(key, str):
+        key = check_text(key, "audit_key").encode()
+    if not isinstance(key, bytes) or not key:
+        raise InvalidRequestError(
+            "audit_key", key, "must be non-empty bytes or text (the HMAC key), or None"
+        )
+    return key

@@ -35,6 +35,7 @@ Errors carry the facts a caller needs as attributes (``lease_id``,
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +82,25 @@ class InvalidRequestError(KlockworkError, ValueError):
         self.argument = argument
         self.value = value
         self.problem = problem
-        super().__init__(f"invalid {argument}={value!r}: {problem}")
+        super().__init__(f"invalid {argument}={describe(value)}: {problem}")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 80, 80, 40
+
+
+def describe(value: object) -> str:
+    """A short ``repr`` of ``value`` for an error message; never raises.
+
+    Bad input is what error messages are about, so the value may be huge,
+    nested thousands deep, or have a ``__repr__`` that raises: the message
+    must still be built (a failing repr would replace the typed error with
+    whatever the repr raised).
+    """
+    try:
+        return _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - any repr failure: name the type instead
+        return f"<{type(value).__name__} object>"
 
 
 class StoreUnavailableError(KlockworkError):

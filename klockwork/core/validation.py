@@ -15,6 +15,13 @@ is wrong, before anything is changed:
   None where waiting without a limit is allowed.
 * :func:`check_ttl` — a lease lifetime: whole milliseconds, 1 ms to
   :data:`MAX_TTL_MS` (7 days; renewals keep a longer-lived holder alive).
+* :func:`check_key` — an id klockwork handed out or a name (lease ids,
+  approval ids, policy names, audit kinds): non-empty text, at most
+  :data:`MAX_KEY_CHARS`, storable (valid UTF-8, no NUL).
+* :func:`check_text` — free text a person reads (reasons, comments):
+  storable, at most :data:`MAX_TEXT_CHARS`.
+* :func:`check_int`, :func:`check_flag`, :func:`check_path` — a bounded
+  int (64-bit, as every store keeps it), a real ``bool``, a file path.
 
 Identities are checked on every lease request, so the common case — ASCII
 text already seen — costs a set lookup.
@@ -23,20 +30,30 @@ text already seen — costs a set lookup.
 from __future__ import annotations
 
 import math
+import os
 import unicodedata
 from typing import Any
 
 from klockwork.core.errors import InvalidRequestError
 
 __all__ = [
-    "MAX_JSON_DEPTH",
+    "INT64_MAX",
     "MAX_IDENTITY_CHARS",
+    "MAX_JSON_DEPTH",
+    "MAX_KEY_CHARS",
+    "MAX_TEXT_CHARS",
     "MAX_TIMEOUT_S",
     "MAX_TTL_MS",
+    "check_flag",
     "check_identity",
+    "check_int",
     "check_json_object",
+    "check_key",
+    "check_path",
+    "check_text",
     "check_timeout",
     "check_ttl",
+    "text_problem",
 ]
 
 #: The longest identity accepted, in characters.
@@ -47,6 +64,12 @@ MAX_TTL_MS = 7 * 24 * 3600 * 1000
 MAX_JSON_DEPTH = 32
 #: The longest wait a timeout may ask for: one year (use None for "no limit").
 MAX_TIMEOUT_S = 365 * 24 * 3600.0
+#: The longest id or name (lease and approval ids, event ids, policy names).
+MAX_KEY_CHARS = 1024
+#: The longest free text (a reason, a comment, a report message).
+MAX_TEXT_CHARS = 10_000
+#: The largest int a store keeps (SQLite INTEGER, Redis, JSON readers).
+INT64_MAX = 2**63 - 1
 
 # Categories that make two strings look alike while differing: controls,
 # invisible format characters (zero-width space, joiners, bidi marks), line
@@ -149,7 +172,7 @@ def check_json_object(value: object, argument: str) -> dict[str, Any]:
         raise InvalidRequestError(argument, value, "must be a JSON object (a dict with str keys)")
     problem = _json_problem(value, 0)
     if problem is not None:
-        raise InvalidRequestError(argument, _short(value), problem)
+        raise InvalidRequestError(argument, value, problem)
     return value
 
 
@@ -196,6 +219,77 @@ def _at(where: str) -> str:
     return f" at {where}" if where else ""
 
 
-def _short(value: object) -> object:
-    text = repr(value)
-    return text if len(text) <= 200 else text[:197] + "..."
+
+def check_key(value: object, argument: str, *, max_chars: int = MAX_KEY_CHARS) -> str:
+    """``value`` if it is usable as an id or a name; else raise.
+
+    Raises:
+        InvalidRequestError: not a string, empty, over ``max_chars``
+            (:data:`MAX_KEY_CHARS` by default), holding NUL or text that is not valid UTF-8.
+    """
+    if not isinstance(value, str):
+        raise InvalidRequestError(argument, value, "must be a string")
+    if not value:
+        raise InvalidRequestError(argument, value, "must not be empty")
+    return check_text(value, argument, max_chars=max_chars)
+
+
+def check_text(value: object, argument: str, *, max_chars: int = MAX_TEXT_CHARS) -> str:
+    """``value`` if it is storable text of at most ``max_chars`` characters; else raise.
+
+    Raises:
+        InvalidRequestError: not a string, too long, holding NUL or a lone surrogate.
+    """
+    if not isinstance(value, str):
+        raise InvalidRequestError(argument, value, "must be a string")
+    problem = text_problem(value, max_chars)
+    if problem is not None:
+        raise InvalidRequestError(argument, value, problem)
+    return value
+
+
+def text_problem(text: str, max_chars: int) -> str | None:
+    """What makes ``text`` unstorable (too long, NUL, a lone surrogate), or None."""
+    if len(text) > max_chars:
+        return f"is {len(text)} characters long; at most {max_chars}"
+    if "\x00" in text:
+        return "must not contain NUL characters"
+    return _text_problem(text, "")
+
+
+def check_int(value: object, argument: str, *, low: int = 0, high: int = INT64_MAX) -> int:
+    """``value`` if it is an int (not a bool) from ``low`` to ``high``; else raise.
+
+    Raises:
+        InvalidRequestError: not an int, or out of range.
+    """
+    if value.__class__ is bool or not isinstance(value, int):
+        raise InvalidRequestError(argument, value, "must be an int")
+    if not low <= value <= high:
+        raise InvalidRequestError(argument, value, f"must be from {low} to {high}")
+    return value
+
+
+def check_flag(value: object, argument: str) -> bool:
+    """``value`` if it is True or False (not 0, 1 or another truthy value); else raise."""
+    if value.__class__ is not bool:
+        raise InvalidRequestError(argument, value, "must be True or False")
+    return bool(value)
+
+
+def check_path(value: object, argument: str = "path") -> str:
+    """``value`` as a file path string (a ``str`` or an ``os.PathLike``); else raise.
+
+    An int is refused although ``open()`` takes one: it would write into an
+    open file descriptor (``export(True)`` writing over stdout).
+
+    Raises:
+        InvalidRequestError: another type, an empty path, NUL or a lone surrogate.
+    """
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise InvalidRequestError(argument, value, "must be a path (str or os.PathLike)")
+    if not value:
+        raise InvalidRequestError(argument, value, "must not be empty")
+    return check_text(value, argument, max_chars=4096)

@@ -65,7 +65,13 @@ from klockwork.core.errors import (
     StoreUnavailableError,
 )
 from klockwork.core.model import GovernanceEvent, LeaseRecord
-from klockwork.core.validation import check_identity
+from klockwork.core.validation import (
+    INT64_MAX,
+    check_identity,
+    check_int,
+    check_key,
+    check_path,
+)
 
 __all__ = [
     "AuditBackend",
@@ -200,7 +206,7 @@ class AuditLog:
                 surrogate); nothing was recorded.
             StoreUnavailableError: the log is closed, or its store cannot answer.
         """
-        if kind not in AUDIT_KINDS:
+        if not isinstance(kind, str) or kind not in AUDIT_KINDS:
             raise InvalidRequestError(
                 "kind", kind, f"not an audit kind (one of {', '.join(sorted(AUDIT_KINDS))})"
             )
@@ -390,6 +396,8 @@ class AuditLog:
             against: a checkpoint taken earlier: also catches truncation and
                 rewriting. With a ``key`` configured, its signature must verify.
         """
+        if against is not None and not isinstance(against, Checkpoint):
+            raise InvalidRequestError("against", against, "must be a Checkpoint or None")
         self._ready()
         verifier = ChainVerifier(against=against, key=self._key)
         after = 0
@@ -425,8 +433,13 @@ class AuditLog:
         """
         if limit.__class__ is not int or not 1 <= limit <= MAX_QUERY_LIMIT:
             raise InvalidRequestError("limit", limit, f"must be an int from 1 to {MAX_QUERY_LIMIT}")
-        if kind is not None and kind not in AUDIT_KINDS:
+        if kind is not None and (not isinstance(kind, str) or kind not in AUDIT_KINDS):
             raise InvalidRequestError("kind", kind, "not an audit kind")
+        for argument, value in (("agent_id", agent_id), ("session_id", session_id)):
+            if value is not None:
+                check_key(value, argument)
+        if since is not None:
+            check_int(since, "since", low=-INT64_MAX)
         after = 0 if cursor is None else _decode_cursor(cursor)
         self._ready()
         rows = self._backend.read(
@@ -454,9 +467,18 @@ class AuditLog:
 
         Returns:
             The number of entries written.
+
+        Raises:
+            InvalidRequestError: ``path`` is not a path, or cannot be opened
+                for writing (no such directory, no permission...).
         """
+        target = check_path(path)
+        try:
+            f = open(target, "wb")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            raise InvalidRequestError("path", path, f"cannot be written: {exc.strerror}") from exc
         count = 0
-        with open(path, "wb") as f:
+        with f:
             for line in self.iter_lines():
                 f.write(line)
                 f.write(b"\n")

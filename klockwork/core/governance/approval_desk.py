@@ -41,7 +41,7 @@ from klockwork.core.governance.approvals import (
 )
 from klockwork.core.notify import Signals
 from klockwork.core.stores.base import Store, io_twin
-from klockwork.core.validation import check_identity, check_timeout
+from klockwork.core.validation import check_identity, check_key, check_text, check_timeout
 
 __all__ = ["APPROVAL", "Approvals"]
 
@@ -161,7 +161,7 @@ class Approvals:
 
     def list(self, status: str | None = "pending") -> builtins.list[Approval]:
         """Approvals with ``status`` (``pending`` by default; None: all), oldest first."""
-        if status is not None and status not in _STATUSES:
+        if status is not None and (not isinstance(status, str) or status not in _STATUSES):
             raise InvalidRequestError(
                 "status", status, f"expected one of {', '.join(sorted(_STATUSES))} or None"
             )
@@ -262,11 +262,10 @@ class Approvals:
 
         return vote
 
-    def _check_vote(self, approval_id: str, approver: str, comment: str) -> None:
+    def _check_vote(self, approval_id: str, approver: str, verdict: str, comment: str) -> None:
         _check_id(approval_id)
         check_identity(approver, "approver")
-        if not isinstance(comment, str):
-            raise InvalidRequestError("comment", comment, "must be a string")
+        check_text(comment, "comment" if verdict == "approve" else "reason")
 
     def _lineage_check(self, approval: Approval | None, approver: str) -> None:
         if approval is None:
@@ -299,7 +298,7 @@ class Approvals:
         raise NotAnApproverError(why)
 
     def _vote(self, approval_id: str, approver: str, verdict: str, comment: str) -> Approval:
-        self._check_vote(approval_id, approver, comment)
+        self._check_vote(approval_id, approver, verdict, comment)
         self._lineage_check(self._store.get_record(APPROVAL, approval_id, Approval), approver)
         outcome = self._store.update_record(
             APPROVAL, approval_id, Approval, self._transition(approver, verdict, comment)
@@ -307,7 +306,7 @@ class Approvals:
         return self._voted(approval_id, outcome)
 
     async def _avote(self, approval_id: str, approver: str, verdict: str, comment: str) -> Approval:
-        self._check_vote(approval_id, approver, comment)
+        self._check_vote(approval_id, approver, verdict, comment)
         self._lineage_check(
             await self._store.aget_record(APPROVAL, approval_id, Approval), approver
         )
@@ -412,5 +411,4 @@ class Approvals:
 
 
 def _check_id(approval_id: object) -> None:
-    if not isinstance(approval_id, str) or not approval_id:
-        raise InvalidRequestError("approval_id", approval_id, "must be a non-empty string")
+    check_key(approval_id, "approval_id")

@@ -37,7 +37,7 @@ from klockwork.core.errors import CapabilityError, InvalidRequestError
 from klockwork.core.events import AuditRecorder
 from klockwork.core.governance.policy import capability_allows, is_subset
 from klockwork.core.stores.base import Store
-from klockwork.core.validation import check_identity
+from klockwork.core.validation import check_identity, check_text, check_timeout
 
 __all__ = [
     "AGENT",
@@ -223,15 +223,13 @@ class Delegations:
             CapabilityError: an escalation (capabilities or TTL beyond the
                 parent's, a revoked/expired parent, the name already taken).
         """
-        if not isinstance(parent_id, str) or not parent_id:
-            raise InvalidRequestError("parent_id", parent_id, "must be a non-empty string")
-        if not isinstance(name, str) or not name.strip() or "/" in name:
-            raise InvalidRequestError("name", name, "must be a non-empty string without '/'")
+        check_identity(parent_id, "parent_id")
+        check_identity(name, "name")
+        if "/" in name:
+            raise InvalidRequestError("name", name, "must not contain '/'")
         caps = check_capabilities(capabilities)
-        if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not ttl_s > 0:
-            raise InvalidRequestError("ttl_s", ttl_s, "must be a number of seconds > 0")
-        if not math.isfinite(ttl_s):
-            raise InvalidRequestError("ttl_s", ttl_s, "must be finite: delegations always end")
+        if not check_timeout(ttl_s, "ttl_s", allow_none=False):
+            raise InvalidRequestError("ttl_s", ttl_s, "must be > 0 seconds: delegations end")
         now = self._clock.now_ms()
         parent = self.profile(parent_id) or AgentProfile(agent_id=parent_id, created_at_ms=now)
         if not parent.usable(now):
@@ -290,6 +288,7 @@ class Delegations:
         Returns the ids revoked now (already revoked ones are skipped).
         """
         check_identity(agent_id, "agent_id")
+        check_text(reason, "reason")
         # Mark first, then list: a delegate created meanwhile either is listed
         # below or finds its parent revoked when it checks again (see create).
         revoked = [agent_id] if self._revoke_one(agent_id, reason) else []
@@ -337,6 +336,10 @@ class Delegations:
 
         A generator for :func:`contextlib.contextmanager` (the engine wraps it).
         """
+        if isinstance(specs, (str, bytes, dict)) or not isinstance(specs, Iterable):
+            raise InvalidRequestError(
+                "delegations", specs, "must be a list of (name, capabilities, ttl_s)"
+            )
         with ExitStack() as stack:
             created = []
             for spec in specs:
@@ -393,9 +396,9 @@ def _spec(spec: Any) -> tuple[str, Sequence[str], float]:
         try:
             return spec["name"], spec["capabilities"], spec["ttl_s"]
         except KeyError as exc:
-            raise InvalidRequestError("specs", spec, f"missing key {exc}") from None
+            raise InvalidRequestError("delegations", spec, f"missing key {exc}") from None
     if isinstance(spec, (tuple, list)) and len(spec) == 3:
         return spec[0], spec[1], spec[2]
     raise InvalidRequestError(
-        "specs", spec, "each delegation is (name, capabilities, ttl_s) or a dict with those keys"
+        "delegations", spec, "each delegation is (name, capabilities, ttl_s) or a dict with those keys"
     )

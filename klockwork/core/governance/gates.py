@@ -72,7 +72,13 @@ from klockwork.core.governance.policies import Policies
 from klockwork.core.governance.policy import Effect, Policy, decide
 from klockwork.core.model import _build
 from klockwork.core.stores.base import Store, io_twin
-from klockwork.core.validation import check_identity, check_json_object, check_timeout
+from klockwork.core.validation import (
+    check_identity,
+    check_json_object,
+    check_key,
+    check_text,
+    check_timeout,
+)
 
 __all__ = ["CAPABILITY_DENIED", "ActionResult", "GateAnswer", "GateRecord", "Gates", "Policies"]
 
@@ -499,12 +505,12 @@ class Gates:
         Raises:
             InvalidRequestError: unknown status or id, or the action did not execute.
         """
-        if status not in REPORT_STATUSES:
+        check_key(audit_event_id, "audit_event_id")
+        if not isinstance(status, str) or status not in REPORT_STATUSES:
             raise InvalidRequestError(
                 "status", status, "expected 'success', 'failure' or 'partial'"
             )
-        if not isinstance(message, str):
-            raise InvalidRequestError("message", message, "must be a string")
+        check_text(message, "message")
 
         def mark(current: GateRecord | None) -> tuple[GateRecord | None, GateRecord | None]:
             if current is None:
@@ -548,6 +554,7 @@ class Gates:
 
     def reset_breaker(self, agent_id: str) -> None:
         """Close ``agent_id``'s breaker and clear its failure count."""
+        check_key(agent_id, "agent_id")
 
         def close(current: BreakerState | None) -> tuple[BreakerState | None, None]:
             return (None if current is None else reset(current)), None
@@ -556,30 +563,20 @@ class Gates:
 
     def breaker_state(self, agent_id: str) -> BreakerState:
         """``agent_id``'s breaker as stored (closed when never reported)."""
+        check_key(agent_id, "agent_id")
         state = self._store.get_record(BREAKER, agent_id, BreakerState)
         return state or BreakerState(agent_id=agent_id)
 
 
 def _check(agent_id: object, action: object, metadata: object, event_id: object) -> None:
     check_identity(agent_id, "agent_id")
-    _check_text(action, "action", 512)
+    check_key(action, "action", max_chars=512)
     if metadata is not None:
         if not isinstance(metadata, Mapping):
             raise InvalidRequestError("metadata", metadata, "must be a dict or None")
         check_json_object(dict(metadata), "metadata")
     if event_id is not None:
-        _check_text(event_id, "event_id", 2048)
-
-
-def _check_text(value: object, argument: str, longest: int) -> None:
-    if not isinstance(value, str) or not value:
-        raise InvalidRequestError(argument, value, "must be a non-empty string")
-    if len(value) > longest:
-        raise InvalidRequestError(argument, value[:40] + "...", f"is longer than {longest}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidRequestError(argument, value, "is not valid UTF-8 text") from None
+        check_key(event_id, "event_id", max_chars=2048)
 
 
 def _edit_event_id(record: GateRecord, edited: Mapping[str, Any]) -> str:

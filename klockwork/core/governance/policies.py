@@ -15,6 +15,7 @@ from typing import Any
 from klockwork.core.errors import InvalidRequestError
 from klockwork.core.governance.policy import Policy
 from klockwork.core.governance.policy_files import load_policies, parse_policies
+from klockwork.core.validation import check_key
 
 __all__ = ["Policies"]
 
@@ -73,6 +74,7 @@ class Policies:
 
     def remove(self, name: str) -> bool:
         """Remove a policy by name; False if there was none."""
+        check_key(name, "name")
         with self._lock:
             if name not in self._by_name:
                 return False
@@ -81,6 +83,7 @@ class Policies:
 
     def get(self, name: str) -> Policy | None:
         """The policy of that name, or None."""
+        check_key(name, "name")
         return self._by_name.get(name)
 
     def list(self) -> builtins.list[Policy]:

@@ -54,6 +54,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from klockwork.core.errors import InvalidRequestError
 from klockwork.core.model import _build
+from klockwork.core.validation import (
+    INT64_MAX,
+    MAX_KEY_CHARS,
+    MAX_TEXT_CHARS,
+    MAX_TIMEOUT_S,
+    text_problem,
+)
 
 __all__ = [
     "CONDITIONS_DENIED",
@@ -119,7 +126,20 @@ _ALLOWED = {
     "on_fail": (Effect.DENY, Effect.REQUIRE_APPROVAL),
     "on_timeout": (Effect.DENY, Effect.ALLOW),
 }
+#: The most approvals a policy may require.
+MAX_QUORUM = 1000
 _UNSET: Any = type("_Unset", (), {"__repr__": lambda self: "<unset>"})()
+
+
+def _enum_text(value: Any) -> Any:
+    """Refuse a non-text enum value before ``Enum(value)`` sees it.
+
+    Python's ``Enum`` formats a refused value with ``repr``, which may raise
+    or recurse without end on hostile input; text and members pass on.
+    """
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
 
 
 class Condition(BaseModel):
@@ -134,15 +154,20 @@ class Condition(BaseModel):
     """
 
     model_config = _STRICT
-    field: str
+    field: str = Field(strict=True)
     operator: Operator
     value: Any = Field(default=_UNSET, validate_default=True)
+
+    _operator_text = field_validator("operator", mode="before")(_enum_text)
 
     @field_validator("field")
     @classmethod
     def _check_field(cls, field: str) -> str:
-        if not field or "" in field.split("."):
+        if not field or "" in field.split(".") or field != field.strip():
             raise ValueError("must be a dot path such as 'pr.files_changed'")
+        problem = text_problem(field, MAX_KEY_CHARS)
+        if problem is not None:
+            raise ValueError(problem)
         return field
 
     @field_validator("value")
@@ -182,18 +207,24 @@ class Policy(BaseModel):
     """
 
     model_config = _STRICT
-    name: str
-    action: str
+    # strict: no bytes for text, no True for 1 (a typo must not pass as a value).
+    name: str = Field(strict=True)
+    action: str = Field(strict=True)
     agents: list[str] = []
     effect: Effect
     conditions: list[Condition] = []
     on_fail: Effect = Effect.DENY
     approvers: list[str] = []
-    quorum: int = Field(default=1, ge=1)
-    approval_timeout_s: float | None = Field(default=None, gt=0)
+    quorum: int = Field(default=1, ge=1, le=MAX_QUORUM, strict=True)
+    # Finite and bounded: an approval always ends, and its deadline fits a store's int.
+    approval_timeout_s: float | None = Field(
+        default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False, strict=True
+    )
     on_timeout: Effect = Effect.DENY
-    priority: int = 0
-    description: str = ""
+    priority: int = Field(default=0, ge=-INT64_MAX, le=INT64_MAX, strict=True)
+    description: str = Field(default="", max_length=MAX_TEXT_CHARS, strict=True)
+
+    _effect_text = field_validator("effect", "on_fail", "on_timeout", mode="before")(_enum_text)
 
     @field_validator("name", "action", "agents", "approvers", "on_fail", "on_timeout")
     @classmethod
@@ -201,10 +232,16 @@ class Policy(BaseModel):
         allowed = _ALLOWED.get(info.field_name or "")
         if allowed is not None and value not in allowed:
             raise ValueError("must be " + " or ".join(f"'{e.value}'" for e in allowed))
-        if isinstance(value, str) and not value.strip():
-            raise ValueError("must not be empty")
-        if isinstance(value, list) and not all(item.strip() for item in value):
-            raise ValueError("must not contain empty strings")
+        for text in value if isinstance(value, list) else [value]:
+            if not isinstance(text, str):
+                continue
+            if not text.strip():
+                raise ValueError(
+                    "must not contain empty strings" if text is not value else "must not be empty"
+                )
+            problem = text_problem(text, MAX_KEY_CHARS)
+            if problem is not None:
+                raise ValueError(problem)
         return value
 
     @field_validator("quorum")

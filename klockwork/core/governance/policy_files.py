@@ -10,15 +10,26 @@ import difflib
 import importlib
 import json
 import os
+import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
-from klockwork.core.errors import InvalidRequestError
+from klockwork.core.errors import InvalidRequestError, describe
 from klockwork.core.governance.policy import Policy
+from klockwork.core.validation import check_path
 
-__all__ = ["load_policies", "parse_policies"]
+__all__ = ["MAX_POLICY_FILE_BYTES", "MAX_POLICY_NODES", "load_policies", "parse_policies"]
+
+#: The largest policy file read (1 MiB: thousands of policies).
+MAX_POLICY_FILE_BYTES = 1 << 20
+#: The most values (mappings, lists, scalars) a parsed policy file may hold,
+#: counting each use of a YAML alias: a 448-byte alias bomb would otherwise
+#: expand to billions.
+MAX_POLICY_NODES = 100_000
+#: How deeply a policy file may nest.
+MAX_POLICY_DEPTH = 64
 
 
 _PROBLEMS: dict[str, Callable[[dict[str, Any]], str]] = {
@@ -26,6 +37,8 @@ _PROBLEMS: dict[str, Callable[[dict[str, Any]], str]] = {
     "extra_forbidden": lambda ctx: "unknown field",
     "greater_than_equal": lambda ctx: f"must be >= {ctx['ge']}",
     "greater_than": lambda ctx: f"must be > {ctx['gt']}",
+    "less_than_equal": lambda ctx: f"must be <= {ctx['le']}",
+    "finite_number": lambda ctx: "must be a finite number",
     "enum": lambda ctx: f"must be one of {ctx['expected']}",
     "value_error": lambda ctx: str(ctx["error"]),
 }
@@ -44,7 +57,7 @@ def _field_error(source: str, label: str, exc: ValidationError) -> InvalidReques
         if close:
             problem += f" (did you mean '{close[0]}'?)"
     elif err["type"] != "missing":
-        problem += f" (got {err['input']!r})"
+        problem += f" (got {describe(err['input'])})"
     more = len(exc.errors()) - 1
     tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     value = None if err["type"] == "missing" else err.get("input")
@@ -90,28 +103,55 @@ def parse_policies(data: Any, source: str = "<policies>") -> list[Policy]:
 def load_policies(path: str | os.PathLike[str]) -> list[Policy]:
     """Load policies from a ``.yaml`` / ``.yml`` / ``.json`` file.
 
-    YAML needs the optional ``pyyaml`` package (imported only here).
+    Only a regular file of at most :data:`MAX_POLICY_FILE_BYTES` is read
+    (never a FIFO or a device, which could block forever), as UTF-8, and the
+    parsed document may hold at most :data:`MAX_POLICY_NODES` values nested
+    at most :data:`MAX_POLICY_DEPTH` deep (YAML aliases count each time used).
 
     Raises:
         InvalidRequestError: unreadable or malformed file, or an invalid
             policy (the message names the file, the policy and the field).
         ImportError: a YAML file but ``pyyaml`` is not installed.
     """
-    source = os.fspath(path)
+    source = check_path(path)
     suffix = os.path.splitext(source)[1].lower()
     if suffix not in (".yaml", ".yml", ".json"):
         raise InvalidRequestError("path", source, "expected a .yaml, .yml or .json file")
-    try:
-        with open(source, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise InvalidRequestError("path", source, f"cannot read: {exc.strerror}") from None
+    text = _read_text(source)
     if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InvalidRequestError("path", source, f"{source}: invalid JSON: {exc}") from None
-        return parse_policies(data, source)
+        except RecursionError:
+            raise _too_deep(source) from None
+    else:
+        data = _parse_yaml(text, source)
+    _check_shape(data, source)
+    return parse_policies(data, source)
+
+
+def _read_text(source: str) -> str:
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+    try:
+        fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise InvalidRequestError("path", source, f"cannot read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidRequestError("path", source, "is not a regular file")
+        raw = fh.read(MAX_POLICY_FILE_BYTES + 1)
+    if len(raw) > MAX_POLICY_FILE_BYTES:
+        raise InvalidRequestError(
+            "path", source, f"is larger than {MAX_POLICY_FILE_BYTES} bytes; split it"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError("path", source, f"{source}: not UTF-8 text: {exc}") from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
     try:
         yaml: Any = importlib.import_module("yaml")
     except ImportError as exc:
@@ -119,7 +159,37 @@ def load_policies(path: str | os.PathLike[str]) -> list[Policy]:
             f"loading {source} needs pyyaml: pip install pyyaml (or use a .json file)"
         ) from exc
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InvalidRequestError("path", source, f"{source}: invalid YAML: {exc}") from None
-    return parse_policies(data, source)
+    except RecursionError:
+        raise _too_deep(source) from None
+
+
+def _check_shape(data: Any, source: str) -> None:
+    """Refuse a document too large or too deep, walking it without recursion.
+
+    Shared values (YAML aliases) are walked each time they are used: that is
+    the size validation and evaluation would see.
+    """
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_POLICY_NODES:
+            raise InvalidRequestError(
+                "path", source, f"{source}: holds more than {MAX_POLICY_NODES} values"
+            )
+        if depth > MAX_POLICY_DEPTH:
+            raise _too_deep(source)
+        if isinstance(value, Mapping):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+
+
+def _too_deep(source: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        "path", source, f"{source}: nests deeper than {MAX_POLICY_DEPTH} levels"
+    )

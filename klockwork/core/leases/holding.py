@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from klockwork.core.errors import EventLoopBlockedError, InvalidRequestError, LeaseLostError
 from klockwork.core.model import Lease
+from klockwork.core.validation import check_flag
 
 if TYPE_CHECKING:
     from klockwork.core.leases.manager import LeaseManager
@@ -86,7 +87,7 @@ class _HoldingBase:
     ) -> None:
         self._manager = manager
         self._args = args
-        self._auto_renew = auto_renew
+        self._auto_renew = check_flag(auto_renew, "auto_renew")
         self._names = names
         self._held: HeldLeases | None = None
 

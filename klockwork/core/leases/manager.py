@@ -42,7 +42,14 @@ from klockwork.core.model import (
 )
 from klockwork.core.notify import Signals
 from klockwork.core.stores.base import AcquireOutcome, AcquireRequest, Store
-from klockwork.core.validation import MAX_TTL_MS, check_identity, check_timeout
+from klockwork.core.validation import (
+    MAX_TTL_MS,
+    check_identity,
+    check_int,
+    check_key,
+    check_text,
+    check_timeout,
+)
 
 if TYPE_CHECKING:
     from klockwork.core.audit.log import AuditLog
@@ -305,6 +312,7 @@ class LeaseManager:
     # -- other operations ---------------------------------------------------------
     def release(self, lease_id: str) -> bool:
         """Release an active lease. Returns False if it was not active."""
+        check_key(lease_id, "lease_id")
         rec = self._store.release(lease_id, self._clock.now_ms())
         if rec is None:
             return False
@@ -314,16 +322,19 @@ class LeaseManager:
 
     async def arelease(self, lease_id: str) -> bool:
         """Async twin of :meth:`release`."""
+        check_key(lease_id, "lease_id")
         rec = await self._store.arelease(lease_id, self._clock.now_ms())
         return self._ended(rec, "lease.released")
 
     def revoke(self, lease_id: str, reason: str = "revoked") -> bool:
         """Revoke an active lease (its holder loses it at the next renewal)."""
+        _check_revoke(lease_id, reason)
         rec = self._store.revoke(lease_id, reason, self._clock.now_ms())
         return self._ended(rec, "lease.revoked")
 
     async def arevoke(self, lease_id: str, reason: str = "revoked") -> bool:
         """Async twin of :meth:`revoke`."""
+        _check_revoke(lease_id, reason)
         rec = await self._store.arevoke(lease_id, reason, self._clock.now_ms())
         return self._ended(rec, "lease.revoked")
 
@@ -334,19 +345,18 @@ class LeaseManager:
             LeaseExpiredError / LeaseRevokedError: never revived.
             LeaseNotFoundError: unknown or released.
         """
-        if ttl_ms is not None:
-            validate_ttl(ttl_ms)
+        _check_heartbeat(lease_id, ttl_ms)
         return self._store.heartbeat(lease_id, ttl_ms, self._clock.now_ms()).snapshot()
 
     async def aheartbeat(self, lease_id: str, ttl_ms: int | None = None) -> Lease:
         """Async twin of :meth:`heartbeat`."""
-        if ttl_ms is not None:
-            validate_ttl(ttl_ms)
+        _check_heartbeat(lease_id, ttl_ms)
         rec = await self._store.aheartbeat(lease_id, ttl_ms, self._clock.now_ms())
         return rec.snapshot()
 
     def get(self, lease_id: str) -> Lease | None:
         """The lease with this id in its current state, or None."""
+        check_key(lease_id, "lease_id")
         rec = self._store.get_lease(lease_id, self._clock.now_ms())
         return None if rec is None else rec.snapshot()
 
@@ -354,6 +364,8 @@ class LeaseManager:
         self, agent_id: str | None = None, resource: str | None = None
     ) -> builtins.list[Lease]:
         """Active leases, of one agent and/or overlapping ``resource``, oldest first."""
+        if agent_id is not None:
+            check_key(agent_id, "agent_id")
         key = None if resource is None else parse_intents((resource, "CONSUMES"))[0]
         records = self._store.list_leases(agent_id, key, self._clock.now_ms())
         return [r.snapshot() for r in records]
@@ -366,6 +378,7 @@ class LeaseManager:
             StaleLeaseError: it is no longer active (expired, revoked or
                 released): whatever it guarded may have changed hands.
         """
+        check_key(lease_id, "lease_id")
         now = self._clock.now_ms()
         rec = self._store.get_lease(lease_id, now)
         if rec is None:
@@ -392,8 +405,7 @@ class LeaseManager:
         Raises:
             StaleLeaseError: a newer lease exists and this one ended.
         """
-        if isinstance(token, bool) or not isinstance(token, int):
-            raise InvalidRequestError("token", token, "a fencing token is an int")
+        check_int(token, "token")
         intent = parse_intents((resource, "CONSUMES"))[0]
         fence = self._store.fence_state(intent, token, self._clock.now_ms())
         if fence.token_active or fence.newest_token is None or fence.newest_token <= token:
@@ -526,3 +538,14 @@ class LeaseAudit:
 
     def ended(self, kind: str, rec: LeaseRecord, now_ms: int) -> None:
         self._audit.record_end(kind, rec, now_ms)
+
+
+def _check_revoke(lease_id: object, reason: object) -> None:
+    check_key(lease_id, "lease_id")
+    check_text(reason, "reason")
+
+
+def _check_heartbeat(lease_id: object, ttl_ms: object) -> None:
+    check_key(lease_id, "lease_id")
+    if ttl_ms is not None:
+        validate_ttl(ttl_ms)

@@ -99,7 +99,7 @@ def describe(value: object) -> str:
     """
     try:
         return _REPR.repr(value)
-    except Exception:  # noqa: BLE001 - any repr failure: name the type instead
+    except Exception:
         return f"<{type(value).__name__} object>"
 
 

@@ -219,7 +219,6 @@ def _at(where: str) -> str:
     return f" at {where}" if where else ""
 
 
-
 def check_key(value: object, argument: str, *, max_chars: int = MAX_KEY_CHARS) -> str:
     """``value`` if it is usable as an id or a name; else raise.
 

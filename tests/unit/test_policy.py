@@ -577,7 +577,12 @@ def conditions(draw: st.DrawFn) -> Condition:
 POLICIES = st.lists(
     st.builds(
         Policy,
-        name=st.text(min_size=1, max_size=4).filter(str.strip),
+        # storable names: no NUL, no lone surrogate (Policy refuses those)
+        name=st.text(
+            st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+            min_size=1,
+            max_size=4,
+        ).filter(str.strip),
         action=st.sampled_from(["pr.*", "pr.merge", "pr.m*", "pr.?erge"]),
         effect=st.sampled_from(list(Effect)),
         conditions=st.lists(conditions(), max_size=3),

@@ -400,5 +400,7 @@ def _spec(spec: Any) -> tuple[str, Sequence[str], float]:
     if isinstance(spec, (tuple, list)) and len(spec) == 3:
         return spec[0], spec[1], spec[2]
     raise InvalidRequestError(
-        "delegations", spec, "each delegation is (name, capabilities, ttl_s) or a dict with those keys"
+        "delegations",
+        spec,
+        "each delegation is (name, capabilities, ttl_s) or a dict with those keys",
     )

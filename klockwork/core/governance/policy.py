@@ -48,11 +48,12 @@ import fnmatch
 import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from klockwork.core.errors import InvalidRequestError
+from klockwork.core.governance.policy_errors import field_error
 from klockwork.core.model import _build
 from klockwork.core.validation import (
     INT64_MAX,
@@ -131,6 +132,30 @@ MAX_QUORUM = 1000
 _UNSET: Any = type("_Unset", (), {"__repr__": lambda self: "<unset>"})()
 
 
+if TYPE_CHECKING:  # type checkers see the plain model (and its typed signature)
+    _Checked = BaseModel
+else:
+
+    class _CheckedMeta(type(BaseModel)):
+        """Makes ``Policy(...)`` raise :class:`InvalidRequestError` naming the field.
+
+        pydantic raises its own ``ValidationError``; klockwork's callers catch
+        one error type for bad input wherever it comes from. Only direct
+        construction is wrapped: validation inside a model (a Policy's
+        conditions) and ``model_validate`` keep pydantic's error, which the
+        loaders turn into one message naming the file and policy.
+        """
+
+        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().__call__(*args, **kwargs)
+            except ValidationError as exc:
+                raise field_error(cls.__name__, exc, cls.model_fields) from None
+
+    class _Checked(BaseModel, metaclass=_CheckedMeta):
+        pass
+
+
 def _enum_text(value: Any) -> Any:
     """Refuse a non-text enum value before ``Enum(value)`` sees it.
 
@@ -142,7 +167,7 @@ def _enum_text(value: Any) -> Any:
     return value
 
 
-class Condition(BaseModel):
+class Condition(_Checked):
     """One test on the action's metadata, e.g. ``pr.files_changed lte 50``.
 
     ``value`` is what the field is compared with: a list for ``in`` /
@@ -194,7 +219,7 @@ class Condition(BaseModel):
         return value
 
 
-class Policy(BaseModel):
+class Policy(_Checked):
     """A rule for the actions matching ``action`` (a glob such as ``pr.*``).
 
     ``effect`` applies when every condition holds. For ``allow`` and

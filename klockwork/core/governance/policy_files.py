@@ -6,18 +6,18 @@ and the field, so a bad file can be fixed without reading klockwork's code.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
-from klockwork.core.errors import InvalidRequestError, describe
+from klockwork.core.errors import InvalidRequestError
 from klockwork.core.governance.policy import Policy
+from klockwork.core.governance.policy_errors import field_error
 from klockwork.core.validation import check_path
 
 __all__ = ["MAX_POLICY_FILE_BYTES", "MAX_POLICY_NODES", "load_policies", "parse_policies"]
@@ -30,38 +30,6 @@ MAX_POLICY_FILE_BYTES = 1 << 20
 MAX_POLICY_NODES = 100_000
 #: How deeply a policy file may nest.
 MAX_POLICY_DEPTH = 64
-
-
-_PROBLEMS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "missing": lambda ctx: "required",
-    "extra_forbidden": lambda ctx: "unknown field",
-    "greater_than_equal": lambda ctx: f"must be >= {ctx['ge']}",
-    "greater_than": lambda ctx: f"must be > {ctx['gt']}",
-    "less_than_equal": lambda ctx: f"must be <= {ctx['le']}",
-    "finite_number": lambda ctx: "must be a finite number",
-    "enum": lambda ctx: f"must be one of {ctx['expected']}",
-    "value_error": lambda ctx: str(ctx["error"]),
-}
-
-
-def _field_error(source: str, label: str, exc: ValidationError) -> InvalidRequestError:
-    errors = exc.errors(include_url=False)
-    # An unknown field first: a typo ("efect:") is why a required one is missing.
-    err = min(errors, key=lambda e: e["type"] != "extra_forbidden")
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-    where = where.lstrip(".") or "policy"
-    explain = _PROBLEMS.get(err["type"])
-    problem = explain(err.get("ctx") or {}) if explain else str(err["msg"])
-    if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
-        close = difflib.get_close_matches(str(err["loc"][0]), Policy.model_fields, n=1)
-        if close:
-            problem += f" (did you mean '{close[0]}'?)"
-    elif err["type"] != "missing":
-        problem += f" (got {describe(err['input'])})"
-    more = len(exc.errors()) - 1
-    tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-    value = None if err["type"] == "missing" else err.get("input")
-    return InvalidRequestError(where, value, f"{source}: {label}: field '{where}': {problem}{tail}")
 
 
 def parse_policies(data: Any, source: str = "<policies>") -> list[Policy]:
@@ -88,7 +56,7 @@ def parse_policies(data: Any, source: str = "<policies>") -> list[Policy]:
         try:
             policy = Policy.model_validate(dict(item))
         except ValidationError as exc:
-            raise _field_error(source, label, exc) from None
+            raise field_error(f"{source}: {label}", exc, Policy.model_fields) from None
         if policy.name in seen:
             raise InvalidRequestError(
                 "name",

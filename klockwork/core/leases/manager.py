@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from klockwork.core.audit.records import Denied, granted_data
 from klockwork.core.clock import Clock
 from klockwork.core.errors import (
-    InvalidRequestError,
     LeaseNotFoundError,
     StaleLeaseError,
     StoreUnavailableError,
@@ -43,6 +42,7 @@ from klockwork.core.model import (
 from klockwork.core.notify import Signals
 from klockwork.core.stores.base import AcquireOutcome, AcquireRequest, Store
 from klockwork.core.validation import (
+    MAX_KEY_CHARS,
     MAX_TTL_MS,
     check_identity,
     check_int,
@@ -312,7 +312,7 @@ class LeaseManager:
     # -- other operations ---------------------------------------------------------
     def release(self, lease_id: str) -> bool:
         """Release an active lease. Returns False if it was not active."""
-        check_key(lease_id, "lease_id")
+        _check_lease_id(lease_id)
         rec = self._store.release(lease_id, self._clock.now_ms())
         if rec is None:
             return False
@@ -322,7 +322,7 @@ class LeaseManager:
 
     async def arelease(self, lease_id: str) -> bool:
         """Async twin of :meth:`release`."""
-        check_key(lease_id, "lease_id")
+        _check_lease_id(lease_id)
         rec = await self._store.arelease(lease_id, self._clock.now_ms())
         return self._ended(rec, "lease.released")
 
@@ -356,7 +356,7 @@ class LeaseManager:
 
     def get(self, lease_id: str) -> Lease | None:
         """The lease with this id in its current state, or None."""
-        check_key(lease_id, "lease_id")
+        _check_lease_id(lease_id)
         rec = self._store.get_lease(lease_id, self._clock.now_ms())
         return None if rec is None else rec.snapshot()
 
@@ -378,7 +378,7 @@ class LeaseManager:
             StaleLeaseError: it is no longer active (expired, revoked or
                 released): whatever it guarded may have changed hands.
         """
-        check_key(lease_id, "lease_id")
+        _check_lease_id(lease_id)
         now = self._clock.now_ms()
         rec = self._store.get_lease(lease_id, now)
         if rec is None:
@@ -540,12 +540,18 @@ class LeaseAudit:
         self._audit.record_end(kind, rec, now_ms)
 
 
+def _check_lease_id(lease_id: object) -> None:
+    # Any text is a fine question ("" or a guessed id: no such lease); only
+    # what no store could look up is refused.
+    check_text(lease_id, "lease_id", max_chars=MAX_KEY_CHARS)
+
+
 def _check_revoke(lease_id: object, reason: object) -> None:
-    check_key(lease_id, "lease_id")
+    _check_lease_id(lease_id)
     check_text(reason, "reason")
 
 
 def _check_heartbeat(lease_id: object, ttl_ms: object) -> None:
-    check_key(lease_id, "lease_id")
+    _check_lease_id(lease_id)
     if ttl_ms is not None:
         validate_ttl(ttl_ms)

@@ -28,11 +28,15 @@ from typing import NamedTuple
 
 from klockwork.core.errors import InvalidRequestError
 from klockwork.core.model import LeaseRecord, LeaseState, Predicate, Reservation, VerdictStatus
-from klockwork.core.validation import check_ttl
+from klockwork.core.validation import check_ttl, text_problem
+
+#: The longest resource key (a file path may be up to 4096 bytes on Linux).
+MAX_RESOURCE_CHARS = 4096
 
 __all__ = [
     "COMPATIBLE_PAIRS",
     "HIERARCHICAL_TYPES",
+    "MAX_RESOURCE_CHARS",
     "Judgement",
     "ParsedIntent",
     "ancestors",
@@ -101,7 +105,8 @@ def normalize_resource(resource: object) -> str:
     given (stripped of surrounding white space).
 
     Raises:
-        InvalidRequestError: not ``TYPE:path``, empty path, or escaping path.
+        InvalidRequestError: not ``TYPE:path``, empty path, escaping path,
+            longer than 4096 characters, or holding NUL or a lone surrogate.
     """
     if not isinstance(resource, str):
         raise InvalidRequestError("resource", resource, "expected a 'TYPE:path' string")
@@ -120,6 +125,9 @@ def _normalize(resource: str) -> str:
     path = path.strip()
     if not path:
         raise InvalidRequestError("resource", resource, "empty path")
+    problem = text_problem(resource, MAX_RESOURCE_CHARS)
+    if problem is not None:  # every store must be able to keep it as text
+        raise InvalidRequestError("resource", resource, problem)
     if rtype in HIERARCHICAL_TYPES:
         path = _normalize_path(resource, path)
     return f"{rtype}:{path}"

@@ -28,6 +28,7 @@ __all__ = [
     "AUDIT_SCHEMA",
     "ERROR_MAP",
     "ConnectionPool",
+    "MIN_LOCK_WAIT_MS",
     "FileGuard",
     "Section",
     "begin_immediate",
@@ -95,6 +96,10 @@ def connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     return conn
 
 
+#: The shortest wait for the write lock, whatever the caller's deadline.
+MIN_LOCK_WAIT_MS = 1000
+
+
 def begin_immediate(
     conn: sqlite3.Connection, busy_timeout_ms: int, deadline: float | None = None
 ) -> None:
@@ -102,9 +107,14 @@ def begin_immediate(
 
     ``deadline`` (``time.monotonic()``) is the caller's own: a request that
     gives up after one second must not wait ten for another process's lock.
+    It never shortens the wait below :data:`MIN_LOCK_WAIT_MS`, so that a
+    lock held for a moment by another writer (or this engine's audit
+    sealer) does not fail a call made with ``timeout_s=0``.
     """
     left_ms = (
-        busy_timeout_ms if deadline is None else max(1, int((deadline - time.monotonic()) * 1000))
+        busy_timeout_ms
+        if deadline is None
+        else max(MIN_LOCK_WAIT_MS, int((deadline - time.monotonic()) * 1000))
     )
     if left_ms >= busy_timeout_ms:
         conn.execute("BEGIN IMMEDIATE")

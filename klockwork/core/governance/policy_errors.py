@@ -1,0 +1,55 @@
+"""Turning pydantic's validation errors on policies into one clear, typed error.
+
+A bad policy (in code or in a file) is reported as an
+:class:`~klockwork.InvalidRequestError` naming the field, what is wrong with
+it and the value given, and suggesting the field a typo meant.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pydantic import ValidationError
+
+from klockwork.core.errors import InvalidRequestError, describe
+
+__all__ = ["field_error"]
+
+
+_PROBLEMS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "missing": lambda ctx: "required",
+    "extra_forbidden": lambda ctx: "unknown field",
+    "greater_than_equal": lambda ctx: f"must be >= {ctx['ge']}",
+    "greater_than": lambda ctx: f"must be > {ctx['gt']}",
+    "less_than_equal": lambda ctx: f"must be <= {ctx['le']}",
+    "finite_number": lambda ctx: "must be a finite number",
+    "enum": lambda ctx: f"must be one of {ctx['expected']}",
+    "value_error": lambda ctx: str(ctx["error"]),
+}
+
+
+def field_error(context: str, exc: ValidationError, fields: Iterable[str]) -> InvalidRequestError:
+    """The first problem ``exc`` reports, as an error naming the field.
+
+    ``context`` says where (``"policies.yaml: policy 'x' (#2)"``); ``fields``
+    are the model's fields, to suggest one for a typo.
+    """
+    errors = exc.errors(include_url=False)
+    # An unknown field first: a typo ("efect:") is why a required one is missing.
+    err = min(errors, key=lambda e: e["type"] != "extra_forbidden")
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+    where = where.lstrip(".") or "policy"
+    explain = _PROBLEMS.get(err["type"])
+    problem = explain(err.get("ctx") or {}) if explain else str(err["msg"])
+    if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+        close = difflib.get_close_matches(str(err["loc"][0]), list(fields), n=1)
+        if close:
+            problem += f" (did you mean '{close[0]}'?)"
+    elif err["type"] != "missing":
+        problem += f" (got {describe(err['input'])})"
+    more = len(exc.errors()) - 1
+    tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    value = None if err["type"] == "missing" else err.get("input")
+    return InvalidRequestError(where, value, f"{context}: field '{where}': {problem}{tail}")

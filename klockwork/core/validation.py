@@ -53,6 +53,7 @@ __all__ = [
     "check_text",
     "check_timeout",
     "check_ttl",
+    "json_problem",
     "text_problem",
 ]
 
@@ -174,6 +175,11 @@ def check_json_object(value: object, argument: str) -> dict[str, Any]:
     if problem is not None:
         raise InvalidRequestError(argument, value, problem)
     return value
+
+
+def json_problem(value: object) -> str | None:
+    """What makes ``value`` not storable JSON data (see :func:`check_json_object`), or None."""
+    return _json_problem(value, 0)
 
 
 def _json_problem(value: object, depth: int, where: str = "") -> str | None:

@@ -555,6 +555,21 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
     max_leaves=12,
 )
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=8)
+# What a condition may compare with: JSON data a store can keep (no NaN,
+# infinities or lone surrogates; Condition refuses those).
+STORABLE_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _TEXT,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(st.characters(blacklist_categories=("Cs",)), max_size=4), inner)
+    ),
+    max_leaves=12,
+)
 FIELDS = st.sampled_from(["pr", "pr.files", "pr.files.0", "pr.n", "x.y.z", "0", "files.1"])
 KEYS = st.sampled_from(["pr", "files", "n", "x", "files", "0"]) | st.text(max_size=3)
 METADATA = st.dictionaries(KEYS, JSON | st.dictionaries(KEYS, JSON), max_size=4)
@@ -566,11 +581,11 @@ def conditions(draw: st.DrawFn) -> Condition:
     if op is Operator.EXISTS:
         value: Any = draw(st.booleans())
     elif op in (Operator.IN, Operator.NOT_IN):
-        value = draw(st.lists(JSON, max_size=3))
+        value = draw(st.lists(STORABLE_JSON, max_size=3))
     elif op is Operator.MATCHES:
         value = draw(st.sampled_from(["", "^a", "b$", ".*", r"\d+", "[ab]+"]))
     else:
-        value = draw(JSON)
+        value = draw(STORABLE_JSON)
     return Condition(field=draw(FIELDS), operator=op, value=value)
 
 

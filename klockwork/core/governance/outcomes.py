@@ -26,7 +26,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from klockwork.core.errors import GateDeniedError
+from klockwork.core.errors import GateDeniedError, describe
 from klockwork.core.governance.approvals import Approval, ApprovalStatus
 from klockwork.core.governance.policy import ConditionResult
 
@@ -242,7 +242,8 @@ def explain_policy(
         return ""
     failed = [c for c in conditions if not c.result]
     why = "; ".join(
-        f"{c.field} {c.operator.value} {c.expected!r} failed (actual {c.actual!r})" for c in failed
+        f"{c.field} {c.operator.value} {describe(c.expected)} failed (actual {describe(c.actual)})"
+        for c in failed
     )
     where = f"policy {policy!r}" if policy else "no policy matches"
     return f"{action}: {reason} by {where}" + (f": {why}" if why else "")

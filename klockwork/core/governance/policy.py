@@ -60,6 +60,7 @@ from klockwork.core.validation import (
     MAX_KEY_CHARS,
     MAX_TEXT_CHARS,
     MAX_TIMEOUT_S,
+    json_problem,
     text_problem,
 )
 
@@ -205,6 +206,9 @@ class Condition(_Checked):
             if op is Operator.EXISTS:
                 return True
             raise ValueError(f"required for operator '{op.value}'")
+        problem = json_problem(value)
+        if problem is not None:  # it is compared with JSON metadata and audited
+            raise ValueError(f"must be JSON data: {problem}")
         if op is Operator.EXISTS and not isinstance(value, bool):
             raise ValueError("must be true or false for 'exists'")
         if op in (Operator.IN, Operator.NOT_IN) and not isinstance(value, _LISTS):

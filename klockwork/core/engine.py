@@ -130,7 +130,8 @@ def audit_log_for(store: Store, clock: Clock, key: bytes | None) -> AuditLog:
         from klockwork.core.stores.sqlite import SqliteStore
 
         assert isinstance(store, SqliteStore)
-        return DurableAuditLog(SqliteAuditBackend(store.path), store=store, clock=clock, key=key)
+        backend = SqliteAuditBackend(store.path, busy_timeout_ms=store.busy_timeout_ms)
+        return DurableAuditLog(backend, store=store, clock=clock, key=key)
     return AuditLog(MemoryAuditBackend(), clock=clock, key=key)
 
 

@@ -151,8 +151,6 @@ class DurableAuditLog(AuditLog):
         Entries that cannot be sealed (a damaged head) are left pending and
         the damage is reported by the verification itself.
         """
-        with contextlib.suppress(AuditIntegrityError):
-            self.flush()
         result = super().verify(against)
         bad = self._sealed.first_column_mismatch()
         if bad is not None and (result.valid or bad < (result.first_broken_seq or bad + 1)):
@@ -171,7 +169,11 @@ class DurableAuditLog(AuditLog):
         return result
 
     def _ready(self) -> None:
-        self.flush()
+        # Readers seal what is committed first. A damaged head blocks sealing:
+        # the entries stay pending, readers see the stored chain, and verify
+        # reports the damage (a checkpoint, which vouches for the head, raises).
+        with contextlib.suppress(AuditIntegrityError):
+            self.flush()
 
     def checkpoint(self) -> Checkpoint:
         """The sealed head after sealing everything committed, signed when a key is set."""

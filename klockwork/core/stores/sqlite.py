@@ -58,6 +58,7 @@ from klockwork.core.stores.sqlite_io import (
     begin_immediate,
     translated,
 )
+from klockwork.core.validation import check_int, check_path
 
 __all__ = ["SqliteStore"]
 
@@ -145,7 +146,9 @@ class SqliteStore(Store):
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 10_000) -> None:
         super().__init__()
-        self.path = os.fspath(path)
+        self.path = check_path(path)
+        #: How long a transaction waits for another process's write lock (ms).
+        self.busy_timeout_ms = check_int(busy_timeout_ms, "busy_timeout_ms", high=3_600_000)
         self._busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()  # the transaction this thread runs, if any
         FileGuard.refuse_empty(self.path)

@@ -38,7 +38,7 @@ from klockwork.core.governance.gates import Gates, Policies
 from klockwork.core.leases.holding import Holding
 from klockwork.core.leases.manager import DEFAULT_TTL_MS, HeldLeases, LeaseManager
 from klockwork.core.model import AgentInfo
-from klockwork.core.stores.base import Store
+from klockwork.core.stores.base import DEFAULT_AUDIT_RETAIN, Store
 from klockwork.core.stores.memory import MemoryStore
 from klockwork.core.validation import (
     INT64_MAX,
@@ -132,7 +132,8 @@ def audit_log_for(store: Store, clock: Clock, key: bytes | None) -> AuditLog:
         assert isinstance(store, SqliteStore)
         backend = SqliteAuditBackend(store.path, busy_timeout_ms=store.busy_timeout_ms)
         return DurableAuditLog(backend, store=store, clock=clock, key=key)
-    return AuditLog(MemoryAuditBackend(), clock=clock, key=key)
+    retain = store.audit_retain if isinstance(store, MemoryStore) else DEFAULT_AUDIT_RETAIN
+    return AuditLog(MemoryAuditBackend(retain), clock=clock, key=key)
 
 
 class Klockwork:

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from typing import Protocol, overload, runtime_checkable
 
 from klockwork.core.audit.chain import AuditEntry
-from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
+from klockwork.core.errors import AuditIntegrityError, InvalidRequestError, StoreUnavailableError
 from klockwork.core.model import _build, _set_private
+from klockwork.core.stores.base import DEFAULT_AUDIT_RETAIN
 
 __all__ = ["AuditBackend", "EntryBatch", "MemoryAuditBackend", "Row"]
 
@@ -104,6 +105,13 @@ class AuditBackend(Protocol):
         """The last stored entry, or None when empty."""
         ...
 
+    def dropped(self) -> tuple[int, str] | None:
+        """``(seq, hash)`` of the last entry dropped by retention, or None if none was.
+
+        A backend that keeps a bounded tail stores entries after that seq only.
+        """
+        ...
+
     def close(self) -> None:
         """Release resources; later calls raise :class:`StoreUnavailableError`."""
         ...
@@ -114,9 +122,20 @@ class MemoryAuditBackend:
 
     Entries are kept as their canonical lines (immutable bytes), so nothing a
     caller does to a returned entry changes the stored chain. Thread-safe.
+
+    Args:
+        retain: how many of the newest entries to keep (None: all). Older ones
+            are dropped in batches; :meth:`dropped` names the last one dropped,
+            which the kept tail links to, so the tail still verifies.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, retain: int | None = DEFAULT_AUDIT_RETAIN) -> None:
+        if retain is not None and (retain.__class__ is not int or retain < 1):
+            raise InvalidRequestError("audit_retain", retain, "must be an int >= 1 or None")
+        self._retain = retain
+        # Entries 1.._offset were dropped; the lists hold seq _offset+1 onwards.
+        self._offset = 0
+        self._dropped: tuple[int, str] | None = None
         self._lock = threading.Lock()
         # One column per filtered field, same position as the line. Columns of
         # strings and ints, not a tuple per entry: the log's objects never
@@ -158,7 +177,7 @@ class MemoryAuditBackend:
             sessions = [e.session_id for e in entries]
         with self._lock:
             self._check_open()
-            n = len(self._lines)
+            n = self._offset + len(self._lines)
             if first != n + 1 or last != n + len(lines):
                 raise AuditIntegrityError(
                     f"entries {first}..{last} do not continue a chain that ends at seq {n}"
@@ -168,6 +187,22 @@ class MemoryAuditBackend:
             self._kinds += kinds
             self._agents += agents
             self._sessions += sessions
+            retain = self._retain
+            # Drop in batches of retain/8: amortised O(1) per entry.
+            if retain is not None and len(self._lines) > retain + retain // 8:
+                self._drop(len(self._lines) - retain)
+
+    def _drop(self, count: int) -> None:
+        last = AuditEntry.from_line(self._lines[count - 1])
+        self._dropped = (last.seq, last.hash)
+        self._offset = last.seq
+        for column in (self._lines, self._ts, self._kinds, self._agents, self._sessions):
+            del column[:count]
+
+    def dropped(self) -> tuple[int, str] | None:
+        """See :meth:`AuditBackend.dropped`."""
+        with self._lock:
+            return self._dropped
 
     def read(
         self,
@@ -185,7 +220,7 @@ class MemoryAuditBackend:
             self._check_open()
             lines, tss, kinds = self._lines, self._ts, self._kinds
             agents, sessions = self._agents, self._sessions
-            for pos in range(max(0, after_seq), len(lines)):
+            for pos in range(max(0, after_seq - self._offset), len(lines)):
                 if (
                     (kind is None or kinds[pos] == kind)
                     and (agent_id is None or agents[pos] == agent_id)
@@ -199,9 +234,9 @@ class MemoryAuditBackend:
 
     def lines(self, after_seq: int, limit: int) -> list[bytes]:
         """See :meth:`AuditBackend.lines`."""
-        start = max(0, after_seq)
         with self._lock:
             self._check_open()
+            start = max(0, after_seq - self._offset)
             return self._lines[start : start + limit]
 
     def head(self) -> AuditEntry | None:

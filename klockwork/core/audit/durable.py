@@ -33,7 +33,7 @@ import logging
 import threading
 from typing import Any
 
-from klockwork.core.audit.chain import GENESIS_HASH, Checkpoint, VerifyResult, sign_checkpoint
+from klockwork.core.audit.chain import GENESIS_HASH, Checkpoint, VerifyResult
 from klockwork.core.audit.encode import data_text
 from klockwork.core.audit.log import AuditLog
 from klockwork.core.audit.sqlite import SqliteAuditBackend
@@ -178,9 +178,7 @@ class DurableAuditLog(AuditLog):
     def checkpoint(self) -> Checkpoint:
         """The sealed head after sealing everything committed, signed when a key is set."""
         self.flush()
-        seq, hash_ = self._sealed.head_point()
-        signature = None if self._key is None else sign_checkpoint(self._key, seq, hash_)
-        return Checkpoint(seq=seq, hash=hash_, ts=self._now_ms(), signature=signature)
+        return self._signed(*self._sealed.head_point())
 
     def close(self) -> None:
         """Seal what is committed (best effort), stop the sealer, close the backend."""

@@ -399,8 +399,9 @@ class AuditLog:
         if against is not None and not isinstance(against, Checkpoint):
             raise InvalidRequestError("against", against, "must be a Checkpoint or None")
         self._ready()
-        verifier = ChainVerifier(against=against, key=self._key)
-        after = 0
+        start = self.retained_from()
+        verifier = ChainVerifier(against=against, key=self._key, start=start)
+        after = 0 if start is None else start.seq
         while not verifier.failed or verifier.wants_more:
             lines = self._backend.lines(after, _PAGE)
             verifier.feed_lines(lines, after + 1)
@@ -452,9 +453,14 @@ class AuditLog:
         )
 
     def iter_lines(self) -> Iterator[bytes]:
-        """The stored lines of the whole chain, oldest first (after a flush)."""
+        """The stored lines of the whole chain, oldest first (after a flush).
+
+        On a log that drops old entries (see :meth:`retained_from`), the
+        lines of the retained tail.
+        """
         self._ready()
-        after = 0
+        start = self.retained_from()
+        after = 0 if start is None else start.seq
         while True:
             lines = self._backend.lines(after, _PAGE)
             yield from lines
@@ -485,11 +491,28 @@ class AuditLog:
                 count += 1
         return count
 
+    def retained_from(self) -> Checkpoint | None:
+        """Where the kept chain starts, if retention dropped older entries; else None.
+
+        An in-memory log keeps its newest entries only (``MemoryStore(
+        audit_retain=...)``): this is the checkpoint of the last entry it
+        dropped, signed when the log has a key. The kept entries link to it,
+        so :meth:`verify` still proves them; pass it as ``start`` to
+        :func:`verify_file` to verify an export of the tail.
+        """
+        dropped = self._backend.dropped()
+        if dropped is None:
+            return None
+        return self._signed(*dropped)
+
     def checkpoint(self) -> Checkpoint:
         """The current head (after a flush), signed when a key is configured."""
         self._ready()
         head = self._backend.head()
-        seq, hash_ = (0, GENESIS_HASH) if head is None else (head.seq, head.hash)
+        return self._signed(0, GENESIS_HASH) if head is None else self._signed(head.seq, head.hash)
+
+    def _signed(self, seq: int, hash_: str) -> Checkpoint:
+        """A checkpoint of entry ``seq`` (hash ``hash_``), signed when there is a key."""
         signature = None if self._key is None else sign_checkpoint(self._key, seq, hash_)
         return Checkpoint(seq=seq, hash=hash_, ts=self._now_ms(), signature=signature)
 
@@ -544,16 +567,21 @@ def export_jsonl(entries: Iterable[AuditEntry], path: StrPath) -> int:
 
 
 def verify_file(
-    path: StrPath, *, against: Checkpoint | None = None, key: bytes | None = None
+    path: StrPath,
+    *,
+    against: Checkpoint | None = None,
+    key: bytes | None = None,
+    start: Checkpoint | None = None,
 ) -> VerifyResult:
     """Verify an exported JSON Lines file offline (streaming, O(1) memory).
 
     A line that is not an audit entry makes the result invalid, with a reason
     naming its line number. Without ``against``, a file cut short after some
-    entry still verifies: pass a checkpoint to catch truncation.
+    entry still verifies: pass a checkpoint to catch truncation. ``start`` is
+    where an export of a retained tail begins (``kw.audit.retained_from()``).
 
     Raises:
         OSError: the file cannot be read.
     """
     with open(path, "rb") as f:
-        return verify_lines(f, against=against, key=key)
+        return verify_lines(f, against=against, key=key, start=start)

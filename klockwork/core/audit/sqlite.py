@@ -211,6 +211,10 @@ class SqliteAuditBackend:
             ).fetchall()
         return [r[0] for r in rows]
 
+    def dropped(self) -> tuple[int, str] | None:
+        """None: a SQLite chain keeps every entry (see ``AuditBackend.dropped``)."""
+        return None
+
     def head(self) -> AuditEntry | None:
         """See :meth:`~klockwork.core.audit.backend.AuditBackend.head`.
 

@@ -13,7 +13,7 @@ import hmac
 import json
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 from klockwork.core.audit.chain import (
     GENESIS_HASH,
@@ -50,16 +50,38 @@ class ChainVerifier:
 
     Args:
         against: a checkpoint the chain must reach, with exactly its hash.
-        key: when given, ``against`` must carry a signature that verifies
-            with it (an unsigned or wrongly signed checkpoint is invalid).
+        key: when given, ``against`` (and ``start``) must carry a signature
+            that verifies with it (an unsigned or wrongly signed checkpoint
+            is invalid).
+        start: where the chain fed begins when it is a tail: the checkpoint
+            of the last entry before it (an in-memory log's retention drops
+            old entries and keeps that checkpoint). The first entry fed must
+            link to it. A checkpoint ``against`` older than ``start`` cannot
+            be compared (its entry is gone); the result says so.
     """
 
-    __slots__ = ("_against", "_broken", "_checked", "_gap", "_prev_b", "_reason", "_seq")
+    __slots__ = (
+        "_against",
+        "_broken",
+        "_checked",
+        "_gap",
+        "_prev_b",
+        "_reason",
+        "_seq",
+        "_start",
+    )
 
-    def __init__(self, *, against: Checkpoint | None = None, key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        against: Checkpoint | None = None,
+        key: bytes | None = None,
+        start: Checkpoint | None = None,
+    ) -> None:
         self._against = against
-        self._seq = 0
-        self._prev_b = GENESIS_HASH.encode("ascii")
+        self._start = start
+        self._seq = 0 if start is None else start.seq
+        self._prev_b = (GENESIS_HASH if start is None else start.hash).encode("ascii")
         self._checked = 0
         self._broken: int | None = None
         self._reason: str | None = None
@@ -69,10 +91,12 @@ class ChainVerifier:
         if against is not None and key is not None:
             if against.signature is None:
                 self._fail(None, "the checkpoint is not signed, but a key was given")
-            elif not hmac.compare_digest(
-                against.signature, sign_checkpoint(key, against.seq, against.hash)
-            ):
+            elif not _signed_by(against, key):
                 self._fail(None, f"the checkpoint at seq {against.seq} has a bad signature")
+        if start is not None and key is not None and not _signed_by(start, key):
+            self._fail(None, f"the start checkpoint at seq {start.seq} is not signed with the key")
+        if _disagree(against, start):
+            self._fail(against.seq, f"entry {against.seq} does not match the checkpoint")
 
     @property
     def failed(self) -> bool:
@@ -246,10 +270,19 @@ class ChainVerifier:
                 "(truncated)",
             )
         valid = self._reason is None
+        start = self._start
         if valid:
             reason = f"{self._checked} entries verify (head seq {self._seq})"
+            if start is not None:
+                reason += f", from the retained tail after seq {start.seq}"
             if against is not None:
-                reason += f", consistent with the checkpoint at seq {against.seq}"
+                if start is not None and against.seq < start.seq:
+                    reason += (
+                        f"; the checkpoint at seq {against.seq} falls in the entries dropped "
+                        "by retention and could not be compared"
+                    )
+                else:
+                    reason += f", consistent with the checkpoint at seq {against.seq}"
         else:
             reason = str(self._reason)
         return VerifyResult(
@@ -336,15 +369,37 @@ def verify_entries(
     return verifier.result()
 
 
+def _disagree(against: Checkpoint | None, start: Checkpoint | None) -> TypeGuard[Checkpoint]:
+    """True if both checkpoints name the same entry with different hashes."""
+    return (
+        start is not None
+        and against is not None
+        and against.seq == start.seq
+        and against.hash != start.hash
+    )
+
+
+def _signed_by(checkpoint: Checkpoint, key: bytes) -> bool:
+    """True if ``checkpoint`` carries the signature ``key`` gives its seq and hash."""
+    signature = checkpoint.signature
+    expected = sign_checkpoint(key, checkpoint.seq, checkpoint.hash)
+    return signature is not None and hmac.compare_digest(signature, expected)
+
+
 def verify_lines(
-    lines: Iterable[bytes], *, against: Checkpoint | None = None, key: bytes | None = None
+    lines: Iterable[bytes],
+    *,
+    against: Checkpoint | None = None,
+    key: bytes | None = None,
+    start: Checkpoint | None = None,
 ) -> VerifyResult:
     """Like :func:`verify_entries`, over stored lines (one entry each, newline optional).
 
     Lines written canonically are checked without building objects; a line
     that is not canonical JSON is parsed and checked by its content. A line
     that is not an audit entry makes the result invalid, naming its number.
+    ``start`` is where a tail begins (see :class:`ChainVerifier`).
     """
-    verifier = ChainVerifier(against=against, key=key)
+    verifier = ChainVerifier(against=against, key=key, start=start)
     verifier.feed_lines(line.rstrip(b"\r\n") for line in lines)
     return verifier.result()

@@ -36,8 +36,15 @@ from klockwork.core.errors import (
 )
 from klockwork.core.leases.rules import ParsedIntent
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
+from klockwork.core.validation import check_int
 
 __all__ = [
+    "DEFAULT_AUDIT_RETAIN",
+    "DEFAULT_RETAIN",
+    "RETAINED_KINDS",
+    "UNSETTLED_STATUSES",
+    "check_retain",
+    "fence_with_floor",
     "io_twin",
     "AcquireOutcome",
     "AcquireRequest",
@@ -131,6 +138,36 @@ class FenceState:
 
     newest_token: int | None
     token_active: bool
+
+
+# -- retention -------------------------------------------------------------------------
+#: How many ended leases, and settled gate outcomes and approvals, a store
+#: keeps by default (``retain_inactive=``). Older ones are pruned.
+DEFAULT_RETAIN = 100_000
+#: How many of the newest entries an in-memory audit log keeps (about 40 MB).
+DEFAULT_AUDIT_RETAIN = 100_000
+#: Record kinds retention prunes (their settled records only).
+RETAINED_KINDS = ("gate", "approval")
+#: Statuses of records still in play: never pruned.
+UNSETTLED_STATUSES = frozenset({"requested", "pending"})
+
+
+def check_retain(value: object) -> int:
+    """``retain_inactive`` if it is an int >= 1; else raise InvalidRequestError."""
+    return check_int(value, "retain_inactive", low=1)
+
+
+def fence_with_floor(newest: int | None, floor: int) -> int | None:
+    """The newest token to judge a fencing token by, once history was pruned.
+
+    Pruning forgets which key an old lease was on; ``floor`` is the newest
+    token pruned. A token below it that is no longer active is refused as
+    stale even if its own key saw no newer grant: fail closed, since a
+    lease that ended that long ago guards nothing.
+    """
+    if floor and (newest is None or newest < floor):
+        return floor
+    return newest
 
 
 ExpiryListener = Callable[[list[LeaseRecord]], None]

@@ -25,16 +25,23 @@ from klockwork.core.leases.rules import (
 )
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
 from klockwork.core.stores.base import (
+    DEFAULT_AUDIT_RETAIN,
+    DEFAULT_RETAIN,
+    RETAINED_KINDS,
+    UNSETTLED_STATUSES,
     AcquireOutcome,
     AcquireRequest,
     FenceState,
     IdPool,
     Store,
     Transition,
+    check_retain,
+    fence_with_floor,
     raise_unless_active,
     record_status,
     refuse_revoked,
 )
+from klockwork.core.validation import check_int
 
 __all__ = ["MemoryStore"]
 
@@ -52,14 +59,29 @@ class MemoryStore(Store):
     Args:
         retain_inactive: how many released/expired/revoked leases are kept
             so that late heartbeats get a precise error; also how many settled
-            gate outcomes are kept for ``event_id`` idempotency and reports.
+            gate outcomes (``event_id`` idempotency, reports) and decided
+            approvals are kept, and, times two, how many resources' fencing
+            history (older history leaves a floor: see ``fence_with_floor``).
+        audit_retain: how many of the newest audit entries ``kw.audit``
+            keeps (None: all). The kept tail links to the checkpoint of the
+            last dropped entry, so it still verifies
+            (``kw.audit.retained_from()``).
     """
 
     cross_process = False
     blocking_io = False
 
-    def __init__(self, retain_inactive: int = 100_000) -> None:
+    def __init__(
+        self,
+        retain_inactive: int = DEFAULT_RETAIN,
+        *,
+        audit_retain: int | None = DEFAULT_AUDIT_RETAIN,
+    ) -> None:
         super().__init__()
+        check_retain(retain_inactive)
+        if audit_retain is not None:
+            check_int(audit_retain, "audit_retain", low=1)
+        self.audit_retain = audit_retain
         self._lock = threading.Lock()
         self._agents: dict[str, AgentInfo] = {}
         self._leases: dict[str, LeaseRecord] = {}
@@ -68,6 +90,8 @@ class MemoryStore(Store):
         self._below: dict[str, set[str]] = {}
         self._fence: dict[str, int] = {}
         self._fence_keys: list[str] = []
+        self._fence_floor = 0  # the newest token whose key's history was pruned
+        self._fence_limit = max(2 * retain_inactive, 1024)
         self._reservations: dict[tuple[str, str], list[Reservation]] = {}
         self._retired: deque[str] = deque()
         self._retain = retain_inactive
@@ -79,7 +103,7 @@ class MemoryStore(Store):
         self._records: dict[str, dict[str, BaseModel]] = {}
         # Settled gate outcomes are only needed for idempotency and reports:
         # keep the newest ones, like retired leases (memory must not grow forever).
-        self._retain_records = {"gate": retain_inactive}
+        self._retain_records = dict.fromkeys(RETAINED_KINDS, retain_inactive)
         self._record_order: dict[str, deque[str]] = {}
         self._records_lock = threading.Lock()
 
@@ -267,6 +291,23 @@ class MemoryStore(Store):
         retired.append(rec.lease_id)
         if len(retired) > self._retain:
             self._leases.pop(retired.popleft(), None)
+            if len(self._fence) > self._fence_limit:
+                self._prune_fences()
+
+    def _prune_fences(self) -> None:
+        """Forget the fencing history of the least recently granted idle keys.
+
+        Keeps keys with an active lease and the newest half of the limit;
+        the newest token forgotten becomes the floor. Runs once per
+        ``limit / 2`` new keys: amortised O(log n) per key.
+        """
+        fence, active = self._fence, self._active
+        keep = self._fence_limit // 2
+        by_age = sorted(fence, key=fence.__getitem__, reverse=True)
+        for key in by_age[keep:]:
+            if key not in active:
+                self._fence_floor = max(self._fence_floor, fence.pop(key))
+        self._fence_keys = sorted(fence)
 
     # -- other transitions ----------------------------------------------------
     def _expire_if_due(self, rec: LeaseRecord, now_ms: int, expired: list[LeaseRecord]) -> None:
@@ -369,7 +410,8 @@ class MemoryStore(Store):
                 r.fencing_token == token and r.expires_at > now_ms
                 for r in self._active.get(intent.key, ())
             )
-        return FenceState(max(tokens) if tokens else None, active)
+        newest = max(tokens) if tokens else None
+        return FenceState(fence_with_floor(newest, self._fence_floor), active)
 
     def unreserve(self, agent_id: str, session_id: str) -> None:
         with self._lock:
@@ -412,7 +454,7 @@ class MemoryStore(Store):
     def _retire(self, kind: str, table: dict[str, BaseModel], key: str, limit: int) -> None:
         """Track a new bounded record; drop the oldest settled ones beyond ``limit``.
 
-        A record still ``requested`` is never dropped: it goes to the back of
+        A record still in play (``requested``, ``pending``) is never dropped: it goes to the back of
         the queue. A deque of keys keeps this O(1) amortised (scanning the dict
         from its start would walk every slot deleted before).
         """
@@ -425,7 +467,7 @@ class MemoryStore(Store):
             record = table.get(oldest)
             if record is None:
                 continue
-            if record_status(record) == "requested":
+            if record_status(record) in UNSETTLED_STATUSES:
                 order.append(oldest)
                 continue
             del table[oldest]

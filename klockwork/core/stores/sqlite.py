@@ -16,6 +16,7 @@ also woken at once by the in-process notification.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import sqlite3
@@ -40,69 +41,37 @@ from klockwork.core.model import (
     VerdictStatus,
 )
 from klockwork.core.stores.base import (
+    DEFAULT_RETAIN,
+    RETAINED_KINDS,
     AcquireOutcome,
     AcquireRequest,
     FenceState,
     JournalSection,
     Store,
     Transition,
+    check_retain,
+    fence_with_floor,
     raise_unless_active,
     record_status,
     refuse_revoked,
 )
 from klockwork.core.stores.sqlite_io import (
     AUDIT_SCHEMA,
+    PRUNE_EVERY,
+    STORE_SCHEMA,
     ConnectionPool,
     FileGuard,
     Section,
     begin_immediate,
+    fence_floor,
+    prune_leases,
+    prune_records,
     translated,
 )
 from klockwork.core.validation import check_int, check_path
 
 __all__ = ["SqliteStore"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS kw_agents (
-    agent_id      TEXT PRIMARY KEY,
-    priority      INTEGER NOT NULL,
-    registered_at INTEGER NOT NULL,
-    revoked_at    INTEGER            -- NULL while the agent stands
-);
-CREATE TABLE IF NOT EXISTS kw_leases (
-    fencing_token INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: strictly increasing
-    lease_id      TEXT NOT NULL UNIQUE,
-    agent_id      TEXT NOT NULL,
-    session_id    TEXT NOT NULL,
-    resource      TEXT NOT NULL,
-    predicate     TEXT NOT NULL,
-    priority      INTEGER NOT NULL,
-    acquired_at   INTEGER NOT NULL,
-    expires_at    INTEGER NOT NULL,
-    ttl_ms        INTEGER NOT NULL,
-    state         TEXT NOT NULL,
-    reason        TEXT
-);
-CREATE INDEX IF NOT EXISTS kw_leases_active ON kw_leases(resource) WHERE state = 'ACTIVE';
-CREATE INDEX IF NOT EXISTS kw_leases_fence ON kw_leases(resource, fencing_token);
-CREATE TABLE IF NOT EXISTS kw_records (
-    kind TEXT NOT NULL,
-    key TEXT NOT NULL,
-    status TEXT,
-    body TEXT NOT NULL,
-    PRIMARY KEY (kind, key)
-);
-CREATE INDEX IF NOT EXISTS kw_records_status ON kw_records(kind, status);
-CREATE TABLE IF NOT EXISTS kw_reservations (
-    agent_id   TEXT NOT NULL,
-    session_id TEXT NOT NULL,
-    resource   TEXT NOT NULL,
-    predicate  TEXT NOT NULL,
-    priority   INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    PRIMARY KEY (agent_id, session_id, resource, predicate)
-);
-"""
 
 _COLS = (
     "lease_id, agent_id, session_id, resource, predicate, priority, fencing_token, "
@@ -139,14 +108,27 @@ class SqliteStore(Store):
         path: the database file (created with its schema if missing).
         busy_timeout_ms: how long a transaction waits for another process's
             write lock before failing closed with StoreUnavailableError.
+        retain_inactive: how many of the newest leases (ended ones are
+            pruned beyond it; active ones never), settled gate outcomes and
+            decided approvals the file keeps. Pruning runs in batches, every
+            ``PRUNE_EVERY`` (1024) grants or new records. The audit chain is never
+            pruned: it is the evidence (export it to archive it).
     """
 
     cross_process = True
     blocking_io = True
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 10_000) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout_ms: int = 10_000,
+        retain_inactive: int = DEFAULT_RETAIN,
+    ) -> None:
         super().__init__()
         self.path = check_path(path)
+        self._retain = check_retain(retain_inactive)
+        self._new_records = itertools.count(1)
         #: How long a transaction waits for another process's write lock (ms).
         self.busy_timeout_ms = check_int(busy_timeout_ms, "busy_timeout_ms", high=3_600_000)
         self._busy_timeout_ms = busy_timeout_ms
@@ -154,7 +136,7 @@ class SqliteStore(Store):
         FileGuard.refuse_empty(self.path)
         self._pool = ConnectionPool(self.path, busy_timeout_ms)
         with self._translated("create its schema"), self._pool.connection() as conn:
-            conn.executescript(_SCHEMA + AUDIT_SCHEMA)
+            conn.executescript(STORE_SCHEMA + AUDIT_SCHEMA)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(kw_agents)")}
             if "revoked_at" not in columns:  # a file made by klockwork 0.1
                 conn.execute("ALTER TABLE kw_agents ADD COLUMN revoked_at INTEGER")
@@ -346,6 +328,8 @@ class SqliteStore(Store):
                     )
                 if request.clear_reservation:
                     self._unreserve(conn, agent_id, session_id)
+                if granted[-1].fencing_token % PRUNE_EVERY == 0:
+                    prune_leases(conn, self._retain)
             elif request.reserve_ms:  # a blocked acquire (WAIT or backing off after DIE)
                 self._unreserve(conn, agent_id, session_id)
                 until = now + request.reserve_ms
@@ -509,7 +493,8 @@ class SqliteStore(Store):
                 "AND state = 'ACTIVE' AND expires_at > ?",
                 (token, intent.key, now_ms),
             ).fetchone()
-        return FenceState(newest, active is not None)
+            floor = fence_floor(conn)
+        return FenceState(fence_with_floor(newest, floor), active is not None)
 
     def unreserve(self, agent_id: str, session_id: str) -> None:
         with self._translated("drop a reservation"), self._pool.connection() as conn:
@@ -548,6 +533,9 @@ class SqliteStore(Store):
                     "status = excluded.status, body = excluded.body",
                     (kind, key, record_status(new), new.model_dump_json()),
                 )
+                pruned = kind in RETAINED_KINDS and current is None
+                if pruned and next(self._new_records) % PRUNE_EVERY == 0:
+                    prune_records(conn, kind, self._retain)
             return result
 
     def get_record(self, kind: str, key: str, model: type[_M]) -> _M | None:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from klockwork.core.errors import KlockworkError, StoreUnavailableError
+from klockwork.core.stores.base import UNSETTLED_STATUSES
 
 if TYPE_CHECKING:
     from klockwork.core.stores.base import AuditJournal
@@ -34,6 +35,12 @@ __all__ = [
     "begin_immediate",
     "connect",
     "translated",
+    "WAL_SIZE_LIMIT",
+    "PRUNE_EVERY",
+    "STORE_SCHEMA",
+    "fence_floor",
+    "prune_leases",
+    "prune_records",
 ]
 
 #: The audit trail's tables, in the store's file (the store writes unsealed
@@ -73,6 +80,106 @@ ERROR_MAP: tuple[tuple[type[sqlite3.Error], type[KlockworkError]], ...] = (
 )
 
 
+#: The tables of the lease and record store (the audit chain has its own, below).
+STORE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kw_agents (
+    agent_id      TEXT PRIMARY KEY,
+    priority      INTEGER NOT NULL,
+    registered_at INTEGER NOT NULL,
+    revoked_at    INTEGER            -- NULL while the agent stands
+);
+CREATE TABLE IF NOT EXISTS kw_leases (
+    fencing_token INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: strictly increasing
+    lease_id      TEXT NOT NULL UNIQUE,
+    agent_id      TEXT NOT NULL,
+    session_id    TEXT NOT NULL,
+    resource      TEXT NOT NULL,
+    predicate     TEXT NOT NULL,
+    priority      INTEGER NOT NULL,
+    acquired_at   INTEGER NOT NULL,
+    expires_at    INTEGER NOT NULL,
+    ttl_ms        INTEGER NOT NULL,
+    state         TEXT NOT NULL,
+    reason        TEXT
+);
+CREATE INDEX IF NOT EXISTS kw_leases_active ON kw_leases(resource) WHERE state = 'ACTIVE';
+CREATE INDEX IF NOT EXISTS kw_leases_fence ON kw_leases(resource, fencing_token);
+CREATE TABLE IF NOT EXISTS kw_records (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    status TEXT,
+    body TEXT NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE INDEX IF NOT EXISTS kw_records_status ON kw_records(kind, status);
+CREATE TABLE IF NOT EXISTS kw_meta (  -- named numbers (the fence floor)
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kw_reservations (
+    agent_id   TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    resource   TEXT NOT NULL,
+    predicate  TEXT NOT NULL,
+    priority   INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, session_id, resource, predicate)
+);
+"""
+
+
+#: Retention prunes once per this many grants (leases) or new records (per process).
+PRUNE_EVERY = 1024
+
+
+def prune_leases(conn: sqlite3.Connection, retain: int) -> None:
+    """Delete ended leases older than the newest ``retain``; raise the fence floor.
+
+    Runs inside the caller's write transaction. The floor is the newest
+    token deleted (see ``stores.base.fence_with_floor``).
+    """
+    row = conn.execute(
+        "SELECT fencing_token FROM kw_leases ORDER BY fencing_token DESC LIMIT 1 OFFSET ?",
+        (retain,),
+    ).fetchone()
+    if row is None:
+        return
+    floor = conn.execute(
+        "SELECT max(fencing_token) FROM kw_leases WHERE state != 'ACTIVE' AND fencing_token <= ?",
+        row,
+    ).fetchone()[0]
+    if floor is None:
+        return
+    conn.execute("DELETE FROM kw_leases WHERE state != 'ACTIVE' AND fencing_token <= ?", row)
+    conn.execute(
+        "INSERT INTO kw_meta VALUES ('fence_floor', ?) "
+        "ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+        (floor,),
+    )
+
+
+def prune_records(conn: sqlite3.Connection, kind: str, retain: int) -> None:
+    """Delete settled ``kind`` records older than the newest ``retain`` (in the caller's tx)."""
+    unsettled = sorted(UNSETTLED_STATUSES)
+    marks = ", ".join("?" * len(unsettled))
+    conn.execute(
+        f"DELETE FROM kw_records WHERE kind = ? AND status NOT IN ({marks}) "
+        "AND rowid <= (SELECT rowid FROM kw_records WHERE kind = ? "
+        "ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+        (kind, *unsettled, kind, retain),
+    )
+
+
+def fence_floor(conn: sqlite3.Connection) -> int:
+    """The newest fencing token retention deleted (0 if none)."""
+    row = conn.execute("SELECT value FROM kw_meta WHERE name = 'fence_floor'").fetchone()
+    return int(row[0]) if row else 0
+
+
+#: The size (bytes) the WAL file is truncated back to after a checkpoint.
+WAL_SIZE_LIMIT = 16 << 20
+
+
 def connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     """A connection as every klockwork SQLite part uses one.
 
@@ -89,6 +196,9 @@ def connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        # After a checkpoint, truncate the WAL back to this size: without it
+        # the file stays as large as the largest burst of writes ever was.
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     except BaseException:
         conn.close()

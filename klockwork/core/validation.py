@@ -54,6 +54,7 @@ __all__ = [
     "check_timeout",
     "check_ttl",
     "json_problem",
+    "same_identity",
     "text_problem",
 ]
 
@@ -98,6 +99,16 @@ def check_identity(value: object, argument: str) -> str:
         _SEEN.clear()
     _SEEN.add(value)
     return value
+
+
+def same_identity(a: str, b: str) -> bool:
+    """True if ``a`` and ``b`` name one principal: equal ignoring case.
+
+    Ids are stored as given (case-sensitive keys), but wherever one
+    principal must not act as two — approving its own request, voting twice
+    towards a quorum — ``"Merger"`` counts as ``"merger"``.
+    """
+    return a == b or a.casefold() == b.casefold()
 
 
 def _identity_problem(value: str) -> str | None:

@@ -108,6 +108,28 @@ def test_one_person_cannot_make_a_quorum_of_two(kw: Klockwork) -> None:
     assert kw.approvals.get(approval_id).status.value == "pending"
 
 
+@pytest.mark.parametrize("approver", ["Merger", "MERGER", "merGer"])
+def test_no_self_approval_in_another_case(kw: Klockwork, approver: str) -> None:
+    approval_id = kw.gates.execute("merger", "pr.merge").approval_id or ""
+    with pytest.raises(NotAnApproverError):
+        kw.approvals.approve(approval_id, approver)
+    assert kw.approvals.get(approval_id).decisions == []
+
+
+def test_one_person_in_two_cases_is_one_vote(kw: Klockwork) -> None:
+    approval_id = kw.gates.execute("merger", "pr.merge").approval_id or ""
+    kw.approvals.approve(approval_id, "team-a")
+    assert kw.approvals.approve(approval_id, "Team-A").status.value == "pending"
+    assert len(kw.approvals.get(approval_id).decisions) == 1
+
+
+def test_a_delegate_cannot_approve_its_parent_in_another_case(kw: Klockwork) -> None:
+    with kw.delegate("lead", "reviewer", ["*"], ttl_s=60) as child:
+        approval_id = kw.gates.execute("lead", "pr.merge").approval_id or ""
+        with pytest.raises(NotAnApproverError):
+            kw.approvals.approve(approval_id, child.agent_id.upper())
+
+
 @pytest.mark.parametrize("agent", SPELLINGS)
 def test_agents_and_sessions_are_checked_where_they_enter(kw: Klockwork, agent: str) -> None:
     calls = [

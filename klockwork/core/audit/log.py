@@ -500,6 +500,7 @@ class AuditLog:
         so :meth:`verify` still proves them; pass it as ``start`` to
         :func:`verify_file` to verify an export of the tail.
         """
+        self._ready()
         dropped = self._backend.dropped()
         if dropped is None:
             return None

@@ -75,6 +75,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from klockwork.core.errors import InvalidRequestError, NotAnApproverError
 from klockwork.core.governance.policy import Policy
+from klockwork.core.validation import same_identity
 
 __all__ = [
     "APPROVAL_EXPIRED",
@@ -294,7 +295,7 @@ def decide_approval(
     current = expire_if_due(approval, now_ms)
     if current.status is not ApprovalStatus.PENDING:
         raise ApprovalClosedError(current)
-    if approver == current.requester:
+    if same_identity(approver, current.requester):
         raise NotAnApproverError(
             f"{approver!r} requested approval {current.approval_id!r} and cannot decide it"
         )
@@ -304,7 +305,7 @@ def decide_approval(
             f"of approval {current.approval_id!r}"
         )
     for earlier in current.decisions:
-        if earlier.approver == approver:
+        if same_identity(earlier.approver, approver):
             if earlier.verdict == verdict:
                 return current
             raise InvalidRequestError(

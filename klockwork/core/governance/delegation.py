@@ -37,7 +37,7 @@ from klockwork.core.errors import CapabilityError, InvalidRequestError
 from klockwork.core.events import AuditRecorder
 from klockwork.core.governance.policy import capability_allows, is_subset
 from klockwork.core.stores.base import Store
-from klockwork.core.validation import check_identity, check_text, check_timeout
+from klockwork.core.validation import check_identity, check_text, check_timeout, same_identity
 
 __all__ = [
     "AGENT",
@@ -197,18 +197,22 @@ class Delegations:
         descends from ``approver``), ``"relative"`` (one agent delegated to
         both, e.g. siblings) — or ``"revoked"``: a revoked agent decides nothing.
         """
-        if approver == requester:
+        if same_identity(approver, requester):
             return "itself"
         profile = self.profile(approver)
         if profile is not None and profile.revoked_at_ms is not None:
             return "revoked"
-        approver_line = self.lineage(approver)
-        if requester in approver_line:
+        # Lineages compared ignoring case, like the identities themselves; a
+        # delegate's id is "<parent>/<name>", so a spelling of one that is
+        # not registered still names its line.
+        folded_approver, folded_requester = approver.casefold(), requester.casefold()
+        approver_line = {a.casefold() for a in self.lineage(approver)}
+        if folded_requester in approver_line or folded_approver.startswith(folded_requester + "/"):
             return "delegate"
-        requester_line = self.lineage(requester)
-        if approver in requester_line:
+        requester_line = {a.casefold() for a in self.lineage(requester)}
+        if folded_approver in requester_line or folded_requester.startswith(folded_approver + "/"):
             return "delegator"
-        if set(approver_line) & set(requester_line):
+        if approver_line & requester_line:
             return "relative"  # siblings (or cousins): one agent delegated to both
         return None
 

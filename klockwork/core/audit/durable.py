@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from typing import Any
 
 from klockwork.core.audit.chain import GENESIS_HASH, Checkpoint, VerifyResult
@@ -45,6 +46,8 @@ __all__ = ["DurableAuditLog"]
 
 _log = logging.getLogger("klockwork")
 _IDLE_EXIT_S = 30.0
+#: How long the sealer lets commits gather before sealing them in one transaction.
+_SEAL_DELAY_S = 0.05
 _RETRY_S = 0.2
 
 
@@ -116,6 +119,12 @@ class DurableAuditLog(AuditLog):
                     if not self._seal_wanted.is_set():
                         self._sealer = None  # idle: the next commit starts one
                         return
+            if self._sealer_stop:
+                return
+            # Let commits gather: one seal transaction for many decisions, and
+            # no write-lock window right behind each decision (a process
+            # frozen just after a decision must not be holding the lock).
+            time.sleep(_SEAL_DELAY_S)
             if self._sealer_stop:
                 return
             self._seal_wanted.clear()

@@ -270,6 +270,8 @@ def text_problem(text: str, max_chars: int) -> str | None:
         return f"is {len(text)} characters long; at most {max_chars}"
     if "\x00" in text:
         return "must not contain NUL characters"
+    if text.isascii():  # the common case: no surrogate possible
+        return None
     return _text_problem(text, "")
 
 

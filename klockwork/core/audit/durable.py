@@ -119,8 +119,6 @@ class DurableAuditLog(AuditLog):
                     if not self._seal_wanted.is_set():
                         self._sealer = None  # idle: the next commit starts one
                         return
-            if self._sealer_stop:
-                return
             # Let commits gather: one seal transaction for many decisions, and
             # no write-lock window right behind each decision (a process
             # frozen just after a decision must not be holding the lock).

@@ -56,7 +56,7 @@ from klockwork.core.audit.chain import (
     sign_checkpoint,
 )
 from klockwork.core.audit.encode import ENDED, PENDING_SLOTS, TEXT, data_text, encode_batch
-from klockwork.core.audit.verify import ChainVerifier, verify_lines
+from klockwork.core.audit.verify import ChainVerifier, verify_file
 from klockwork.core.clock import Clock, SystemClock
 from klockwork.core.errors import (
     AuditIntegrityError,
@@ -123,6 +123,10 @@ def _decode_cursor(cursor: str) -> int:
     except (ValueError, binascii.Error, UnicodeDecodeError, TypeError):
         pass
     raise InvalidRequestError("cursor", cursor, "not a cursor returned by query()")
+
+
+#: How many times verify starts again when retention drops entries under it.
+_VERIFY_ATTEMPTS = 5
 
 
 class AuditLog:
@@ -399,11 +403,22 @@ class AuditLog:
         if against is not None and not isinstance(against, Checkpoint):
             raise InvalidRequestError("against", against, "must be a Checkpoint or None")
         self._ready()
+        for _ in range(_VERIFY_ATTEMPTS):
+            result = self._verify_once(against)
+            if result is not None:
+                return result
+        raise StoreUnavailableError("the audit log kept dropping entries while it was verified")
+
+    def _verify_once(self, against: Checkpoint | None) -> VerifyResult | None:
+        """One pass over the kept chain; None if retention dropped what it was about to read."""
         start = self.retained_from()
         verifier = ChainVerifier(against=against, key=self._key, start=start)
         after = 0 if start is None else start.seq
         while not verifier.failed or verifier.wants_more:
             lines = self._backend.lines(after, _PAGE)
+            dropped = self._backend.dropped()
+            if dropped is not None and dropped[0] > after:
+                return None  # those lines began later than asked: start again
             verifier.feed_lines(lines, after + 1)
             if len(lines) < _PAGE:
                 break
@@ -565,24 +580,3 @@ def export_jsonl(entries: Iterable[AuditEntry], path: StrPath) -> int:
             f.write(b"\n")
             count += 1
     return count
-
-
-def verify_file(
-    path: StrPath,
-    *,
-    against: Checkpoint | None = None,
-    key: bytes | None = None,
-    start: Checkpoint | None = None,
-) -> VerifyResult:
-    """Verify an exported JSON Lines file offline (streaming, O(1) memory).
-
-    A line that is not an audit entry makes the result invalid, with a reason
-    naming its line number. Without ``against``, a file cut short after some
-    entry still verifies: pass a checkpoint to catch truncation. ``start`` is
-    where an export of a retained tail begins (``kw.audit.retained_from()``).
-
-    Raises:
-        OSError: the file cannot be read.
-    """
-    with open(path, "rb") as f:
-        return verify_lines(f, against=against, key=key, start=start)

@@ -33,6 +33,7 @@ from klockwork.core.errors import (
 )
 from klockwork.core.events import AuditRecorder
 from klockwork.core.governance.approvals import (
+    APPROVAL_KIND,
     Approval,
     ApprovalClosedError,
     ApprovalStatus,
@@ -45,7 +46,7 @@ from klockwork.core.validation import check_identity, check_key, check_text, che
 
 __all__ = ["APPROVAL", "Approvals"]
 
-APPROVAL = "approval"  # record kind
+APPROVAL = APPROVAL_KIND  # record kind
 _STATUSES = {s.value for s in ApprovalStatus}
 _POLL_MIN_S = 0.02
 _POLL_MAX_S = 0.5

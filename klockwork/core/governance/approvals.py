@@ -163,6 +163,21 @@ class Approval(BaseModel):
     audit_event_id: str | None = None
     event_id: str | None = None
 
+    # -- retention (see stores.base.in_play) -------------------------------------------
+    def retention_link(self) -> tuple[str, str] | None:
+        """The gate outcome that asked for it (keyed by ``audit_event_id``)."""
+        return None if self.audit_event_id is None else (GATE_KIND, self.audit_event_id)
+
+    def in_play(self, gate_status: str | None) -> bool:
+        """Kept while pending, and while the gate that asked for it awaits a re-run."""
+        return self.status is ApprovalStatus.PENDING or gate_status == "requested"
+
+
+#: Record kinds of approvals and of gate outcomes (``approval_desk.APPROVAL``,
+#: ``outcomes.GATE``), named here, below both, since each refers to the other.
+APPROVAL_KIND = "approval"
+GATE_KIND = "gate"
+
 
 class ApprovalClosedError(InvalidRequestError):
     """A vote reached an approval that is no longer pending; the vote was not counted.

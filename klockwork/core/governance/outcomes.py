@@ -27,7 +27,12 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict
 
 from klockwork.core.errors import GateDeniedError, describe
-from klockwork.core.governance.approvals import Approval, ApprovalStatus
+from klockwork.core.governance.approvals import (
+    APPROVAL_KIND,
+    GATE_KIND,
+    Approval,
+    ApprovalStatus,
+)
 from klockwork.core.governance.policy import ConditionResult
 
 __all__ = [
@@ -53,7 +58,7 @@ __all__ = [
 ]
 
 CAPABILITY_DENIED = "CAPABILITY_DENIED"
-GATE = "gate"  # record kind
+GATE = GATE_KIND  # record kind
 BREAKER = "breaker"
 _FROZEN = ConfigDict(frozen=True)
 REPORT_STATUSES = ("success", "failure", "partial")
@@ -116,6 +121,20 @@ class GateRecord(BaseModel):
     def status(self) -> str:
         """The result's status (what the store lists records by)."""
         return self.result.status
+
+    # -- retention (see stores.base.in_play) -------------------------------------------
+    def retention_link(self) -> tuple[str, str] | None:
+        """The approval this outcome waits for, if it asked for one."""
+        approval_id = self.result.approval_id
+        return None if approval_id is None else (APPROVAL_KIND, approval_id)
+
+    def in_play(self, approval_status: str | None) -> bool:
+        """Kept while its approval is pending; once decided, a re-run settles it.
+
+        (A request decided out of band and never re-run must not be kept
+        forever; its approval stays as long as this record does.)
+        """
+        return self.result.status == "requested" and approval_status == "pending"
 
 
 class GateEntry(NamedTuple):

@@ -45,6 +45,7 @@ __all__ = [
     "UNSETTLED_STATUSES",
     "check_retain",
     "fence_with_floor",
+    "in_play",
     "io_twin",
     "AcquireOutcome",
     "AcquireRequest",
@@ -157,17 +158,33 @@ def check_retain(value: object) -> int:
     return check_int(value, "retain_inactive", low=1)
 
 
-def fence_with_floor(newest: int | None, floor: int) -> int | None:
+def fence_with_floor(newest: int | None, floor: int, live: bool) -> int | None:
     """The newest token to judge a fencing token by, once history was pruned.
 
     Pruning forgets which key an old lease was on; ``floor`` is the newest
-    token pruned. A token below it that is no longer active is refused as
-    stale even if its own key saw no newer grant: fail closed, since a
-    lease that ended that long ago guards nothing.
+    token pruned. A token below it whose lease is no longer ``live`` (active
+    on the resource or a directory above it) is refused as stale even if
+    its own key saw no newer grant: fail closed, since a lease that ended
+    that long ago guards nothing.
     """
-    if floor and (newest is None or newest < floor):
+    if floor and not live and (newest is None or newest < floor):
         return floor
     return newest
+
+
+def in_play(record: BaseModel, status_of: Callable[[str, str], str | None]) -> bool:
+    """True if retention must keep ``record`` (a request still being decided).
+
+    A record may say so itself with ``in_play(linked_status)`` and
+    ``retention_link() -> (kind, key) | None`` (the record its fate is tied
+    to; ``status_of`` reads that one's status). Otherwise its status
+    decides: ``requested`` and ``pending`` are in play.
+    """
+    decide = getattr(record, "in_play", None)
+    if decide is None:
+        return record_status(record) in UNSETTLED_STATUSES
+    link = record.retention_link()  # type: ignore[attr-defined]
+    return bool(decide(None if link is None else status_of(*link)))
 
 
 ExpiryListener = Callable[[list[LeaseRecord]], None]

@@ -28,7 +28,6 @@ from klockwork.core.stores.base import (
     DEFAULT_AUDIT_RETAIN,
     DEFAULT_RETAIN,
     RETAINED_KINDS,
-    UNSETTLED_STATUSES,
     AcquireOutcome,
     AcquireRequest,
     FenceState,
@@ -37,6 +36,7 @@ from klockwork.core.stores.base import (
     Transition,
     check_retain,
     fence_with_floor,
+    in_play,
     raise_unless_active,
     record_status,
     refuse_revoked,
@@ -297,16 +297,18 @@ class MemoryStore(Store):
     def _prune_fences(self) -> None:
         """Forget the fencing history of the least recently granted idle keys.
 
-        Keeps keys with an active lease and the newest half of the limit;
-        the newest token forgotten becomes the floor. Runs once per
+        Keeps the newest half of the limit, and every key on, above or below
+        an active lease (so a live lease's token is judged by its full
+        history); the newest token forgotten becomes the floor. Runs once per
         ``limit / 2`` new keys: amortised O(log n) per key.
         """
-        fence, active = self._fence, self._active
+        fence, active, below = self._fence, self._active, self._below
         keep = self._fence_limit // 2
         by_age = sorted(fence, key=fence.__getitem__, reverse=True)
         for key in by_age[keep:]:
-            if key not in active:
-                self._fence_floor = max(self._fence_floor, fence.pop(key))
+            if key in active or key in below or any(a in active for a in ancestors(key)):
+                continue  # history around a live lease is never forgotten (see fence_state)
+            self._fence_floor = max(self._fence_floor, fence.pop(key))
         self._fence_keys = sorted(fence)
 
     # -- other transitions ----------------------------------------------------
@@ -406,12 +408,17 @@ class MemoryStore(Store):
                 lo = bisect.bisect_left(keys, span[0])
                 hi = bisect.bisect_left(keys, span[1], lo)
                 tokens.extend(fence[k] for k in keys[lo:hi])
+            held = self._active
             active = any(
+                r.fencing_token == token and r.expires_at > now_ms for r in held.get(intent.key, ())
+            )
+            live = active or any(
                 r.fencing_token == token and r.expires_at > now_ms
-                for r in self._active.get(intent.key, ())
+                for k in intent.ancestors
+                for r in held.get(k, ())
             )
         newest = max(tokens) if tokens else None
-        return FenceState(fence_with_floor(newest, self._fence_floor), active)
+        return FenceState(fence_with_floor(newest, self._fence_floor, live), active)
 
     def unreserve(self, agent_id: str, session_id: str) -> None:
         with self._lock:
@@ -467,10 +474,14 @@ class MemoryStore(Store):
             record = table.get(oldest)
             if record is None:
                 continue
-            if record_status(record) in UNSETTLED_STATUSES:
+            if in_play(record, self._status_of):
                 order.append(oldest)
                 continue
             del table[oldest]
+
+    def _status_of(self, kind: str, key: str) -> str | None:
+        record = self._records.get(kind, {}).get(key)
+        return None if record is None else record_status(record)
 
     def get_record(self, kind: str, key: str, model: type[_M]) -> _M | None:
         self._check_open()

@@ -128,7 +128,7 @@ class SqliteStore(Store):
         super().__init__()
         self.path = check_path(path)
         self._retain = check_retain(retain_inactive)
-        self._new_records = itertools.count(1)
+        self._new_records = {kind: itertools.count(1) for kind in RETAINED_KINDS}
         #: How long a transaction waits for another process's write lock (ms).
         self.busy_timeout_ms = check_int(busy_timeout_ms, "busy_timeout_ms", high=3_600_000)
         self._busy_timeout_ms = busy_timeout_ms
@@ -488,13 +488,15 @@ class SqliteStore(Store):
                 ).fetchone()[0]
                 if below is not None and (newest is None or below > newest):
                     newest = below
-            active = conn.execute(
-                "SELECT 1 FROM kw_leases WHERE fencing_token = ? AND resource = ? "
+            row = conn.execute(
+                "SELECT resource FROM kw_leases WHERE fencing_token = ? "
                 "AND state = 'ACTIVE' AND expires_at > ?",
-                (token, intent.key, now_ms),
+                (token, now_ms),
             ).fetchone()
             floor = fence_floor(conn)
-        return FenceState(fence_with_floor(newest, floor), active is not None)
+        active = row is not None and row[0] == intent.key
+        live = row is not None and row[0] in keys  # on the resource or a directory above it
+        return FenceState(fence_with_floor(newest, floor, live), active)
 
     def unreserve(self, agent_id: str, session_id: str) -> None:
         with self._translated("drop a reservation"), self._pool.connection() as conn:
@@ -533,9 +535,9 @@ class SqliteStore(Store):
                     "status = excluded.status, body = excluded.body",
                     (kind, key, record_status(new), new.model_dump_json()),
                 )
-                pruned = kind in RETAINED_KINDS and current is None
-                if pruned and next(self._new_records) % PRUNE_EVERY == 0:
-                    prune_records(conn, kind, self._retain)
+                counter = self._new_records.get(kind) if current is None else None
+                if counter is not None and next(counter) % PRUNE_EVERY == 0:
+                    prune_records(conn, kind, model, self._retain)
             return result
 
     def get_record(self, kind: str, key: str, model: type[_M]) -> _M | None:

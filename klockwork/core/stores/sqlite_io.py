@@ -19,8 +19,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from klockwork.core.errors import KlockworkError, StoreUnavailableError
-from klockwork.core.stores.base import UNSETTLED_STATUSES
+from klockwork.core.leases.rules import ancestors
+from klockwork.core.stores.base import in_play
 
 if TYPE_CHECKING:
     from klockwork.core.stores.base import AuditJournal
@@ -135,8 +138,10 @@ PRUNE_EVERY = 1024
 def prune_leases(conn: sqlite3.Connection, retain: int) -> None:
     """Delete ended leases older than the newest ``retain``; raise the fence floor.
 
-    Runs inside the caller's write transaction. The floor is the newest
-    token deleted (see ``stores.base.fence_with_floor``).
+    Runs inside the caller's write transaction. Rows on, above or below a
+    resource with an active lease stay (a live lease's token is judged by
+    its whole history); the floor is the newest token deleted (see
+    ``stores.base.fence_with_floor``).
     """
     row = conn.execute(
         "SELECT fencing_token FROM kw_leases ORDER BY fencing_token DESC LIMIT 1 OFFSET ?",
@@ -144,30 +149,55 @@ def prune_leases(conn: sqlite3.Connection, retain: int) -> None:
     ).fetchone()
     if row is None:
         return
-    floor = conn.execute(
-        "SELECT max(fencing_token) FROM kw_leases WHERE state != 'ACTIVE' AND fencing_token <= ?",
-        row,
-    ).fetchone()[0]
-    if floor is None:
+    live = {r for (r,) in conn.execute("SELECT resource FROM kw_leases WHERE state = 'ACTIVE'")}
+    above_live = {a for r in live for a in ancestors(r)}
+    doomed = [
+        (token,)
+        for token, resource in conn.execute(
+            "SELECT fencing_token, resource FROM kw_leases "
+            "WHERE state != 'ACTIVE' AND fencing_token <= ?",
+            row,
+        )
+        if resource not in live
+        and resource not in above_live
+        and not any(a in live for a in ancestors(resource))
+    ]
+    if not doomed:
         return
-    conn.execute("DELETE FROM kw_leases WHERE state != 'ACTIVE' AND fencing_token <= ?", row)
+    conn.executemany("DELETE FROM kw_leases WHERE fencing_token = ?", doomed)
     conn.execute(
         "INSERT INTO kw_meta VALUES ('fence_floor', ?) "
         "ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
-        (floor,),
+        (max(doomed)[0],),
     )
 
 
-def prune_records(conn: sqlite3.Connection, kind: str, retain: int) -> None:
-    """Delete settled ``kind`` records older than the newest ``retain`` (in the caller's tx)."""
-    unsettled = sorted(UNSETTLED_STATUSES)
-    marks = ", ".join("?" * len(unsettled))
-    conn.execute(
-        f"DELETE FROM kw_records WHERE kind = ? AND status NOT IN ({marks}) "
-        "AND rowid <= (SELECT rowid FROM kw_records WHERE kind = ? "
-        "ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
-        (kind, *unsettled, kind, retain),
-    )
+def prune_records(conn: sqlite3.Connection, kind: str, model: type[BaseModel], retain: int) -> None:
+    """Delete ``kind`` records older than the newest ``retain`` that are no longer in play.
+
+    In the caller's transaction; what is in play is decided as in memory
+    (``stores.base.in_play``), the linked record's status read from its row.
+    """
+    row = conn.execute(
+        "SELECT rowid FROM kw_records WHERE kind = ? ORDER BY rowid DESC LIMIT 1 OFFSET ?",
+        (kind, retain),
+    ).fetchone()
+    if row is None:
+        return
+
+    def status_of(linked_kind: str, key: str) -> str | None:
+        found = conn.execute(
+            "SELECT status FROM kw_records WHERE kind = ? AND key = ?", (linked_kind, key)
+        ).fetchone()
+        return None if found is None else found[0]
+
+    old = conn.execute(
+        "SELECT key, body FROM kw_records WHERE kind = ? AND rowid <= ?", (kind, row[0])
+    ).fetchall()
+    doomed = [
+        (kind, key) for key, body in old if not in_play(model.model_validate_json(body), status_of)
+    ]
+    conn.executemany("DELETE FROM kw_records WHERE kind = ? AND key = ?", doomed)
 
 
 def fence_floor(conn: sqlite3.Connection) -> int:

@@ -341,22 +341,26 @@ def _abort_inserts_into(db: Path, table: str) -> Callable[[], None]:
     """Make every insert into ``table`` fail (as a write error would); returns the undo."""
     with sqlite3.connect(db) as conn:
         conn.execute(
-            f"CREATE TRIGGER trust_abort BEFORE INSERT ON {table} "
+            f"CREATE TRIGGER trust_abort_{table} BEFORE INSERT ON {table} "
             "BEGIN SELECT RAISE(ABORT, 'disk full, say'); END"
         )
     conn.close()
 
     def undo() -> None:
         with sqlite3.connect(db) as conn:
-            conn.execute("DROP TRIGGER trust_abort")
+            conn.execute(f"DROP TRIGGER trust_abort_{table}")
         conn.close()
 
     return undo
 
 
-@pytest.mark.parametrize("table", ["kw_records", "kw_leases", "kw_audit_pending"])
+@pytest.mark.parametrize(
+    "tables",
+    [("kw_records",), ("kw_leases",), ("kw_audit",), ("kw_audit", "kw_audit_pending")],
+    ids=["records", "leases", "chain-only", "chain-and-pending"],
+)
 def test_a_write_that_fails_mid_transaction_leaves_neither_decision_nor_entry(
-    tmp_path: Path, table: str
+    tmp_path: Path, tables: tuple[str, ...]
 ) -> None:
     db = tmp_path / "kw.db"
     kw = Klockwork(SqliteStore(db))
@@ -365,7 +369,7 @@ def test_a_write_that_fails_mid_transaction_leaves_neither_decision_nor_entry(
         kw.policies.add(Policy(name="merges", action="merge", effect="require_approval"))
         held = kw.leases.try_acquire("a", "s", ("FILE:/held", "MUTATES")).lease
         before = _assert_one_gapless_valid_chain(kw)
-        undo = _abort_inserts_into(db, table)
+        undos = [_abort_inserts_into(db, table) for table in tables]
         calls: dict[str, Callable[[], Any]] = {
             "gate": lambda: kw.gates.execute("bot", "deploy.prod", {"n": 1}, event_id="g"),
             "approval": lambda: kw.gates.execute("bot", "merge", {"n": 1}, event_id="m"),
@@ -380,17 +384,20 @@ def test_a_write_that_fails_mid_transaction_leaves_neither_decision_nor_entry(
                 failed.add(name)
         # The audit entry of every decision is written with it: when the
         # entries cannot be written, no decision commits.
-        if table == "kw_audit_pending":
+        if "kw_audit_pending" in tables:
             assert failed == set(calls)
+        if tables == ("kw_audit",):  # sealing refused: the entries wait, pending
+            assert failed == set()
         kind_of = {
             "gate": "action.executed",
             "approval": "action.requested",
             "lease": "lease.granted",
             "release": "lease.released",
         }
+        for undo in undos:  # (readers seal first: the chain must take rows again)
+            undo()
         new = [e.kind for e in _entries(kw)[len(before) :]]
         assert sorted(new) == sorted(kind_of[n] for n in calls if n not in failed)
-        undo()
         if "gate" in failed:
             assert "g" not in {r.event_id for r in _gate_records(kw)}
         if "approval" in failed:

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from klockwork.core.audit.chain import GENESIS_HASH, Checkpoint, VerifyResult
@@ -40,7 +41,7 @@ from klockwork.core.audit.log import AuditLog
 from klockwork.core.audit.sqlite import SqliteAuditBackend
 from klockwork.core.clock import Clock
 from klockwork.core.errors import AuditIntegrityError, InvalidRequestError, StoreUnavailableError
-from klockwork.core.stores.base import Store
+from klockwork.core.stores.base import JournalRow, Store
 
 __all__ = ["DurableAuditLog"]
 
@@ -100,6 +101,10 @@ class DurableAuditLog(AuditLog):
     def text(self, data: Any, how: Any) -> str:
         """An entry's data as canonical JSON text (the store writes it with the decision)."""
         return data_text(data, how)
+
+    def write(self, conn: Any, rows: Sequence[JournalRow]) -> bool:
+        """Write a transaction's entries in it: sealed at once when nothing waits, else pending."""
+        return self._sealed.write_in(conn, rows)
 
     def committed(self) -> None:
         """Entries were committed: have the sealer chain them (off the caller's thread)."""

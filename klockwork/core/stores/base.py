@@ -51,6 +51,7 @@ __all__ = [
     "AcquireRequest",
     "AuditJournal",
     "FenceState",
+    "JournalRow",
     "JournalSection",
     "LeaseHooks",
     "IdPool",
@@ -221,6 +222,11 @@ class JournalSection(Protocol):
         """Store one entry with the transaction; return its (final) seq."""
 
 
+#: One audit entry as a durable store writes it: (seq, ts, kind, agent_id,
+#: session_id, data as canonical JSON text).
+JournalRow = tuple[int, int, str, str | None, str | None, str]
+
+
 class AuditJournal(Protocol):
     """What a durable store asks of the audit trail whose entries it keeps."""
 
@@ -229,6 +235,13 @@ class AuditJournal(Protocol):
 
     def committed(self) -> None:
         """New entries were committed: seal them (off the caller's thread)."""
+
+    def write(self, conn: Any, rows: Sequence[JournalRow]) -> bool:
+        """Write audit rows in ``conn``'s transaction (the store's own, still open).
+
+        Sealed onto the chain at once when nothing else waits to be sealed
+        (returns True), else left pending for the sealer (returns False).
+        """
 
 
 class IdPool:

@@ -168,8 +168,13 @@ class SqliteStore(Store):
                     conn.execute("ROLLBACK")
                 raise
             local.section = None
+            try:
+                section.finish()
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
             conn.execute("COMMIT")
-        if section.count and self.journal is not None:
+        if section.deferred and self.journal is not None:
             self.journal.committed()
 
     durable_journal = True

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from klockwork.core.errors import KlockworkError, StoreUnavailableError
 from klockwork.core.leases.rules import ancestors
-from klockwork.core.stores.base import in_play
+from klockwork.core.stores.base import JournalRow, in_play
 
 if TYPE_CHECKING:
     from klockwork.core.stores.base import AuditJournal
@@ -281,19 +281,23 @@ def translated(what: str, doing: str) -> Iterator[None]:
 class Section:
     """Audit entries joining one store transaction (see ``SqliteStore._tx``).
 
-    Each entry is inserted into ``kw_audit_pending`` at once, with the next
-    seq after every entry stored or pending: the write lock the transaction
-    holds makes the seqs gapless across processes. The sealer moves them
-    into ``kw_audit`` later, hashed in seq order.
+    Each entry gets the next seq after every entry stored or pending at once
+    (the write lock the transaction holds makes seqs gapless across
+    processes); :meth:`finish`, just before the commit, writes them all in
+    the transaction: sealed onto the chain when nothing else waits, else
+    into ``kw_audit_pending`` for the sealer. Either way they commit with
+    the decision, or roll back with it.
     """
 
-    __slots__ = ("_conn", "_journal", "_next", "count")
+    __slots__ = ("_conn", "_journal", "_next", "_rows", "count", "deferred")
 
     def __init__(self, conn: sqlite3.Connection, journal: AuditJournal | None) -> None:
         self._conn = conn
         self._journal = journal
         self._next = 0
+        self._rows: list[JournalRow] = []
         self.count = 0
+        self.deferred = False  # some entries were left for the sealer
 
     def append(
         self,
@@ -317,14 +321,16 @@ class Section:
                 ).fetchone()[0]
             )
         seq = self._next
-        self._conn.execute(
-            "INSERT INTO kw_audit_pending (seq, ts, kind, agent_id, session_id, data) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (seq, ts, kind, agent_id, session_id, text),
-        )
+        self._rows.append((seq, ts, kind, agent_id, session_id, text))
         self._next = seq + 1
         self.count += 1
         return seq
+
+    def finish(self) -> None:
+        """Write the entries in the transaction (call right before its commit)."""
+        if self._rows and self._journal is not None:
+            self.deferred = not self._journal.write(self._conn, self._rows)
+            self._rows = []
 
 
 class FileGuard:

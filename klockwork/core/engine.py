@@ -37,6 +37,7 @@ from klockwork.core.governance.delegation import (
 from klockwork.core.governance.gates import Gates, Policies
 from klockwork.core.leases.holding import Holding
 from klockwork.core.leases.manager import DEFAULT_TTL_MS, HeldLeases, LeaseManager
+from klockwork.core.leases.rules import normalize_resource
 from klockwork.core.model import AgentInfo
 from klockwork.core.stores.base import DEFAULT_AUDIT_RETAIN, Store
 from klockwork.core.stores.memory import MemoryStore
@@ -397,6 +398,7 @@ class Klockwork:
         timeout_s: float | None = None,
     ) -> AbstractContextManager[HeldLeases]:
         """``with kw.lease(...) as held:`` acquire, auto-renew, release on exit."""
+        normalize_resource(resource)  # a bad one is named as this call's argument
         return Holding(
             self.leases,
             (agent_id, session_id, (resource, predicate), ttl_ms, timeout_s),
@@ -415,6 +417,7 @@ class Klockwork:
         timeout_s: float | None = None,
     ) -> AbstractAsyncContextManager[HeldLeases]:
         """``async with kw.alease(...) as held:`` — the async twin of :meth:`lease`."""
+        normalize_resource(resource)
         return self.leases.ahold(
             agent_id,
             session_id,

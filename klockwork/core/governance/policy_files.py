@@ -105,10 +105,18 @@ def _read_text(source: str) -> str:
         fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise InvalidRequestError("path", source, f"cannot read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise InvalidRequestError("path", source, "is not a regular file")
-        raw = fh.read(MAX_POLICY_FILE_BYTES + 1)
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    if not regular:  # a directory, FIFO or device: refused before anything reads it
+        os.close(fd)
+        raise InvalidRequestError("path", source, "is not a regular file")
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            raw = fh.read(MAX_POLICY_FILE_BYTES + 1)
+    except OSError as exc:
+        raise InvalidRequestError("path", source, f"cannot read: {exc.strerror}") from None
     if len(raw) > MAX_POLICY_FILE_BYTES:
         raise InvalidRequestError(
             "path", source, f"is larger than {MAX_POLICY_FILE_BYTES} bytes; split it"

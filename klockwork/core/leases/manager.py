@@ -27,7 +27,12 @@ from klockwork.core.events import EventHub
 from klockwork.core.leases.acquiring import AcquireFlow, Tries
 from klockwork.core.leases.holding import AsyncHolding, HeldLeases, Holding
 from klockwork.core.leases.renewer import Renewer
-from klockwork.core.leases.rules import parse_intents, validate_ttl
+from klockwork.core.leases.rules import (
+    ParsedIntent,
+    normalize_resource,
+    parse_intents,
+    validate_ttl,
+)
 from klockwork.core.model import (
     Conflict,
     GovernanceEvent,
@@ -366,7 +371,7 @@ class LeaseManager:
         """Active leases, of one agent and/or overlapping ``resource``, oldest first."""
         if agent_id is not None:
             check_key(agent_id, "agent_id")
-        key = None if resource is None else parse_intents((resource, "CONSUMES"))[0]
+        key = None if resource is None else _resource_intent(resource)
         records = self._store.list_leases(agent_id, key, self._clock.now_ms())
         return [r.snapshot() for r in records]
 
@@ -406,7 +411,7 @@ class LeaseManager:
             StaleLeaseError: a newer lease exists and this one ended.
         """
         check_int(token, "token")
-        intent = parse_intents((resource, "CONSUMES"))[0]
+        intent = _resource_intent(resource)
         fence = self._store.fence_state(intent, token, self._clock.now_ms())
         if fence.token_active or fence.newest_token is None or fence.newest_token <= token:
             return
@@ -538,6 +543,11 @@ class LeaseAudit:
 
     def ended(self, kind: str, rec: LeaseRecord, now_ms: int) -> None:
         self._audit.record_end(kind, rec, now_ms)
+
+
+def _resource_intent(resource: object) -> ParsedIntent:
+    """``resource`` as an intent (to find what overlaps it); a bad one names ``resource``."""
+    return parse_intents((normalize_resource(resource), "CONSUMES"))[0]
 
 
 def _check_lease_id(lease_id: object) -> None:

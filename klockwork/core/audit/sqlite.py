@@ -262,6 +262,9 @@ class SqliteAuditBackend:
             if self._closed or conn is None:
                 raise self._closed_error()
             self._guard.check()
+            # A read first (WAL readers never wait): no write lock when nothing waits.
+            if conn.execute("SELECT 1 FROM kw_audit_pending LIMIT 1").fetchone() is None:
+                return 0
             conn.execute("BEGIN IMMEDIATE")
             try:
                 rows = conn.execute(

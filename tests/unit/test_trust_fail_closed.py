@@ -231,6 +231,32 @@ async def test_aacquire_is_bounded_by_its_own_deadline_not_the_busy_timeout(
     assert kw.leases.list(agent_id="agent-a") == []
 
 
+def test_a_blocked_acquire_whose_retry_meets_a_held_lock_times_out(
+    db: Path, engines: list[Klockwork]
+) -> None:
+    """Past its own deadline, a waiting request reports a timeout, not an outage."""
+    kw = _open(db, engines, busy_timeout_ms=10_000)
+    kw.register_agent("old", priority=1)
+    kw.register_agent("young", priority=2)
+    held = kw.leases.try_acquire("young", "s", (R, "MUTATES"), ttl_ms=60_000)
+    assert held.granted
+    outcome: list[BaseException] = []
+
+    def waiter() -> None:
+        try:  # older than the holder: WAIT, retrying until its deadline
+            kw.leases.acquire("old", "s", (R, "MUTATES"), ttl_ms=5_000, timeout_s=0.3)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.05)  # its first try was decided (WAIT); it now waits to retry
+    with _Locker(db):  # taken while the waiter waits: its retry meets it
+        thread.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], LeaseTimeoutError), outcome
+    assert kw.leases.list(agent_id="old") == []
+
+
 # ================================================================ 15. connections per thread
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))

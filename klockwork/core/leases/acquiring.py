@@ -23,15 +23,20 @@ or the refusal once when the time runs out.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import contextlib
+import logging
+import time
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from tenacity import RetryCallState, wait_exponential, wait_random
 
 from klockwork.core.clock import Clock, in_running_loop
-from klockwork.core.errors import EventLoopBlockedError, LeaseTimeoutError
+from klockwork.core.errors import EventLoopBlockedError, LeaseTimeoutError, StoreUnavailableError
 from klockwork.core.model import Verdict, VerdictStatus
 from klockwork.core.stores.base import AcquireOutcome, AcquireRequest
+
+_log = logging.getLogger("klockwork")
 
 if TYPE_CHECKING:
     from klockwork.core.leases.manager import LeaseManager
@@ -48,6 +53,13 @@ class _Try(NamedTuple):
     """Ask the store this request (it carries the reservation to record or clear)."""
 
     request: AcquireRequest
+
+
+class _GiveUp(NamedTuple):
+    """Record that the request gave up (its last verdict, tries and wait): store I/O."""
+
+    verdict: Verdict
+    tries: Tries
 
 
 class _Wait(NamedTuple):
@@ -95,7 +107,7 @@ class AcquireFlow:
 
     def _decide(
         self, verdict: Verdict, tries: Tries, timeout_s: float | None
-    ) -> Generator[_Try | _Wait, AcquireOutcome | None, Verdict]:
+    ) -> Generator[_Try | _Wait | _GiveUp, AcquireOutcome | None, Verdict]:
         manager = self._manager
         clock, signals = manager._clock, manager._signals
         deadline = None if timeout_s is None else clock.monotonic() + timeout_s
@@ -107,7 +119,7 @@ class AcquireFlow:
         while True:
             remaining = None if deadline is None else deadline - clock.monotonic()
             if remaining is not None and remaining <= 0:
-                manager._gave_up(self.request, verdict, tries)
+                yield _GiveUp(verdict, tries)  # the driver audits it (off the event loop)
                 raise LeaseTimeoutError(
                     verdict.status.value, verdict.conflicts, verdict.wait_time_ms
                 )
@@ -140,7 +152,8 @@ class AcquireFlow:
             )
             self.reserved = True
             outcome = yield _Try(self.request)
-            assert outcome is not None
+            if outcome is None:
+                continue  # the store stayed busy past our deadline: time is up
             verdict = manager._verdict(self.request, outcome)
             if verdict.status is _GRANTED:
                 self.reserved = False  # the grant replaced the reservation
@@ -162,7 +175,17 @@ class AcquireFlow:
             step = next(steps)
             while True:
                 if type(step) is _Try:
-                    step = steps.send(manager._store.try_acquire(step.request))
+                    outcome: AcquireOutcome | None
+                    try:
+                        outcome = manager._store.try_acquire(step.request)
+                    except StoreUnavailableError as exc:
+                        _raise_unless_past_deadline(step.request, exc)
+                        outcome = None  # time is up: the flow raises LeaseTimeoutError
+                    step = steps.send(outcome)
+                    continue
+                if type(step) is _GiveUp:
+                    manager._gave_up(self.request, step.verdict, step.tries)
+                    step = steps.send(None)
                     continue
                 assert type(step) is _Wait
                 if in_running_loop():
@@ -177,7 +200,8 @@ class AcquireFlow:
             return granted
         finally:
             if self.reserved:
-                manager._store.unreserve(self.request.agent_id, self.request.session_id)
+                with _reservation_left_to_expire():
+                    manager._store.unreserve(self.request.agent_id, self.request.session_id)
 
     async def ablock(self) -> Verdict:
         """Async twin of :meth:`block` (``aacquire``); cancelling withdraws the request."""
@@ -187,7 +211,19 @@ class AcquireFlow:
             step = next(steps)
             while True:
                 if type(step) is _Try:
-                    step = steps.send(await manager._atry(step.request))
+                    outcome: AcquireOutcome | None
+                    try:
+                        outcome = await manager._atry(step.request)
+                    except StoreUnavailableError as exc:
+                        _raise_unless_past_deadline(step.request, exc)
+                        outcome = None  # time is up: the flow raises LeaseTimeoutError
+                    step = steps.send(outcome)
+                    continue
+                if type(step) is _GiveUp:
+                    await manager._store.run_io(
+                        manager._gave_up, self.request, step.verdict, step.tries
+                    )
+                    step = steps.send(None)
                     continue
                 assert type(step) is _Wait
                 await manager._signals.asleep(step.keys, step.epoch, step.timeout_s, manager._clock)
@@ -198,4 +234,26 @@ class AcquireFlow:
             return granted
         finally:
             if self.reserved:
-                await manager._store.aunreserve(self.request.agent_id, self.request.session_id)
+                with _reservation_left_to_expire():
+                    await manager._store.aunreserve(self.request.agent_id, self.request.session_id)
+
+
+def _raise_unless_past_deadline(request: AcquireRequest, error: StoreUnavailableError) -> None:
+    """Re-raise ``error`` unless a retry failed only because the caller's deadline passed.
+
+    A blocked request that retries while another process holds the write
+    lock past the caller's own deadline has simply run out of time: that is
+    a ``LeaseTimeoutError`` (the flow raises it), not an outage.
+    """
+    deadline = request.deadline
+    if deadline is None or time.monotonic() < deadline:
+        raise error
+
+
+@contextlib.contextmanager
+def _reservation_left_to_expire() -> Iterator[None]:
+    """Withdrawing a reservation is best effort: one the store cannot drop now expires."""
+    try:
+        yield
+    except StoreUnavailableError as exc:
+        _log.info("klockwork: reservation left to expire (%s)", exc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
     from klockwork.core.audit.log import AuditLog
 
 __all__ = ["DEFAULT_TTL_MS", "HeldLeases", "LeaseManager"]
+
+_log = logging.getLogger("klockwork")
 
 DEFAULT_TTL_MS = 30_000
 #: How long a cross-process waiter's reservation outlives its last refresh.
@@ -220,9 +223,17 @@ class LeaseManager:
                 tries.count,
                 tries.waited_ms(self._clock),
             )
-            self._audit.record(
-                "lease.denied", request.agent_id, request.session_id, denied, ts=request.now_ms
-            )
+            try:  # it changed nothing: a store too busy to take it now must not delay the caller
+                with self._store.waiting_until(request.deadline):
+                    self._audit.record(
+                        "lease.denied",
+                        request.agent_id,
+                        request.session_id,
+                        denied,
+                        ts=request.now_ms,
+                    )
+            except StoreUnavailableError as exc:
+                _log.warning("klockwork: a timed-out acquire was not audited: %s", exc)
         if self._hub.active:
             self._emit_verdict(request, last)
 

@@ -20,8 +20,10 @@ so the event loop never blocks; an in-memory store answers inline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Concatenate, NamedTuple, ParamSpec, Protocol, TypeVar
 
@@ -297,6 +299,15 @@ class Store:
     def journal_section(self) -> JournalSection | None:
         """The transaction running on this thread, if entries can join it (durable stores)."""
         return None
+
+    def waiting_until(self, deadline: float | None) -> AbstractContextManager[None]:
+        """Within the block, this thread's store calls wait for a lock no later than ``deadline``.
+
+        (``time.monotonic()``; a store without locks to wait for ignores it.)
+        For what a caller with its own deadline still has to write, such as
+        the audit entry of a blocking acquire that gave up.
+        """
+        return contextlib.nullcontext()
 
     def append_journal(
         self, entries: Sequence[tuple[int, str, str | None, str | None, Any, Any]]

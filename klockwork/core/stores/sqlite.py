@@ -21,6 +21,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
@@ -158,6 +159,8 @@ class SqliteStore(Store):
             local = self._local
             if getattr(local, "section", None) is not None:
                 raise RuntimeError("klockwork: nested store transactions")  # a bug, not input
+            if deadline is None:
+                deadline = getattr(local, "deadline", None)
             begin_immediate(conn, self._busy_timeout_ms, deadline)
             section = local.section = Section(conn, self.journal)
             try:
@@ -178,6 +181,16 @@ class SqliteStore(Store):
             self.journal.committed()
 
     durable_journal = True
+
+    @contextmanager
+    def waiting_until(self, deadline: float | None) -> Iterator[None]:
+        """See :meth:`Store.waiting_until`."""
+        local = self._local
+        before, local.deadline = getattr(local, "deadline", None), deadline
+        try:
+            yield
+        finally:
+            local.deadline = before
 
     def journal_section(self) -> JournalSection | None:
         """The transaction this thread runs, if any (audit entries then join it)."""
@@ -504,7 +517,9 @@ class SqliteStore(Store):
         return FenceState(fence_with_floor(newest, floor, live), active)
 
     def unreserve(self, agent_id: str, session_id: str) -> None:
-        with self._translated("drop a reservation"), self._pool.connection() as conn:
+        # A withdrawal waits for the write lock only briefly (MIN_LOCK_WAIT_MS):
+        # a reservation left behind expires by itself.
+        with self._tx("drop a reservation", time.monotonic()) as conn:
             self._unreserve(conn, agent_id, session_id)
 
     def sweep(self, now_ms: int) -> list[LeaseRecord]:

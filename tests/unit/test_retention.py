@@ -44,6 +44,7 @@ from hypothesis.stateful import (
 import klockwork.core.stores.sqlite as sqlite_store_module
 from klockwork import (
     ApprovalStatus,
+    CapabilityError,
     Checkpoint,
     Klockwork,
     LeaseNotFoundError,
@@ -767,3 +768,24 @@ def test_sqlite_file_stays_small_under_lease_churn(tmp_path: Path) -> None:
         assert db + wal < 8 * 1024 * 1024, (db, wal)
     finally:
         kw.close()
+
+
+# --------------------------------------------------------------------------- 7. agents
+def test_memory_forgets_idle_agents_it_only_saw_in_requests() -> None:
+    store = MemoryStore(retain_inactive=10)
+    kw = Klockwork(store, clock=ManualClock(T0), audit_leases=False)
+    kw.register_agent("registered", priority=7)
+    kw.leases.try_acquire("holder", "s", ("FILE:/kept", "MUTATES"), ttl_ms=HOUR_MS)
+    holder_age = kw.get_agent("holder").priority  # type: ignore[union-attr]
+    kw.register_agent("revoked")
+    kw.revoke_agent("revoked")
+    for i in range(5_000):
+        v = kw.leases.try_acquire(f"passer-{i}", "s", (f"FILE:/p/{i}", "MUTATES"))
+        kw.leases.release(v.lease.lease_id)  # type: ignore[union-attr]
+    assert len(store._agents) <= store._agent_limit + 1
+    assert kw.get_agent("passer-0") is None  # idle and only ever seen in a request
+    assert kw.get_agent("registered").priority == 7  # type: ignore[union-attr]
+    assert kw.get_agent("holder").priority == holder_age  # type: ignore[union-attr]
+    with pytest.raises(CapabilityError):  # a revocation is never forgotten
+        kw.leases.try_acquire("revoked", "s", ("FILE:/r", "MUTATES"))
+    kw.close()

@@ -245,7 +245,7 @@ def test_a_blocked_acquire_whose_retry_meets_a_held_lock_times_out(
     def waiter() -> None:
         try:  # older than the holder: WAIT, retrying until its deadline
             kw.leases.acquire("old", "s", (R, "MUTATES"), ttl_ms=5_000, timeout_s=0.3)
-        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+        except BaseException as exc:
             outcome.append(exc)
 
     thread = threading.Thread(target=waiter)

@@ -84,6 +84,9 @@ class MemoryStore(Store):
         self.audit_retain = audit_retain
         self._lock = threading.Lock()
         self._agents: dict[str, AgentInfo] = {}
+        # Agents known only from their lease requests, oldest first (prunable when idle).
+        self._implicit: dict[str, None] = {}
+        self._agent_limit = max(2 * retain_inactive, 1024)
         self._leases: dict[str, LeaseRecord] = {}
         self._active: dict[str, list[LeaseRecord]] = {}
         # ancestor key -> descendant keys that have active leases
@@ -110,6 +113,7 @@ class MemoryStore(Store):
     # -- agents -------------------------------------------------------------
     def register_agent(self, agent_id: str, priority: int | None, now_ms: int) -> AgentInfo:
         with self._lock:
+            self._implicit.pop(agent_id, None)  # registered: never forgotten
             known = self._agents.get(agent_id)
             if known is None:
                 return self._new_agent(agent_id, priority, now_ms)
@@ -135,6 +139,24 @@ class MemoryStore(Store):
         self._agents[agent_id] = info
         return info
 
+    def _prune_agents(self) -> None:
+        """Forget the oldest agents that only ever appeared in a lease request and are idle.
+
+        An agent registered with ``register_agent`` or revoked is kept, and
+        so is one holding or waiting for a lease; one forgotten gets a new
+        wait-die age (now) if it comes back. Runs once per ``limit / 2`` new
+        agents: amortised O(1) per agent.
+        """
+        busy = {r.agent_id for records in self._active.values() for r in records}
+        busy.update(agent for agent, _ in self._reservations)
+        agents, implicit = self._agents, self._implicit
+        for agent_id in list(implicit):
+            if len(agents) <= self._agent_limit // 2:
+                break
+            if agent_id not in busy:
+                del implicit[agent_id]
+                agents.pop(agent_id, None)
+
     def _is_busy(self, agent_id: str, now_ms: int) -> bool:
         for records in self._active.values():
             for r in records:
@@ -152,6 +174,7 @@ class MemoryStore(Store):
 
     def revoke_agent(self, agent_id: str, now_ms: int) -> None:
         with self._lock:
+            self._implicit.pop(agent_id, None)  # a revocation is never forgotten
             agent = self._agents.get(agent_id) or self._new_agent(agent_id, None, now_ms)
             if agent.revoked_at is None:
                 self._agents[agent_id] = agent.model_copy(update={"revoked_at": now_ms})
@@ -193,6 +216,9 @@ class MemoryStore(Store):
         agent = self._agents.get(agent_id)
         if agent is None:
             agent = self._new_agent(agent_id, None, now)
+            self._implicit[agent_id] = None
+            if len(self._agents) > self._agent_limit:
+                self._prune_agents()
         elif agent.revoked_at is not None:
             refuse_revoked(agent)
         if len(intents) == 1:

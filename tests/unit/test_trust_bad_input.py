@@ -332,3 +332,37 @@ def test_policy_paths_that_are_not_regular_files_are_refused(tmp_path: Path) -> 
         for bad in (True, 3, None, b"x.yaml", ""):
             with pytest.raises(InvalidRequestError, match="path"):
                 kw.policies.load(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        (
+            "twice.yaml",
+            "policies:\n  - name: a\n    action: x\n    effect: deny\n    effect: allow\n",
+        ),
+        (
+            "twice.json",
+            '{"policies": [{"name": "a", "action": "x", "effect": "deny", "effect": "allow"}]}',
+        ),
+    ],
+)
+def test_a_policy_file_saying_a_key_twice_is_refused(
+    tmp_path: Path, name: str, content: str
+) -> None:
+    """``effect: deny`` then ``effect: allow`` must not quietly allow."""
+    path = _write(tmp_path, name, content)
+    with Klockwork() as kw:
+        with pytest.raises(InvalidRequestError, match="twice"):
+            kw.policies.load(path)
+        assert kw.policies.list() == []
+
+
+def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "merge.yaml",
+        "policies:\n  - &b {name: a, action: x, effect: allow}\n  - <<: *b\n    name: b\n",
+    )
+    with Klockwork() as kw:
+        assert [p.name for p in kw.policies.load(path)] == ["a", "b"]

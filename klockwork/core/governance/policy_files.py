@@ -6,6 +6,7 @@ and the field, so a bad file can be fixed without reading klockwork's code.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -88,8 +89,8 @@ def load_policies(path: str | os.PathLike[str]) -> list[Policy]:
     text = _read_text(source)
     if suffix == ".json":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except ValueError as exc:  # JSONDecodeError, or a key given twice
             raise InvalidRequestError("path", source, f"{source}: invalid JSON: {exc}") from None
         except RecursionError:
             raise _too_deep(source) from None
@@ -135,11 +136,56 @@ def _parse_yaml(text: str, source: str) -> Any:
             f"loading {source} needs pyyaml: pip install pyyaml (or use a .json file)"
         ) from exc
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_strict_loader(yaml))
     except yaml.YAMLError as exc:
         raise InvalidRequestError("path", source, f"{source}: invalid YAML: {exc}") from None
     except RecursionError:
         raise _too_deep(source) from None
+
+
+@functools.cache
+def _strict_loader(yaml: Any) -> Any:
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping.
+
+    PyYAML keeps the last value silently: ``effect: deny`` followed by
+    ``effect: allow`` would allow. A policy file must say one thing.
+    """
+
+    class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *base" — keys given here override the merged ones
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} twice",
+                    key_node.start_mark,
+                )
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return StrictLoader
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a key given twice in one object is refused (see _strict_loader)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"found the key {key!r} twice in one object")
+        obj[key] = value
+    return obj
 
 
 def _check_shape(data: Any, source: str) -> None:

@@ -19,7 +19,7 @@ from klockwork.core.errors import AuditIntegrityError, InvalidRequestError, Stor
 from klockwork.core.model import _build, _set_private
 from klockwork.core.stores.base import DEFAULT_AUDIT_RETAIN
 
-__all__ = ["AuditBackend", "EntryBatch", "MemoryAuditBackend", "Row"]
+__all__ = ["AuditBackend", "EntryBatch", "MemoryAuditBackend", "Row", "entry_from_line"]
 
 #: One chained entry as the writer hands it over: seq, ts, kind, agent_id,
 #: session_id, data_json (the canonical JSON text of ``data``), prev_hash, hash, line.
@@ -230,7 +230,7 @@ class MemoryAuditBackend:
                     found.append(lines[pos])
                     if len(found) >= limit:
                         break
-        return [_entry(line) for line in found]
+        return [entry_from_line(line) for line in found]
 
     def lines(self, after_seq: int, limit: int) -> list[bytes]:
         """See :meth:`AuditBackend.lines`."""
@@ -252,7 +252,7 @@ class MemoryAuditBackend:
             self._closed = True
 
 
-def _entry(line: bytes) -> AuditEntry:
+def entry_from_line(line: bytes) -> AuditEntry:
     """A stored line as an entry; a line that is not one is an integrity problem, typed."""
     try:
         return AuditEntry.from_line(line)

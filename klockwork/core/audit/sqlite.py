@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-from klockwork.core.audit.backend import EntryBatch
+from klockwork.core.audit.backend import EntryBatch, entry_from_line
 from klockwork.core.audit.chain import GENESIS_HASH, AuditEntry, canonical_json, entry_hash
 from klockwork.core.audit.encode import TEXT, encode_batch
 from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
@@ -201,7 +201,7 @@ class SqliteAuditBackend:
         sql = f"SELECT line FROM kw_audit WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
         with self._reader("read audit entries") as conn:
             found = [r[0] for r in conn.execute(sql, args).fetchall()]
-        return [_entry(line) for line in found]
+        return [entry_from_line(line) for line in found]
 
     def lines(self, after_seq: int, limit: int) -> list[bytes]:
         """See :meth:`~klockwork.core.audit.backend.AuditBackend.lines`."""
@@ -417,13 +417,3 @@ def _head_point(conn: sqlite3.Connection) -> tuple[int, str]:
     if found is None:
         raise AuditIntegrityError(f"the stored head (seq {seq}) is not an audit entry")
     return int(seq), found.group(1).decode()
-
-
-def _entry(line: bytes) -> AuditEntry:
-    """A stored line as an entry; a line that is not one is an integrity problem, typed."""
-    try:
-        return AuditEntry.from_line(line)
-    except (ValueError, RecursionError) as exc:
-        raise AuditIntegrityError(
-            f"a stored audit line is not an entry (verify the chain): {exc}"
-        ) from None

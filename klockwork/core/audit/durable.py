@@ -1,20 +1,18 @@
-"""The audit trail of a durable store: entries committed with their decisions.
+"""The audit trail of a durable store: entries committed with their decisions, sealed after.
 
 On a store that keeps state across crashes (SQLite), "the decision
 committed" must mean "its audit entry committed too". So the entry is not
-queued in memory: it is written by the decision's own transaction
-(:meth:`~klockwork.core.stores.base.Store.journal_section`), with its final
-``seq``. When nothing else waits to be sealed — the common case — it is
-hashed and chained into ``kw_audit`` right there (one row per entry). Else
-(another process's entries still pending, a damaged head) it goes, unhashed,
-to ``kw_audit_pending``, and a *sealer* chains pending entries in seq order,
-exactly as :mod:`klockwork.core.audit.chain` specifies.
+queued in memory: it is written by the decision's own transaction —
+canonical data text and final ``seq``, no hash yet — into the store's
+``kw_audit_pending`` table (:meth:`~klockwork.core.stores.base.Store.journal_section`).
+Hashing stays off the caller's thread: a *sealer* chains pending entries
+into ``kw_audit`` in seq order, many per transaction, exactly as
+:mod:`klockwork.core.audit.chain` specifies.
 
 Timeline of the guarantees, with two processes A and B on one file::
 
     1. A grants a lease: one transaction stores the lease *and* entry 41
-       (pending, say, behind an entry a crashed process left). A crash after
-       the commit loses neither.
+       (pending). A crash after the commit loses neither.
     2. B denies a gate: its transaction stores the record and entry 42.
        Seqs come from the write lock's holder, so they are gapless.
     3. A's sealer (woken by its commit) seals 41 and 42 — B's too: sealing
@@ -105,7 +103,7 @@ class DurableAuditLog(AuditLog):
         return data_text(data, how)
 
     def write(self, conn: Any, rows: Sequence[JournalRow]) -> bool:
-        """Write a transaction's entries in it: sealed at once when nothing waits, else pending."""
+        """Write a transaction's entries in it, pending (the sealer chains them)."""
         return self._sealed.write_in(conn, rows)
 
     def committed(self) -> None:

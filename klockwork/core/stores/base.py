@@ -241,8 +241,8 @@ class AuditJournal(Protocol):
     def write(self, conn: Any, rows: Sequence[JournalRow]) -> bool:
         """Write audit rows in ``conn``'s transaction (the store's own, still open).
 
-        Sealed onto the chain at once when nothing else waits to be sealed
-        (returns True), else left pending for the sealer (returns False).
+        Returns True if they are sealed onto the chain already, False if
+        they wait for :meth:`committed`'s sealer.
         """
 
 

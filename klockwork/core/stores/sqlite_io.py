@@ -284,9 +284,8 @@ class Section:
     Each entry gets the next seq after every entry stored or pending at once
     (the write lock the transaction holds makes seqs gapless across
     processes); :meth:`finish`, just before the commit, writes them all in
-    the transaction: sealed onto the chain when nothing else waits, else
-    into ``kw_audit_pending`` for the sealer. Either way they commit with
-    the decision, or roll back with it.
+    the transaction (into ``kw_audit_pending``, for the sealer): they
+    commit with the decision, or roll back with it.
     """
 
     __slots__ = ("_conn", "_journal", "_next", "_rows", "count", "deferred")

@@ -21,6 +21,7 @@ from klockwork.core.governance.policy import (
     Effect,
     Operator,
     Policy,
+    PolicyIndex,
     capability_allows,
     decide,
     evaluate_condition,
@@ -636,3 +637,38 @@ def test_no_matching_policy_gives_the_default(
     decision = decide(policies, "bot", action, metadata, default)
     assert (decision.effect, decision.policy) == (default, None)
     assert decision.reason == (None if default is Effect.ALLOW else NO_POLICY)
+
+
+# -- the action index ------------------------------------------------------------------
+INDEX_ACTIONS = st.sampled_from(
+    ["*", "pr.*", "pr.merge", "pr.m*", "pr.?erge", "p*", "[ab]*", "a", "ab", "a[", "deploy.prod"]
+)
+
+
+@given(
+    actions=st.lists(INDEX_ACTIONS, max_size=12),
+    agents=st.lists(st.sampled_from([[], ["bot"], ["b*"]]), min_size=12, max_size=12),
+    action=st.sampled_from(
+        ["pr.merge", "pr.mirror", "prx", "a", "ab", "a[", "b", "", "deploy.prod"]
+    )
+    | st.text(max_size=6),
+    agent=st.sampled_from(["bot", "other"]),
+)
+def test_the_index_finds_exactly_what_a_scan_finds(
+    actions: list[str], agents: list[list[str]], action: str, agent: str
+) -> None:
+    policies = [
+        Policy(name=f"p{i}", action=a, effect=Effect.ALLOW, agents=agents[i])
+        for i, a in enumerate(actions)
+    ]
+    index = PolicyIndex(policies)
+    assert list(index) == policies
+    assert matching_policies(index, agent, action) == matching_policies(policies, agent, action)
+
+
+def test_a_gate_does_not_scan_policies_for_other_actions() -> None:
+    many = [Policy(name=f"other{i}", action=f"other.{i}", effect=Effect.DENY) for i in range(5000)]
+    many += [Policy(name=f"glob{i}", action=f"x{i}.*", effect=Effect.DENY) for i in range(5000)]
+    index = PolicyIndex([*many, Policy(name="mine", action="pr.*", effect=Effect.ALLOW)])
+    assert [p.name for p in index.candidates("pr.merge")] == ["mine"]
+    assert decide(index, "bot", "pr.merge").effect is Effect.ALLOW

@@ -128,7 +128,7 @@ class Gates:
                 f"the circuit breaker of {agent_id!r} is open after "
                 f"{state.consecutive_failures} consecutive failures",
             )
-        d = decide(self._policies.snapshot, agent_id, action, metadata, self._default)
+        d = decide(self._policies.index, agent_id, action, metadata, self._default)
         effect = d.effect
         if effect is Effect.ALLOW:
             return effect, result_fields(

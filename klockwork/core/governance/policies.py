@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from klockwork.core.errors import InvalidRequestError
-from klockwork.core.governance.policy import Policy
+from klockwork.core.governance.policy import Policy, PolicyIndex
 from klockwork.core.governance.policy_files import load_policies, parse_policies
 from klockwork.core.validation import check_key
 
@@ -28,6 +28,8 @@ class Policies:
         self._by_name: dict[str, Policy] = {}
         #: What gates read: replaced as a whole, so readers need no lock.
         self.snapshot: tuple[Policy, ...] = ()
+        #: The same policies, indexed by action (what gates decide with).
+        self.index = PolicyIndex()
 
     def _merge(
         self, policies: builtins.list[Policy], replace: bool, argument: str, value: Any
@@ -45,7 +47,8 @@ class Policies:
 
     def _publish(self, by_name: dict[str, Policy]) -> None:  # under the lock
         self._by_name = by_name
-        self.snapshot = tuple(by_name.values())
+        index = PolicyIndex(by_name.values())
+        self.snapshot, self.index = index.policies, index
 
     def add(self, policy: Policy | Mapping[str, Any], *, replace: bool = False) -> Policy:
         """Add a policy (a :class:`Policy` or a dict of its fields).

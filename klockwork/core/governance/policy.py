@@ -47,13 +47,13 @@ import enum
 import fnmatch
 import functools
 import re
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from klockwork.core.errors import InvalidRequestError
-from klockwork.core.governance.policy_errors import field_error
+from klockwork.core.governance.policy_errors import CheckedModel, enum_text
 from klockwork.core.model import _build
 from klockwork.core.validation import (
     INT64_MAX,
@@ -75,6 +75,7 @@ __all__ = [
     "Operator",
     "Policy",
     "PolicyDecision",
+    "PolicyIndex",
     "capability_allows",
     "decide",
     "evaluate_condition",
@@ -133,42 +134,7 @@ MAX_QUORUM = 1000
 _UNSET: Any = type("_Unset", (), {"__repr__": lambda self: "<unset>"})()
 
 
-if TYPE_CHECKING:  # type checkers see the plain model (and its typed signature)
-    _Checked = BaseModel
-else:
-
-    class _CheckedMeta(type(BaseModel)):
-        """Makes ``Policy(...)`` raise :class:`InvalidRequestError` naming the field.
-
-        pydantic raises its own ``ValidationError``; klockwork's callers catch
-        one error type for bad input wherever it comes from. Only direct
-        construction is wrapped: validation inside a model (a Policy's
-        conditions) and ``model_validate`` keep pydantic's error, which the
-        loaders turn into one message naming the file and policy.
-        """
-
-        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return super().__call__(*args, **kwargs)
-            except ValidationError as exc:
-                raise field_error(cls.__name__, exc, cls.model_fields) from None
-
-    class _Checked(BaseModel, metaclass=_CheckedMeta):
-        pass
-
-
-def _enum_text(value: Any) -> Any:
-    """Refuse a non-text enum value before ``Enum(value)`` sees it.
-
-    Python's ``Enum`` formats a refused value with ``repr``, which may raise
-    or recurse without end on hostile input; text and members pass on.
-    """
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    return value
-
-
-class Condition(_Checked):
+class Condition(CheckedModel):
     """One test on the action's metadata, e.g. ``pr.files_changed lte 50``.
 
     ``value`` is what the field is compared with: a list for ``in`` /
@@ -184,7 +150,7 @@ class Condition(_Checked):
     operator: Operator
     value: Any = Field(default=_UNSET, validate_default=True)
 
-    _operator_text = field_validator("operator", mode="before")(_enum_text)
+    _operator_text = field_validator("operator", mode="before")(enum_text)
 
     @field_validator("field")
     @classmethod
@@ -223,7 +189,7 @@ class Condition(_Checked):
         return value
 
 
-class Policy(_Checked):
+class Policy(CheckedModel):
     """A rule for the actions matching ``action`` (a glob such as ``pr.*``).
 
     ``effect`` applies when every condition holds. For ``allow`` and
@@ -239,11 +205,11 @@ class Policy(_Checked):
     # strict: no bytes for text, no True for 1 (a typo must not pass as a value).
     name: str = Field(strict=True)
     action: str = Field(strict=True)
-    agents: list[str] = []
+    agents: list[str] = Field(default_factory=list)
     effect: Effect
-    conditions: list[Condition] = []
+    conditions: list[Condition] = Field(default_factory=list)
     on_fail: Effect = Effect.DENY
-    approvers: list[str] = []
+    approvers: list[str] = Field(default_factory=list)
     quorum: int = Field(default=1, ge=1, le=MAX_QUORUM, strict=True)
     # Finite and bounded: an approval always ends, and its deadline fits a store's int.
     approval_timeout_s: float | None = Field(
@@ -253,7 +219,7 @@ class Policy(_Checked):
     priority: int = Field(default=0, ge=-INT64_MAX, le=INT64_MAX, strict=True)
     description: str = Field(default="", max_length=MAX_TEXT_CHARS, strict=True)
 
-    _effect_text = field_validator("effect", "on_fail", "on_timeout", mode="before")(_enum_text)
+    _effect_text = field_validator("effect", "on_fail", "on_timeout", mode="before")(enum_text)
 
     @field_validator("name", "action", "agents", "approvers", "on_fail", "on_timeout")
     @classmethod
@@ -360,8 +326,55 @@ def specificity(policy: Policy) -> tuple[int, int, int, int, str]:
     return (exact, literal, -policy.priority, 0 if policy.agents else 1, policy.name)
 
 
+class PolicyIndex:
+    """A policy set that finds the policies for one action without a scan of them all.
+
+    Exact actions sit in a dict; globs sit by their literal prefix (the text
+    before the first wildcard), and an action looks only at the prefixes it
+    starts with. Iterating it gives the policies in the order given.
+    """
+
+    __slots__ = ("_exact", "_globs", "policies")
+
+    def __init__(self, policies: Iterable[Policy] = ()) -> None:
+        self.policies = tuple(policies)
+        exact: dict[str, list[Policy]] = {}
+        globs: dict[str, list[Policy]] = {}
+        for policy in self.policies:
+            if _is_glob(policy.action):
+                globs.setdefault(_literal_prefix(policy.action), []).append(policy)
+            else:
+                exact.setdefault(policy.action, []).append(policy)
+        self._exact = exact
+        self._globs = globs
+
+    def __iter__(self) -> Iterator[Policy]:
+        return iter(self.policies)
+
+    def __len__(self) -> int:
+        return len(self.policies)
+
+    def candidates(self, action: str) -> list[Policy]:
+        """The policies whose action could match ``action`` (a superset; unordered)."""
+        found = list(self._exact.get(action, ()))
+        globs = self._globs
+        if len(globs) <= len(action) + 1:  # fewer prefixes stored than the action has
+            for prefix, group in globs.items():
+                if action.startswith(prefix):
+                    found.extend(group)
+        else:
+            for end in range(len(action) + 1):
+                found.extend(globs.get(action[:end], ()))
+        return found
+
+
 def matching_policies(policies: Iterable[Policy], agent_id: str, action: str) -> list[Policy]:
-    """The policies covering ``agent_id`` doing ``action``, most specific first."""
+    """The policies covering ``agent_id`` doing ``action``, most specific first.
+
+    Given a :class:`PolicyIndex`, only the policies that could match are tested.
+    """
+    if isinstance(policies, PolicyIndex):
+        policies = policies.candidates(action)
     found = [
         p
         for p in policies

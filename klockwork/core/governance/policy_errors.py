@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from klockwork.core.errors import InvalidRequestError, describe
 
-__all__ = ["field_error"]
+__all__ = ["CheckedModel", "enum_text", "field_error"]
 
 
 _PROBLEMS: dict[str, Callable[[dict[str, Any]], str]] = {
@@ -53,3 +53,38 @@ def field_error(context: str, exc: ValidationError, fields: Iterable[str]) -> In
     tail = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     value = None if err["type"] == "missing" else err.get("input")
     return InvalidRequestError(where, value, f"{context}: field '{where}': {problem}{tail}")
+
+
+if TYPE_CHECKING:  # type checkers see the plain model (and its typed signature)
+    CheckedModel = BaseModel
+else:
+
+    class _CheckedMeta(type(BaseModel)):
+        """Makes ``Policy(...)`` raise :class:`InvalidRequestError` naming the field.
+
+        pydantic raises its own ``ValidationError``; klockwork's callers catch
+        one error type for bad input wherever it comes from. Only direct
+        construction is wrapped: validation inside a model (a Policy's
+        conditions) and ``model_validate`` keep pydantic's error, which the
+        loaders turn into one message naming the file and policy.
+        """
+
+        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().__call__(*args, **kwargs)
+            except ValidationError as exc:
+                raise field_error(cls.__name__, exc, cls.model_fields) from None
+
+    class CheckedModel(BaseModel, metaclass=_CheckedMeta):
+        """A model whose constructor raises InvalidRequestError naming the field."""
+
+
+def enum_text(value: Any) -> Any:
+    """Refuse a non-text enum value before ``Enum(value)`` sees it.
+
+    Python's ``Enum`` formats a refused value with ``repr``, which may raise
+    or recurse without end on hostile input; text and members pass on.
+    """
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value

@@ -132,7 +132,6 @@ class SqliteStore(Store):
         self._new_records = {kind: itertools.count(1) for kind in RETAINED_KINDS}
         #: How long a transaction waits for another process's write lock (ms).
         self.busy_timeout_ms = check_int(busy_timeout_ms, "busy_timeout_ms", high=3_600_000)
-        self._busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()  # the transaction this thread runs, if any
         FileGuard.refuse_empty(self.path)
         self._pool = ConnectionPool(self.path, busy_timeout_ms)
@@ -161,7 +160,7 @@ class SqliteStore(Store):
                 raise RuntimeError("klockwork: nested store transactions")  # a bug, not input
             if deadline is None:
                 deadline = getattr(local, "deadline", None)
-            begin_immediate(conn, self._busy_timeout_ms, deadline)
+            begin_immediate(conn, self.busy_timeout_ms, deadline)
             section = local.section = Section(conn, self.journal)
             try:
                 yield conn

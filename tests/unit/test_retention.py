@@ -61,7 +61,6 @@ from klockwork.core.governance.outcomes import GateRecord
 from klockwork.core.leases.rules import parse_intents
 from klockwork.core.stores.sqlite_io import PRUNE_EVERY, fence_floor
 
-STORES = ("memory", "sqlite")
 T0 = 1_700_000_000_000  # ManualClock start: nothing ever expires on its own
 HOUR_MS = 3_600_000
 RETAIN = 10
@@ -69,11 +68,6 @@ KEY = b"retention-test-key-0123456789abc"
 
 
 # --------------------------------------------------------------------------- helpers
-@pytest.fixture(params=STORES)
-def store_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture
 def make_kw(store_kind: str, tmp_path: Path) -> Iterator[Callable[..., Klockwork]]:
     """Engines on the parametrised store, with a tiny retention, on a manual clock."""

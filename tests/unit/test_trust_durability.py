@@ -39,13 +39,7 @@ from klockwork import (
 )
 from klockwork.core.governance.outcomes import GATE, GateRecord
 
-STORES = ("memory", "sqlite")
 BIG = "x" * 1_000_000  # more than any free space left in a freshly made file
-
-
-@pytest.fixture(params=STORES)
-def store_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture

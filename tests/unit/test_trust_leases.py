@@ -32,11 +32,6 @@ from klockwork.core.clock import Clock
 R = "FILE:/src/auth.ts"
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def store_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture
 def make_kw(store_kind: str, tmp_path: Path) -> Iterator[Callable[..., Klockwork]]:
     made: list[Klockwork] = []

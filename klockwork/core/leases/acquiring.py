@@ -151,9 +151,12 @@ class AcquireFlow:
                 clear_reservation=self.reserved,
             )
             self.reserved = True
-            outcome = yield _Try(self.request)
-            if outcome is None:
+            try:
+                outcome = yield _Try(self.request)
+            except StoreUnavailableError as exc:  # thrown in by the driver
+                _raise_unless_past_deadline(self.request, exc)
                 continue  # the store stayed busy past our deadline: time is up
+            assert outcome is not None
             verdict = manager._verdict(self.request, outcome)
             if verdict.status is _GRANTED:
                 self.reserved = False  # the grant replaced the reservation
@@ -175,13 +178,12 @@ class AcquireFlow:
             step = next(steps)
             while True:
                 if type(step) is _Try:
-                    outcome: AcquireOutcome | None
                     try:
                         outcome = manager._store.try_acquire(step.request)
                     except StoreUnavailableError as exc:
-                        _raise_unless_past_deadline(step.request, exc)
-                        outcome = None  # time is up: the flow raises LeaseTimeoutError
-                    step = steps.send(outcome)
+                        step = steps.throw(exc)  # the flow decides what it means
+                    else:
+                        step = steps.send(outcome)
                     continue
                 if type(step) is _GiveUp:
                     manager._gave_up(self.request, step.verdict, step.tries)
@@ -211,13 +213,12 @@ class AcquireFlow:
             step = next(steps)
             while True:
                 if type(step) is _Try:
-                    outcome: AcquireOutcome | None
                     try:
                         outcome = await manager._atry(step.request)
                     except StoreUnavailableError as exc:
-                        _raise_unless_past_deadline(step.request, exc)
-                        outcome = None  # time is up: the flow raises LeaseTimeoutError
-                    step = steps.send(outcome)
+                        step = steps.throw(exc)  # the flow decides what it means
+                    else:
+                        step = steps.send(outcome)
                     continue
                 if type(step) is _GiveUp:
                     await manager._store.run_io(

@@ -1,13 +1,23 @@
-"""The hash-chained audit log: record on the hot path, hash and store off it.
+"""The hash-chained audit log: record on the hot path, hash and store in batches.
 
 :class:`AuditLog` is what the engine exposes as ``kw.audit``. Its
 :meth:`~AuditLog.record` only fixes the entry's place in the chain (its
-``seq``) and queues it: no hashing, no JSON, no pydantic. One background
-writer thread drains the queue in batches, converts the data to JSON, chains
-the hashes and appends to an :class:`AuditBackend`. Everything that reads
-(:meth:`~AuditLog.verify`, :meth:`~AuditLog.query`, :meth:`~AuditLog.export`,
-:meth:`~AuditLog.checkpoint`, :meth:`~AuditLog.close`) first waits for what
-was recorded before it, so a reader always sees its own writes.
+``seq``) and queues it: no hashing, no JSON, no pydantic. Queued entries are
+sealed in batches — converted to JSON, chained and appended to an
+:class:`AuditBackend` — by whichever thread gets there first:
+
+* a busy recording thread, through :meth:`~AuditLog.settle` (the lease
+  manager calls it after each decision), once a few hundred have gathered;
+* any reader (:meth:`~AuditLog.flush`, :meth:`~AuditLog.verify`,
+  :meth:`~AuditLog.query`, :meth:`~AuditLog.export`,
+  :meth:`~AuditLog.checkpoint`, :meth:`~AuditLog.close`), before it reads,
+  so a reader always sees its own writes;
+* a background writer thread, at most one linger (50 ms) after an entry was
+  queued, so a quiet log does not keep entries unsealed.
+
+Sealing on the thread that recorded costs less than handing the batch to
+another thread: under the GIL the work is the same, but every hand-off
+trades the interpreter and the CPU between threads.
 
 The chain format (which fields are hashed, how, and how odd data is made
 JSON) is specified in :mod:`klockwork.core.audit.chain`; :func:`export_jsonl`
@@ -17,11 +27,13 @@ Timeline of the ordering guarantee, with two recording threads::
 
     1. A: record() takes the lock, gets seq 7, queues (7, ...), releases.
     2. B: record() takes the lock, gets seq 8, queues (8, ...), releases.
-    3. writer: takes [7, 8] under the lock, hashes 7 then 8 outside it.
-    4. A: query() waits until seq 8 (the last recorded) is written, then reads.
+    3. A: settle() takes the seal lock, takes [7, 8] under the lock, hashes
+       7 then 8 outside it, stores them, releases the seal lock.
+    4. B: query() takes the seal lock (after A), seals what is left, reads.
 
-The queue is appended in the same critical section that assigns ``seq``, so
-queue order is seq order and the chain is gapless whatever the interleaving.
+The queue is appended in the same critical section that assigns ``seq``, and
+one seal lock orders the sealers, so the chain is gapless and in seq order
+whatever the interleaving.
 
 Recording allocates nothing the garbage collector tracks: the queue is one
 flat list (:data:`~klockwork.core.audit.encode.PENDING_SLOTS` slots per
@@ -34,16 +46,12 @@ promoted to its old generations and make full collections frequent.
 
 from __future__ import annotations
 
-import base64
-import binascii
+import contextlib
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from os import PathLike
 from types import TracebackType
 from typing import Any
-
-from pydantic import BaseModel, ConfigDict
 
 from klockwork.core.audit.backend import AuditBackend, EntryBatch, MemoryAuditBackend
 from klockwork.core.audit.canonical import INT_LIMIT
@@ -56,6 +64,7 @@ from klockwork.core.audit.chain import (
     sign_checkpoint,
 )
 from klockwork.core.audit.encode import ENDED, PENDING_SLOTS, TEXT, data_text, encode_batch
+from klockwork.core.audit.paging import MAX_QUERY_LIMIT, AuditPage, decode_cursor, encode_cursor
 from klockwork.core.audit.verify import ChainVerifier, verify_file
 from klockwork.core.clock import Clock, SystemClock
 from klockwork.core.errors import (
@@ -84,45 +93,15 @@ __all__ = [
 ]
 
 StrPath = str | PathLike[str]
-MAX_QUERY_LIMIT = 1000
 _PAGE = 8192  # lines per backend read when verifying or exporting
 # 1024 entries hashed and appended per backend call (counted in queue slots):
 # small enough that flushers see progress and few objects are alive at once.
 _CHUNK_SLOTS = 1024 * PENDING_SLOTS
-# How long a woken writer waits for more entries before it drains the queue.
-_LINGER_S = 0.005
+# How long a woken writer waits for more entries before it seals the queue.
+_LINGER_S = 0.05
+# settle() seals on the caller's thread from this many queued entries.
+_SEAL_AT_SLOTS = 256 * PENDING_SLOTS
 _IDLE_EXIT_S = 30.0  # an idle writer thread ends; the next record starts a new one
-_CURSOR_PREFIX = "kwa1:"
-
-
-class AuditPage(BaseModel):
-    """One page of :meth:`AuditLog.query` results.
-
-    Attributes:
-        entries: matching entries, oldest first.
-        next_cursor: pass as ``cursor=`` to get the next page; None on the last page.
-    """
-
-    model_config = ConfigDict(frozen=True)
-    entries: list[AuditEntry]
-    next_cursor: str | None
-
-
-# --------------------------------------------------------------------------- the log
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{seq}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if raw.startswith(_CURSOR_PREFIX):
-            seq = int(raw[len(_CURSOR_PREFIX) :])
-            if seq >= 0:
-                return seq
-    except (ValueError, binascii.Error, UnicodeDecodeError, TypeError):
-        pass
-    raise InvalidRequestError("cursor", cursor, "not a cursor returned by query()")
 
 
 #: How many times verify starts again when retention drops entries under it.
@@ -162,14 +141,15 @@ class AuditLog:
         self._written_seq = self._next_seq - 1
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the writer waits here
-        self._done = threading.Condition(self._lock)  # flush() waits here
+        #: Held by whoever seals (a recording thread, a reader, the writer):
+        #: batches reach the backend in seq order.
+        self._seal_lock = threading.Lock()
         #: Entries recorded but not taken by the writer, flat: :data:`PENDING_SLOTS` each.
         self._pending: list[Any] = []
         #: True when record() must wake or start the writer (read on every record).
         self._wake_needed = True
         self._writer: threading.Thread | None = None
         self._stopping = False
-        self._flushers = 0  # threads in flush(): the writer must not linger
         self._closed = False
         self._error: tuple[type[KlockworkError], str, BaseException] | None = None
         #: True once closed or failed (one attribute read on every record).
@@ -297,35 +277,49 @@ class AuditLog:
             raise cls(message) from cause
         raise StoreUnavailableError("the audit log is closed")
 
-    # ----------------------------------------------------------------- writer thread
-    def _run(self) -> None:
-        lock = self._lock
-        prev = self._head_hash
-        while True:
+    # ----------------------------------------------------------------- sealing
+    def settle(self) -> None:
+        """Seal the queued entries now, on this thread, if enough have gathered.
+
+        For callers on a hot path, outside any lock (the lease manager calls
+        it after each decision): sealing a few hundred entries at a time on
+        the recording thread costs less than handing them to the writer
+        thread, whose every wake-up trades the GIL and the CPU. Does nothing
+        (one length check) below the threshold. Never raises: a failure is
+        kept, and the next :meth:`record` or reader raises it.
+        """
+        if len(self._pending) >= _SEAL_AT_SLOTS:
+            with contextlib.suppress(KlockworkError):
+                self._seal_pending(None)
+
+    def _seal_pending(self, timeout_s: float | None) -> bool:
+        """Hash and store every queued entry, in seq order, on this thread.
+
+        Whoever seals holds ``_seal_lock`` from taking the queue until its
+        entries are stored, so batches reach the backend in seq order. Returns
+        False if ``timeout_s`` ran out waiting for another sealer.
+
+        Raises:
+            StoreUnavailableError | AuditIntegrityError: the log failed (now or before).
+        """
+        sealing = self._seal_lock
+        if not (sealing.acquire() if timeout_s is None else sealing.acquire(True, timeout_s)):
+            return False
+        try:
+            lock = self._lock
             with lock:
-                while not self._pending:
-                    if self._stopping:
-                        self._writer = None
-                        return
-                    self._wake_needed = True
-                    if not self._work.wait(_IDLE_EXIT_S) and not self._pending:
-                        self._writer = None  # idle for long: the next record restarts one
-                        return
-                if not self._stopping and not self._flushers and len(self._pending) < _CHUNK_SLOTS:
-                    # Linger to gather a batch: waking per entry would make the
-                    # recording threads and this one trade the GIL on every
-                    # record. flush() and close() cut the wait short.
-                    self._work.wait(_LINGER_S)
+                if self._error is not None:
+                    self._raise_unusable()
                 batch = self._pending
                 self._pending = []
-                self._wake_needed = False
+            prev = self._head_hash
             for start in range(0, len(batch), _CHUNK_SLOTS):
                 chunk = batch[start : start + _CHUNK_SLOTS]
                 try:
                     rows, head = encode_batch(chunk, prev)
                 except Exception as exc:  # a bug: never lose it silently
                     self._fail(AuditIntegrityError, f"could not chain seq {chunk[0]}", exc)
-                    return
+                    self._raise_failed()
                 try:
                     self._backend.append(EntryBatch(rows))
                 except Exception as exc:
@@ -336,57 +330,77 @@ class AuditLog:
                         f"{rows[0][0]}..{rows[-1][0]}: {exc}",
                         exc,
                     )
-                    return
+                    self._raise_failed()
                 written = rows[-1][0]
                 del rows, chunk
                 prev = head
                 with lock:
                     self._head_hash = head
                     self._written_seq = written
-                    self._done.notify_all()
-            del batch  # the recorded objects: free them now, not after the next wait
+            del batch  # the recorded objects: free them now
+            return True
+        finally:
+            sealing.release()
+
+    def _raise_failed(self) -> None:
+        with self._lock:
+            self._raise_unusable()
+
+    # ----------------------------------------------------------------- writer thread
+    def _run(self) -> None:
+        """The writer: seals what recording threads left queued, at most one linger late."""
+        lock = self._lock
+        while True:
+            with lock:
+                while not self._pending:
+                    if self._stopping:
+                        self._writer = None
+                        return
+                    self._wake_needed = True
+                    if not self._work.wait(_IDLE_EXIT_S) and not self._pending:
+                        self._writer = None  # idle for long: the next record restarts one
+                        return
+                if not self._stopping:
+                    # Linger to gather a batch: waking per entry would make the
+                    # recording threads and this one trade the GIL on every
+                    # record. Busy threads seal for themselves (settle), and
+                    # readers seal before they read, so nobody waits for this.
+                    self._work.wait(_LINGER_S)
+                self._wake_needed = False
+            try:
+                self._seal_pending(None)
+            except KlockworkError:
+                with lock:
+                    self._writer = None
+                return
 
     def _fail(self, cls: type[KlockworkError], message: str, exc: BaseException) -> None:
         with self._lock:
             self._error = (cls, message, exc)
             self._refusing = True
             self._writer = None
-            self._done.notify_all()
 
     # ----------------------------------------------------------------- readers
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until every entry recorded before this call is stored.
+        """Store every entry recorded before this call (sealing them on this thread).
 
         Args:
-            timeout_s: real seconds to wait at most (None: no limit).
+            timeout_s: real seconds to wait at most for another thread that
+                is sealing (None: no limit).
 
         Returns:
             True when written; False if ``timeout_s`` ran out first.
 
         Raises:
-            StoreUnavailableError | AuditIntegrityError: the writer failed.
+            StoreUnavailableError | AuditIntegrityError: the log failed.
         """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._lock:
             target = self._next_seq - 1
-            if self._written_seq >= target and self._error is None:
-                return True
-            self._flushers += 1
-            self._work.notify()  # end the writer's linger
-            try:
-                while self._written_seq < target and self._error is None:
-                    if deadline is None:
-                        self._done.wait()
-                    else:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            return False
-                        self._done.wait(remaining)
-            finally:
-                self._flushers -= 1
             if self._error is not None:
                 self._raise_unusable()
-        return True
+            if self._written_seq >= target:
+                return True
+        return self._seal_pending(timeout_s)
 
     def _ready(self) -> None:
         self.flush()
@@ -456,7 +470,7 @@ class AuditLog:
                 check_key(value, argument)
         if since is not None:
             check_int(since, "since", low=-INT64_MAX)
-        after = 0 if cursor is None else _decode_cursor(cursor)
+        after = 0 if cursor is None else decode_cursor(cursor)
         self._ready()
         rows = self._backend.read(
             after, limit + 1, kind=kind, agent_id=agent_id, session_id=session_id, since=since
@@ -464,7 +478,7 @@ class AuditLog:
         more = len(rows) > limit
         rows = rows[:limit]
         return AuditPage(
-            entries=rows, next_cursor=_encode_cursor(rows[-1].seq) if more and rows else None
+            entries=rows, next_cursor=encode_cursor(rows[-1].seq) if more and rows else None
         )
 
     def iter_lines(self) -> Iterator[bytes]:

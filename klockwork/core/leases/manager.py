@@ -15,6 +15,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from klockwork.core.audit.records import Denied, granted_data
@@ -86,8 +87,11 @@ class LeaseManager:
         # recorded by the store's atomic section itself (LeaseAudit): stored
         # with the decision, both or neither.
         self._audit = audit
+        # Seals queued entries on this thread once enough have gathered (outside the store's lock).
+        self._settle: Callable[[], None] = _nothing
         if audit is not None:
             store.lease_hooks = LeaseAudit(audit, clock)
+            self._settle = audit.settle
         self._signals = Signals()
         self._renewer = Renewer(clock, self.heartbeat)
         self._reserve_ms = (
@@ -186,6 +190,7 @@ class LeaseManager:
         refused try of a blocking acquire (``request.tries``) is not an
         outcome: the blocking acquire announces one at its end.
         """
+        self._settle()
         if outcome.status is _GRANTED:
             verdict = _build(
                 Verdict,
@@ -334,6 +339,7 @@ class LeaseManager:
             return False
         self._signals.notify(rec.resource)
         self._announce("lease.released", rec, self._clock.now_ms())
+        self._settle()
         return True
 
     async def arelease(self, lease_id: str) -> bool:
@@ -457,6 +463,7 @@ class LeaseManager:
             return False
         self._signals.notify(rec.resource)
         self._announce(kind, rec, self._clock.now_ms())
+        self._settle()
         return True
 
     def _on_expired(self, records: builtins.list[LeaseRecord]) -> None:
@@ -554,6 +561,10 @@ class LeaseAudit:
 
     def ended(self, kind: str, rec: LeaseRecord, now_ms: int) -> None:
         self._audit.record_end(kind, rec, now_ms)
+
+
+def _nothing() -> None:
+    """What ``_settle`` is when lease decisions are not audited."""
 
 
 def _resource_intent(resource: object) -> ParsedIntent:

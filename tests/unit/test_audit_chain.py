@@ -19,7 +19,9 @@ from klockwork.core.audit.chain import (
     GENESIS_HASH,
     AuditEntry,
     Checkpoint,
+    block_seal,
     canonical_json,
+    entry_body,
     entry_hash,
     sign_checkpoint,
 )
@@ -69,20 +71,29 @@ def test_log_chains_hashes_exactly_as_documented() -> None:
     log = AuditLog(clock=ManualClock(5000))
     log.record("lease.granted", "a1", "s1", {"n": 1})
     log.record("tool.start", None, None, {"tool": "søk"})
-    first, second = log.query().entries
+    first, second = log.query().entries  # sealed together: one block
     text1 = (
         '{"agent_id":"a1","data":{"n":1},"kind":"lease.granted","prev_hash":"'
         + "0" * 64
         + '","seq":1,"session_id":"s1","ts":5000}'
     )
-    h1 = sha("0" * 64 + text1)
-    assert first.prev_hash == GENESIS_HASH and first.hash == h1
     text2 = (
         '{"agent_id":null,"data":{"tool":"søk"},"kind":"tool.start","prev_hash":"'
-        + h1
+        + "0" * 64
         + '","seq":2,"session_id":null,"ts":5000}'
     )
-    assert second.prev_hash == h1 and second.hash == sha(h1 + text2)
+    seal = sha("0" * 64 + text1 + "\n" + text2)
+    assert first.prev_hash == second.prev_hash == GENESIS_HASH
+    assert first.hash == second.hash == seal
+    # The next block links to this block's seal.
+    log.record("tool.end", None, None, {})
+    third = log.query(kind="tool.end").entries[0]
+    text3 = (
+        '{"agent_id":null,"data":{},"kind":"tool.end","prev_hash":"'
+        + seal
+        + '","seq":3,"session_id":null,"ts":5000}'
+    )
+    assert third.prev_hash == seal and third.hash == sha(seal + text3)
     # The stored line is the same object with "hash" added, canonical.
     lines = list(log.iter_lines())
     assert (
@@ -97,10 +108,13 @@ def test_signature_is_hmac_sha256_of_seq_colon_hash() -> None:
 
 
 # --------------------------------------------------------------------------- tampering
-def make_file(tmp_path: Path, n: int = 6) -> tuple[Path, list[str], Checkpoint]:
+def make_file(tmp_path: Path, n: int = 6, *, block: int = 1) -> tuple[Path, list[str], Checkpoint]:
+    """An export of ``n`` entries sealed ``block`` at a time (1: each entry alone)."""
     log = AuditLog(clock=ManualClock(1_000), key=KEY)
     for i in range(n):
         log.record("lease.granted", f"agent-{i % 2}", "s", {"i": i, "resource": f"FILE:/{i}"})
+        if (i + 1) % block == 0:
+            log.flush()
     path = tmp_path / "audit.jsonl"
     assert log.export(path) == n
     checkpoint = log.checkpoint()
@@ -210,6 +224,7 @@ def test_verify_entries_catches_an_edited_object() -> None:
     log = AuditLog(clock=ManualClock(0))
     for i in range(5):
         log.record("tool.end", "a", "s", {"i": i})
+        log.flush()  # each entry a block of its own
     entries = log.query().entries
     assert verify_entries(entries).valid
     entries[2] = entries[2].model_copy(update={"ts": 99})
@@ -217,6 +232,78 @@ def test_verify_entries_catches_an_edited_object() -> None:
     assert not result.valid and result.first_broken_seq == 3
     with pytest.raises(AuditIntegrityError, match="entry 3"):
         result.raise_if_invalid()
+    log.close()
+
+
+# --------------------------------------------------------------------------- sealed blocks
+def test_a_block_verifies_and_its_seal_covers_every_entry(tmp_path: Path) -> None:
+    path, lines, cp = make_file(tmp_path, 12, block=4)
+    assert len({json.loads(line)["hash"] for line in lines}) == 3  # three blocks
+    result = verify_file(path, against=cp, key=KEY)
+    assert result.valid and result.checked == 12 and result.head_hash == cp.hash
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_an_edit_anywhere_in_a_block_names_the_block(tmp_path: Path, index: int) -> None:
+    path, lines, cp = make_file(tmp_path, 12, block=4)
+    lines[index] = lines[index].replace('"s"', '"mallory"', 1)
+    write(path, lines)
+    for result in (verify_file(path), verify_file(path, against=cp, key=KEY)):
+        first = index - index % 4 + 1
+        assert not result.valid and result.first_broken_seq == first
+        assert result.checked == first - 1 and result.head_seq == first - 1
+        assert f"entries {first}..{first + 3}" in result.reason
+
+
+def test_an_entry_cut_from_a_block_is_caught_without_a_checkpoint(tmp_path: Path) -> None:
+    path, lines, _ = make_file(tmp_path, 12, block=4)
+    write(path, lines[:10])  # the last block loses two entries
+    result = verify_file(path)
+    assert not result.valid and result.first_broken_seq == 9 and result.checked == 8
+    write(path, lines[:8])  # cut at a block boundary: still a chain (a checkpoint tells)
+    assert verify_file(path).valid
+
+
+def test_swapped_lines_inside_a_block_are_caught(tmp_path: Path) -> None:
+    path, lines, _ = make_file(tmp_path, 12, block=4)
+    lines[5], lines[6] = lines[6], lines[5]
+    write(path, lines)
+    result = verify_file(path)
+    assert not result.valid and result.first_broken_seq == 6 and "reordered" in result.reason
+
+
+def test_a_block_split_in_two_is_caught(tmp_path: Path) -> None:
+    """Relabelling half a block as a block of its own breaks both seals."""
+    path, lines, _ = make_file(tmp_path, 8, block=8)
+    objs = [json.loads(line) for line in lines]
+    fake = block_seal(GENESIS_HASH, [entry_body(o) for o in objs[:4]])
+    for o in objs[:4]:
+        o["hash"] = fake
+    for o in objs[4:]:
+        o["prev_hash"] = fake
+    write(path, [canonical_json(o).decode() for o in objs])
+    result = verify_file(path)
+    assert not result.valid and result.first_broken_seq == 5 and result.checked == 4
+
+
+def test_a_malformed_line_in_a_block_is_named_exactly(tmp_path: Path) -> None:
+    path, lines, _ = make_file(tmp_path, 8, block=8)
+    lines[5] = '{"agent_id":"mallory",' + lines[5][1:]  # a duplicate key
+    write(path, lines)
+    result = verify_file(path)
+    assert not result.valid and result.first_broken_seq == 6
+    assert "line 6 repeats the key 'agent_id'" in result.reason
+
+
+def test_verify_entries_checks_whole_blocks() -> None:
+    log = AuditLog(clock=ManualClock(0))
+    for i in range(5):
+        log.record("tool.end", "a", "s", {"i": i})
+    entries = log.query().entries  # one block
+    assert verify_entries(entries).valid
+    entries[2] = entries[2].model_copy(update={"ts": 99})
+    result = verify_entries(entries)
+    assert not result.valid and result.first_broken_seq == 1 and "entries 1..5" in result.reason
     log.close()
 
 

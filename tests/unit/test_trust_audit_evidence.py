@@ -11,6 +11,7 @@ reporting it; a line with a duplicate key read two ways.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -29,6 +30,7 @@ from klockwork import (
     SqliteStore,
     VerifyResult,
 )
+from klockwork.core.audit.chain import canonical_json
 from klockwork.core.audit.log import verify_file
 
 KEY = "s3cret"
@@ -229,8 +231,28 @@ def test_a_tampered_or_pathological_line_makes_verify_file_report_invalid(
     target = _tamper_line(path, lineno, change)
     if target.read_bytes() == path.read_bytes():
         pytest.fail("the change did not change the file")
-    _invalid(verify_file(target), broken=lineno)
+    # A malformed line is named exactly; a canonical edit names its sealed block's first entry.
+    lines = path.read_bytes().splitlines()
+    seal = json.loads(lines[lineno - 1])["hash"]
+    block_first = next(i for i, line in enumerate(lines, 1) if json.loads(line)["hash"] == seal)
+    canonical = _canonical(target.read_bytes().splitlines()[lineno - 1])
+    _invalid(verify_file(target), broken=block_first if canonical else lineno)
     _invalid(verify_file(target, against=checkpoint, key=KEY.encode()))
+
+
+def _canonical(line: bytes) -> bool:
+    """True if ``line`` is one JSON object written canonically (no duplicate keys)."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        if len({key for key, _ in pairs}) != len(pairs):
+            raise ValueError("duplicate key")
+        return dict(pairs)
+
+    try:
+        obj = json.loads(line, object_pairs_hook=unique)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and canonical_json(obj) == line
 
 
 def test_a_duplicate_key_line_is_invalid_even_when_the_chain_links(

@@ -125,14 +125,18 @@ class MemoryAuditBackend:
 
     Args:
         retain: how many of the newest entries to keep (None: all). Older ones
-            are dropped in batches; :meth:`dropped` names the last one dropped,
-            which the kept tail links to, so the tail still verifies.
+            are dropped in batches of whole sealed blocks; :meth:`dropped`
+            names the last one dropped, which the kept tail links to, so the
+            tail still verifies.
     """
 
     def __init__(self, retain: int | None = DEFAULT_AUDIT_RETAIN) -> None:
         if retain is not None and (retain.__class__ is not int or retain < 1):
             raise InvalidRequestError("audit_retain", retain, "must be an int >= 1 or None")
         self._retain = retain
+        #: The most entries the log may seal in one block: retention drops
+        #: whole blocks, so a block is at most an eighth of what is kept.
+        self.block_limit: int | None = None if retain is None else max(1, retain // 8)
         # Entries 1.._offset were dropped; the lists hold seq _offset+1 onwards.
         self._offset = 0
         self._dropped: tuple[int, str] | None = None
@@ -193,7 +197,15 @@ class MemoryAuditBackend:
                 self._drop(len(self._lines) - retain)
 
     def _drop(self, count: int) -> None:
-        last = AuditEntry.from_line(self._lines[count - 1])
+        # Whole blocks only: the kept tail must start a block, linking to the
+        # seal of the last one dropped.
+        lines = self._lines
+        seal = _seal_of(lines[count - 1])
+        while count < len(lines) and _seal_of(lines[count]) == seal:
+            count += 1
+        if count == len(lines):  # one block holds everything kept: keep it all
+            return
+        last = AuditEntry.from_line(lines[count - 1])
         self._dropped = (last.seq, last.hash)
         self._offset = last.seq
         for column in (self._lines, self._ts, self._kinds, self._agents, self._sessions):
@@ -250,6 +262,12 @@ class MemoryAuditBackend:
         """Mark closed (the entries are dropped with the object)."""
         with self._lock:
             self._closed = True
+
+
+def _seal_of(line: bytes) -> bytes:
+    """The ``hash`` of a stored canonical line (the last top-level key before ``kind``)."""
+    cut = line.rfind(b',"hash":"')
+    return line[cut + 9 : cut + 73]
 
 
 def entry_from_line(line: bytes) -> AuditEntry:

@@ -16,28 +16,49 @@ The hashed fields
     Each entry has exactly seven hashed fields, in canonical (sorted) order:
     ``agent_id`` (string or null), ``data`` (object), ``kind`` (string),
     ``prev_hash`` (64 lowercase hex digits), ``seq`` (integer), ``session_id``
-    (string or null), ``ts`` (integer, epoch milliseconds)::
+    (string or null), ``ts`` (integer, epoch milliseconds). An entry's *body*
+    is ``canonical_json`` of those seven fields.
 
-        hash = sha256(prev_hash_ascii + canonical_json(fields)).hexdigest()
+Sealed blocks
+    The chain is a sequence of *blocks*: runs of one or more entries with
+    consecutive seqs, sealed by one hash. Every entry of a block carries the
+    same ``prev_hash`` — the previous block's seal (64 ``"0"`` characters,
+    :data:`GENESIS_HASH`, for the first block) — and the same ``hash``, its
+    block's seal::
 
-    i.e. the 64 ASCII hex digits of the previous entry's hash, immediately
-    followed by the canonical JSON of the seven fields (``prev_hash`` appears
-    in both places). ``seq`` starts at 1 and has no gaps; the first entry's
-    ``prev_hash`` is 64 ``"0"`` characters (:data:`GENESIS_HASH`); every other
-    entry's ``prev_hash`` is the ``hash`` of the entry before it.
+        hash = sha256(prev_hash_ascii + b"\n".join(body of each entry, in seq order)).hexdigest()
+
+    i.e. the 64 ASCII hex digits of the previous seal, immediately followed by
+    the bodies of the block's entries separated by one ``\n`` byte (no
+    separator before the first or after the last). A block of one entry is
+    therefore ``sha256(prev_hash + body)``: a chain whose every block holds one
+    entry (as written before blocks existed) is a valid chain. Where a block
+    ends is read from the entries: a block is a maximal run of consecutive
+    entries with the same ``hash``. ``seq`` starts at 1 and has no gaps.
+    klockwork seals up to 1 024 entries per block (one hash per writer batch
+    instead of one per entry: the hashing is then a small part of the cost).
 
 The stored / exported line
-    ``canonical_json(fields | {"hash": hash})``: the same object with the
-    eighth key ``hash`` (which sorts between ``data`` and ``kind``). JSONL
-    exports hold one such line per entry, in ``seq`` order, each ended by
-    ``\\n``. To verify a line: parse it, remove ``hash``, recompute it as
-    above and compare; check ``seq`` and ``prev_hash`` against the line before.
+    ``canonical_json(fields | {"hash": hash})``: the body with the eighth key
+    ``hash`` (which sorts between ``data`` and ``kind``). JSONL exports hold
+    one such line per entry, in ``seq`` order, each ended by ``\n``. To verify
+    a file: parse each line, remove ``hash`` and re-serialise the rest
+    canonically (the body); group consecutive lines with the same ``hash``
+    into blocks; recompute each block's seal as above and compare; check that
+    the seqs run 1, 2, 3, ... and that each block's ``prev_hash`` is the seal
+    of the block before. An edited, removed, reordered or inserted entry
+    breaks its block's seal, the seq run or a link; verification names the
+    first seq at which the chain breaks (for an edit inside a block: the
+    block's first seq, since the seal covers the block as a whole).
 
 Checkpoints
     A :class:`Checkpoint` pins the head (``seq``, ``hash``) at a moment. With a
     key, ``signature = HMAC-SHA256(key, f"{seq}:{hash}".encode()).hexdigest()``.
     Verifying against a checkpoint also catches truncation: the chain must
-    reach ``seq`` and its entry there must have exactly ``hash``.
+    reach ``seq`` and its entry there must have exactly ``hash``. (A head is
+    always the last entry of a block; an entry cut from the end of a block
+    breaks that block's seal, so truncation inside a block is caught even
+    without a checkpoint.)
 
 How ``data`` is made JSON (:func:`to_json_value`, applied when the entry is
 written; recording never fails on odd data):
@@ -82,7 +103,7 @@ import hashlib
 import hmac
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import PurePath
 from typing import Any
 
@@ -99,6 +120,8 @@ __all__ = [
     "Checkpoint",
     "VerifyResult",
     "canonical_json",
+    "block_seal",
+    "entry_body",
     "entry_hash",
     "sign_checkpoint",
     "to_json_value",
@@ -152,16 +175,35 @@ def canonical_json(obj: Any) -> bytes:
     return _encode(obj).encode("utf-8")
 
 
-def entry_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
-    """``sha256(prev_hash + canonical_json(the seven hashed fields))`` as hex.
+def entry_body(fields: Mapping[str, Any]) -> bytes:
+    """An entry's body: ``canonical_json`` of its seven hashed fields.
 
     Args:
-        prev_hash: the previous entry's hash (64 hex digits, or :data:`GENESIS_HASH`).
         fields: a mapping holding at least :data:`HASHED_FIELDS`; other keys
             (such as ``hash``) are ignored.
     """
-    body = canonical_json({name: fields[name] for name in HASHED_FIELDS})
-    return _sha256(prev_hash.encode("ascii") + body).hexdigest()
+    return canonical_json({name: fields[name] for name in HASHED_FIELDS})
+
+
+def block_seal(prev_hash: str, bodies: Iterable[bytes]) -> str:
+    """The seal of a block: ``sha256(prev_hash + b"\\n".join(bodies))`` as hex.
+
+    Args:
+        prev_hash: the previous block's seal (64 hex digits, or :data:`GENESIS_HASH`).
+        bodies: the block's entry bodies (:func:`entry_body`), in seq order.
+    """
+    return _sha256(prev_hash.encode("ascii") + b"\n".join(bodies)).hexdigest()
+
+
+def entry_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
+    """The seal of a block holding this one entry: ``sha256(prev_hash + body)`` as hex.
+
+    Args:
+        prev_hash: the previous block's seal (64 hex digits, or :data:`GENESIS_HASH`).
+        fields: a mapping holding at least :data:`HASHED_FIELDS`; other keys
+            (such as ``hash``) are ignored.
+    """
+    return block_seal(prev_hash, (entry_body(fields),))
 
 
 def sign_checkpoint(key: bytes, seq: int, hash: str) -> str:
@@ -271,8 +313,10 @@ class AuditEntry(BaseModel):
         agent_id: who acted (None when not known).
         session_id: the agent's session (None when not known).
         data: the event's details, already converted to JSON data.
-        prev_hash: the previous entry's hash (:data:`GENESIS_HASH` for seq 1).
-        hash: ``sha256(prev_hash + canonical_json(hashed fields))`` hex.
+        prev_hash: the seal of the block before this entry's block
+            (:data:`GENESIS_HASH` for the first block).
+        hash: the seal of this entry's block (see "Sealed blocks" above; for
+            a block of this entry alone, ``sha256(prev_hash + body)`` hex).
     """
 
     model_config = _FROZEN
@@ -301,7 +345,7 @@ class AuditEntry(BaseModel):
         }
 
     def compute_hash(self) -> str:
-        """The hash this entry *should* have, recomputed from its fields."""
+        """The hash this entry *should* have if it is a block of its own, from its fields."""
         return entry_hash(self.prev_hash, self.hashed_fields())
 
     def canonical_line(self) -> bytes:

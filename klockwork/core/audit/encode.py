@@ -22,7 +22,7 @@ from typing import Any
 
 from klockwork.core.audit.backend import Row
 from klockwork.core.audit.canonical import INT_LIMIT, json_str
-from klockwork.core.audit.chain import canonical_json, to_json_value
+from klockwork.core.audit.chain import block_seal, canonical_json, to_json_value
 from klockwork.core.audit.records import granted_data
 from klockwork.core.errors import InvalidRequestError
 from klockwork.core.model import Predicate
@@ -152,6 +152,21 @@ def _ident(value: Any) -> str | None:
     return converted if isinstance(converted, str) else str(converted)
 
 
+def _slow_fields(
+    seq: int, ts: Any, kind: str, agent_id: Any, session_id: Any, data: Any, prev: str, how: Any
+) -> dict[str, Any]:
+    """One entry's hashed fields by the documented conversion (what the fast path does not take)."""
+    return {
+        "agent_id": to_json_value(_ident(agent_id)),
+        "data": _converted(data, how),
+        "kind": kind,
+        "prev_hash": prev,
+        "seq": seq,
+        "session_id": to_json_value(_ident(session_id)),
+        "ts": int(ts),
+    }
+
+
 def encode_slow(
     seq: int,
     ts: Any,
@@ -162,28 +177,22 @@ def encode_slow(
     prev: str,
     how: Any = None,
 ) -> Row:
-    """One entry's row by the documented conversion (anything the fast path does not take)."""
-    value = _converted(data, how)
-    fields: dict[str, Any] = {
-        "agent_id": to_json_value(_ident(agent_id)),
-        "data": value,
-        "kind": kind,
-        "prev_hash": prev,
-        "seq": seq,
-        "session_id": to_json_value(_ident(session_id)),
-        "ts": int(ts),
-    }
-    hash_ = _sha256(prev.encode("ascii") + canonical_json(fields)).hexdigest()
-    fields["hash"] = hash_
-    line = canonical_json(fields)
+    """One entry's row, sealed as a block of its own, by the documented conversion."""
+    fields = _slow_fields(seq, ts, kind, agent_id, session_id, data, prev, how)
+    hash_ = block_seal(prev, (canonical_json(fields),))
+    return _slow_row(fields, hash_)
+
+
+def _slow_row(fields: dict[str, Any], hash_: str) -> Row:
+    line = canonical_json(fields | {"hash": hash_})
     return (
-        seq,
+        fields["seq"],
         fields["ts"],
-        kind,
+        fields["kind"],
         fields["agent_id"],
         fields["session_id"],
-        _encode(value),
-        prev,
+        _encode(fields["data"]),
+        fields["prev_hash"],
         hash_,
         line,
     )
@@ -282,17 +291,20 @@ def _converted(data: Any, how: Any) -> dict[str, Any]:
 
 
 def encode_batch(batch: Sequence[Any], prev: str) -> tuple[list[Row], str]:
-    """Chain the entries queued flat in ``batch`` after ``prev``: their rows, and the new head hash.
+    """Seal the entries queued flat in ``batch`` as one block after ``prev``: rows and seal.
 
-    ``batch`` holds :data:`PENDING_SLOTS` slots per entry. The data is
-    formatted by :func:`_fast_text`, or the documented conversion when it
-    cannot (:func:`encode_slow`); consecutive entries usually share their
-    agent and session, so their JSON text is reused while the object stays
-    the same.
+    ``batch`` holds :data:`PENDING_SLOTS` slots per entry. Each entry's body
+    is formatted by :func:`_fast_text` and the fixed key order, or by the
+    documented conversion when it cannot be; consecutive entries usually
+    share their agent and session, so their JSON text is reused while the
+    object stays the same. One sha256 over the bodies seals the block.
     """
-    out: list[Row] = []
-    add = out.append
-    sha, fast_text, enc_str = _sha256, _fast_text, json_str
+    # Per entry: (seq, ts, kind, agent_id, session_id, data text, body head, body tail)
+    # for the fast path, or the fields dict of the documented conversion.
+    parts: list[Any] = []
+    bodies: list[bytes] = []
+    add, add_body = parts.append, bodies.append
+    fast_text, enc_str = _fast_text, json_str
     last_a = last_s = _UNSET
     a = s = "null"
     slots = iter(batch)
@@ -321,12 +333,22 @@ def encode_batch(batch: Sequence[Any], prev: str) -> tuple[list[Row], str]:
                 raise TypeError(_ODD)
             head = f'{{"agent_id":{a},"data":{text}'
             tail = f',"kind":"{kind}","prev_hash":"{prev}","seq":{seq},"session_id":{s},"ts":{ts}}}'
-            hash_ = sha(f"{prev}{head}{tail}".encode()).hexdigest()
-            line = f'{head},"hash":"{hash_}"{tail}'.encode()
-            add((seq, ts, kind, agent_id, session_id, text, prev, hash_, line))
-        except Exception:  # any doubt (or not UTF-8): the documented conversion decides
-            row = encode_slow(seq, ts, kind, agent_id, session_id, data, prev, how)
-            add(row)
-            hash_ = row[7]
-        prev = hash_
-    return out, prev
+            body = f"{head}{tail}".encode()  # not UTF-8 (a lone surrogate): the slow path
+            add((seq, ts, kind, agent_id, session_id, text, head, tail))
+        except Exception:  # any doubt: the documented conversion decides
+            fields = _slow_fields(seq, ts, kind, agent_id, session_id, data, prev, how)
+            body = canonical_json(fields)
+            add(fields)
+        add_body(body)
+    seal = block_seal(prev, bodies)
+    rows: list[Row] = []
+    keep = rows.append
+    hash_key = f',"hash":"{seal}"'
+    for p in parts:
+        if p.__class__ is dict:
+            keep(_slow_row(p, seal))
+        else:
+            seq, ts, kind, agent_id, session_id, text, head, tail = p
+            line = f"{head}{hash_key}{tail}".encode()
+            keep((seq, ts, kind, agent_id, session_id, text, prev, seal, line))
+    return rows, seal

@@ -17,7 +17,8 @@ sealed in batches — converted to JSON, chained and appended to an
 
 Sealing on the thread that recorded costs less than handing the batch to
 another thread: under the GIL the work is the same, but every hand-off
-trades the interpreter and the CPU between threads.
+trades the interpreter and the CPU between threads. One sha256 seals each
+batch as a block (see "Sealed blocks" in :mod:`klockwork.core.audit.chain`).
 
 The chain format (which fields are hashed, how, and how odd data is made
 JSON) is specified in :mod:`klockwork.core.audit.chain`; :func:`export_jsonl`
@@ -94,8 +95,8 @@ __all__ = [
 
 StrPath = str | PathLike[str]
 _PAGE = 8192  # lines per backend read when verifying or exporting
-# 1024 entries hashed and appended per backend call (counted in queue slots):
-# small enough that flushers see progress and few objects are alive at once.
+# At most 1024 entries sealed as one block and appended per backend call (in
+# queue slots). A backend may ask for smaller blocks (``block_limit``).
 _CHUNK_SLOTS = 1024 * PENDING_SLOTS
 # How long a woken writer waits for more entries before it seals the queue.
 _LINGER_S = 0.05
@@ -136,6 +137,8 @@ class AuditLog:
         self._clock: Clock = SystemClock() if clock is None else clock
         self._now_ms = self._clock.now_ms
         self._key = key
+        limit = getattr(self._backend, "block_limit", None)
+        self._chunk_slots = _CHUNK_SLOTS if limit is None else min(limit, 1024) * PENDING_SLOTS
         head_seq, self._head_hash = self._open_head()
         self._next_seq = head_seq + 1
         self._written_seq = self._next_seq - 1
@@ -313,8 +316,9 @@ class AuditLog:
                 batch = self._pending
                 self._pending = []
             prev = self._head_hash
-            for start in range(0, len(batch), _CHUNK_SLOTS):
-                chunk = batch[start : start + _CHUNK_SLOTS]
+            size = self._chunk_slots
+            for start in range(0, len(batch), size):
+                chunk = batch[start : start + size]
                 try:
                     rows, head = encode_batch(chunk, prev)
                 except Exception as exc:  # a bug: never lose it silently

@@ -42,7 +42,13 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from klockwork.core.audit.backend import EntryBatch, entry_from_line
-from klockwork.core.audit.chain import GENESIS_HASH, AuditEntry, canonical_json, entry_hash
+from klockwork.core.audit.chain import (
+    GENESIS_HASH,
+    AuditEntry,
+    block_seal,
+    canonical_json,
+    entry_body,
+)
 from klockwork.core.audit.encode import TEXT, encode_batch
 from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
 from klockwork.core.stores.base import JournalRow
@@ -350,30 +356,38 @@ def _contents(entries: Sequence[AuditEntry]) -> list[_Content]:
 
 
 def _rechain(contents: list[_Content], head_seq: int, head_hash: str) -> list[_Params]:
-    """Insert parameters chaining ``contents`` after the head (seq, hash), in order.
+    """Insert parameters sealing ``contents`` as one block after the head (seq, hash).
 
-    Pure: the hash and line are made by
-    :func:`~klockwork.core.audit.chain.entry_hash` and
+    Pure: the bodies, seal and lines are made by
+    :func:`~klockwork.core.audit.chain.entry_body`,
+    :func:`~klockwork.core.audit.chain.block_seal` and
     :func:`~klockwork.core.audit.chain.canonical_json`, exactly as the
-    chain's specification says, so the result verifies like any other entry.
+    chain's specification says, so the result verifies like any other block.
     """
-    params: list[_Params] = []
-    prev = head_hash
-    for offset, (ts, kind, agent_id, session_id, data) in enumerate(contents, 1):
-        seq = head_seq + offset
-        fields: dict[str, Any] = {
+    objects: list[dict[str, Any]] = [
+        {
             "agent_id": agent_id,
             "data": data,
             "kind": kind,
-            "prev_hash": prev,
-            "seq": seq,
+            "prev_hash": head_hash,
+            "seq": head_seq + offset,
             "session_id": session_id,
             "ts": ts,
         }
-        prev = entry_hash(prev, fields)
-        fields["hash"] = prev
-        params.append((seq, ts, kind, agent_id, session_id, canonical_json(fields)))
-    return params
+        for offset, (ts, kind, agent_id, session_id, data) in enumerate(contents, 1)
+    ]
+    seal = block_seal(head_hash, [entry_body(fields) for fields in objects])
+    return [
+        (
+            o["seq"],
+            o["ts"],
+            o["kind"],
+            o["agent_id"],
+            o["session_id"],
+            canonical_json(o | {"hash": seal}),
+        )
+        for o in objects
+    ]
 
 
 _HEAD_HASH = re.compile(rb'"hash":"([0-9a-f]{64})"')

@@ -22,7 +22,8 @@ from klockwork.core.audit.chain import (
     AuditEntry,
     Checkpoint,
     VerifyResult,
-    entry_hash,
+    canonical_json,
+    entry_body,
     sign_checkpoint,
 )
 
@@ -41,13 +42,17 @@ _TAIL = re.compile(
 _tail_match = _TAIL.fullmatch
 _HEX = re.compile(r"[0-9a-f]{64}")
 _LINE_KEYS = frozenset((*HASHED_FIELDS, "hash"))
+# Lines of a block kept to name a malformed one when its seal does not match.
+_DIAGNOSE_LINES = 1024
 
 
 class ChainVerifier:
     """Streaming verifier: feed entries in order, then read :meth:`result`.
 
-    Memory is O(1) whatever the chain's length. After the first problem
-    further input is ignored (the result names the first problem only).
+    Memory is O(1) whatever the chain's length: a block's seal is computed
+    incrementally as its entries arrive, and checked when the next block
+    starts (or at :meth:`result`). After the first problem further input is
+    ignored (the result names the first problem only).
 
     Args:
         against: a checkpoint the chain must reach, with exactly its hash.
@@ -56,20 +61,27 @@ class ChainVerifier:
             is invalid).
         start: where the chain fed begins when it is a tail: the checkpoint
             of the last entry before it (an in-memory log's retention drops
-            old entries and keeps that checkpoint). The first entry fed must
+            old blocks and keeps that checkpoint). The first entry fed must
             link to it. A checkpoint ``against`` older than ``start`` cannot
             be compared (its entry is gone); the result says so.
     """
 
     __slots__ = (
         "_against",
+        "_block_first",
+        "_block_line",
+        "_block_lines",
+        "_block_prev",
         "_broken",
         "_checked",
         "_gap",
+        "_hasher",
         "_prev_b",
         "_reason",
+        "_seal_b",
         "_seq",
         "_start",
+        "_verified",
     )
 
     def __init__(
@@ -81,8 +93,20 @@ class ChainVerifier:
     ) -> None:
         self._against = against
         self._start = start
-        self._seq = 0 if start is None else start.seq
+        # _seq: the last seq taken (maybe in the open block); _verified: the
+        # last seq of the last block whose seal verified, _prev_b that seal.
+        self._seq = self._verified = 0 if start is None else start.seq
         self._prev_b = (GENESIS_HASH if start is None else start.hash).encode("ascii")
+        # The open block: its claimed seal (None: no block open), the seal
+        # before it, its running hash, its first seq and that entry's line.
+        self._seal_b: bytes | None = None
+        self._block_prev = self._prev_b
+        self._hasher: Any = None
+        self._block_first = 0
+        self._block_line: int | None = None
+        # The open block's lines (when fed lines), kept to name a malformed
+        # one if the seal does not match; None past _DIAGNOSE_LINES.
+        self._block_lines: list[bytes] | None = None
         self._checked = 0
         self._broken: int | None = None
         self._reason: str | None = None
@@ -123,46 +147,109 @@ class ChainVerifier:
             self._broken = seq
             self._reason = reason
 
-    def _advance(self, seq: int, hash_b: bytes) -> None:
-        self._seq = seq
-        self._prev_b = hash_b
-        self._checked += 1
-        against = self._against
-        if against is not None and seq == against.seq and hash_b != against.hash.encode():
-            self._fail(seq, f"entry {seq} does not match the checkpoint (the log was rewritten)")
-
-    def _link(self, seq: int, prev_hash: str, where: str) -> bool:
-        expected = self._seq + 1
-        if seq != expected:
-            if seq > expected:
-                self._fail(expected, f"entry {expected} is missing ({where} has seq {seq})")
-                self._gap = (expected, seq)
+    def _close_block(self) -> bool:
+        """Check the open block's seal; False (and the problem kept) if it does not match."""
+        seal_b = self._seal_b
+        if seal_b is None:
+            return True
+        self._seal_b = None
+        first, last = self._block_first, self._seq
+        if self._hasher.hexdigest().encode() != seal_b:
+            self._seq = self._verified
+            if self._block_lines is not None and self._block_line is not None:
+                for offset, raw in enumerate(self._block_lines):
+                    problem = _malformed(raw)
+                    if problem is not None:
+                        lineno = self._block_line + offset
+                        self._fail(first + offset, f"line {lineno} {problem}")
+                        return False
+            where = "" if self._block_line is None else f" (line {self._block_line})"
+            if first == last:
+                self._fail(first, f"entry {first}{where} was modified (its hash does not match)")
             else:
-                self._fail(seq, f"entry {seq} is out of order or repeated ({where})")
+                self._fail(
+                    first,
+                    f"entries {first}..{last}{where} do not match their block's seal: one of "
+                    "them was modified",
+                )
             return False
-        if prev_hash.encode("utf-8", "surrogatepass") != self._prev_b:
-            self._fail(seq, f"entry {seq} does not link to entry {seq - 1} (prev_hash differs)")
+        self._checked += last - first + 1
+        self._verified = last
+        self._prev_b = seal_b
+        against = self._against
+        if (
+            against is not None
+            and first <= against.seq <= last
+            and seal_b != against.hash.encode("utf-8", "surrogatepass")
+        ):
+            self._fail(
+                against.seq,
+                f"entry {against.seq} does not match the checkpoint (the log was rewritten)",
+            )
             return False
         return True
 
+    def _take(
+        self,
+        seq: object,
+        prev_b: bytes,
+        seal_b: bytes,
+        body: bytes,
+        where: str,
+        line: int | None = None,
+        raw: bytes | None = None,
+    ) -> None:
+        """Take the next entry: its seq and links checked now, its block's seal when it closes."""
+        if seal_b != self._seal_b and not self._close_block():  # a new block: the open one ended
+            return
+        expected = self._seq + 1
+        if seq != expected:
+            if isinstance(seq, int) and seq > expected:
+                self._fail(expected, f"entry {expected} is missing ({where} has seq {seq})")
+                self._gap = (expected, seq)
+            else:
+                self._fail(
+                    seq if isinstance(seq, int) else expected,
+                    f"entry {seq} is out of order or repeated ({where})",
+                )
+            return
+        if seal_b == self._seal_b:  # the open block goes on
+            if prev_b != self._block_prev:
+                self._fail(seq, f"entry {seq} does not link like its block (prev_hash differs)")
+                return
+            self._hasher.update(b"\n" + body)
+            kept = self._block_lines
+            if kept is not None and raw is not None:
+                if len(kept) < _DIAGNOSE_LINES:
+                    kept.append(raw)
+                else:
+                    self._block_lines = None
+        else:
+            if prev_b != self._prev_b:
+                self._fail(seq, f"entry {seq} does not link to entry {seq - 1} (prev_hash differs)")
+                return
+            self._seal_b, self._block_prev = seal_b, prev_b
+            self._hasher = _sha256(prev_b + body)
+            self._block_first, self._block_line = seq, line
+            self._block_lines = None if raw is None else [raw]
+        self._seq = seq
+
     def feed_entry(self, entry: AuditEntry, where: str | None = None) -> None:
-        """Check the next entry, recomputing its hash from its fields."""
+        """Check the next entry, from its fields (its block's seal is checked when it closes)."""
         if self._reason is not None:
             if self._gap is not None:
                 self._after_gap(entry.seq)
             return
-        where = where or f"entry at position {self._checked + 1}"
-        if not self._link(entry.seq, entry.prev_hash, where):
-            return
+        where = where or f"entry at position {self._checked + self._seq - self._verified + 1}"
         try:
-            ok = entry.compute_hash() == entry.hash
+            body = entry_body(entry.hashed_fields())
         except (TypeError, ValueError) as exc:  # data that is not JSON cannot be hashed
             self._fail(entry.seq, f"entry {entry.seq} cannot be hashed ({exc})")
             return
-        if not ok:
-            self._fail(entry.seq, f"entry {entry.seq} was modified (its hash does not match)")
-            return
-        self._advance(entry.seq, entry.hash.encode())
+        prev_b = entry.prev_hash.encode("utf-8", "surrogatepass")
+        self._take(
+            entry.seq, prev_b, entry.hash.encode("utf-8", "surrogatepass"), body, where, None
+        )
 
     def feed_line(self, line: bytes, lineno: int) -> None:
         """Check the next stored/exported line (``lineno`` is used in messages)."""
@@ -174,54 +261,57 @@ class ChainVerifier:
         m = _tail_match(line, cut) if cut > 0 else None
         if m is not None:
             hash_b, prev_b, seq_b = m.groups()
-            seq = int(seq_b)
-            if seq == self._seq + 1 and prev_b == self._prev_b:
-                digest = _sha256(prev_b + line[:cut] + line[cut + 74 :]).hexdigest()
-                if digest.encode() == hash_b:
-                    self._advance(seq, hash_b)
-                    return
-        # Not canonical as written, or something is wrong: parse it properly.
+            body = line[:cut] + line[cut + 74 :]
+            self._take(int(seq_b), prev_b, hash_b, body, f"line {lineno}", lineno, line)
+            return
+        # Not canonical as written: parse it properly.
         self._feed_parsed(line, lineno)
 
     def feed_lines(self, lines: Iterable[bytes], first_lineno: int = 1) -> None:
         """Check consecutive lines (no newlines) starting at line ``first_lineno``.
 
         Same result as :meth:`feed_line` on each, in a tight loop for the
-        common case: canonical lines that verify. Any other line (and the
-        checkpoint's own) goes through :meth:`feed_line`.
+        common case: canonical lines that continue the open block. Any other
+        line (a block's first, or anything odd) goes through :meth:`feed_line`.
         """
-        against = self._against
-        check_at = -1 if against is None else against.seq
-        sha, hash_key, kind_key = _sha256, _HASH_KEY, b'","kind":"'
+        hash_key, kind_key = _HASH_KEY, b'","kind":"'
         lineno = first_lineno - 1
         it = iter(lines)
         while self._reason is None:
             seq = start = self._seq
-            prev_b = self._prev_b
+            seal_b = self._seal_b
             careful: bytes | None = None
-            for line in it:
-                seq += 1
+            if seal_b is not None:
                 # Canonical tail: ,"hash":"H","kind":"K","prev_hash":"P","seq":N,"session_id":...
-                # Only its expected shape, with the expected P and N, is taken here.
-                cut = line.rfind(hash_key)
-                hash_b = line[cut + 9 : cut + 73]
-                if (
-                    cut <= 0
-                    or seq == check_at
-                    or not line.startswith(kind_key, cut + 73)
-                    or not line.startswith(
-                        b'","prev_hash":"%b","seq":%d,"session_id":' % (prev_b, seq),
-                        line.find(b'"', cut + 83),
-                    )
-                    or line[-1] != 0x7D  # "}"
-                    or sha(prev_b + line[:cut] + line[cut + 74 :]).hexdigest().encode() != hash_b
-                ):
-                    careful = line
-                    seq -= 1
-                    break
-                prev_b = hash_b
-            self._seq, self._prev_b = seq, prev_b
-            self._checked += seq - start
+                # Only the open block's H and P and the next N are taken here.
+                expect = b'","prev_hash":"%b","seq":' % self._block_prev
+                update = self._hasher.update
+                kept = self._block_lines
+                room = 0 if kept is None else _DIAGNOSE_LINES - len(kept)
+                for line in it:
+                    seq += 1
+                    cut = line.rfind(hash_key)
+                    tail = line.find(b'"', cut + 83)
+                    if (
+                        cut <= 0
+                        or line[cut + 9 : cut + 73] != seal_b
+                        or not line.startswith(kind_key, cut + 73)
+                        or not line.startswith(expect, tail)
+                        or not line.startswith(b'%d,"session_id":' % seq, tail + 87)
+                        or line[-1] != 0x7D  # "}"
+                    ):
+                        careful = line
+                        seq -= 1
+                        break
+                    update(b"\n" + line[:cut] + line[cut + 74 :])
+                    if room > 0:
+                        kept.append(line)  # type: ignore[union-attr]
+                        room -= 1
+                    elif kept is not None:
+                        kept = self._block_lines = None
+            else:
+                careful = next(it, None)
+            self._seq = seq
             lineno += seq - start
             if careful is None:
                 return
@@ -249,31 +339,36 @@ class ChainVerifier:
         if problem is not None:
             self._fail(expected, f"line {lineno} is not an audit entry ({problem})")
             return
-        seq: int = obj["seq"]
-        if not self._link(seq, obj["prev_hash"], f"line {lineno}"):
-            return
         try:
-            ok = entry_hash(obj["prev_hash"], obj) == obj["hash"]
+            body = entry_body(obj)
         except ValueError:  # NaN in a hand-edited line
-            ok = False
-        if not ok:
-            self._fail(seq, f"entry {seq} (line {lineno}) was modified (its hash does not match)")
+            self._fail(obj["seq"], f"entry {obj['seq']} (line {lineno}) cannot be hashed")
             return
-        self._advance(seq, obj["hash"].encode())
+        self._take(
+            obj["seq"],
+            obj["prev_hash"].encode(),
+            obj["hash"].encode(),
+            body,
+            f"line {lineno}",
+            lineno,
+            line,
+        )
 
     def result(self) -> VerifyResult:
         """The verdict on everything fed so far (call after the last entry)."""
+        if self._reason is None:
+            self._close_block()
         against = self._against
-        if self._reason is None and against is not None and self._seq < against.seq:
+        if self._reason is None and against is not None and self._verified < against.seq:
             self._fail(
-                self._seq + 1,
-                f"the log ends at seq {self._seq}, before the checkpoint's seq {against.seq} "
+                self._verified + 1,
+                f"the log ends at seq {self._verified}, before the checkpoint's seq {against.seq} "
                 "(truncated)",
             )
         valid = self._reason is None
         start = self._start
         if valid:
-            reason = f"{self._checked} entries verify (head seq {self._seq})"
+            reason = f"{self._checked} entries verify (head seq {self._verified})"
             if start is not None:
                 reason += f", from the retained tail after seq {start.seq}"
             if against is not None:
@@ -289,7 +384,7 @@ class ChainVerifier:
         return VerifyResult(
             valid=valid,
             checked=self._checked,
-            head_seq=self._seq,
+            head_seq=self._verified,
             head_hash=self._prev_b.decode(),
             first_broken_seq=self._broken,
             reason=reason,
@@ -322,6 +417,25 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _strict_loads(line: bytes) -> Any:
     """``json.loads`` that refuses duplicate keys (a canonical line has none)."""
     return json.loads(line, object_pairs_hook=_unique_pairs)
+
+
+def _malformed(line: bytes) -> str | None:
+    """What makes ``line`` not a canonical audit line (for naming it in a broken block), or None."""
+    try:
+        obj = _strict_loads(line)
+    except (ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else exc.__class__.__name__
+        return f"is not valid JSON ({why})"
+    except _DuplicateKey as exc:
+        return f"repeats the key {exc.key!r}: not a canonical entry"
+    problem = _line_problem(obj)
+    if problem is not None:
+        return f"is not an audit entry ({problem})"
+    try:
+        canonical = canonical_json(obj)
+    except ValueError:
+        return "cannot be hashed"
+    return None if canonical == line else "is not in canonical form: edited by hand"
 
 
 def _line_problem(obj: Any) -> str | None:

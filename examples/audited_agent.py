@@ -14,8 +14,9 @@ the command line, as an auditor would::
     klockwork audit verify audit.jsonl            # exit 0: valid
 
 Then a copy is "edited" — the invoiced amount changed after the fact, the
-line's hash left as it was — and the same command catches it and names the
-entry (exit 1).
+line's hash left as it was — and the same command catches it (exit 1) and
+names the sealed block that holds the entry: the log seals entries in
+blocks, one hash per block, so an edit breaks its block's seal.
 
     .venv/bin/python examples/audited_agent.py
 
@@ -95,16 +96,20 @@ def verify(path: Path, tmp: str) -> int:
     return done.returncode
 
 
-def forge(source: Path, target: Path) -> int:
-    """Copy the trail, raising the invoiced amount in the tool call; returns the seq edited."""
+def forge(source: Path, target: Path) -> tuple[int, int, int]:
+    """Copy the trail, raising the invoiced amount in the tool call.
+
+    Returns the seq edited and the first and last seq of its sealed block.
+    """
     lines = source.read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        entry = json.loads(line)
+    entries = [json.loads(line) for line in lines]
+    for i, entry in enumerate(entries):
         if entry["kind"] == "tool.start":
+            block = [e["seq"] for e in entries if e["hash"] == entry["hash"]]
             entry["data"]["inputs"]["amount_eur"] = 12_000  # hash left as it was
             lines[i] = json.dumps(entry, sort_keys=True, separators=(",", ":"))
             target.write_text("\n".join(lines) + "\n", encoding="utf-8")
-            return int(entry["seq"])
+            return int(entry["seq"]), min(block), max(block)
     raise RuntimeError("no tool.start entry to forge")
 
 
@@ -126,8 +131,11 @@ def main() -> int:
         valid = verify(original, tmp) == 0
         print()
 
-        seq = forge(original, forged)
-        print(f"Forged copy: seq {seq} (tool.start) amount_eur 120 -> 12000, hash untouched")
+        seq, first, last = forge(original, forged)
+        print(
+            f"Forged copy: seq {seq} (tool.start, sealed in block {first}..{last}) "
+            "amount_eur 120 -> 12000, hash untouched"
+        )
         caught = verify(forged, tmp) == 1
     kw.close()
     ok = valid and caught and not leaked

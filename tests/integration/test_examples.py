@@ -30,8 +30,12 @@ def test_audited_agent_verifies_its_trail_and_catches_the_forgery() -> None:
     assert '"api_token": "[redacted]"' in out
     for kind in ("chain.start", "llm.end", "tool.start", "tool.end", "chain.end"):
         assert kind in out
-    # The CLI's verdicts: exit 0 on the export, exit 1 naming the forged entry's seq.
+    # The CLI's verdicts: exit 0 on the export, exit 1 naming the forged entry's sealed block.
     assert out.count("-> exit 0") == 1 and out.count("-> exit 1") == 1
-    forged = re.search(r"Forged copy: seq (\d+)", out)
+    forged = re.search(
+        r"Forged copy: seq (\d+) \(tool.start, sealed in block (\d+)\.\.(\d+)\)", out
+    )
     assert forged is not None
-    assert re.search(rf"INVALID.*\bseq {forged.group(1)}\b", out)
+    seq, first, last = (int(x) for x in forged.groups())
+    assert first <= seq <= last
+    assert re.search(rf"INVALID at seq {first}\b", out)

@@ -355,21 +355,32 @@ TAMPERS = ["none", "edit_ts", "edit_data", "drop", "swap", "duplicate", "truncat
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(records=records, tamper=st.sampled_from(TAMPERS), pick=st.integers(0, 10_000))
+@given(
+    records=records,
+    tamper=st.sampled_from(TAMPERS),
+    pick=st.integers(0, 10_000),
+    seal_after=st.sets(st.integers(0, 11)),
+)
 def test_verify_file_is_valid_iff_not_tampered(
     tmp_path: Path,
     records: list[tuple[str, str | None, str | None, dict[str, object]]],
     tamper: str,
     pick: int,
+    seal_after: set[int],
 ) -> None:
+    """Any partition into blocks; any tamper is caught, an edit at its block's first seq."""
     log = AuditLog(clock=ManualClock(1), key=KEY)
-    for kind, agent, session, data in records:
+    for index, (kind, agent, session, data) in enumerate(records):
         log.record(kind, agent, session, data)
+        if index in seal_after:
+            log.flush()  # ends a block here
     path = tmp_path / "p.jsonl"
     log.export(path)
     cp = log.checkpoint()
     log.close()
     lines = path.read_text("utf-8").split("\n")[:-1]
+    seals = [json.loads(line)["hash"] for line in lines]
+    assert seals == sorted(seals, key=seals.index)  # each block is one run of lines
     n = len(lines)
     i = pick % n
     tampered = True
@@ -399,3 +410,8 @@ def test_verify_file_is_valid_iff_not_tampered(
     write(path, lines)
     result = verify_file(path, against=cp, key=KEY)
     assert result.valid is (not tampered), (tamper, i, result.reason)
+    if tamper in ("edit_ts", "edit_data"):
+        assert result.first_broken_seq == seals.index(seals[i]) + 1, result.reason
+    if tamper == "truncate" and tampered:  # without a checkpoint: caught inside a block only
+        cut = len(lines)
+        assert verify_file(path).valid is (seals[cut - 1] != seals[cut])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import gc
 import hashlib
+import json
 import threading
 import warnings
 from typing import Any
@@ -277,6 +278,44 @@ def test_encode_batch_lines_are_the_specified_lines(batch: list[tuple[Any, ...]]
         slow = encode_slow(*entry[:6], row[6], entry[6])  # the entry sealed alone
         assert row[:7] == slow[:7]  # every column, not only the line
         assert row[8] == slow[8].replace(slow[7].encode(), row[7].encode())
+
+
+# Every exact JSON type but float (floats keep the standard encoder), odd text included.
+_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+_FLOAT_FREE = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-INT_LIMIT + 1, INT_LIMIT - 1)
+    | _TEXT
+    | st.sampled_from(["\x00\x1f\x7f\u2028\u2029\"\\/", "é\U0001f600", "\t\r\n\b\f"]),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(_TEXT, inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.dictionaries(_TEXT, _FLOAT_FREE, max_size=6))
+def test_orjson_text_is_the_specified_canonical_json(data: dict[str, Any]) -> None:
+    """Float-free data takes orjson, whose bytes must be exactly the specification's."""
+    assert audit_encode._plain(data) == audit_encode._NO_FLOATS
+    assert audit_encode._orjson_dumps is not None  # the fast encoder is really installed
+    specified = json.dumps(
+        to_json_value(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    assert audit_encode.data_text(data) == specified
+
+
+def test_floats_and_odd_types_keep_the_standard_encoder() -> None:
+    for data in ({"f": 1e-7}, {"n": [1, {"x": float("nan")}]}, {"inf": float("inf")}):
+        assert audit_encode._plain(data) == audit_encode._FLOATS
+        assert audit_encode.data_text(data) == canonical_json(to_json_value(data)).decode()
+    for odd in ({1: "int key"}, {"big": 2**70}, {"set": {1}}, {"e": Predicate.MUTATES}):
+        assert audit_encode._plain(odd) == audit_encode._ODD_DATA
+        assert audit_encode.data_text(odd) == canonical_json(to_json_value(odd)).decode()
 
 
 def test_encode_batch_refuses_a_torn_queue() -> None:

@@ -183,6 +183,7 @@ def test_audit_verify_a_store_url(
 ) -> None:
     url, kw = store
     _request(kw)
+    kw.audit.flush()  # entry 1 sealed alone: verify can name entry 2 exactly
     _request(kw, event_id="merge-2")
     checkpoint = tmp_path / "head.json"
     checkpoint.write_text(kw.audit.checkpoint().model_dump_json())

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from klockwork.core.audit import canonical
 from klockwork.core.audit import encode as audit_encode
 from klockwork.core.audit.canonical import INT_LIMIT
 from klockwork.core.audit.chain import GENESIS_HASH, canonical_json, to_json_value
@@ -28,6 +29,7 @@ from klockwork.core.audit.encode import ENDED, PENDING_SLOTS, encode_batch, enco
 from klockwork.core.audit.log import AuditLog
 from klockwork.core.audit.records import Denied, granted_data
 from klockwork.core.clock import ManualClock
+from klockwork.core.governance.outcomes import ActionResult, GateEntry, action_digest
 from klockwork.core.leases.rules import ParsedIntent
 from klockwork.core.model import (
     Conflict,
@@ -209,6 +211,49 @@ def test_denied_json_is_the_documented_text(denied: Denied) -> None:
     assert_same_or_refused(denied.__audit_json__, reference)
 
 
+_ODD_TEXT = st.text(max_size=6)  # surrogates included: the writer must refuse those
+_OPTIONAL = st.none() | _ODD_TEXT | st.integers()  # an int where text belongs: refused
+
+
+@st.composite
+def gate_entries(draw: st.DrawFn) -> GateEntry:
+    result = ActionResult.model_construct(
+        status=draw(st.sampled_from(["executed", "requested", "denied"])),
+        audit_event_id=draw(_OPTIONAL),
+        approval_id=draw(_OPTIONAL),
+        policy_name=draw(_OPTIONAL),
+        denial_reason=draw(_OPTIONAL),
+        conditions_evaluated=[],
+        message="",
+    )
+    metadata = draw(
+        st.dictionaries(_ODD_TEXT, st.none() | st.integers() | _ODD_TEXT | st.floats(), max_size=3)
+        | st.dictionaries(st.integers(), st.integers(), max_size=2)  # not JSON as is
+    )
+    return GateEntry(result, draw(_ODD_TEXT | st.integers()), metadata, draw(_OPTIONAL))
+
+
+@settings(max_examples=400, deadline=None)
+@given(entry=gate_entries())
+def test_gate_entry_json_is_the_documented_text(entry: GateEntry) -> None:
+    assert_same_or_refused(entry.__audit_json__, entry.__audit_data__())
+
+
+def test_a_plain_gate_entry_is_formatted_directly() -> None:
+    result = ActionResult(status="executed", audit_event_id="g-1", policy_name="reads")
+    entry = GateEntry(result, "repo.read", {"n": 1}, None)
+    assert entry.__audit_json__() == documented(entry.__audit_data__())
+
+
+def test_action_digest_without_metadata_is_the_stored_text() -> None:
+    """Digests are stored with gate records: the direct text must be json.dumps's, exactly."""
+    for agent, action in [("a", "repo.read"), ('ü\n"', "x\u2028y"), ("\ud800", "é")]:
+        for metadata in (None, {}):
+            text = json.dumps([agent, action, {}], sort_keys=True, separators=(",", ":"))
+            expected = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+            assert action_digest(agent, action, metadata) == expected
+
+
 # --------------------------------------------------------------------------- whole lines
 def reference_rows(entries: list[tuple[Any, ...]]) -> list[tuple[str, bytes]]:
     """(hash, line) of each entry by the specification, sealed as one block after genesis."""
@@ -287,7 +332,7 @@ _FLOAT_FREE = st.recursive(
     | st.booleans()
     | st.integers(-INT_LIMIT + 1, INT_LIMIT - 1)
     | _TEXT
-    | st.sampled_from(["\x00\x1f\x7f\u2028\u2029\"\\/", "é\U0001f600", "\t\r\n\b\f"]),
+    | st.sampled_from(['\x00\x1f\x7f\u2028\u2029"\\/', "é\U0001f600", "\t\r\n\b\f"]),
     lambda inner: (
         st.lists(inner, max_size=4)
         | st.tuples(inner, inner)
@@ -301,8 +346,8 @@ _FLOAT_FREE = st.recursive(
 @given(data=st.dictionaries(_TEXT, _FLOAT_FREE, max_size=6))
 def test_orjson_text_is_the_specified_canonical_json(data: dict[str, Any]) -> None:
     """Float-free data takes orjson, whose bytes must be exactly the specification's."""
-    assert audit_encode._plain(data) == audit_encode._NO_FLOATS
-    assert audit_encode._orjson_dumps is not None  # the fast encoder is really installed
+    assert canonical._plain(data) == canonical._NO_FLOATS
+    assert canonical._orjson_dumps is not None  # the fast encoder is really installed
     specified = json.dumps(
         to_json_value(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
@@ -311,10 +356,10 @@ def test_orjson_text_is_the_specified_canonical_json(data: dict[str, Any]) -> No
 
 def test_floats_and_odd_types_keep_the_standard_encoder() -> None:
     for data in ({"f": 1e-7}, {"n": [1, {"x": float("nan")}]}, {"inf": float("inf")}):
-        assert audit_encode._plain(data) == audit_encode._FLOATS
+        assert canonical._plain(data) == canonical._FLOATS
         assert audit_encode.data_text(data) == canonical_json(to_json_value(data)).decode()
     for odd in ({1: "int key"}, {"big": 2**70}, {"set": {1}}, {"e": Predicate.MUTATES}):
-        assert audit_encode._plain(odd) == audit_encode._ODD_DATA
+        assert canonical._plain(odd) == canonical._ODD_DATA
         assert audit_encode.data_text(odd) == canonical_json(to_json_value(odd)).decode()
 
 

@@ -20,12 +20,14 @@ import builtins
 import hashlib
 import itertools
 import json
+import json.encoder
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
+from klockwork.core.audit.canonical import json_str, plain_json
 from klockwork.core.errors import GateDeniedError, describe
 from klockwork.core.governance.approvals import (
     APPROVAL_KIND,
@@ -162,6 +164,41 @@ class GateEntry(NamedTuple):
         if r.conditions_evaluated:
             data["conditions"] = [c.model_dump(mode="json") for c in r.conditions_evaluated]
         return data
+
+    def __audit_json__(self) -> str:
+        """:meth:`__audit_data__` as canonical JSON text (the contract: ``audit.canonical``).
+
+        Raises ``TypeError`` for what it does not format (evaluated
+        conditions, a value of an unexpected type, metadata that is not JSON
+        data as is): the writer then takes the generic way.
+        """
+        r = self.result
+        if r.conditions_evaluated:
+            raise TypeError(_NOT_DIRECT)
+        parts = [f'"action":{_json_text(self.action)}']
+        if r.approval_id is not None:
+            parts.append(f'"approval_id":{_json_text(r.approval_id)}')
+        parts.append(f'"audit_event_id":{_json_text_or_null(r.audit_event_id)}')
+        if self.event_id is not None:
+            parts.append(f'"event_id":{_json_text(self.event_id)}')
+        parts.append(f'"metadata":{plain_json(dict(self.metadata))}')
+        parts.append(f'"policy":{_json_text_or_null(r.policy_name)}')
+        if r.denial_reason is not None:
+            parts.append(f'"reason":{_json_text(r.denial_reason)}')
+        return "{" + ",".join(parts) + "}"
+
+
+_NOT_DIRECT = "not a value the direct format takes"
+
+
+def _json_text(value: object) -> str:
+    if value.__class__ is not str:
+        raise TypeError(_NOT_DIRECT)
+    return json_str(value)
+
+
+def _json_text_or_null(value: object) -> str:
+    return "null" if value is None else _json_text(value)
 
 
 GATE_NAMES = ("kw.gates.gate(...)", "await kw.gates.agate(...)")
@@ -303,8 +340,22 @@ def refusal_text(action: str, result: ActionResult, approval: Approval | None = 
 
 
 def action_digest(agent_id: str, action: str, metadata: Mapping[str, Any] | None) -> str:
-    """A digest binding a gate decision (and its approval) to one exact action."""
-    text = json.dumps(
-        [agent_id, action, dict(metadata or {})], sort_keys=True, separators=(",", ":"), default=str
-    )
+    """A digest binding a gate decision (and its approval) to one exact action.
+
+    Stored with gate records, so its text never changes: the ``json.dumps``
+    below (ASCII, sorted keys, no spaces). Without metadata (the common
+    gate) the same text is formatted directly.
+    """
+    if not metadata and agent_id.__class__ is str and action.__class__ is str:
+        text = f"[{_ascii_json(agent_id)},{_ascii_json(action)},{{}}]"
+    else:
+        text = json.dumps(
+            [agent_id, action, dict(metadata or {})],
+            sort_keys=True,
+            separators=(",", ":"),
+            default=str,
+        )
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_ascii_json: Callable[[str], str] = json.encoder.encode_basestring_ascii

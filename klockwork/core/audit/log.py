@@ -201,9 +201,10 @@ class AuditLog:
             ts = self._now_ms()
         elif ts.__class__ is not int or not 0 <= ts < INT_LIMIT:
             raise InvalidRequestError("ts", ts, "must be epoch milliseconds (an int from 0)")
-        for argument, value in (("agent_id", agent_id), ("session_id", session_id)):
-            if value is not None:
-                check_identity(value, argument)
+        if agent_id is not None:
+            check_identity(agent_id, "agent_id")
+        if session_id is not None:
+            check_identity(session_id, "session_id")
         return self._append(ts, kind, agent_id, session_id, data_text(data), TEXT)
 
     def record_grant(self, rec: LeaseRecord, ts: int) -> int:
@@ -298,9 +299,8 @@ class AuditLog:
     def _seal_pending(self, timeout_s: float | None) -> bool:
         """Hash and store every queued entry, in seq order, on this thread.
 
-        Whoever seals holds ``_seal_lock`` from taking the queue until its
-        entries are stored, so batches reach the backend in seq order. Returns
-        False if ``timeout_s`` ran out waiting for another sealer.
+        Whoever seals holds ``_seal_lock`` from taking the queue until its entries
+        are stored (so in seq order). False if ``timeout_s`` ran out first.
 
         Raises:
             StoreUnavailableError | AuditIntegrityError: the log failed (now or before).

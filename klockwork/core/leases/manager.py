@@ -334,11 +334,12 @@ class LeaseManager:
     def release(self, lease_id: str) -> bool:
         """Release an active lease. Returns False if it was not active."""
         _check_lease_id(lease_id)
-        rec = self._store.release(lease_id, self._clock.now_ms())
+        now = self._clock.now_ms()
+        rec = self._store.release(lease_id, now)
         if rec is None:
             return False
-        self._signals.notify(rec.resource)
-        self._announce("lease.released", rec, self._clock.now_ms())
+        self._signals.notify(rec.resource)  # first: a hand-off waits for this wake-up
+        self._announce("lease.released", rec, now)
         self._settle()
         return True
 

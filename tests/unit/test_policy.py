@@ -666,6 +666,43 @@ def test_the_index_finds_exactly_what_a_scan_finds(
     assert matching_policies(index, agent, action) == matching_policies(policies, agent, action)
 
 
+@given(
+    actions=st.lists(INDEX_ACTIONS, max_size=12),
+    split=st.integers(0, 12),
+    action=st.sampled_from(["pr.merge", "prx", "a", "ab", "a[", "b", "deploy.prod"]),
+)
+def test_an_extended_index_is_the_index_of_all_its_policies(
+    actions: list[str], split: int, action: str
+) -> None:
+    policies = [Policy(name=f"p{i}", action=a, effect=Effect.ALLOW) for i, a in enumerate(actions)]
+    base = PolicyIndex(policies[:split])
+    extended = base.extended(policies[split:])
+    assert list(extended) == policies and list(base) == policies[:split]  # the base is unchanged
+    assert matching_policies(extended, "bot", action) == matching_policies(policies, "bot", action)
+    assert matching_policies(base, "bot", action) == matching_policies(
+        policies[:split], "bot", action
+    )
+
+
+def test_policies_added_one_by_one_or_replaced_decide_like_a_fresh_set() -> None:
+    from klockwork import Klockwork
+
+    kw = Klockwork()
+    for i in range(200):
+        action = f"svc{i % 7}.*" if i % 3 else f"svc{i % 7}.run"
+        kw.policies.add(Policy(name=f"p{i}", action=action, effect=Effect.DENY))
+    kw.policies.add(Policy(name="p5", action="svc5.run", effect=Effect.ALLOW), replace=True)
+    kw.policies.remove("p6")
+    fresh = PolicyIndex(kw.policies.list())
+    for n in range(8):
+        for action in (f"svc{n}.run", f"svc{n}.other"):
+            assert matching_policies(kw.policies.index, "bot", action) == matching_policies(
+                fresh, "bot", action
+            )
+    assert [p.name for p in kw.policies.list()][:7] == [f"p{i}" for i in range(8) if i != 6]
+    kw.close()
+
+
 def test_a_gate_does_not_scan_policies_for_other_actions() -> None:
     many = [Policy(name=f"other{i}", action=f"other.{i}", effect=Effect.DENY) for i in range(5000)]
     many += [Policy(name=f"glob{i}", action=f"x{i}.*", effect=Effect.DENY) for i in range(5000)]

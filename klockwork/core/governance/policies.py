@@ -43,11 +43,16 @@ class Policies:
                 )
             merged = dict(self._by_name)
             merged.update((p.name, p) for p in policies)
-            self._publish(merged)
+            if clash or len(merged) != len(self._by_name) + len(policies):
+                self._publish(merged)  # a replacement (or a name twice): rebuild in order
+            else:  # only new names: extend the published index
+                self._publish(merged, self.index.extended(policies))
 
-    def _publish(self, by_name: dict[str, Policy]) -> None:  # under the lock
+    def _publish(self, by_name: dict[str, Policy], index: PolicyIndex | None = None) -> None:
+        # Under the lock. Readers see the old or the new index, whole.
         self._by_name = by_name
-        index = PolicyIndex(by_name.values())
+        if index is None:
+            index = PolicyIndex(by_name.values())
         self.snapshot, self.index = index.policies, index
 
     def add(self, policy: Policy | Mapping[str, Any], *, replace: bool = False) -> Policy:

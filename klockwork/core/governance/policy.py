@@ -348,6 +348,25 @@ class PolicyIndex:
         self._exact = exact
         self._globs = globs
 
+    def extended(self, added: Iterable[Policy]) -> PolicyIndex:
+        """A new index: these policies followed by ``added`` (this one is unchanged).
+
+        Costs the added policies plus a shallow copy of the buckets, not a
+        rebuild of every policy: adding policies one by one stays linear.
+        """
+        new = PolicyIndex.__new__(PolicyIndex)
+        added = tuple(added)
+        new.policies = self.policies + added
+        exact, globs = dict(self._exact), dict(self._globs)
+        for policy in added:
+            if _is_glob(policy.action):
+                key, buckets = _literal_prefix(policy.action), globs
+            else:
+                key, buckets = policy.action, exact
+            buckets[key] = [*buckets.get(key, ()), policy]  # never mutate a published bucket
+        new._exact, new._globs = exact, globs
+        return new
+
     def __iter__(self) -> Iterator[Policy]:
         return iter(self.policies)
 

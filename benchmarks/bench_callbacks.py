@@ -12,6 +12,8 @@ round to the next, the garbage collector is off during a batch), as
 ``kw.audit.flush()`` inside the timed region, so the background writer's
 hashing of that batch's entries is charged to it, not to whichever side
 runs next. The ratio is audited / bare; the target (PASS/MISS) is ≤ 1.10x.
+The exit status is 0 whether the target is met or not (a measurement, not a
+test); 1 only if the audit chain fails to verify after the run.
 
 Informational rows, to show where the time goes: a handler whose methods do
 nothing (LangChain's own cost of calling any handler), a handler that only
@@ -348,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'valid' if result.valid else 'INVALID: ' + result.reason}"
     )
     print(f"total {time.monotonic() - started:.1f} s · 1-min load average {env['load_average_1m']}")
-    return 0 if result.valid and rows[0].verdict == "PASS" else 1
+    # A measurement, not a test: a MISS does not fail the run (a broken chain does).
+    return 0 if result.valid else 1
 
 
 if __name__ == "__main__":

@@ -3,10 +3,23 @@
 The anchor is a bare Python function call that does nothing, timed in the
 same process the same way (a function call per operation, batches
 interleaved so that drift hits every side alike); the table prints median
-and p90 per operation and the ratio. The target is absolute: an allow-policy
-``kw.gates.gate()`` on the memory engine within 10 µs (median). Every gate
-that runs records its audit entry as it would in production (the audit
-writer hashes them on its own thread).
+and p90 per operation and the ratio. Every gate that runs records its audit
+entry as it would in production; each batch of an audited call ends with
+``kw.audit.flush()`` inside the timing, so sealing that batch's entries is
+charged to it (``can_i`` records nothing and is not charged a flush).
+
+Targets (PASS/MISS):
+
+* ``gate execute (allow, audit on) vs can_i``: ``kw.gates.execute(agent,
+  action, metadata)`` without an ``event_id`` (a decision plus its audit
+  entry) / ``kw.gates.can_i`` (the same decision, nothing recorded), both on
+  the same memory engine and allow policy, in the same interleaved batches:
+  ≤ 2.0x;
+* an allow-policy ``kw.gates.gate()`` on the memory engine within 10 µs
+  (median; absolute).
+
+The exit status is 0 whether targets are met or not: this is a measurement,
+not a test.
 
     .venv/bin/python benchmarks/bench_gates.py            # full run (< 1 min)
     .venv/bin/python benchmarks/bench_gates.py --quick    # smoke run (< 10 s)
@@ -34,6 +47,7 @@ from bench_leases import Row, compare, environment, print_table  # noqa: E402
 from klockwork import Klockwork, MemoryStore, Policy  # noqa: E402
 
 TARGET_NS = 10_000  # allow-policy gate() median
+EXECUTE_VS_CAN_I = 2.0  # execute (allow, audited, no event_id) / can_i
 ANCHOR = "a bare Python function call doing nothing"
 
 
@@ -73,6 +87,7 @@ def run(plan: Plan) -> list[Row]:
             "agent-1", "repo.read", meta, f"evt-{next(ids)}"
         ),
         "execute(event_id=seen) repeat": lambda: execute("agent-1", "repo.read", meta, "evt-0"),
+        "execute() allow, no event_id": lambda: execute("agent-1", "repo.read", meta),
         "can_i() allow policy": lambda: can_i("agent-1", "repo.read", meta),
         "gate() allow, no audit (diagnostic)": lambda: quiet.gates.gate(
             "agent-1", "repo.read", meta
@@ -80,15 +95,29 @@ def run(plan: Plan) -> list[Row]:
     }
     try:
         # The audited engine's flush ends each of its batches, inside the timing.
+        # can_i records nothing: no flush is charged to it.
         settle = {
-            name: kw.audit.flush for name in fns if name != "anchor" and "no audit" not in name
+            name: kw.audit.flush
+            for name in fns
+            if name != "anchor" and "no audit" not in name and not name.startswith("can_i")
         }
         stats = compare(fns, plan.batches, plan.batch_ms, settle)
     finally:
         kw.close()
         quiet.close()
     anchor = stats.pop("anchor")
-    rows = []
+    rows = [
+        Row(
+            "gate execute (allow, audit on) vs can_i",
+            stats["execute() allow, no event_id"],
+            stats["can_i() allow policy"],
+            "kw.gates.can_i(), same engine, agent, action and metadata (same batches)",
+            f"≤ {EXECUTE_VS_CAN_I:.1f}x",
+            EXECUTE_VS_CAN_I,
+            note="execute(agent, action, metadata) without event_id: the decision plus its "
+            "audit entry; each batch ends with kw.audit.flush(), timed",
+        )
+    ]
     for name, ours in stats.items():
         target = name == "gate() allow policy"
         rows.append(
@@ -141,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({time.monotonic() - started:.1f} s)")
     if opts.profile:
         profile()
-    return 0 if all(r.verdict != "MISS" for r in rows) else 1
+    return 0  # a measurement, not a test: MISS rows do not fail the run
 
 
 if __name__ == "__main__":

@@ -4,9 +4,20 @@ Every row compares klockwork with an anchor timed in the same process, the
 same way (a function call per operation, many repetitions, batches
 interleaved so that drift hits both sides alike) and prints the ratio. No
 absolute time is asserted: PASS/MISS compares the ratio with the target of
-``docs/benchmarks.md``. The one exception is the hand-off row, whose target is
-the absolute median latency the design promises ("sub-millisecond handoff in
-process").
+the hot-path issue. The one exception is the hand-off row, whose target is
+an absolute median latency. The exit status is 0 whether targets are met or
+not: this is a measurement, not a test.
+
+Targets (klockwork / anchor, medians of the same run):
+
+* memory ``try_acquire`` + ``release``, audit on (the default) / ``threading.Lock``: ≤ 65x
+* the same with ``Klockwork(audit_leases=False)`` / ``threading.Lock``: ≤ 45x
+* the same (audit on) with 100 000 unrelated active leases / with none: ≤ 1.2x (flat)
+* ``@klock_protected`` ``tool.invoke`` / bare ``@tool`` ``.invoke``: ≤ 1.20x
+* SQLite ``try_acquire`` + ``release`` (durable audit) / ``filelock.FileLock``: ≤ 2.0x
+* in-process hand-off, audit on: median ≤ 100 µs from the start of the holder's
+  ``release()`` to the moment the blocked waiter holds the lease (Klock's
+  poll-and-sleep loop measured beside it as the anchor)
 
     .venv/bin/python benchmarks/bench_leases.py            # full run (< 2 min)
     .venv/bin/python benchmarks/bench_leases.py --quick    # smoke run (< 20 s)
@@ -302,21 +313,32 @@ def bench_memory_vs_lock(plan: Plan) -> list[Row]:
     kw_off.close()
     return [
         Row(
-            "memory try_acquire+release vs threading.Lock",
+            "memory try_acquire+release, audit on vs threading.Lock",
             res["ours"],
             res["lock"],
             "threading.Lock acquire+release",
-            "≤ 40x",
-            40.0,
+            "≤ 65x",
+            65.0,
             note="audited (the default); each batch ends with kw.audit.flush(), timed",
+        ),
+        Row(
+            "memory try_acquire+release, audit off vs threading.Lock",
+            res["off"],
+            res["lock"],
+            "threading.Lock acquire+release (the same batches as the row above)",
+            "≤ 45x",
+            45.0,
+            note="Klockwork(audit_leases=False), interleaved with the audited side and the "
+            "Lock; its batches end with kw.audit.flush() too (nothing to write)",
         ),
         Row(
             "memory try_acquire+release, audit on vs off",
             res["ours"],
             res["off"],
             "same, Klockwork(audit_leases=False)",
-            note=f"2 entries per cycle hashed and stored by the writer thread inside the "
-            f"timing ({entries:,} entries in all); same batches as the row above",
+            note=f"2 entries per cycle, sealed (hashed, stored) inside the timing, by the "
+            f"recording thread or the batch's flush ({entries:,} entries in all); "
+            "same batches as the rows above",
             section="info",
         ),
     ]
@@ -426,7 +448,7 @@ def bench_sqlite_vs_filelock(plan: Plan, tmp: Path) -> list[Row]:
             Row(
                 "sqlite acquire+release vs filelock",
                 None,
-                target="≤ 2x",
+                target="≤ 2.0x",
                 note="skipped: filelock not installed (pip install -e '.[dev]')",
             )
         ]
@@ -443,7 +465,7 @@ def bench_sqlite_vs_filelock(plan: Plan, tmp: Path) -> list[Row]:
             ours,
             anchor,
             "FileLock acquire+release (same dir)",
-            "≤ 2x",
+            "≤ 2.0x",
             2.0,
             note=f"audited; fresh database per batch: < {plan.sqlite_warmup + plan.slow_batch} "
             "released leases in the resource's history; each batch ends with "
@@ -554,7 +576,7 @@ def bench_tool(plan: Plan) -> list[Row]:
             Row(
                 name,
                 None,
-                target="≤ 1.10x",
+                target="≤ 1.20x",
                 note=f"skipped: klockwork.integrations.langchain not available ({exc})",
             )
         ]
@@ -603,8 +625,9 @@ def bench_tool(plan: Plan) -> list[Row]:
             res["ours"],
             res["bare"],
             "bare @tool .invoke (same config)",
-            "≤ 1.10x",
-            1.10,
+            "≤ 1.20x",
+            1.20,
+            note="one audited lease per call; each batch ends with kw.audit.flush(), timed",
         )
     ]
 
@@ -613,8 +636,12 @@ def _handoff_notified(kw: Klockwork, rounds: int) -> Stats:
     """Release by a younger holder → an older waiter blocked in ``acquire`` returns.
 
     The holder's TTL is long, so only the release notification can wake the
-    waiter in time. Latency runs from just before ``release`` is called until
-    ``acquire`` returns on the waiter's thread.
+    waiter in time. Latency runs from ``perf_counter_ns()`` taken on the
+    holder's thread immediately before it calls ``kw.leases.release(...)``
+    to ``perf_counter_ns()`` taken on the waiter's thread immediately after
+    its blocking ``kw.leases.acquire(...)`` returned (it holds the lease).
+    The waiter's own release and the hand-back through the queue come after
+    that stamp, outside the span.
     """
     leases = kw.leases
     kw.register_agent("old", 1)
@@ -726,13 +753,17 @@ def bench_handoff(plan: Plan) -> list[Row]:
     kw_poll.close()
     return [
         Row(
-            "memory hand-off: release → blocked acquire returns",
+            "memory hand-off: release() start → waiter holds the lease",
             ours,
             polled,
             f"Klock-style poll loop (sleep wait_time, TTL {plan.poll_ttl_ms} ms)",
-            "median ≤ 1 ms",
-            1_000_000.0,
+            "median ≤ 100 µs",
+            100_000.0,
             absolute_ns=True,
+            note="audited (the default); span from perf_counter_ns() just before the holder "
+            "calls kw.leases.release() to perf_counter_ns() right after the waiter's blocking "
+            f"kw.leases.acquire() returned; median of {plan.handoff_rounds} rounds "
+            "(the poll loop: the same span)",
         )
     ]
 

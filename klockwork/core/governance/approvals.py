@@ -74,6 +74,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field
 
 from klockwork.core.errors import InvalidRequestError, NotAnApproverError
+from klockwork.core.governance.globs import is_glob
 from klockwork.core.governance.policy import Policy
 from klockwork.core.validation import same_identity
 
@@ -225,7 +226,7 @@ def new_approval(
         if not isinstance(value, str) or not value.strip():
             raise InvalidRequestError(name, value, "must be a non-empty string")
     named = set(policy.approvers)
-    if named and not any(_is_glob(a) for a in named) and len(named - {requester}) < policy.quorum:
+    if named and not any(is_glob(a) for a in named) and len(named - {requester}) < policy.quorum:
         raise InvalidRequestError(
             "policy",
             policy.name,
@@ -247,10 +248,6 @@ def new_approval(
         on_timeout="allow" if policy.on_timeout.value == "allow" else "deny",
         event_id=event_id,
     )
-
-
-def _is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
 
 
 def is_eligible(approval: Approval, approver: str) -> bool:

@@ -44,7 +44,6 @@ only says yes when it can prove the child's globs are covered (see there).
 from __future__ import annotations
 
 import enum
-import fnmatch
 import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -53,6 +52,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from klockwork.core.errors import InvalidRequestError
+from klockwork.core.governance.globs import action_rank, is_glob, literal_prefix, matcher
 from klockwork.core.governance.policy_errors import CheckedModel, enum_text
 from klockwork.core.model import _build
 from klockwork.core.validation import (
@@ -244,7 +244,7 @@ class Policy(CheckedModel):
     def _check_quorum(cls, value: int, info: ValidationInfo) -> int:
         approvers = info.data.get("approvers") or []
         named = set(approvers)
-        if approvers and not any(_is_glob(a) for a in named) and value > len(named):
+        if approvers and not any(is_glob(a) for a in named) and value > len(named):
             raise ValueError(f"must be <= the {len(named)} listed approvers")
         return value
 
@@ -285,44 +285,13 @@ class PolicyDecision(BaseModel):
         return None if self.policy is None else self.policy.name
 
 
-# -- globs ------------------------------------------------------------------------------
-
-_GLOB_CHARS = re.compile(r"[*?\[]")
-_BRACKETS = re.compile(r"\[[^\]]*\]|[*?]")
-
-
-def _is_glob(pattern: str) -> bool:
-    return _GLOB_CHARS.search(pattern) is not None
-
-
-def _always(_: str) -> bool:
-    return True
-
-
-@functools.lru_cache(maxsize=4096)
-def _matcher(pattern: str) -> Callable[[str], object]:
-    """A compiled, case-sensitive fnmatch test for one glob."""
-    if pattern == "*":
-        return _always
-    if not _is_glob(pattern):
-        return pattern.__eq__
-    return re.compile(fnmatch.translate(pattern)).match
-
-
-@functools.lru_cache(maxsize=4096)
-def _action_rank(action: str) -> tuple[int, int]:
-    if not _is_glob(action):
-        return (0, -len(action))
-    return (1, -len(_BRACKETS.sub("", action)))
-
-
 def specificity(policy: Policy) -> tuple[int, int, int, int, str]:
     """Sort key: ``sorted(policies, key=specificity)`` puts the most specific first.
 
     Exact action, then more literal characters in the glob, then higher
     ``priority``, then naming agents, then the name.
     """
-    exact, literal = _action_rank(policy.action)
+    exact, literal = action_rank(policy.action)
     return (exact, literal, -policy.priority, 0 if policy.agents else 1, policy.name)
 
 
@@ -341,8 +310,8 @@ class PolicyIndex:
         exact: dict[str, list[Policy]] = {}
         globs: dict[str, list[Policy]] = {}
         for policy in self.policies:
-            if _is_glob(policy.action):
-                globs.setdefault(_literal_prefix(policy.action), []).append(policy)
+            if is_glob(policy.action):
+                globs.setdefault(literal_prefix(policy.action), []).append(policy)
             else:
                 exact.setdefault(policy.action, []).append(policy)
         self._exact = exact
@@ -359,8 +328,8 @@ class PolicyIndex:
         new.policies = self.policies + added
         exact, globs = dict(self._exact), dict(self._globs)
         for policy in added:
-            if _is_glob(policy.action):
-                key, buckets = _literal_prefix(policy.action), globs
+            if is_glob(policy.action):
+                key, buckets = literal_prefix(policy.action), globs
             else:
                 key, buckets = policy.action, exact
             buckets[key] = [*buckets.get(key, ()), policy]  # never mutate a published bucket
@@ -397,8 +366,8 @@ def matching_policies(policies: Iterable[Policy], agent_id: str, action: str) ->
     found = [
         p
         for p in policies
-        if _matcher(p.action)(action)
-        and (not p.agents or any(_matcher(g)(agent_id) for g in p.agents))
+        if matcher(p.action)(action)
+        and (not p.agents or any(matcher(g)(agent_id) for g in p.agents))
     ]
     if len(found) > 1:
         found.sort(key=specificity)
@@ -407,23 +376,18 @@ def matching_policies(policies: Iterable[Policy], agent_id: str, action: str) ->
 
 def capability_allows(capabilities: Iterable[str], action: str) -> bool:
     """True when any capability glob matches the action."""
-    return any(_matcher(c)(action) for c in capabilities)
-
-
-def _literal_prefix(pattern: str) -> str:
-    found = _GLOB_CHARS.search(pattern)
-    return pattern if found is None else pattern[: found.start()]
+    return any(matcher(c)(action) for c in capabilities)
 
 
 def _covers(parent: str, child: str) -> bool:
     if parent == "*" or parent == child:
         return True
-    if not _is_glob(child):  # one exact action: test it
-        return bool(_matcher(parent)(child))
+    if not is_glob(child):  # one exact action: test it
+        return bool(matcher(parent)(child))
     # A child glob matches only strings starting with its literal prefix; a
     # parent "L*" (L without wildcards) matches every string starting with L.
     stem = parent[:-1]
-    return parent.endswith("*") and not _is_glob(stem) and _literal_prefix(child).startswith(stem)
+    return parent.endswith("*") and not is_glob(stem) and literal_prefix(child).startswith(stem)
 
 
 def is_subset(child_caps: Iterable[str], parent_caps: Iterable[str]) -> bool:

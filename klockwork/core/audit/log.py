@@ -52,7 +52,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from os import PathLike
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from klockwork.core.audit.backend import AuditBackend, EntryBatch, MemoryAuditBackend
 from klockwork.core.audit.canonical import INT_LIMIT
@@ -275,7 +275,7 @@ class AuditLog:
             self._work.notify()
         self._wake_needed = False
 
-    def _raise_unusable(self) -> None:  # under the lock
+    def _raise_unusable(self) -> NoReturn:  # under the lock
         if self._error is not None:
             cls, message, cause = self._error
             raise cls(message) from cause
@@ -323,7 +323,6 @@ class AuditLog:
                     rows, head = encode_batch(chunk, prev)
                 except Exception as exc:  # a bug: never lose it silently
                     self._fail(AuditIntegrityError, f"could not chain seq {chunk[0]}", exc)
-                    self._raise_failed()
                 try:
                     self._backend.append(EntryBatch(rows))
                 except Exception as exc:
@@ -334,7 +333,6 @@ class AuditLog:
                         f"{rows[0][0]}..{rows[-1][0]}: {exc}",
                         exc,
                     )
-                    self._raise_failed()
                 written = rows[-1][0]
                 del rows, chunk
                 prev = head
@@ -345,10 +343,6 @@ class AuditLog:
             return True
         finally:
             sealing.release()
-
-    def _raise_failed(self) -> None:
-        with self._lock:
-            self._raise_unusable()
 
     # ----------------------------------------------------------------- writer thread
     def _run(self) -> None:
@@ -378,11 +372,13 @@ class AuditLog:
                     self._writer = None
                 return
 
-    def _fail(self, cls: type[KlockworkError], message: str, exc: BaseException) -> None:
+    def _fail(self, cls: type[KlockworkError], message: str, exc: BaseException) -> NoReturn:
+        """Fail closed: keep the error (every later call raises it), and raise it."""
         with self._lock:
             self._error = (cls, message, exc)
             self._refusing = True
             self._writer = None
+            self._raise_unusable()
 
     # ----------------------------------------------------------------- readers
     def flush(self, timeout_s: float | None = None) -> bool:

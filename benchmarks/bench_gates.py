@@ -26,7 +26,6 @@ not a test.
     .venv/bin/python benchmarks/bench_gates.py --profile  # also cProfile gate()
 """
 
-import argparse
 import cProfile
 import io
 import itertools
@@ -34,7 +33,6 @@ import pstats
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +40,16 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 # Timing, results and the table are bench_leases's: one definition for every benchmark.
-from bench_leases import Row, compare, environment, print_table  # noqa: E402
+from bench_leases import (  # noqa: E402
+    BATCH_FULL,
+    BATCH_QUICK,
+    BatchPlan,
+    Row,
+    compare,
+    parse_quick,
+    print_header,
+    print_table,
+)
 
 from klockwork import Klockwork, MemoryStore, Policy  # noqa: E402
 
@@ -51,14 +58,7 @@ EXECUTE_VS_CAN_I = 2.0  # execute (allow, audited, no event_id) / can_i
 ANCHOR = "a bare Python function call doing nothing"
 
 
-@dataclass(frozen=True)
-class Plan:
-    batches: int
-    batch_ms: float
-
-
-FULL = Plan(batches=41, batch_ms=10.0)
-QUICK = Plan(batches=9, batch_ms=4.0)
+FULL, QUICK = BATCH_FULL, BATCH_QUICK
 
 
 def nothing() -> None:
@@ -73,7 +73,7 @@ def engine() -> Klockwork:
     return kw
 
 
-def run(plan: Plan) -> list[Row]:
+def run(plan: BatchPlan) -> list[Row]:
     kw = engine()
     quiet = engine()  # diagnostic: the same gate with audit recording switched off
     quiet.gates._audit = lambda *args, **kwargs: 0
@@ -153,17 +153,9 @@ def profile(n: int = 20_000) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="fast smoke run")
-    parser.add_argument("--profile", action="store_true", help="also cProfile gate()")
-    opts = parser.parse_args(argv)
+    opts = parse_quick(__doc__, argv, profile="also cProfile gate()")
     plan = QUICK if opts.quick else FULL
-    env = environment()
-    print(
-        f"klockwork {env['klockwork']} ({env['commit'] or 'no git'}) · {env['python']} · "
-        f"{env['cpus']} CPUs ({env['cpu']}) · {'quick' if opts.quick else 'full'} run · "
-        "memory engine"
-    )
+    print_header(opts.quick, "memory engine")
     started = time.monotonic()
     rows = run(plan)
     print_table(rows)

@@ -873,6 +873,38 @@ def environment() -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How much work a small benchmark does: interleaved batches of equal wall time."""
+
+    batches: int
+    batch_ms: float
+
+
+BATCH_FULL = BatchPlan(batches=41, batch_ms=10.0)
+BATCH_QUICK = BatchPlan(batches=9, batch_ms=4.0)
+
+
+def parse_quick(
+    description: str, argv: list[str] | None, profile: str | None = None
+) -> argparse.Namespace:
+    """The ``--quick`` command line every small benchmark takes (``--profile``: its help)."""
+    parser = argparse.ArgumentParser(description=description.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="fast smoke run")
+    if profile is not None:
+        parser.add_argument("--profile", action="store_true", help=profile)
+    return parser.parse_args(argv)
+
+
+def print_header(quick: bool, what: str) -> None:
+    """One line saying what ran where: version, commit, Python, CPUs, run size."""
+    env = environment()
+    print(
+        f"klockwork {env['klockwork']} ({env['commit'] or 'no git'}) · {env['python']} · "
+        f"{env['cpus']} CPUs ({env['cpu']}) · {'quick' if quick else 'full'} run · {what}"
+    )
+
+
 def print_table(rows: list[Row]) -> None:
     header = ("benchmark", "klockwork median (p90)", "anchor median (p90)", "ratio", "target", "")
     table = [header]

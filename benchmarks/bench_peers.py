@@ -36,12 +36,10 @@ The exit status is 0 in any case: this is a measurement, not a test.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,16 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 # Timing, results and the table are bench_leases's: one definition for every benchmark.
-from bench_leases import Row, compare, environment, print_table  # noqa: E402
+from bench_leases import (  # noqa: E402
+    BATCH_FULL,
+    BATCH_QUICK,
+    BatchPlan,
+    Row,
+    compare,
+    parse_quick,
+    print_header,
+    print_table,
+)
 
 from klockwork import Klockwork, MemoryStore, Policy  # noqa: E402
 
@@ -64,14 +71,7 @@ INSTALL = (
 )
 
 
-@dataclass(frozen=True)
-class Plan:
-    batches: int
-    batch_ms: float
-
-
-FULL = Plan(batches=41, batch_ms=10.0)
-QUICK = Plan(batches=9, batch_ms=4.0)
+FULL, QUICK = BATCH_FULL, BATCH_QUICK
 
 
 def import_peer() -> dict[str, Any]:
@@ -119,7 +119,7 @@ def nothing(**kwargs: object) -> None:
     """The function ``govern()`` wraps: does nothing."""
 
 
-def run(plan: Plan, peer: dict[str, Any]) -> list[Row]:
+def run(plan: BatchPlan, peer: dict[str, Any]) -> list[Row]:
     # klockwork: memory engine, one allow policy (default effect: deny).
     kw = Klockwork(MemoryStore())
     kw.policies.add(Policy(name="reads", action=ACTION, effect="allow"))
@@ -216,9 +216,7 @@ def run(plan: Plan, peer: dict[str, Any]) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="fast smoke run")
-    opts = parser.parse_args(argv)
+    opts = parse_quick(__doc__, argv)
     plan = QUICK if opts.quick else FULL
     try:
         peer = import_peer()
@@ -228,12 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             f"install the bench extra: {INSTALL}"
         )
         return 0
-    env = environment()
-    print(
-        f"klockwork {env['klockwork']} ({env['commit'] or 'no git'}) · {env['python']} · "
-        f"{env['cpus']} CPUs ({env['cpu']}) · {'quick' if opts.quick else 'full'} run · "
-        f"memory engine · peer: {dist_versions()}"
-    )
+    print_header(opts.quick, f"memory engine · peer: {dist_versions()}")
     started = time.monotonic()
     rows = run(plan, peer)
     print_table(rows)

@@ -19,14 +19,12 @@ the target is met or not: this is a measurement, not a test.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +32,16 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 # Timing, results and the table are bench_leases's: one definition for every benchmark.
-from bench_leases import Row, compare, environment, print_table  # noqa: E402
+from bench_leases import (  # noqa: E402
+    BATCH_FULL,
+    BATCH_QUICK,
+    BatchPlan,
+    Row,
+    compare,
+    parse_quick,
+    print_header,
+    print_table,
+)
 
 from klockwork import Klockwork, Policy  # noqa: E402
 
@@ -42,14 +49,7 @@ SIZES = (1, 100, 10_000)
 TARGET = 1.3  # 10 000 policies / 1
 
 
-@dataclass(frozen=True)
-class Plan:
-    batches: int
-    batch_ms: float
-
-
-FULL = Plan(batches=41, batch_ms=10.0)
-QUICK = Plan(batches=9, batch_ms=4.0)
+FULL, QUICK = BATCH_FULL, BATCH_QUICK
 
 
 def engine(policies: int, tmp: Path) -> Klockwork:
@@ -73,7 +73,7 @@ def engine(policies: int, tmp: Path) -> Klockwork:
     return kw
 
 
-def run(plan: Plan) -> list[Row]:
+def run(plan: BatchPlan) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="klockwork-bench-") as tmp:
         engines = {n: engine(n, Path(tmp)) for n in SIZES}
     for n, kw in engines.items():
@@ -113,16 +113,9 @@ def run(plan: Plan) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="fast smoke run")
-    opts = parser.parse_args(argv)
+    opts = parse_quick(__doc__, argv)
     plan = QUICK if opts.quick else FULL
-    env = environment()
-    print(
-        f"klockwork {env['klockwork']} ({env['commit'] or 'no git'}) · {env['python']} · "
-        f"{env['cpus']} CPUs ({env['cpu']}) · {'quick' if opts.quick else 'full'} run · "
-        "memory engine · gate cost vs number of policies"
-    )
+    print_header(opts.quick, "memory engine · gate cost vs number of policies")
     started = time.monotonic()
     rows = run(plan)
     print_table(rows)

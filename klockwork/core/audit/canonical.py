@@ -40,12 +40,25 @@ from collections.abc import Callable
 from json.encoder import c_make_encoder  # type: ignore[attr-defined]
 from typing import Any
 
-__all__ = ["INT_LIMIT", "json_str", "plain_json"]
+__all__ = ["INT_LIMIT", "exact_str_json", "exact_str_or_null_json", "json_str", "plain_json"]
 
 #: The canonical JSON of an exact ``str`` (``json.dumps(s, ensure_ascii=False)``).
 #: Check the type first: it also takes ``str`` subclasses, whose conversion
 #: may differ (``to_json_value`` uses ``str(value)``).
 json_str: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def exact_str_json(value: object) -> str:
+    """The canonical JSON of an exact ``str``; ``TypeError`` for anything else."""
+    if value.__class__ is not str:
+        raise TypeError("not an exact str: the generic way")
+    return json_str(value)
+
+
+def exact_str_or_null_json(value: object) -> str:
+    """:func:`exact_str_json`, or ``null`` for None."""
+    return "null" if value is None else exact_str_json(value)
+
 
 #: ``__audit_json__`` formats an ``int`` only when ``-INT_LIMIT < value < INT_LIMIT``
 #: (far below the size at which ``to_json_value`` writes an int as hex).

@@ -1,20 +1,20 @@
-"""The audit writer's encoding: queued entries in, chained rows out.
+"""The audit log's sealing: queued entries in, one sealed block of rows out.
 
-:func:`encode_batch` runs on the audit writer thread. It turns each queued
-entry into its canonical line and chains the hashes, exactly as specified
-in :mod:`klockwork.core.audit.chain`. Under the GIL its CPU time is taken
-from the threads that record, so it has a fast path: the line is formatted
-from precomputed pieces (the eight top-level keys are fixed and sorted) and
-the ``data`` text is formatted directly for a lease's record, comes from
-``__audit_json__()`` for objects that define it, or from one C JSON encoder
-for plain JSON dicts (see :mod:`klockwork.core.audit.canonical`). Anything the
+:func:`encode_batch` runs on whichever thread seals (see
+:mod:`klockwork.core.audit.log`). It turns each queued entry into its
+canonical body and line and seals them as one block, exactly as specified in
+:mod:`klockwork.core.audit.chain`. Under the GIL its CPU time is taken from
+the threads that record, so it has a fast path: the body is formatted from
+precomputed pieces (the top-level keys are fixed and sorted) and the
+``data`` text is formatted directly for a lease's record, comes from
+``__audit_json__()`` for objects that define it, or from
+:func:`~klockwork.core.audit.canonical.plain_json` for plain JSON dicts. Anything the
 fast path does not take goes through :func:`encode_slow`, the documented
 conversion; both give byte-identical lines (checked by the tests).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -62,7 +62,6 @@ TEXT: Any = _Text()
 _encode = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 ).encode
-_sha256 = hashlib.sha256
 _UNSET: Any = object()
 _ODD = "not a type the direct format takes"
 

@@ -27,7 +27,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from klockwork.core.audit.canonical import json_str, plain_json
+from klockwork.core.audit.canonical import exact_str_json, exact_str_or_null_json, plain_json
 from klockwork.core.errors import GateDeniedError, describe
 from klockwork.core.governance.approvals import (
     APPROVAL_KIND,
@@ -174,31 +174,18 @@ class GateEntry(NamedTuple):
         """
         r = self.result
         if r.conditions_evaluated:
-            raise TypeError(_NOT_DIRECT)
-        parts = [f'"action":{_json_text(self.action)}']
+            raise TypeError("evaluated conditions: the generic way")
+        parts = [f'"action":{exact_str_json(self.action)}']
         if r.approval_id is not None:
-            parts.append(f'"approval_id":{_json_text(r.approval_id)}')
-        parts.append(f'"audit_event_id":{_json_text_or_null(r.audit_event_id)}')
+            parts.append(f'"approval_id":{exact_str_json(r.approval_id)}')
+        parts.append(f'"audit_event_id":{exact_str_or_null_json(r.audit_event_id)}')
         if self.event_id is not None:
-            parts.append(f'"event_id":{_json_text(self.event_id)}')
+            parts.append(f'"event_id":{exact_str_json(self.event_id)}')
         parts.append(f'"metadata":{plain_json(dict(self.metadata))}')
-        parts.append(f'"policy":{_json_text_or_null(r.policy_name)}')
+        parts.append(f'"policy":{exact_str_or_null_json(r.policy_name)}')
         if r.denial_reason is not None:
-            parts.append(f'"reason":{_json_text(r.denial_reason)}')
+            parts.append(f'"reason":{exact_str_json(r.denial_reason)}')
         return "{" + ",".join(parts) + "}"
-
-
-_NOT_DIRECT = "not a value the direct format takes"
-
-
-def _json_text(value: object) -> str:
-    if value.__class__ is not str:
-        raise TypeError(_NOT_DIRECT)
-    return json_str(value)
-
-
-def _json_text_or_null(value: object) -> str:
-    return "null" if value is None else _json_text(value)
 
 
 GATE_NAMES = ("kw.gates.gate(...)", "await kw.gates.agate(...)")

@@ -147,14 +147,21 @@ class ChainVerifier:
             self._broken = seq
             self._reason = reason
 
-    def _close_block(self) -> bool:
-        """Check the open block's seal; False (and the problem kept) if it does not match."""
+    def _close_block(self, quiet: bool = False) -> bool:
+        """Check the open block's seal; False (and the problem kept) if it does not match.
+
+        ``quiet``: a seq problem right after the block will be reported instead
+        (a removed or reordered entry breaks its block's seal too); the block is
+        only counted if it holds.
+        """
         seal_b = self._seal_b
         if seal_b is None:
             return True
         self._seal_b = None
         first, last = self._block_first, self._seq
         if self._hasher.hexdigest().encode() != seal_b:
+            if quiet:
+                return False
             self._seq = self._verified
             if self._block_lines is not None and self._block_line is not None:
                 for offset, raw in enumerate(self._block_lines):
@@ -165,12 +172,16 @@ class ChainVerifier:
                         return False
             where = "" if self._block_line is None else f" (line {self._block_line})"
             if first == last:
-                self._fail(first, f"entry {first}{where} was modified (its hash does not match)")
+                self._fail(
+                    first,
+                    f"entry {first}{where} was modified (its hash does not match), or its "
+                    "block lost or gained entries",
+                )
             else:
                 self._fail(
                     first,
                     f"entries {first}..{last}{where} do not match their block's seal: one of "
-                    "them was modified",
+                    "them was modified, or the block lost or gained entries",
                 )
             return False
         self._checked += last - first + 1
@@ -200,9 +211,12 @@ class ChainVerifier:
         raw: bytes | None = None,
     ) -> None:
         """Take the next entry: its seq and links checked now, its block's seal when it closes."""
-        if seal_b != self._seal_b and not self._close_block():  # a new block: the open one ended
-            return
         expected = self._seq + 1
+        if seal_b != self._seal_b and self._seal_b is not None:  # a new block: the open one ended
+            if seq != expected:
+                self._close_block(quiet=True)  # the seq problem below says what happened
+            elif not self._close_block():
+                return
         if seq != expected:
             if isinstance(seq, int) and seq > expected:
                 self._fail(expected, f"entry {expected} is missing ({where} has seq {seq})")

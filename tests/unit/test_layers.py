@@ -31,6 +31,8 @@ FLOORS = [
     ("klockwork.core.notify", 0),
     ("klockwork.core.validation", 0),
     ("klockwork.core.leases.rules", 1),
+    ("klockwork.core.bus.model", 0),
+    ("klockwork.core.bus.rules", 1),
     ("klockwork.core.stores", 2),
     ("klockwork.core.leases", 3),
     ("klockwork.core.governance", 3),

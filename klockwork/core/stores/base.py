@@ -37,6 +37,7 @@ from klockwork.core.errors import (
     LeaseRevokedError,
 )
 from klockwork.core.leases.rules import ParsedIntent
+from klockwork.core.stores.bus_base import BusPrimitives
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
 from klockwork.core.validation import check_int
 
@@ -151,7 +152,7 @@ DEFAULT_RETAIN = 100_000
 #: How many of the newest entries an in-memory audit log keeps (about 40 MB).
 DEFAULT_AUDIT_RETAIN = 100_000
 #: Record kinds retention prunes (their settled records only).
-RETAINED_KINDS = ("gate", "approval")
+RETAINED_KINDS = ("gate", "approval", "bus.await")
 #: Statuses of records still in play: never pruned.
 UNSETTLED_STATUSES = frozenset({"requested", "pending"})
 
@@ -268,7 +269,7 @@ class IdPool:
         return self._buf[pos : pos + 32]
 
 
-class Store:
+class Store(BusPrimitives):
     """Base of every store. Subclasses implement the sync primitives.
 
     A primitive that cannot reach its backend raises

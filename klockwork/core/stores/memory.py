@@ -24,6 +24,7 @@ from klockwork.core.leases.rules import (
     overlaps,
 )
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
+from klockwork.core.stores.memory_bus import MemoryBus
 from klockwork.core.stores.base import (
     DEFAULT_AUDIT_RETAIN,
     DEFAULT_RETAIN,
@@ -53,7 +54,7 @@ _ACTIVE = LeaseState.ACTIVE
 _GRANTED = VerdictStatus.GRANTED
 
 
-class MemoryStore(Store):
+class MemoryStore(MemoryBus, Store):
     """The default store: fast, in-process, nothing persisted.
 
     Args:

@@ -1,0 +1,362 @@
+"""The in-memory store's bus: channels and consumer groups under one lock.
+
+A channel keeps its retained messages by seq (seqs are contiguous: trimming
+only removes the oldest). A group keeps a cursor (every seq up to it was
+handed out), the seqs handed out above it (a delayed message lets later
+ones pass it), and its pending deliveries. Every primitive is O(what it
+returns) apart from the scan past delayed messages, bounded by retention.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+from klockwork.core.bus.model import DEAD_SUFFIX, ChannelInfo, GroupInfo
+from klockwork.core.bus.rules import plan_read
+from klockwork.core.stores.bus_base import (
+    BusPrimitives,
+    GroupSpec,
+    PublishItem,
+    ReadOutcome,
+    Retention,
+    StoredMessage,
+)
+from klockwork.core.stores.bus_io import channel_info, dead_letter_bytes, unknown_group
+
+__all__ = ["MemoryBus"]
+
+
+class _Pending:
+    __slots__ = ("attempt", "consumer", "deadline", "delivered_at", "last_error")
+
+    def __init__(self, consumer: str, attempt: int, delivered_at: int, deadline: int) -> None:
+        self.consumer = consumer
+        self.attempt = attempt
+        self.delivered_at = delivered_at
+        self.deadline = deadline
+        self.last_error: str | None = None
+
+
+class _Group:
+    __slots__ = ("created_at", "cursor", "pending", "spec", "taken")
+
+    def __init__(self, spec: GroupSpec, created_at: int, cursor: int) -> None:
+        self.spec = spec
+        self.created_at = created_at
+        self.cursor = cursor  # every seq <= cursor was handed out (or trimmed)
+        self.taken: set[int] = set()  # seqs > cursor handed out
+        self.pending: dict[int, _Pending] = {}
+
+
+class _Channel:
+    __slots__ = ("by_id", "first_seq", "groups", "keys", "last_seq", "messages", "retention")
+
+    def __init__(self) -> None:
+        self.messages: dict[int, StoredMessage] = {}
+        self.by_id: dict[str, int] = {}
+        self.keys: dict[str, int] = {}
+        self.first_seq = 1
+        self.last_seq = 0
+        self.groups: dict[str, _Group] = {}
+        self.retention: Retention | None = None
+
+
+class MemoryBus(BusPrimitives):
+    """Mixed into :class:`~klockwork.core.stores.memory.MemoryStore`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bus_lock = threading.Lock()
+        self._channels: dict[str, _Channel] = {}
+        self._bus_ids = 0
+
+    def _check_open(self) -> None:  # MemoryStore's wins
+        pass
+
+    # -- publishing ---------------------------------------------------------------------
+    def bus_publish(
+        self, items: Sequence[PublishItem], now_ms: int, retention: Callable[[str], Retention]
+    ) -> list[StoredMessage]:
+        with self._bus_lock:
+            self._check_open()
+            out = [self._append(item, now_ms) for item in items]
+            for name in {item.channel for item in items}:
+                self._trim(self._channels[name], now_ms, retention(name))
+            return out
+
+    def _append(self, item: PublishItem, now_ms: int) -> StoredMessage:
+        ch = self._channels.get(item.channel)
+        if ch is None:
+            ch = self._channels[item.channel] = _Channel()
+        if item.key is not None:
+            seq = ch.keys.get(item.key)
+            if seq is not None:
+                return ch.messages[seq]
+        ch.last_seq = seq = ch.last_seq + 1
+        self._bus_ids += 1
+        msg = StoredMessage(
+            f"{self._bus_ids:016x}",
+            item.channel,
+            seq,
+            item.payload,
+            now_ms,
+            max(item.visible_at, now_ms),
+        )
+        ch.messages[seq] = msg
+        ch.by_id[msg.id] = seq
+        if item.key is not None:
+            ch.keys[item.key] = seq
+        return msg
+
+    def _trim(self, ch: _Channel, now_ms: int, default: Retention) -> None:
+        max_len, max_age_ms = ch.retention or default
+        cutoff = None if max_age_ms is None else now_ms - max_age_ms
+        msgs = ch.messages
+        while msgs:
+            first = msgs[ch.first_seq]
+            if len(msgs) <= max_len and (cutoff is None or first.published_at >= cutoff):
+                break
+            del msgs[ch.first_seq]
+            del ch.by_id[first.id]
+            for key in [k for k, s in ch.keys.items() if s == first.seq] if ch.keys else ():
+                del ch.keys[key]
+            for g in ch.groups.values():
+                g.pending.pop(first.seq, None)
+                g.taken.discard(first.seq)
+                if g.cursor < first.seq:
+                    g.cursor = first.seq
+            ch.first_seq += 1
+
+    def bus_set_retention(self, channel: str, retention: Retention, now_ms: int) -> None:
+        with self._bus_lock:
+            self._check_open()
+            ch = self._channels.setdefault(channel, _Channel())
+            ch.retention = retention
+            self._trim(ch, now_ms, retention)
+
+    # -- groups -----------------------------------------------------------------------
+    def bus_create_group(
+        self, channel: str, group: str, spec: GroupSpec, now_ms: int
+    ) -> tuple[GroupInfo, bool]:
+        with self._bus_lock:
+            self._check_open()
+            ch = self._channels.setdefault(channel, _Channel())
+            created = group not in ch.groups
+            g = self._group(ch, group, spec, now_ms)
+            return self._info(channel, group, ch, g, now_ms), created
+
+    @staticmethod
+    def _group(ch: _Channel, group: str, spec: GroupSpec, now_ms: int) -> _Group:
+        g = ch.groups.get(group)
+        if g is None:
+            cursor = ch.last_seq if spec.start == "new" else ch.first_seq - 1
+            g = ch.groups[group] = _Group(spec, now_ms, cursor)
+        return g
+
+    def _existing(self, channel: str, group: str) -> _Group:
+        ch = self._channels.get(channel)
+        g = None if ch is None else ch.groups.get(group)
+        if g is None:
+            raise unknown_group(channel, group)
+        return g
+
+    # -- reading ----------------------------------------------------------------------
+    def bus_read(
+        self,
+        channel: str,
+        group: str,
+        consumer: str,
+        count: int,
+        now_ms: int,
+        spec: GroupSpec,
+        retention: Callable[[str], Retention],
+    ) -> ReadOutcome:
+        with self._bus_lock:
+            self._check_open()
+            ch = self._channels.setdefault(channel, _Channel())
+            g = self._group(ch, group, spec, now_ms)
+            spec = g.spec
+            due: int | None = None
+            expired: list[tuple[int, int]] = []
+            for seq in sorted(g.pending):
+                p = g.pending[seq]
+                if p.deadline <= now_ms:
+                    expired.append((seq, p.attempt))
+                elif due is None or p.deadline < due:
+                    due = p.deadline
+            fresh, visible_due = self._fresh(ch, g, count, now_ms)
+            if visible_due is not None and (due is None or visible_due < due):
+                due = visible_due
+            plan = plan_read(expired, fresh, count, spec.max_deliveries)
+            deadline = now_ms + spec.visibility_timeout_ms
+            out: list[tuple[StoredMessage, int]] = []
+            for seq in plan.redeliver:
+                p = g.pending[seq]
+                p.attempt += 1
+                p.consumer, p.delivered_at, p.deadline = consumer, now_ms, deadline
+                out.append((ch.messages[seq], p.attempt))
+            for seq in plan.fresh:
+                g.pending[seq] = _Pending(consumer, 1, now_ms, deadline)
+                g.taken.add(seq)
+                out.append((ch.messages[seq], 1))
+            self._advance(ch, g)
+            if plan.dead:
+                self._bury(ch, g, group, plan.dead, now_ms, retention)
+            if out and (due is None or deadline < due):
+                due = deadline
+            return ReadOutcome(out, due)
+
+    @staticmethod
+    def _fresh(ch: _Channel, g: _Group, count: int, now_ms: int) -> tuple[list[int], int | None]:
+        fresh: list[int] = []
+        due: int | None = None
+        seq = max(g.cursor + 1, ch.first_seq)
+        msgs, taken = ch.messages, g.taken
+        while seq <= ch.last_seq and len(fresh) < count:
+            if seq not in taken:
+                visible_at = msgs[seq].visible_at
+                if visible_at <= now_ms:
+                    fresh.append(seq)
+                elif due is None or visible_at < due:
+                    due = visible_at
+            seq += 1
+        return fresh, due
+
+    @staticmethod
+    def _advance(ch: _Channel, g: _Group) -> None:
+        cursor, taken = max(g.cursor, ch.first_seq - 1), g.taken
+        while cursor + 1 in taken:
+            cursor += 1
+            taken.discard(cursor)
+        g.cursor = cursor
+
+    def _bury(
+        self,
+        ch: _Channel,
+        g: _Group,
+        group: str,
+        seqs: list[int],
+        now_ms: int,
+        retention: Callable[[str], Retention],
+    ) -> None:
+        dead_channel = ""
+        for seq in seqs:
+            p = g.pending.pop(seq)
+            msg = ch.messages[seq]
+            dead_channel = msg.channel + DEAD_SUFFIX
+            item = PublishItem(
+                dead_channel,
+                dead_letter_bytes(msg, group, p.attempt, p.consumer, p.last_error),
+                f"{group}:{msg.id}",
+                now_ms,
+            )
+            self._append(item, now_ms)
+        self._trim(self._channels[dead_channel], now_ms, retention(dead_channel))
+
+    # -- acks ---------------------------------------------------------------------------
+    def bus_ack(self, channel: str, group: str, ids: Sequence[str]) -> int:
+        with self._bus_lock:
+            self._check_open()
+            g = self._existing(channel, group)
+            by_id = self._channels[channel].by_id
+            done = 0
+            for mid in ids:
+                seq = by_id.get(mid)
+                if seq is not None and g.pending.pop(seq, None) is not None:
+                    done += 1
+            return done
+
+    def bus_nack(
+        self,
+        channel: str,
+        group: str,
+        ids: Sequence[str],
+        now_ms: int,
+        error: str | None,
+        undo: bool,
+    ) -> int:
+        with self._bus_lock:
+            self._check_open()
+            g = self._existing(channel, group)
+            by_id = self._channels[channel].by_id
+            done = 0
+            for mid in ids:
+                seq = by_id.get(mid)
+                p = None if seq is None else g.pending.get(seq)
+                if p is None:
+                    continue
+                done += 1
+                p.deadline = now_ms
+                if error is not None:
+                    p.last_error = error
+                if undo:
+                    p.attempt -= 1
+            return done
+
+    # -- looking ------------------------------------------------------------------------
+    def bus_range(
+        self, channel: str, after_seq: int, limit: int, now_ms: int
+    ) -> list[StoredMessage]:
+        with self._bus_lock:
+            self._check_open()
+            ch = self._channels.get(channel)
+            if ch is None:
+                return []
+            out: list[StoredMessage] = []
+            seq = max(after_seq + 1, ch.first_seq)
+            while seq <= ch.last_seq and len(out) < limit:
+                msg = ch.messages[seq]
+                if msg.visible_at <= now_ms:
+                    out.append(msg)
+                seq += 1
+            return out
+
+    def bus_last_seqs(self, channels: Sequence[str]) -> dict[str, int]:
+        with self._bus_lock:
+            self._check_open()
+            return {
+                name: (ch.last_seq if (ch := self._channels.get(name)) else 0) for name in channels
+            }
+
+    def bus_groups(self, channel: str | None, now_ms: int) -> list[GroupInfo]:
+        with self._bus_lock:
+            self._check_open()
+            names = sorted(self._channels) if channel is None else [channel]
+            return [
+                self._info(name, group, ch, g, now_ms)
+                for name in names
+                if (ch := self._channels.get(name)) is not None
+                for group, g in sorted(ch.groups.items())
+            ]
+
+    @staticmethod
+    def _info(channel: str, group: str, ch: _Channel, g: _Group, now_ms: int) -> GroupInfo:
+        lag = sum(
+            1
+            for seq in range(max(g.cursor + 1, ch.first_seq), ch.last_seq + 1)
+            if seq not in g.taken and ch.messages[seq].visible_at <= now_ms
+        )
+        return GroupInfo(
+            channel,
+            group,
+            g.spec.visibility_timeout_ms / 1000,
+            g.spec.max_deliveries,
+            g.created_at,
+            len(g.pending),
+            lag,
+        )
+
+    def bus_channels(self, retention: Callable[[str], Retention]) -> list[ChannelInfo]:
+        with self._bus_lock:
+            self._check_open()
+            return [
+                channel_info(
+                    name,
+                    ch.last_seq,
+                    len(ch.messages),
+                    sorted(ch.groups),
+                    ch.retention or retention(name),
+                )
+                for name, ch in sorted(self._channels.items())
+            ]

@@ -23,10 +23,12 @@ from contextlib import (
 from types import TracebackType
 from typing import Any, ClassVar, Literal
 
+from klockwork.core.audit.chain import to_json_value
 from klockwork.core.audit.log import AuditLog, MemoryAuditBackend
+from klockwork.core.bus.channels import Bus
 from klockwork.core.clock import Clock, SystemClock
 from klockwork.core.errors import InvalidRequestError, KlockworkWarning, StoreUnavailableError
-from klockwork.core.events import EventHub, Listener
+from klockwork.core.events import AuditRecorder, EventHub, Listener
 from klockwork.core.governance.approval_desk import Approvals
 from klockwork.core.governance.delegation import (
     Delegation,
@@ -38,7 +40,7 @@ from klockwork.core.governance.gates import Gates, Policies
 from klockwork.core.leases.holding import Holding
 from klockwork.core.leases.manager import DEFAULT_TTL_MS, HeldLeases, LeaseManager
 from klockwork.core.leases.rules import normalize_resource
-from klockwork.core.model import AgentInfo
+from klockwork.core.model import AgentInfo, GovernanceEvent
 from klockwork.core.stores.base import DEFAULT_AUDIT_RETAIN, Store
 from klockwork.core.stores.memory import MemoryStore
 from klockwork.core.validation import (
@@ -177,7 +179,7 @@ class Klockwork:
         self.audit_key = audit_key
         self._hub = EventHub()
         self._audit = audit_log_for(self.store, self.clock, self.audit_key)
-        record = self._audit.record
+        record = _announcing(self._audit.record, self._hub, self.clock)
         self._leases = LeaseManager(
             self.store, self.clock, self._hub, self._audit if audit_leases else None
         )
@@ -195,6 +197,7 @@ class Klockwork:
             self._delegations,
             default_effect,
         )
+        self._bus = Bus(self.store, self.clock, hub=self._hub)
         self._closed = False
         _open_engines.add(self)
 
@@ -264,6 +267,12 @@ class Klockwork:
         """The hash-chained audit trail: verify, checkpoint, query, export."""
         self._check_open()
         return self._audit
+
+    @property
+    def bus(self) -> Bus:
+        """The event bus: publish, subscribe, ack, peek, await_channels, broadcast, on."""
+        self._check_open()
+        return self._bus
 
     @property
     def closed(self) -> bool:
@@ -445,6 +454,7 @@ class Klockwork:
         try:
             self._approvals.close()
             self._leases.close()
+            self._bus.close()  # publishes the governance events still queued
             self._audit.close()  # writes everything recorded so far
         finally:
             self.store.close()
@@ -481,6 +491,35 @@ def _warn_private_default() -> None:
     _warned_private_default = True
     logging.getLogger("klockwork").warning(_PRIVATE_DEFAULT)
     warnings.warn(_PRIVATE_DEFAULT, KlockworkWarning, stacklevel=3)
+
+
+def _announcing(record: AuditRecorder, hub: EventHub, clock: Clock) -> AuditRecorder:
+    """``record``, also telling the event hub (when someone listens) what it recorded.
+
+    Gates, approvals and delegations record through this, so ``kw.add_listener``
+    and the bus's ``klockwork.events`` see their decisions as they see leases'.
+    A gate that sends an action to a human is also announced as
+    ``approval.requested``.
+    """
+
+    def announce(
+        kind: str,
+        agent_id: str | None,
+        session_id: str | None,
+        data: Any = None,
+        *,
+        ts: int | None = None,
+    ) -> int:
+        seq = record(kind, agent_id, session_id, data, ts=ts)
+        if hub.active:
+            when = clock.now_ms() if ts is None else ts
+            body = to_json_value(data)
+            hub.emit(GovernanceEvent(kind, when, agent_id, session_id, body))
+            if kind == "action.requested":
+                hub.emit(GovernanceEvent("approval.requested", when, agent_id, session_id, body))
+        return seq
+
+    return announce
 
 
 def _check_agent(agent_id: object, priority: object) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_MAX_LEN",
     "DEFAULT_VISIBILITY_TIMEOUT_S",
     "EVENTS_CHANNEL",
+    "EVENT_KINDS",
     "MAX_CHANNEL_CHARS",
     "MAX_PAYLOAD_BYTES",
     "AwaitMode",
@@ -37,7 +38,9 @@ __all__ = [
     "Delivery",
     "GroupInfo",
     "Message",
+    "channel_list",
     "check_channel",
+    "check_dedup_key",
     "check_group_name",
     "decode_payload",
     "encode_payload",
@@ -46,6 +49,23 @@ __all__ = [
 
 #: Where the engine publishes its governance events.
 EVENTS_CHANNEL = "klockwork.events"
+#: The kinds of governance event published there (``payload["kind"]``).
+EVENT_KINDS: tuple[str, ...] = (
+    "lease.granted",
+    "lease.denied",
+    "lease.released",
+    "lease.expired",
+    "lease.revoked",
+    "action.executed",
+    "action.requested",
+    "action.denied",
+    "approval.requested",
+    "approval.decided",
+    "approval.expired",
+    "delegation.created",
+    "delegation.revoked",
+    "breaker.opened",
+)
 #: Appended to a channel's name for its dead letters.
 DEAD_SUFFIX = ".dead"
 #: The longest channel name a caller may use (its dead-letter channel may be longer).
@@ -64,6 +84,8 @@ AWAIT_MODES: tuple[str, ...] = ("any", "all", "at_least")
 
 _CHANNEL = re.compile(r"[A-Za-z0-9_.:\-]+")
 
+_dumps: Callable[[Any], bytes]
+_loads: Callable[[bytes | str], Any]
 try:  # orjson is a dependency on CPython; json (same output for JSON data) elsewhere
     from orjson import dumps as _dumps
     from orjson import loads as _loads
@@ -192,6 +214,18 @@ def check_channel(value: object, argument: str = "channel") -> str:
     return value
 
 
+def channel_list(channels: object) -> list[str]:
+    """``channels`` as a list of distinct, valid channel names (at least one)."""
+    if isinstance(channels, str) or not isinstance(channels, Iterable):
+        raise InvalidRequestError("channels", channels, "expected a list of channel names")
+    names = [check_channel(c, "channels") for c in channels]
+    if not names:
+        raise InvalidRequestError("channels", channels, "name at least one channel")
+    if len(set(names)) != len(names):
+        raise InvalidRequestError("channels", channels, "names a channel twice")
+    return names
+
+
 def check_group_name(value: object, argument: str) -> str:
     """A group or consumer name: the channel name alphabet, 1-200 characters."""
     if not isinstance(value, str) or not _CHANNEL.fullmatch(value) or len(value) > 200:
@@ -221,11 +255,11 @@ def to_epoch_ms(value: object, argument: str) -> int:
         if value.tzinfo is None:
             raise InvalidRequestError(argument, value, "a datetime must be timezone-aware")
         return int(value.timestamp() * 1000)
-    if value.__class__ is not int or not 0 <= value < 2**53:  # type: ignore[operator]
+    if not isinstance(value, int) or value.__class__ is bool or not 0 <= value < 2**53:
         raise InvalidRequestError(
             argument, value, "expected epoch milliseconds (an int) or an aware datetime"
         )
-    return value  # type: ignore[return-value]
+    return value
 
 
 def check_dedup_key(value: object) -> str:

@@ -36,6 +36,7 @@ __all__ = [
     "StoredMessage",
 ]
 
+
 class StoredMessage(NamedTuple):
     """A message as a store keeps it (payload still JSON bytes)."""
 

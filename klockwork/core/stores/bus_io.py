@@ -28,7 +28,9 @@ def dead_letter_bytes(
     msg: StoredMessage, group: str, attempts: int, consumer: str | None, last_error: str | None
 ) -> bytes:
     """The payload (JSON bytes) of ``msg``'s dead letter for ``group``."""
-    return encode_payload(dead_letter_payload(message_dict(msg), group, attempts, consumer, last_error))
+    return encode_payload(
+        dead_letter_payload(message_dict(msg), group, attempts, consumer, last_error)
+    )
 
 
 def unknown_group(channel: str, group: str) -> InvalidRequestError:

@@ -6,6 +6,15 @@ gates, an event bus and a verifiable audit trail built on the same engine.
 
 from klockwork.core.audit.chain import AuditEntry, Checkpoint, VerifyResult
 from klockwork.core.audit.log import AuditPage
+from klockwork.core.bus.channels import Bus
+from klockwork.core.bus.listeners import Subscription
+from klockwork.core.bus.model import (
+    AwaitResult,
+    ChannelInfo,
+    Delivery,
+    GroupInfo,
+    Message,
+)
 from klockwork.core.clock import Clock, ManualClock, SystemClock
 from klockwork.core.compat import KlockClient
 from klockwork.core.engine import Klockwork
@@ -67,19 +76,24 @@ __all__ = [
     "AuditEntry",
     "AuditIntegrityError",
     "AuditPage",
+    "AwaitResult",
     "BreakerConfig",
+    "Bus",
     "CapabilityError",
+    "ChannelInfo",
     "Checkpoint",
     "Clock",
     "Condition",
     "ConditionResult",
     "Conflict",
     "Delegation",
+    "Delivery",
     "Effect",
     "EventLoopBlockedError",
     "GateDeniedError",
     "GateError",
     "GovernanceEvent",
+    "GroupInfo",
     "HeldLeases",
     "Intent",
     "InvalidRequestError",
@@ -98,6 +112,7 @@ __all__ = [
     "LeaseTimeoutError",
     "ManualClock",
     "MemoryStore",
+    "Message",
     "NotAnApproverError",
     "Policy",
     "Predicate",
@@ -105,6 +120,7 @@ __all__ = [
     "StaleLeaseError",
     "Store",
     "StoreUnavailableError",
+    "Subscription",
     "SystemClock",
     "Verdict",
     "VerdictStatus",

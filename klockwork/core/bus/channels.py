@@ -147,6 +147,16 @@ class Bus:
                 self.listeners.dispatch(msg)
         return messages
 
+    def _store_items(self, items: list[PublishItem]) -> list[Message]:
+        stored = self._store.bus_publish(items, self._clock.now_ms(), self._retention_of)
+        return self._published(stored)
+
+    async def _astore_items(self, items: list[PublishItem]) -> list[Message]:
+        stored = await self._store.run_io(
+            self._store.bus_publish, items, self._clock.now_ms(), self._retention_of
+        )
+        return self._published(stored)
+
     def publish(
         self,
         channel: str,
@@ -169,8 +179,7 @@ class Bus:
             StoreUnavailableError: the store cannot answer; nothing was published.
         """
         items = self._items([check_channel(channel)], payload, deliver_at, key)
-        stored = self._store.bus_publish(items, self._clock.now_ms(), self._retention_of)
-        return self._published(stored)[0]
+        return self._store_items(items)[0]
 
     async def apublish(
         self,
@@ -181,10 +190,40 @@ class Bus:
     ) -> Message:
         """Async twin of :meth:`publish`; never blocks the event loop."""
         items = self._items([check_channel(channel)], payload, deliver_at, key)
-        stored = await self._store.run_io(
-            self._store.bus_publish, items, self._clock.now_ms(), self._retention_of
-        )
-        return self._published(stored)[0]
+        return (await self._astore_items(items))[0]
+
+    def _batch_items(self, channel: str, payloads: object, deliver_at: object) -> list[PublishItem]:
+        check_channel(channel)
+        if isinstance(payloads, dict) or not isinstance(payloads, Sequence):
+            raise InvalidRequestError("payloads", payloads, "expected a list of JSON objects")
+        if not 1 <= len(payloads) <= _MAX_BATCH:
+            raise InvalidRequestError(
+                "payloads", f"<{len(payloads)} payloads>", f"expected 1-{_MAX_BATCH} payloads"
+            )
+        items: list[PublishItem] = []
+        for payload in payloads:
+            items.extend(self._items([channel], payload, deliver_at, None))
+        return items
+
+    def publish_many(
+        self,
+        channel: str,
+        payloads: Sequence[dict[str, Any]],
+        deliver_at: int | datetime | None = None,
+    ) -> list[Message]:
+        """Publish several payloads on one channel in one atomic step (all or none), in order."""
+        items = self._batch_items(channel, payloads, deliver_at)
+        return self._store_items(items)
+
+    async def apublish_many(
+        self,
+        channel: str,
+        payloads: Sequence[dict[str, Any]],
+        deliver_at: int | datetime | None = None,
+    ) -> list[Message]:
+        """Async twin of :meth:`publish_many`."""
+        items = self._batch_items(channel, payloads, deliver_at)
+        return await self._astore_items(items)
 
     def _broadcast_items(self, channels: object, payload: object) -> list[PublishItem]:
         names = channel_list(channels)
@@ -193,17 +232,12 @@ class Bus:
     def broadcast(self, channels: Sequence[str], payload: dict[str, Any]) -> list[Message]:
         """Publish ``payload`` on every channel of ``channels`` at once (all or none)."""
         items = self._broadcast_items(channels, payload)
-        return self._published(
-            self._store.bus_publish(items, self._clock.now_ms(), self._retention_of)
-        )
+        return self._store_items(items)
 
     async def abroadcast(self, channels: Sequence[str], payload: dict[str, Any]) -> list[Message]:
         """Async twin of :meth:`broadcast`."""
         items = self._broadcast_items(channels, payload)
-        stored = await self._store.run_io(
-            self._store.bus_publish, items, self._clock.now_ms(), self._retention_of
-        )
-        return self._published(stored)
+        return await self._astore_items(items)
 
     # -- groups ---------------------------------------------------------------------------
     def create_group(

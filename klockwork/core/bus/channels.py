@@ -133,10 +133,12 @@ class Bus:
         self, channels: Sequence[str], payload: object, deliver_at: object, key: object
     ) -> list[PublishItem]:
         data = encode_payload(payload)
-        now = self._clock.now_ms()
-        visible_at = now if deliver_at is None else to_epoch_ms(deliver_at, "deliver_at")
+        visible_at = self._visible_at(deliver_at)
         dedup = None if key is None else check_dedup_key(key)
         return [PublishItem(c, data, dedup, visible_at) for c in channels]
+
+    def _visible_at(self, deliver_at: object) -> int:
+        return self._clock.now_ms() if deliver_at is None else to_epoch_ms(deliver_at, "deliver_at")
 
     def _published(self, stored: list[StoredMessage]) -> list[Message]:
         messages = [to_message(s) for s in stored]
@@ -200,10 +202,10 @@ class Bus:
             raise InvalidRequestError(
                 "payloads", f"<{len(payloads)} payloads>", f"expected 1-{_MAX_BATCH} payloads"
             )
-        items: list[PublishItem] = []
-        for payload in payloads:
-            items.extend(self._items([channel], payload, deliver_at, None))
-        return items
+        visible_at = self._visible_at(deliver_at)
+        return [
+            PublishItem(channel, encode_payload(p, "payloads"), None, visible_at) for p in payloads
+        ]
 
     def publish_many(
         self,

@@ -1,8 +1,9 @@
 """What the bus hands out (messages, deliveries, await results) and what it accepts.
 
-Results are frozen slotted dataclasses: built on the message hot path, they
-cost a fraction of a pydantic model, and still validate and serialise
-through pydantic (``TypeAdapter(Message)``). Payloads are stored as JSON
+Messages and deliveries are named tuples: built on the message hot path,
+they cost a fraction of a pydantic model (or of a frozen dataclass), are
+immutable, and still validate and serialise through pydantic
+(``TypeAdapter(Message)``). Payloads are stored as JSON
 text and decoded for each reader, so one consumer changing the dict it got
 never changes what another consumer, or a redelivery, sees.
 
@@ -16,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from klockwork.core.errors import InvalidRequestError
 from klockwork.core.validation import check_json_object, check_key
@@ -97,8 +98,7 @@ except ImportError:  # pragma: no cover
     _loads = json.loads
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """One published message.
 
     Attributes:
@@ -119,8 +119,7 @@ class Message:
     visible_at: int
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(NamedTuple):
     """A message handed to one consumer of a group.
 
     Attributes:
@@ -236,9 +235,26 @@ def check_group_name(value: object, argument: str) -> str:
 
 
 def encode_payload(payload: object, argument: str = "payload") -> bytes:
-    """``payload`` as compact JSON bytes, if it is a JSON object of at most 1 MiB."""
-    check_json_object(payload, argument)
-    text = _dumps(payload)
+    """``payload`` as compact JSON bytes, if it is a JSON object of at most 1 MiB.
+
+    Fast path: encode, decode, compare — JSON data survives the round trip
+    unchanged, while what JSON cannot hold exactly (NaN, a UUID, a set, a
+    datetime) fails it. Only then is the payload walked, to accept what
+    merely changes shape (a tuple becomes a list) or name the problem.
+    """
+    text = b""
+    try:
+        same = payload.__class__ is dict and _loads(text := _dumps(payload)) == payload
+    except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
+        same = False
+    if not same:
+        check_json_object(payload, argument)
+        try:
+            text = _dumps(payload)
+        except TypeError as exc:  # an int beyond 64 bits: JSON readers would round it
+            raise InvalidRequestError(
+                argument, payload, f"cannot be stored as JSON: {exc}"
+            ) from None
     if len(text) > MAX_PAYLOAD_BYTES:
         raise InvalidRequestError(
             argument, f"<{len(text)} bytes>", f"larger than {MAX_PAYLOAD_BYTES} bytes of JSON"

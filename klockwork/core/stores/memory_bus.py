@@ -50,12 +50,22 @@ class _Group:
 
 
 class _Channel:
-    __slots__ = ("by_id", "first_seq", "groups", "keys", "last_seq", "messages", "retention")
+    __slots__ = (
+        "by_id",
+        "first_seq",
+        "groups",
+        "key_of",
+        "keys",
+        "last_seq",
+        "messages",
+        "retention",
+    )
 
     def __init__(self) -> None:
         self.messages: dict[int, StoredMessage] = {}
         self.by_id: dict[str, int] = {}
-        self.keys: dict[str, int] = {}
+        self.keys: dict[str, int] = {}  # idempotency key -> seq
+        self.key_of: dict[int, str] = {}  # seq -> its key (to forget it when trimmed)
         self.first_seq = 1
         self.last_seq = 0
         self.groups: dict[str, _Group] = {}
@@ -107,26 +117,36 @@ class MemoryBus(BusPrimitives):
         ch.by_id[msg.id] = seq
         if item.key is not None:
             ch.keys[item.key] = seq
+            ch.key_of[seq] = item.key
         return msg
 
     def _trim(self, ch: _Channel, now_ms: int, default: Retention) -> None:
         max_len, max_age_ms = ch.retention or default
-        cutoff = None if max_age_ms is None else now_ms - max_age_ms
         msgs = ch.messages
-        while msgs:
-            first = msgs[ch.first_seq]
-            if len(msgs) <= max_len and (cutoff is None or first.published_at >= cutoff):
-                break
-            del msgs[ch.first_seq]
-            del ch.by_id[first.id]
-            for key in [k for k, s in ch.keys.items() if s == first.seq] if ch.keys else ():
-                del ch.keys[key]
-            for g in ch.groups.values():
-                g.pending.pop(first.seq, None)
-                g.taken.discard(first.seq)
-                if g.cursor < first.seq:
-                    g.cursor = first.seq
-            ch.first_seq += 1
+        drop = len(msgs) - max_len
+        if max_age_ms is not None:
+            cutoff = now_ms - max_age_ms
+            while drop < len(msgs) and msgs[ch.first_seq + max(drop, 0)].published_at < cutoff:
+                drop = max(drop, 0) + 1
+        if drop <= 0:
+            return
+        groups = tuple(ch.groups.values())
+        key_of = ch.key_of
+        first = ch.first_seq
+        for seq in range(first, first + drop):
+            msg = msgs.pop(seq)
+            del ch.by_id[msg.id]
+            if key_of:
+                key = key_of.pop(seq, None)
+                if key is not None:
+                    del ch.keys[key]
+            for g in groups:
+                if g.pending:
+                    g.pending.pop(seq, None)
+                g.taken.discard(seq)
+        ch.first_seq = first + drop
+        for g in groups:
+            g.cursor = max(g.cursor, ch.first_seq - 1)
 
     def bus_set_retention(self, channel: str, retention: Retention, now_ms: int) -> None:
         with self._bus_lock:

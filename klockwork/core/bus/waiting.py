@@ -10,7 +10,8 @@ until one of these happens, then asks again:
 * on a store shared by processes, :meth:`Store.bus_version` moved (another
   process committed): checked every :data:`POLL_S`, a read-only check far
   cheaper than asking the store again;
-* its wait runs out.
+* its wait runs out;
+* the engine closes (the call raises :class:`~klockwork.StoreUnavailableError`).
 
 The race between asking and sleeping is closed the way lease waits close
 it: the epoch is read before the store is asked, and a publish since then
@@ -25,6 +26,7 @@ from typing import Generic, TypeVar
 
 from klockwork.core.bus.rules import seconds_until
 from klockwork.core.clock import Clock
+from klockwork.core.errors import StoreUnavailableError
 from klockwork.core.notify import Signals
 from klockwork.core.stores.base import Store
 
@@ -57,6 +59,10 @@ class Waiting(Generic[_R]):
         nap = left if until_due is None else min(left, until_due)
         return min(nap, POLL_S) if self._poll else nap
 
+    def _check_open(self) -> None:
+        if self._signals.closed:
+            raise StoreUnavailableError("the engine closed while this call waited")
+
     def _again(self, epoch: int, version: int, due_ms: int | None) -> bool:
         """After a nap: is it worth asking the store again?"""
         if not self._poll or self._signals.epoch != epoch:
@@ -78,6 +84,7 @@ class Waiting(Generic[_R]):
                 if nap is None:
                     return result
                 self._signals.sleep(self._keys, epoch, _finite(nap), self._clock)
+                self._check_open()
                 if self._again(epoch, version, due):
                     break
 
@@ -94,6 +101,7 @@ class Waiting(Generic[_R]):
                 if nap is None:
                     return result
                 await self._signals.asleep(self._keys, epoch, _finite(nap), self._clock)
+                self._check_open()
                 if self._signals.epoch != epoch or not self._poll:
                     break
                 if await self._store.run_io(self._again, epoch, version, due):

@@ -56,6 +56,7 @@ from klockwork.core.stores.base import (
     record_status,
     refuse_revoked,
 )
+from klockwork.core.stores.sqlite_bus import BUS_SCHEMA, SqliteBus
 from klockwork.core.stores.sqlite_io import (
     AUDIT_SCHEMA,
     PRUNE_EVERY,
@@ -102,7 +103,7 @@ def _record(row: Sequence[Any]) -> LeaseRecord:
     )
 
 
-class SqliteStore(Store):
+class SqliteStore(SqliteBus, Store):
     """A store in one SQLite file, safe for many threads and processes.
 
     Args:
@@ -136,7 +137,7 @@ class SqliteStore(Store):
         FileGuard.refuse_empty(self.path)
         self._pool = ConnectionPool(self.path, busy_timeout_ms)
         with self._translated("create its schema"), self._pool.connection() as conn:
-            conn.executescript(STORE_SCHEMA + AUDIT_SCHEMA)
+            conn.executescript(STORE_SCHEMA + AUDIT_SCHEMA + BUS_SCHEMA)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(kw_agents)")}
             if "revoked_at" not in columns:  # a file made by klockwork 0.1
                 conn.execute("ALTER TABLE kw_agents ADD COLUMN revoked_at INTEGER")
@@ -589,3 +590,4 @@ class SqliteStore(Store):
 
     def close(self) -> None:
         self._pool.close()
+        self._close_bus()

@@ -56,9 +56,10 @@ from klockwork.core.stores.base import (
     record_status,
     refuse_revoked,
 )
-from klockwork.core.stores.sqlite_bus import BUS_SCHEMA, SqliteBus
+from klockwork.core.stores.sqlite_bus import SqliteBus
 from klockwork.core.stores.sqlite_io import (
     AUDIT_SCHEMA,
+    BUS_SCHEMA,
     PRUNE_EVERY,
     STORE_SCHEMA,
     ConnectionPool,

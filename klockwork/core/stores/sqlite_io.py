@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUDIT_SCHEMA",
+    "BUS_SCHEMA",
     "ERROR_MAP",
     "ConnectionPool",
     "MIN_LOCK_WAIT_MS",
@@ -128,6 +129,52 @@ CREATE TABLE IF NOT EXISTS kw_reservations (
     expires_at INTEGER NOT NULL,
     PRIMARY KEY (agent_id, session_id, resource, predicate)
 );
+"""
+
+
+#: The bus's tables, in the store's file.
+BUS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kw_bus_channels (
+    channel    TEXT PRIMARY KEY,
+    last_seq   INTEGER NOT NULL,  -- the newest seq given out (0: none yet)
+    max_len    INTEGER,           -- its own retention (NULL: the default's)
+    max_age_ms INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kw_bus_messages (
+    channel      TEXT NOT NULL,
+    seq          INTEGER NOT NULL,  -- contiguous from the oldest retained to last_seq
+    id           TEXT NOT NULL UNIQUE,
+    payload      BLOB NOT NULL,     -- JSON bytes
+    published_at INTEGER NOT NULL,
+    visible_at   INTEGER NOT NULL,
+    key          TEXT,              -- its idempotency key, if any
+    PRIMARY KEY (channel, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS kw_bus_keys
+    ON kw_bus_messages(channel, key) WHERE key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS kw_bus_groups (
+    channel        TEXT NOT NULL,
+    grp            TEXT NOT NULL,
+    visibility_ms  INTEGER NOT NULL,
+    max_deliveries INTEGER NOT NULL,
+    created_at     INTEGER NOT NULL,
+    cursor         INTEGER NOT NULL,  -- every seq <= cursor was handed out (or trimmed)
+    PRIMARY KEY (channel, grp)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kw_bus_deliveries (
+    channel      TEXT NOT NULL,
+    grp          TEXT NOT NULL,
+    seq          INTEGER NOT NULL,
+    consumer     TEXT NOT NULL,
+    attempt      INTEGER NOT NULL,
+    delivered_at INTEGER NOT NULL,
+    deadline     INTEGER NOT NULL,         -- redelivered by the first read after it
+    acked        INTEGER NOT NULL DEFAULT 0,  -- 1: done (such rows only above the cursor)
+    last_error   TEXT,
+    PRIMARY KEY (channel, grp, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS kw_bus_due
+    ON kw_bus_deliveries(channel, grp, deadline) WHERE acked = 0;
 """
 
 

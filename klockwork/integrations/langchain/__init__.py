@@ -18,6 +18,8 @@
 * :func:`protect_tool` / :func:`protect_tools` — protected copies of tool objects.
 * :func:`gated_tool` — copies of tools that pass ``kw.gates`` first; approvals
   become LangGraph interrupts (answered with :class:`ApprovalResponse`).
+* :func:`bus_tools` — ``send_message`` / ``read_messages`` / ``wait_for_messages``:
+  agents coordinate by messages over ``kw.bus``, as who the run config says.
 * :func:`agent_config` / :func:`resolve_identity` — who a call leases as.
 * :class:`KlockConflictError` — a ``LeaseConflictError`` and a ``ToolException``.
 * :class:`AuditCallbackHandler` / :class:`AsyncAuditCallbackHandler` — tool,
@@ -25,6 +27,7 @@
   turns auditing on for every run inside a ``with`` block.
 """
 
+from klockwork.integrations.langchain.bus_tools import DEFAULT_WAIT_S, bus_tools
 from klockwork.integrations.langchain.callbacks import (
     REDACTED,
     AsyncAuditCallbackHandler,
@@ -40,6 +43,7 @@ from klockwork.integrations.langchain.tools import DEFAULT_TIMEOUT_S, protect_to
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "DEFAULT_WAIT_S",
     "REDACTED",
     "RETRY_BUDGET_S",
     "ApprovalResponse",
@@ -50,6 +54,7 @@ __all__ = [
     "KlockConflictError",
     "agent_config",
     "audit_context",
+    "bus_tools",
     "gated_tool",
     "klock_protected",
     "protect_tool",

@@ -29,6 +29,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/race_two_agents.py
 	$(BIN)/python examples/approval_gate.py
 	$(BIN)/python examples/audited_agent.py
+	$(BIN)/python examples/handoff.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check klockwork tests examples benchmarks

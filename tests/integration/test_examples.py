@@ -39,3 +39,14 @@ def test_audited_agent_verifies_its_trail_and_catches_the_forgery() -> None:
     seq, first, last = (int(x) for x in forged.groups())
     assert first <= seq <= last
     assert re.search(rf"INVALID at seq {first}\b", out)
+
+
+def test_handoff_spreads_tasks_over_two_processes_redelivers_and_dead_letters() -> None:
+    out = run_example("handoff.py")
+    assert "planner: 2 workers ready" in out
+    assert re.search(r"worker-\d: t2 attempt 1 failed \(upstream timed out\) -> nack", out)
+    assert re.search(r"worker-\d: t2 attempt 2 done -> ack", out)
+    assert len(re.findall(r"worker-\d: t3 attempt \d failed .*malformed input", out)) == 2
+    assert "result  t2 (flaky) attempt 2: flaky done" in out
+    assert "dead    t3 x2: cannot parse task t3: malformed input" in out
+    assert "The hand-off held." in out

@@ -1,9 +1,10 @@
-"""The ``klockwork`` command line (``klockwork leases | approvals | audit``).
+"""The ``klockwork`` command line (``klockwork leases | approvals | audit | bus``).
 
 * :mod:`.main` — the parser and ``main()``, the exit codes;
   :mod:`.support` — what every subcommand shares (opening a shared store,
   failing with a code);
-* one module per command: :mod:`.leases`, :mod:`.approvals`, :mod:`.audit`.
+* one module per command: :mod:`.leases`, :mod:`.approvals`, :mod:`.audit`,
+  :mod:`.bus`.
 
 May import anything below it (the engine and the core); nothing imports it.
 """

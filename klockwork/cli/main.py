@@ -7,6 +7,11 @@
     klockwork audit verify FILE|URL [--checkpoint FILE [--key-env VAR | --ignore-signature]]
                            [--json]
     klockwork audit tail [--url URL] [-n N] [--kind K] [--agent ID] [--follow] [--json]
+    klockwork bus publish CHANNEL JSON [--key K] [--deliver-at MS] [--url URL]
+    klockwork bus peek CHANNEL [--after SEQ] [--limit N] [--url URL]
+    klockwork bus tail CHANNEL [-n N] [--follow] [--url URL]
+    klockwork bus groups [CHANNEL] [--json] [--url URL]
+    klockwork bus channels [--json] [--url URL]
 
 Exit codes a script can rely on:
 
@@ -20,7 +25,8 @@ Exit codes a script can rely on:
        (``--approver`` or ``$KLOCKWORK_APPROVER``), an unknown approval id,
        no store URL (``--url`` or ``$KLOCKWORK_URL``), ``memory://`` or a
        SQLite file that does not exist (every command reads a shared store),
-       a signed checkpoint without ``--key-env`` (or ``--ignore-signature``)
+       a signed checkpoint without ``--key-env`` (or ``--ignore-signature``),
+       a bus payload that is not a JSON object, a bad channel name
     3  the store could not answer
 
 An unknown approval id is 2, not 1: 1 means "the store answered and said
@@ -35,7 +41,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from klockwork.cli import approvals, audit, leases
+from klockwork.cli import approvals, audit, bus, leases
 from klockwork.cli.support import INVALID, OK, UNAVAILABLE, USAGE, CliError, report
 
 __all__ = ["INVALID", "OK", "UNAVAILABLE", "USAGE", "main"]
@@ -44,13 +50,16 @@ __all__ = ["INVALID", "OK", "UNAVAILABLE", "USAGE", "main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="klockwork",
-        description="Inspect leases, decide approvals and verify or tail audit trails.",
+        description=(
+            "Inspect leases, decide approvals, verify or tail audit trails and use the bus."
+        ),
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
     leases.add_parsers(commands)
     approvals.add_parsers(commands)
     audit.add_parsers(commands)
+    bus.add_parsers(commands)
     return parser
 
 
@@ -62,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return leases.run(args)
         if args.command == "approvals":
             return approvals.run(args)
+        if args.command == "bus":
+            return bus.run(args)
         return audit.run(args)
     except CliError as error:
         return report(error)

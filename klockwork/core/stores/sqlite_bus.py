@@ -12,7 +12,10 @@ is ``last_seq - min(seq) + 1``. A group keeps a cursor (every seq up to it
 was handed out, or trimmed) and one delivery row per message handed out:
 unacked rows are its pending deliveries; acked rows are kept only above
 the cursor, where a delayed message let later ones pass it, so that they
-are not handed out twice.
+are not handed out twice. A message id is its seq in hex, ``-``, and 128
+random bits: unique and unguessable, and an ack finds its row by the seq
+(the table keeps no index on ids: each would cost a publish a random
+b-tree insert).
 
 :meth:`SqliteBus.bus_version` is ``PRAGMA data_version`` on a connection of
 its own: it moves when another connection (of this process or another)
@@ -22,6 +25,7 @@ commits, and costs a few microseconds to ask.
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -62,6 +66,20 @@ _GROUP_INFO = (
     "  WHERE d.channel = g.channel AND d.grp = g.grp AND d.seq = m.seq)) "
     "FROM kw_bus_groups g"
 )
+
+
+#: An ack or nack names a message by id: its seq (the id's head) finds the
+#: row, the whole id must match (no index on ids: publishing stays cheap).
+_ID_HEAD = re.compile(r"[0-9a-f]{1,15}(?=-)")  # a seq below 2**60
+_SAME_ID = (
+    " AND EXISTS (SELECT 1 FROM kw_bus_messages m WHERE m.channel = ? AND m.seq = ? AND m.id = ?)"
+)
+
+
+def _by_id(channel: str, group: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
+    """``(channel, group, seq, channel, seq, id)`` of each id that can be one of ours."""
+    heads = ((mid, _ID_HEAD.match(mid)) for mid in ids if isinstance(mid, str))
+    return [(channel, group, s, channel, s, mid) for mid, m in heads if m for s in (int(m[0], 16),)]
 
 
 def _message(row: Sequence[Any]) -> StoredMessage:
@@ -138,11 +156,10 @@ def _append(
                 keyed[name, key] = held
                 out.append(held)
                 continue
-        ch.last_seq += 1
+        seq = ch.last_seq = ch.last_seq + 1
         ch.touched = True
-        msg = StoredMessage(
-            ids.next(), name, ch.last_seq, item.payload, now_ms, max(item.visible_at, now_ms)
-        )
+        visible_at = max(item.visible_at, now_ms)
+        msg = StoredMessage(f"{seq:x}-{ids.next()}", name, seq, item.payload, now_ms, visible_at)
         rows.append((*msg, key))
         if key is not None:
             keyed[name, key] = msg
@@ -337,7 +354,9 @@ class SqliteBus(BusPrimitives):
                 row = conn.execute(sql, key).fetchone()
             visibility_ms, max_deliveries, cursor = row
             expired = conn.execute(
-                "SELECT seq, attempt FROM kw_bus_deliveries "
+                # INDEXED BY: ORDER BY seq would lure the planner into the primary key,
+                # a scan of every delivery of the group.
+                "SELECT seq, attempt FROM kw_bus_deliveries INDEXED BY kw_bus_due "
                 "WHERE channel = ? AND grp = ? AND acked = 0 AND deadline <= ? ORDER BY seq",
                 (*key, now_ms),
             ).fetchall()
@@ -363,16 +382,17 @@ class SqliteBus(BusPrimitives):
                 )
                 out.extend((m, 1) for m in handed)
             handed_seqs = set(plan.fresh)
-            new_cursor = cursor
+            new_cursor, passed_taken = cursor, False
             for seq, taken in run:  # over what was handed out, up to the first that was not
                 if not taken and seq not in handed_seqs:
                     break
-                new_cursor = seq
+                new_cursor, passed_taken = seq, passed_taken or taken
             if new_cursor != cursor:
                 conn.execute(
                     "UPDATE kw_bus_groups SET cursor = ? WHERE channel = ? AND grp = ?",
                     (new_cursor, *key),
                 )
+            if passed_taken:  # acked rows now at or below the cursor: forget them
                 conn.execute(
                     "DELETE FROM kw_bus_deliveries WHERE channel = ? AND grp = ? "
                     "AND seq > ? AND seq <= ? AND acked = 1",
@@ -447,9 +467,8 @@ class SqliteBus(BusPrimitives):
             cursor = self._cursor(conn, channel, group)
             done = conn.executemany(
                 "UPDATE kw_bus_deliveries SET acked = 1 "
-                "WHERE channel = ? AND grp = ? AND acked = 0 AND seq = "
-                "(SELECT seq FROM kw_bus_messages WHERE id = ? AND channel = ?)",
-                [(channel, group, mid, channel) for mid in ids],
+                "WHERE channel = ? AND grp = ? AND seq = ? AND acked = 0" + _SAME_ID,
+                _by_id(channel, group, ids),
             ).rowcount
             if done > 0:
                 conn.execute(
@@ -473,9 +492,8 @@ class SqliteBus(BusPrimitives):
             done = conn.executemany(
                 "UPDATE kw_bus_deliveries SET deadline = ?, "
                 "last_error = coalesce(?, last_error), attempt = attempt - ? "
-                "WHERE channel = ? AND grp = ? AND acked = 0 AND seq = "
-                "(SELECT seq FROM kw_bus_messages WHERE id = ? AND channel = ?)",
-                [(now_ms, error, int(undo), channel, group, mid, channel) for mid in ids],
+                "WHERE channel = ? AND grp = ? AND seq = ? AND acked = 0" + _SAME_ID,
+                [(now_ms, error, int(undo), *args) for args in _by_id(channel, group, ids)],
             ).rowcount
             return max(done, 0)
 

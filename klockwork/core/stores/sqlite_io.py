@@ -143,7 +143,7 @@ CREATE TABLE IF NOT EXISTS kw_bus_channels (
 CREATE TABLE IF NOT EXISTS kw_bus_messages (
     channel      TEXT NOT NULL,
     seq          INTEGER NOT NULL,  -- contiguous from the oldest retained to last_seq
-    id           TEXT NOT NULL UNIQUE,
+    id           TEXT NOT NULL,     -- '<seq in hex>-<128 random bits>'
     payload      BLOB NOT NULL,     -- JSON bytes
     published_at INTEGER NOT NULL,
     visible_at   INTEGER NOT NULL,

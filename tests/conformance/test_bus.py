@@ -35,25 +35,6 @@ from .conftest import REAL_TIMEOUT_S, T0, eventually
 
 EVENTS = "klockwork.events"
 
-#: A satisfied await without a group ends in ``AwaitCall._ack``, whose first
-#: line asserts ``self.group is not None or not self._ids()``: it always fails
-#: there (the call saw messages and has no group), so the call raises a bare
-#: AssertionError instead of returning its AwaitResult (klockwork/core/bus/awaiting.py).
-AWAIT_WITHOUT_GROUP_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: a satisfied await_channels without a group raises AssertionError in _ack",
-)
-#: ``MemoryBus._trim`` reads ``msgs[ch.first_seq]`` while the channel holds no
-#: message whenever the retention has a max age (the default has one), so
-#: ``set_retention`` on a channel nothing was published to raises KeyError
-#: (klockwork/core/stores/memory_bus.py).
-MEMORY_TRIM_EMPTY_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="bug: MemoryBus._trim raises KeyError on a channel without messages",
-)
-
 
 def store_has_bus(store_kind: str) -> bool:
     """Whether the store class implements the bus primitives (SQLite's may still be missing)."""
@@ -558,7 +539,6 @@ async def test_peek_replays_without_consuming(bus_api: BusApi) -> None:
 # -- await_channels --------------------------------------------------------------------------------
 
 
-@AWAIT_WITHOUT_GROUP_BUG
 async def test_await_without_group_any(bus_api: BusApi) -> None:
     await bus_api.publish("a", {"old": True})  # before the call: not awaited
     waiter = asyncio.create_task(bus_api.await_channels(["a", "b"], "any", wait_s=30))
@@ -570,7 +550,6 @@ async def test_await_without_group_any(bus_api: BusApi) -> None:
     assert result.count == 1
 
 
-@AWAIT_WITHOUT_GROUP_BUG
 async def test_await_without_group_all(bus_api: BusApi) -> None:
     waiter = asyncio.create_task(bus_api.await_channels(["a", "b"], "all", wait_s=30))
     await bus_api.until_sleeping()
@@ -584,7 +563,6 @@ async def test_await_without_group_all(bus_api: BusApi) -> None:
     assert result.messages == {"a": [ma], "b": [mb]}
 
 
-@AWAIT_WITHOUT_GROUP_BUG
 async def test_await_without_group_at_least(bus_api: BusApi) -> None:
     waiter = asyncio.create_task(bus_api.await_channels(["a", "b"], "at_least", n=3, wait_s=30))
     await bus_api.until_sleeping()
@@ -614,7 +592,6 @@ async def test_await_without_group_times_out_and_consumes_nothing(bus_api: BusAp
     assert seqs(await bus_api.subscribe("a", "g", "c")) == [1, 2]  # nothing consumed
 
 
-@AWAIT_WITHOUT_GROUP_BUG
 async def test_await_without_group_after_counts_what_was_there(bus_api: BusApi) -> None:
     await bus_api.create_group("a", "g", start="earliest")
     for i in range(3):
@@ -865,11 +842,7 @@ async def test_retention_max_age(bus_api: BusApi) -> None:
 
 
 @pytest.mark.parametrize("retention", [{"max_len": 3}, {"max_age_s": 10}], ids=["len", "age"])
-async def test_set_retention_on_a_new_channel(
-    bus_api: BusApi, store_kind: str, request: pytest.FixtureRequest, retention: dict[str, Any]
-) -> None:
-    if store_kind == "memory":
-        request.applymarker(MEMORY_TRIM_EMPTY_BUG)
+async def test_set_retention_on_a_new_channel(bus_api: BusApi, retention: dict[str, Any]) -> None:
     bus_api.bus.set_retention("a", **retention)  # before anything was published there
     [info] = bus_api.bus.channels()
     assert (info.channel, info.length, info.last_seq) == ("a", 0, 0)

@@ -163,11 +163,6 @@ def test_a_timed_out_await_consumes_nothing(kw: Klockwork) -> None:
     assert lag(kw, "a", "g") == (0, 0) and lag(kw, "b", "g") == (0, 0)
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=False,
-    reason="core bug: AwaitCall._ack asserts a group once a group-less await is satisfied",
-)
 def test_without_a_group_the_node_waits_for_new_messages_and_consumes_nothing(
     kw: Klockwork,
 ) -> None:

@@ -212,10 +212,10 @@ class AwaitCall:
         return result
 
     def _ack(self) -> None:
-        assert self.group is not None or not self._ids()
+        if self.group is None:  # without a group nothing was taken
+            return
         for channel, ids in self._ids().items():
-            if self.group is not None:
-                self._bus._store.bus_ack(channel, self.group, ids)
+            self._bus._store.bus_ack(channel, self.group, ids)
 
     def _hand_back(self) -> None:
         if self.group is None:

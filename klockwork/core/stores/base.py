@@ -37,8 +37,8 @@ from klockwork.core.errors import (
     LeaseRevokedError,
 )
 from klockwork.core.leases.rules import ParsedIntent
-from klockwork.core.stores.bus_base import BusPrimitives
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
+from klockwork.core.stores.bus_base import BusPrimitives
 from klockwork.core.validation import check_int
 
 __all__ = [

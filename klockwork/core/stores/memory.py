@@ -24,7 +24,6 @@ from klockwork.core.leases.rules import (
     overlaps,
 )
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
-from klockwork.core.stores.memory_bus import MemoryBus
 from klockwork.core.stores.base import (
     DEFAULT_AUDIT_RETAIN,
     DEFAULT_RETAIN,
@@ -42,6 +41,7 @@ from klockwork.core.stores.base import (
     record_status,
     refuse_revoked,
 )
+from klockwork.core.stores.memory_bus import MemoryBus
 from klockwork.core.validation import check_int
 
 __all__ = ["MemoryStore"]

@@ -126,8 +126,9 @@ class MemoryBus(BusPrimitives):
         drop = len(msgs) - max_len
         if max_age_ms is not None:
             cutoff = now_ms - max_age_ms
-            while drop < len(msgs) and msgs[ch.first_seq + max(drop, 0)].published_at < cutoff:
-                drop = max(drop, 0) + 1
+            drop = max(drop, 0)
+            while drop < len(msgs) and msgs[ch.first_seq + drop].published_at < cutoff:
+                drop += 1
         if drop <= 0:
             return
         groups = tuple(ch.groups.values())

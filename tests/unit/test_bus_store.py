@@ -92,11 +92,7 @@ def test_a_key_already_held_returns_the_original_message(store: Store) -> None:
     assert payloads(store.bus_range("a", 0, 10, T0 + 5)) == [1, 3, 4]
 
 
-def test_a_publish_that_fails_stores_nothing(store: Store, request: pytest.FixtureRequest) -> None:
-    if isinstance(store, MemoryStore):
-        request.applymarker(
-            pytest.mark.xfail(reason="memory_bus appends before it asks for retention (reported)")
-        )
+def test_a_publish_that_fails_stores_nothing(store: Store) -> None:
 
     def failing(name: str) -> Retention:
         if name == "b":

@@ -88,11 +88,13 @@ class MemoryBus(BusPrimitives):
     def bus_publish(
         self, items: Sequence[PublishItem], now_ms: int, retention: Callable[[str], Retention]
     ) -> list[StoredMessage]:
+        # Every retention is known before anything is appended: all or none.
+        limits = {item.channel: retention(item.channel) for item in items}
         with self._bus_lock:
             self._check_open()
             out = [self._append(item, now_ms) for item in items]
-            for name in {item.channel for item in items}:
-                self._trim(self._channels[name], now_ms, retention(name))
+            for name, limit in limits.items():
+                self._trim(self._channels[name], now_ms, limit)
             return out
 
     def _append(self, item: PublishItem, now_ms: int) -> StoredMessage:
@@ -311,8 +313,8 @@ class MemoryBus(BusPrimitives):
                 p.deadline = now_ms
                 if error is not None:
                     p.last_error = error
-                if undo:
-                    p.attempt -= 1
+                if undo:  # never below 0: a second undo of one delivery takes nothing
+                    p.attempt = max(p.attempt - 1, 0)
             return done
 
     # -- looking ------------------------------------------------------------------------

@@ -491,7 +491,7 @@ class SqliteBus(BusPrimitives):
             self._cursor(conn, channel, group)
             done = conn.executemany(
                 "UPDATE kw_bus_deliveries SET deadline = ?, "
-                "last_error = coalesce(?, last_error), attempt = attempt - ? "
+                "last_error = coalesce(?, last_error), attempt = max(attempt - ?, 0) "
                 "WHERE channel = ? AND grp = ? AND seq = ? AND acked = 0" + _SAME_ID,
                 [(now_ms, error, int(undo), *args) for args in _by_id(channel, group, ids)],
             ).rowcount

@@ -89,7 +89,7 @@ def worker(db: str, name: str) -> int:
 
 def planner(kw: Klockwork, db: str) -> dict[str, Any]:
     """Start two workers, hand out the tasks, wait for every outcome; return what arrived."""
-    kw.bus.create_group("tasks", "workers", visibility_timeout_s=2, max_deliveries=2)
+    kw.bus.create_group("tasks", "workers", visibility_timeout_s=5, max_deliveries=2)
     kw.bus.create_group("ready", "planner", start="earliest")
     sends = [call("send_message", channel="tasks", message={"task": t, "kind": k}).tool_calls[0]
              for t, k in TASKS.items()]  # fmt: skip

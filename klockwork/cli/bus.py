@@ -102,17 +102,7 @@ def _asking(call: Callable[[], _T]) -> _T:
 
 def message_json(message: Message) -> str:
     """One message as the one-line JSON object the commands print."""
-    return json.dumps(
-        {
-            "id": message.id,
-            "channel": message.channel,
-            "seq": message.seq,
-            "payload": message.payload,
-            "published_at": message.published_at,
-            "visible_at": message.visible_at,
-        },
-        ensure_ascii=False,
-    )
+    return json.dumps(message.to_dict(), ensure_ascii=False)
 
 
 def _print(message: Message) -> None:

@@ -58,17 +58,6 @@ class AwaitRecord(BaseModel):
     created_at_ms: int
 
 
-def _fields(msg: Message) -> dict[str, Any]:
-    return {
-        "id": msg.id,
-        "channel": msg.channel,
-        "seq": msg.seq,
-        "payload": msg.payload,
-        "published_at": msg.published_at,
-        "visible_at": msg.visible_at,
-    }
-
-
 class AwaitCall:
     """One ``await_channels`` call (arguments checked on construction)."""
 
@@ -147,7 +136,7 @@ class AwaitCall:
         return AwaitRecord(
             key=self.key,
             channel_order=self.channels,
-            messages={c: [_fields(m) for m in ms] for c, ms in self.seen.items()},
+            messages={c: [m.to_dict() for m in ms] for c, ms in self.seen.items()},
             created_at_ms=self._bus._clock.now_ms(),
         )
 

@@ -118,6 +118,10 @@ class Message(NamedTuple):
     published_at: int
     visible_at: int
 
+    def to_dict(self) -> dict[str, Any]:
+        """The message as a JSON-ready dict (its fields by name)."""
+        return self._asdict()
+
 
 class Delivery(NamedTuple):
     """A message handed to one consumer of a group.

@@ -278,17 +278,18 @@ class MemoryBus(BusPrimitives):
         self._trim(self._channels[dead_channel], now_ms, retention(dead_channel))
 
     # -- acks ---------------------------------------------------------------------------
+    def _pending(self, channel: str, group: str, ids: Sequence[str]) -> tuple[_Group, list[int]]:
+        """The group, and the seqs of ``ids`` it has pending (unknown ids skipped)."""
+        g = self._existing(channel, group)
+        by_id = self._channels[channel].by_id
+        seqs = [seq for mid in ids if (seq := by_id.get(mid)) is not None and seq in g.pending]
+        return g, list(dict.fromkeys(seqs))  # an id named twice counts once
+
     def bus_ack(self, channel: str, group: str, ids: Sequence[str]) -> int:
         with self._bus_lock:
             self._check_open()
-            g = self._existing(channel, group)
-            by_id = self._channels[channel].by_id
-            done = 0
-            for mid in ids:
-                seq = by_id.get(mid)
-                if seq is not None and g.pending.pop(seq, None) is not None:
-                    done += 1
-            return done
+            g, seqs = self._pending(channel, group, ids)
+            return sum(g.pending.pop(seq, None) is not None for seq in seqs)
 
     def bus_nack(
         self,
@@ -301,21 +302,15 @@ class MemoryBus(BusPrimitives):
     ) -> int:
         with self._bus_lock:
             self._check_open()
-            g = self._existing(channel, group)
-            by_id = self._channels[channel].by_id
-            done = 0
-            for mid in ids:
-                seq = by_id.get(mid)
-                p = None if seq is None else g.pending.get(seq)
-                if p is None:
-                    continue
-                done += 1
+            g, seqs = self._pending(channel, group, ids)
+            for seq in seqs:
+                p = g.pending[seq]
                 p.deadline = now_ms
                 if error is not None:
                     p.last_error = error
                 if undo:  # never below 0: a second undo of one delivery takes nothing
                     p.attempt = max(p.attempt - 1, 0)
-            return done
+            return len(seqs)
 
     # -- looking ------------------------------------------------------------------------
     def bus_range(

@@ -146,14 +146,7 @@ def _state_value(state: Any, key: str) -> Any:
 
 def message_dict(message: Message) -> dict[str, Any]:
     """A message as the JSON-ready dict the await node writes to the state."""
-    return {
-        "id": message.id,
-        "channel": message.channel,
-        "seq": message.seq,
-        "payload": message.payload,
-        "published_at": message.published_at,
-        "visible_at": message.visible_at,
-    }
+    return message.to_dict()
 
 
 def _check_engine(kw: object) -> Klockwork:

@@ -272,7 +272,8 @@ def test_a_delayed_message_waits_without_holding_back_later_ones(store: Store) -
 
 
 def test_nothing_due_gives_no_next_due(store: Store) -> None:
-    assert store.bus_read("a", "g", "c1", 10, T0, SPEC, big) == ([], None)
+    out = store.bus_read("a", "g", "c1", 10, T0, SPEC, big)
+    assert (out.deliveries, out.next_due_ms, list(out.dead)) == ([], None, [])
 
 
 def test_a_read_asks_for_count_and_keeps_the_rest(store: Store) -> None:

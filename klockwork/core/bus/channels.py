@@ -308,6 +308,8 @@ class Bus:
         )
 
     def _deliveries(self, out: ReadOutcome, group: str, consumer: str) -> list[Delivery]:
+        if out.dead:  # dead letters published by this read: wake and tell their listeners
+            self._published(out.dead)
         now = self._clock.now_ms()
         return [
             Delivery(to_message(m), attempt, now, consumer, group) for m, attempt in out.deliveries

@@ -82,6 +82,8 @@ class ReadOutcome(NamedTuple):
     #: When the group next has something to hand out (a delayed message
     #: becoming visible, a delivery timing out), epoch ms; None if nothing is due.
     next_due_ms: int | None
+    #: Dead letters this read published on ``<channel>.dead`` (waiters there are woken).
+    dead: Sequence[StoredMessage] = ()
 
 
 class BusPrimitives:

@@ -9,6 +9,7 @@ returns) apart from the scan past delayed messages, bounded by retention.
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Callable, Sequence
 
@@ -39,7 +40,7 @@ class _Pending:
 
 
 class _Group:
-    __slots__ = ("created_at", "cursor", "pending", "spec", "taken")
+    __slots__ = ("created_at", "cursor", "due", "pending", "spec", "taken")
 
     def __init__(self, spec: GroupSpec, created_at: int, cursor: int) -> None:
         self.spec = spec
@@ -47,6 +48,41 @@ class _Group:
         self.cursor = cursor  # every seq <= cursor was handed out (or trimmed)
         self.taken: set[int] = set()  # seqs > cursor handed out
         self.pending: dict[int, _Pending] = {}
+        # (deadline, seq) of pending deliveries, a heap; an entry whose delivery
+        # was acked, trimmed or given a new deadline is stale and skipped.
+        self.due: list[tuple[int, int]] = []
+
+    def schedule(self, seq: int, deadline: int) -> None:
+        """(Re)arm the visibility timeout of pending delivery ``seq``."""
+        heapq.heappush(self.due, (deadline, seq))
+        if len(self.due) > 2 * len(self.pending) + 64:  # mostly stale: rebuild
+            self.due = [(p.deadline, s) for s, p in self.pending.items()]
+            heapq.heapify(self.due)
+
+    def _live(self, entry: tuple[int, int]) -> bool:
+        p = self.pending.get(entry[1])
+        return p is not None and p.deadline == entry[0]
+
+    def expired(self, now_ms: int) -> list[tuple[int, int]]:
+        """Take the deliveries whose timeout ran out: ``(seq, attempt)`` in seq order.
+
+        They leave the heap: the caller reschedules each one it hands out
+        again, and re-arms the rest with :meth:`schedule`.
+        """
+        out: dict[int, int] = {}
+        due = self.due
+        while due and due[0][0] <= now_ms:
+            entry = heapq.heappop(due)
+            if self._live(entry):
+                out[entry[1]] = self.pending[entry[1]].attempt
+        return sorted(out.items())
+
+    def next_deadline(self) -> int | None:
+        """The earliest visibility timeout still running, if any."""
+        due = self.due
+        while due and not self._live(due[0]):
+            heapq.heappop(due)
+        return due[0][0] if due else None
 
 
 class _Channel:
@@ -200,14 +236,8 @@ class MemoryBus(BusPrimitives):
             ch = self._channels.setdefault(channel, _Channel())
             g = self._group(ch, group, spec, now_ms)
             spec = g.spec
-            due: int | None = None
-            expired: list[tuple[int, int]] = []
-            for seq in sorted(g.pending):
-                p = g.pending[seq]
-                if p.deadline <= now_ms:
-                    expired.append((seq, p.attempt))
-                elif due is None or p.deadline < due:
-                    due = p.deadline
+            expired = g.expired(now_ms)
+            due = g.next_deadline()
             fresh, visible_due = self._fresh(ch, g, count, now_ms)
             if visible_due is not None and (due is None or visible_due < due):
                 due = visible_due
@@ -218,17 +248,23 @@ class MemoryBus(BusPrimitives):
                 p = g.pending[seq]
                 p.attempt += 1
                 p.consumer, p.delivered_at, p.deadline = consumer, now_ms, deadline
+                g.schedule(seq, deadline)
                 out.append((ch.messages[seq], p.attempt))
             for seq in plan.fresh:
                 g.pending[seq] = _Pending(consumer, 1, now_ms, deadline)
+                g.schedule(seq, deadline)
                 g.taken.add(seq)
                 out.append((ch.messages[seq], 1))
             self._advance(ch, g)
-            if plan.dead:
-                self._bury(ch, g, group, plan.dead, now_ms, retention)
+            left = set(plan.redeliver).union(plan.dead)
+            for seq, _ in expired:  # timed out, not handed out this time: still due now
+                if seq not in left:
+                    g.schedule(seq, g.pending[seq].deadline)
+                    due = now_ms
+            dead = self._bury(ch, g, group, plan.dead, now_ms, retention) if plan.dead else []
             if out and (due is None or deadline < due):
                 due = deadline
-            return ReadOutcome(out, due)
+            return ReadOutcome(out, due, dead)
 
     @staticmethod
     def _fresh(ch: _Channel, g: _Group, count: int, now_ms: int) -> tuple[list[int], int | None]:
@@ -262,8 +298,9 @@ class MemoryBus(BusPrimitives):
         seqs: list[int],
         now_ms: int,
         retention: Callable[[str], Retention],
-    ) -> None:
+    ) -> list[StoredMessage]:
         dead_channel = ""
+        letters: list[StoredMessage] = []
         for seq in seqs:
             p = g.pending.pop(seq)
             msg = ch.messages[seq]
@@ -274,8 +311,9 @@ class MemoryBus(BusPrimitives):
                 f"{group}:{msg.id}",
                 now_ms,
             )
-            self._append(item, now_ms)
+            letters.append(self._append(item, now_ms))
         self._trim(self._channels[dead_channel], now_ms, retention(dead_channel))
+        return letters
 
     # -- acks ---------------------------------------------------------------------------
     def _pending(self, channel: str, group: str, ids: Sequence[str]) -> tuple[_Group, list[int]]:
@@ -306,6 +344,7 @@ class MemoryBus(BusPrimitives):
             for seq in seqs:
                 p = g.pending[seq]
                 p.deadline = now_ms
+                g.schedule(seq, now_ms)
                 if error is not None:
                     p.last_error = error
                 if undo:  # never below 0: a second undo of one delivery takes nothing

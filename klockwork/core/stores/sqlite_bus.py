@@ -398,11 +398,12 @@ class SqliteBus(BusPrimitives):
                     "AND seq > ? AND seq <= ? AND acked = 1",
                     (*key, cursor, new_cursor),
                 )
-            if plan.dead:
-                self._bury(conn, key, plan.dead, new_cursor, now_ms, retention)
+            dead = (
+                self._bury(conn, key, plan.dead, new_cursor, now_ms, retention) if plan.dead else []
+            )
             if out and (due is None or deadline < due):
                 due = deadline
-            return ReadOutcome(out, due)
+            return ReadOutcome(out, due, dead)
 
     @staticmethod
     def _redeliver(
@@ -435,7 +436,7 @@ class SqliteBus(BusPrimitives):
         cursor: int,
         now_ms: int,
         retention: Callable[[str], Retention],
-    ) -> None:
+    ) -> list[StoredMessage]:
         """Publish the dead letters of ``seqs`` on ``<channel>.dead``; their deliveries are done."""
         channel, group = key
         items: list[PublishItem] = []
@@ -458,8 +459,9 @@ class SqliteBus(BusPrimitives):
             "UPDATE kw_bus_deliveries SET acked = 1 WHERE channel = ? AND grp = ? AND seq = ?",
             [(*key, seq) for seq in seqs if seq > cursor],
         )
-        _, channels = _append(conn, self._bus_ids, items, now_ms)
+        letters, channels = _append(conn, self._bus_ids, items, now_ms)
         _trim_all(conn, channels, now_ms, retention)
+        return letters
 
     # -- acks ---------------------------------------------------------------------------
     def bus_ack(self, channel: str, group: str, ids: Sequence[str]) -> int:

@@ -1,0 +1,44 @@
+"""Dead letters wake whoever waits for them, and reach ``on()`` listeners, like any publish."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from klockwork import Klockwork, Message
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def kw(request: pytest.FixtureRequest, tmp_path: Path) -> Klockwork:
+    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'kw.db'}"
+    engine = Klockwork.open(url)
+    request.addfinalizer(engine.close)
+    return engine
+
+
+def test_a_dead_letter_wakes_its_waiter_and_its_listeners(kw: Klockwork) -> None:
+    bus = kw.bus
+    bus.create_group("tasks", "w", max_deliveries=1)
+    bus.create_group("tasks.dead", "ops", start="earliest")
+    heard: list[Message] = []
+    bus.on("*.dead", heard.append)
+    bus.publish("tasks", {"n": 1})
+
+    def fail_it() -> None:
+        time.sleep(0.1)
+        [delivery] = bus.subscribe("tasks", "w", "worker")
+        bus.nack("tasks", "w", [delivery], error="boom")
+        assert bus.subscribe("tasks", "w", "worker") == []  # the read that buries it
+
+    worker = threading.Thread(target=fail_it)
+    worker.start()
+    started = time.monotonic()
+    letters = bus.subscribe("tasks.dead", "ops", "me", wait_s=5)
+    waited = time.monotonic() - started
+    worker.join()
+    assert [d.payload["last_error"] for d in letters] == ["boom"]
+    assert waited < 2.0  # woken by the burial, not by the end of the wait
+    assert [m.channel for m in heard] == ["tasks.dead"]

@@ -142,8 +142,8 @@ class Bus:
 
     def _published(self, stored: list[StoredMessage]) -> list[Message]:
         messages = [to_message(s) for s in stored]
-        for msg in messages:
-            self._signals.notify(_wake_key(msg.channel))
+        for channel in {s.channel for s in stored}:
+            self._signals.notify(_wake_key(channel))
         if self.listeners.active:
             for msg in messages:
                 self.listeners.dispatch(msg)

@@ -140,7 +140,7 @@ class Bus:
     def _visible_at(self, deliver_at: object) -> int:
         return self._clock.now_ms() if deliver_at is None else to_epoch_ms(deliver_at, "deliver_at")
 
-    def _published(self, stored: list[StoredMessage]) -> list[Message]:
+    def _published(self, stored: Sequence[StoredMessage]) -> list[Message]:
         messages = [to_message(s) for s in stored]
         for channel in {s.channel for s in stored}:
             self._signals.notify(_wake_key(channel))

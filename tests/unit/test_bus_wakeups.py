@@ -1,4 +1,4 @@
-"""Dead letters wake whoever waits for them, and reach ``on()`` listeners, like any publish."""
+"""Dead letters wake their waiters and listeners; bus results serialise by field name."""
 
 from __future__ import annotations
 
@@ -42,3 +42,21 @@ def test_a_dead_letter_wakes_its_waiter_and_its_listeners(kw: Klockwork) -> None
     assert [d.payload["last_error"] for d in letters] == ["boom"]
     assert waited < 2.0  # woken by the burial, not by the end of the wait
     assert [m.channel for m in heard] == ["tasks.dead"]
+
+
+def test_results_serialise_through_pydantic_as_objects(kw: Klockwork) -> None:
+    from pydantic import TypeAdapter
+
+    from klockwork import AwaitResult, Delivery
+
+    message = kw.bus.publish("a", {"x": [1, 2]})
+    kw.bus.create_group("a", "g", start="earliest")
+    [delivery] = kw.bus.subscribe("a", "g", "c")
+    as_json = TypeAdapter(Delivery).dump_python(delivery, mode="json")
+    assert as_json["message"]["payload"] == {"x": [1, 2]} and as_json["attempt"] == 1
+    assert (
+        TypeAdapter(Delivery).validate_json(TypeAdapter(Delivery).dump_json(delivery)) == delivery
+    )
+    assert TypeAdapter(Message).validate_python(message.to_dict()) == message
+    result = TypeAdapter(AwaitResult).dump_python(AwaitResult(True, False, {"a": [message]}))
+    assert result["messages"]["a"][0]["id"] == message.id

@@ -17,7 +17,10 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_type_hints
+
+from pydantic import GetCoreSchemaHandler
+from pydantic_core import core_schema
 
 from klockwork.core.errors import InvalidRequestError
 from klockwork.core.validation import check_json_object, check_key
@@ -122,6 +125,12 @@ class Message(NamedTuple):
         """The message as a JSON-ready dict (its fields by name)."""
         return self._asdict()
 
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return _object_schema(cls, handler)
+
 
 class Delivery(NamedTuple):
     """A message handed to one consumer of a group.
@@ -139,6 +148,12 @@ class Delivery(NamedTuple):
     delivered_at: int
     consumer: str
     group: str
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return _object_schema(cls, handler)
 
     @property
     def id(self) -> str:
@@ -200,6 +215,26 @@ class ChannelInfo:
     groups: tuple[str, ...]
     max_len: int
     max_age_s: float | None
+
+
+def _object_schema(cls: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+    """Pydantic sees a named tuple of ours as an object: serialised by field name,
+    validated from an instance or from a mapping of its fields (a named tuple
+    would otherwise be a JSON array)."""
+    fields = core_schema.typed_dict_schema(
+        {
+            name: core_schema.typed_dict_field(handler.generate_schema(tp))
+            for name, tp in get_type_hints(cls).items()
+        }
+    )
+    from_fields = core_schema.no_info_after_validator_function(lambda d: cls(**d), fields)
+    return core_schema.json_or_python_schema(
+        json_schema=from_fields,
+        python_schema=core_schema.union_schema([core_schema.is_instance_schema(cls), from_fields]),
+        serialization=core_schema.plain_serializer_function_ser_schema(
+            lambda value: value._asdict(), return_schema=fields
+        ),
+    )
 
 
 def check_channel(value: object, argument: str = "channel") -> str:

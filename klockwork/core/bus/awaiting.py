@@ -16,6 +16,8 @@ instead of consuming new ones.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -85,9 +87,19 @@ class AwaitCall:
         self.wait_s = 0.0 if timeout is None else timeout
         if key is not None and self.group is None:
             raise InvalidRequestError("key", key, "an idempotent await needs a group")
-        self.key = None if key is None else check_dedup_key(key)
+        self.key = None if key is None else self._scoped(check_dedup_key(key))
         self.after = self._check_after(after)
         self.seen: dict[str, list[Message]] = {c: [] for c in self.channels}
+        self._visibility_ms: dict[str, int] = {}
+
+    def _scoped(self, key: str) -> str:
+        """The record key: ``key`` within this group and these channels.
+
+        The same key used by an await of another group or other channels
+        is another await, not this one's stored result.
+        """
+        scope = json.dumps([self.group, self.channels, key], separators=(",", ":"))
+        return hashlib.sha256(scope.encode()).hexdigest()
 
     def _check_after(self, after: Mapping[str, int] | None) -> dict[str, int] | None:
         if after is None:
@@ -116,10 +128,41 @@ class AwaitCall:
     def _done(self) -> bool:
         return await_satisfied(self.mode, self.n, {c: len(m) for c, m in self.seen.items()})
 
-    def _absorb(self, channel: str, messages: list[Message]) -> None:
-        self.seen[channel].extend(messages)
+    def _absorb(self, channel: str, messages: list[Message]) -> list[str]:
+        """Add what a try saw; return the ids it already held (group awaits)."""
+        seen = self.seen[channel]
+        again: list[str] = []
+        if self.group is not None and seen:
+            # A delivery this call holds can time out while it waits and come
+            # back to it: the same message, counted once (see _keep_held).
+            held = {m.id for m in seen}
+            again = [m.id for m in messages if m.id in held]
+            messages = [m for m in messages if m.id not in held]
+        seen.extend(messages)
         if self.after is not None and messages:
             self.after[channel] = messages[-1].seq
+        return again
+
+    def _keep_held(self, channel: str, ids: list[str]) -> None:
+        """Deliveries this await held came back to it: take back the attempt, keep holding.
+
+        The store counted a redelivery when the visibility timeout ran out
+        under a waiting await; undoing it keeps an await from wearing its
+        messages out towards the dead-letter channel. (An await that holds
+        messages longer than ``max_deliveries`` timeouts still loses them
+        to it: keep ``wait_s`` within the group's visibility timeout.)
+        """
+        if not ids or self.group is None:
+            return
+        store = self._bus._store
+        if channel not in self._visibility_ms:
+            groups = {g.group: g for g in store.bus_groups(channel, self._bus._clock.now_ms())}
+            found = groups.get(self.group)
+            self._visibility_ms[channel] = (
+                round(found.visibility_timeout_s * 1000) if found is not None else 0
+            )
+        visible_again = self._bus._clock.now_ms() + self._visibility_ms[channel]
+        store.bus_nack(channel, self.group, ids, visible_again, None, True, self.consumer)
 
     def _result(self, satisfied: bool) -> AwaitResult:
         return AwaitResult(satisfied, not satisfied, {c: list(m) for c, m in self.seen.items()})
@@ -187,9 +230,8 @@ class AwaitCall:
             out = self._bus._store.bus_read(
                 *self._bus._read_args(channel, self.group, self.consumer, count)
             )
-            self._absorb(
-                channel, [d.message for d in self._bus._deliveries(out, self.group, self.consumer)]
-            )
+            got = [d.message for d in self._bus._deliveries(out, self.group, self.consumer)]
+            self._keep_held(channel, self._absorb(channel, got))
             due = _earliest(due, out.next_due_ms)
         done = self._done()
         return done, done, due
@@ -211,7 +253,7 @@ class AwaitCall:
             return
         now = self._bus._clock.now_ms()
         for channel, ids in self._ids().items():
-            self._bus._store.bus_nack(channel, self.group, ids, now, None, True)
+            self._bus._store.bus_nack(channel, self.group, ids, now, None, True, self.consumer)
 
     # -- async driver ------------------------------------------------------------------------------
     async def arun(self) -> AwaitResult:
@@ -246,9 +288,10 @@ class AwaitCall:
                 self._absorb(channel, got)
                 continue
             out = await self._bus._aread(channel, self.group, self.consumer, count)
-            self._absorb(
-                channel, [d.message for d in self._bus._deliveries(out, self.group, self.consumer)]
-            )
+            got = [d.message for d in self._bus._deliveries(out, self.group, self.consumer)]
+            again = self._absorb(channel, got)
+            if again:
+                await self._bus._store.run_io(self._keep_held, channel, again)
             due = _earliest(due, out.next_due_ms)
         done = self._done()
         return done, done, due

@@ -373,16 +373,26 @@ class Bus:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            task.add_done_callback(lambda t: self._give_back_later(t, channel, group))
+            task.add_done_callback(lambda t: self._give_back_later(t, channel, group, consumer))
             raise
 
-    def _give_back_later(self, task: asyncio.Future[ReadOutcome], channel: str, group: str) -> None:
+    def _give_back_later(
+        self, task: asyncio.Future[ReadOutcome], channel: str, group: str, consumer: str
+    ) -> None:
         if task.cancelled() or task.exception() is not None:
             return
         ids = [m.id for m, _ in task.result().deliveries]
         if ids:  # off the loop: the store does I/O
             asyncio.get_running_loop().run_in_executor(
-                None, self._store.bus_nack, channel, group, ids, self._clock.now_ms(), None, True
+                None,
+                self._store.bus_nack,
+                channel,
+                group,
+                ids,
+                self._clock.now_ms(),
+                None,
+                True,
+                consumer,
             )
 
     def _check_read(

@@ -125,6 +125,16 @@ def event_payload(event: GovernanceEvent) -> dict[str, Any]:
     }
 
 
+def _event_bytes(event: GovernanceEvent) -> bytes:
+    """One event's payload; data too large for a message is replaced by a note, not lost."""
+    payload = event_payload(event)
+    try:
+        return encode_payload(payload)
+    except InvalidRequestError as exc:
+        payload["data"] = {"omitted": f"the event's data could not be published: {exc.problem}"}
+        return encode_payload(payload)
+
+
 class EventPump:
     """Publishes governance events on ``klockwork.events`` while someone follows them."""
 
@@ -208,9 +218,7 @@ class EventPump:
     def _publish(self, events: list[GovernanceEvent]) -> None:
         bus = self._bus
         now = bus._clock.now_ms()
-        items = [
-            PublishItem(EVENTS_CHANNEL, encode_payload(event_payload(e)), None, now) for e in events
-        ]
+        items = [PublishItem(EVENTS_CHANNEL, _event_bytes(e), None, now) for e in events]
         bus._published(bus._store.bus_publish(items, now, bus._retention_of))
 
     def close(self) -> None:

@@ -149,12 +149,15 @@ class BusPrimitives:
         now_ms: int,
         error: str | None,
         undo: bool,
+        consumer: str | None = None,
     ) -> int:
         """Hand pending deliveries back now: the next read redelivers them.
 
         ``error`` is kept for the dead letter; ``undo`` also takes back the
         attempt (the consumer never saw the message: a cancelled read, an
-        await that timed out). Returns how many were pending.
+        await that timed out). With ``consumer``, only deliveries that
+        consumer still holds are handed back (one redelivered to another
+        consumer meanwhile is left alone). Returns how many were handed back.
 
         Raises:
             InvalidRequestError: the group does not exist (argument ``group``).

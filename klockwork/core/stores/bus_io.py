@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from klockwork.core.bus.model import ChannelInfo, decode_payload, encode_payload
+from klockwork.core.bus.model import ChannelInfo, decode_payload, encode_trusted
 from klockwork.core.bus.rules import dead_letter_payload
 from klockwork.core.errors import InvalidRequestError
 from klockwork.core.stores.bus_base import Retention, StoredMessage
@@ -28,9 +28,8 @@ def dead_letter_bytes(
     msg: StoredMessage, group: str, attempts: int, consumer: str | None, last_error: str | None
 ) -> bytes:
     """The payload (JSON bytes) of ``msg``'s dead letter for ``group``."""
-    return encode_payload(
-        dead_letter_payload(message_dict(msg), group, attempts, consumer, last_error)
-    )
+    payload = dead_letter_payload(message_dict(msg), group, attempts, consumer, last_error)
+    return encode_trusted(payload)  # the original passed the size check; its wrapping may not
 
 
 def unknown_group(channel: str, group: str) -> InvalidRequestError:

@@ -337,10 +337,13 @@ class MemoryBus(BusPrimitives):
         now_ms: int,
         error: str | None,
         undo: bool,
+        consumer: str | None = None,
     ) -> int:
         with self._bus_lock:
             self._check_open()
             g, seqs = self._pending(channel, group, ids)
+            if consumer is not None:
+                seqs = [seq for seq in seqs if g.pending[seq].consumer == consumer]
             for seq in seqs:
                 p = g.pending[seq]
                 p.deadline = now_ms

@@ -488,14 +488,19 @@ class SqliteBus(BusPrimitives):
         now_ms: int,
         error: str | None,
         undo: bool,
+        consumer: str | None = None,
     ) -> int:
         with self._tx("nack bus deliveries") as conn:
             self._cursor(conn, channel, group)
             done = conn.executemany(
                 "UPDATE kw_bus_deliveries SET deadline = ?, "
                 "last_error = coalesce(?, last_error), attempt = max(attempt - ?, 0) "
-                "WHERE channel = ? AND grp = ? AND seq = ? AND acked = 0" + _SAME_ID,
-                [(now_ms, error, int(undo), *args) for args in _by_id(channel, group, ids)],
+                "WHERE channel = ? AND grp = ? AND seq = ? AND acked = 0 "
+                "AND (? IS NULL OR consumer = ?)" + _SAME_ID,
+                [
+                    (now_ms, error, int(undo), *a[:3], consumer, consumer, *a[3:])
+                    for a in dict.fromkeys(_by_id(channel, group, ids))
+                ],
             ).rowcount
             return max(done, 0)
 

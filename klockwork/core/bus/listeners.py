@@ -19,6 +19,7 @@ notifications: the audit trail, not the bus, is the record of what happened.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import threading
@@ -143,6 +144,7 @@ class EventPump:
         self._hub = hub
         self._lock = threading.Lock()
         self._queue: deque[GovernanceEvent] = deque()
+        self._drain_lock = threading.Lock()
         self._wake = threading.Event()
         self._unhook: Callable[[], None] | None = None
         self._remote = False
@@ -204,16 +206,22 @@ class EventPump:
             return self._remote
 
     def drain(self) -> None:
-        """Publish every queued event (in batches); a failing store drops them, logged."""
+        """Publish every queued event (in batches); a failing store drops them, logged.
+
+        One drainer at a time (the pump thread, ``close``, a benchmark), so
+        events reach the channel in the order they were decided.
+        """
         queue = self._queue
-        while queue:
-            batch: list[GovernanceEvent] = []
-            while queue and len(batch) < _BATCH:
-                batch.append(queue.popleft())
-            try:
-                self._publish(batch)
-            except Exception:
-                _log.exception("klockwork could not publish %d governance events", len(batch))
+        with self._drain_lock:
+            while queue:
+                batch: list[GovernanceEvent] = []
+                with contextlib.suppress(IndexError):
+                    while len(batch) < _BATCH:
+                        batch.append(queue.popleft())
+                try:
+                    self._publish(batch)
+                except Exception:
+                    _log.exception("klockwork could not publish %d governance events", len(batch))
 
     def _publish(self, events: list[GovernanceEvent]) -> None:
         bus = self._bus

@@ -13,6 +13,10 @@
 * :func:`publish_node` / :func:`await_node` — publish on, and wait for, bus
   channels (``klockwork_published``, ``klockwork_messages``, ``timed_out``;
   see :class:`BusState`); idempotent on resume.
+* :func:`lease_node` / :func:`release_node` — leases that span several nodes
+  (``klockwork_leases``: lease ids and fencing tokens, see :class:`LeasesState`),
+  renewed while the run goes on; :func:`leases_released` releases them however
+  the run ends; :func:`ensure_leases` re-acquires them after a pause.
 """
 
 from klockwork.integrations.langgraph.bus_nodes import (
@@ -24,17 +28,35 @@ from klockwork.integrations.langgraph.bus_nodes import (
     await_node,
     publish_node,
 )
+from klockwork.integrations.langgraph.lease_nodes import (
+    LEASES_KEY,
+    LeasesState,
+    aensure_leases,
+    ensure_leases,
+    lease_node,
+    leases_released,
+    merge_leases,
+    release_node,
+)
 from klockwork.integrations.langgraph.nodes import RESULT_KEY, add_approval_gate, gate_node
 
 __all__ = [
     "BUS_STATE_KEYS",
+    "LEASES_KEY",
     "MESSAGES_KEY",
     "PUBLISHED_KEY",
     "RESULT_KEY",
     "TIMED_OUT_KEY",
     "BusState",
+    "LeasesState",
     "add_approval_gate",
+    "aensure_leases",
     "await_node",
+    "ensure_leases",
     "gate_node",
+    "lease_node",
+    "leases_released",
+    "merge_leases",
     "publish_node",
+    "release_node",
 ]

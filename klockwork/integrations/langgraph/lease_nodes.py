@@ -481,9 +481,8 @@ def ensure_leases(
     resume in another process) and merge the result into the node's update.
 
     Returns:
-        ``{"klockwork_leases": {resource: entry}}`` with the re-acquired
-        entries (empty when every lease was still held); read fencing
-        tokens from ``merge_leases(state["klockwork_leases"], result[...])``.
+        ``{"klockwork_leases": {resource: entry}}``: the state's leases, those
+        that were re-acquired with their new entries (fencing tokens included).
 
     Raises:
         LeaseTimeoutError: a lost lease was not re-acquired within ``timeout_s``.

@@ -20,6 +20,8 @@
   become LangGraph interrupts (answered with :class:`ApprovalResponse`).
 * :func:`bus_tools` — ``send_message`` / ``read_messages`` / ``wait_for_messages``:
   agents coordinate by messages over ``kw.bus``, as who the run config says.
+* :class:`KlockworkMiddleware` — ``create_agent(..., middleware=[...])``: the gate,
+  then the lease, around every tool call; approvals as HITL interrupts.
 * :func:`agent_config` / :func:`resolve_identity` — who a call leases as.
 * :class:`KlockConflictError` — a ``LeaseConflictError`` and a ``ToolException``.
 * :class:`AuditCallbackHandler` / :class:`AsyncAuditCallbackHandler` — tool,
@@ -39,6 +41,7 @@ from klockwork.integrations.langchain.decorator import RETRY_BUDGET_S, klock_pro
 from klockwork.integrations.langchain.errors import KlockConflictError
 from klockwork.integrations.langchain.gating import ApprovalResponse, gated_tool
 from klockwork.integrations.langchain.identity import Identity, agent_config, resolve_identity
+from klockwork.integrations.langchain.middleware import KlockworkMiddleware
 from klockwork.integrations.langchain.tools import DEFAULT_TIMEOUT_S, protect_tool, protect_tools
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "AuditContext",
     "Identity",
     "KlockConflictError",
+    "KlockworkMiddleware",
     "agent_config",
     "audit_context",
     "bus_tools",

@@ -221,6 +221,9 @@ def interrupt_until_decided(
     args: Mapping[str, Any] | None = None,
     check_args: Callable[[dict[str, Any]], None] | None = None,
     metadata_for: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+    present: Callable[[dict[str, Any]], Any] | None = None,
+    resume_schema: Any = ApprovalResponse,
+    on_resumed: Callable[[Any], None] | None = None,
 ) -> GateOutcome:
     """Interrupt the run while ``answer`` waits for a human (see the module docstring).
 
@@ -231,6 +234,13 @@ def interrupt_until_decided(
     approval interrupts again, for the new approval). Without
     ``metadata_for`` the edit does not change what the gate judged (it
     only updates the run's state), and counts as an approval.
+
+    Another resume format (LangChain's ``HITLResponse``, see :mod:`.hitl`):
+    ``present`` turns klockwork's request (:func:`approval_request`) into
+    the interrupt value, and ``resume_schema`` validates a resume value
+    into an object whose ``approval()`` builds the :class:`ApprovalResponse`
+    (building it applies the answer, exactly as above); ``on_resumed`` sees
+    each validated resume value.
     """
     response: ApprovalResponse | None = None
     edits: dict[str, Any] = {}
@@ -264,8 +274,13 @@ def interrupt_until_decided(
             )
 
         with _answering(hook):
-            response = interrupt(value, response_schema=ApprovalResponse)
+            resumed = interrupt(
+                value if present is None else present(value), response_schema=resume_schema
+            )
         # interrupt() returns a value only after validating it, which ran the hook.
+        if on_resumed is not None:
+            on_resumed(resumed)
+        response = resumed if isinstance(resumed, ApprovalResponse) else resumed.approval()
         answer = answered[-1]
         if response.type == "edit" and response.args:
             edits.update(response.args)

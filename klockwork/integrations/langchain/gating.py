@@ -56,13 +56,34 @@ from klockwork.integrations.langchain.approval_flow import (
 )
 from klockwork.integrations.langchain.identity import Identity, resolve_identity
 
-__all__ = ["ApprovalResponse", "Metadata", "OnDenied", "gated_tool"]
+__all__ = ["ApprovalResponse", "Metadata", "OnDenied", "args_checker", "gated_tool"]
 
 Metadata = Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]] | None
 OnDenied = Literal["tool_error", "raise"]
 
 
 # -- gated tools --------------------------------------------------------------------
+def args_checker(tool: BaseTool, tool_input: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """A check of an approver's edited arguments against ``tool`` (names, then its schema).
+
+    The check raises :class:`InvalidRequestError` for an argument the tool
+    does not take, or arguments its args schema refuses (merged over ``tool_input``).
+    """
+
+    def check(edited: dict[str, Any]) -> None:
+        unknown = sorted(set(edited) - set(tool.args))
+        if unknown:
+            raise InvalidRequestError("args", unknown, f"{tool.name} takes no such arguments")
+        schema = tool.args_schema
+        if isinstance(schema, type) and issubclass(schema, BaseModel):
+            try:
+                schema.model_validate({**tool_input, **edited})
+            except ValueError as exc:
+                raise InvalidRequestError("args", edited, str(exc)) from exc
+
+    return check
+
+
 class _Gate:
     """One gated tool's settings; decides each call."""
 
@@ -100,18 +121,7 @@ class _Gate:
         return self.metadata
 
     def _check_args(self, tool_input: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
-        def check(edited: dict[str, Any]) -> None:
-            unknown = sorted(set(edited) - set(self.tool.args))
-            if unknown:
-                raise InvalidRequestError("args", unknown, f"{self.name} takes no such arguments")
-            schema = self.tool.args_schema
-            if isinstance(schema, type) and issubclass(schema, BaseModel):
-                try:
-                    schema.model_validate({**tool_input, **edited})
-                except ValueError as exc:
-                    raise InvalidRequestError("args", edited, str(exc)) from exc
-
-        return check
+        return args_checker(self.tool, tool_input)
 
     def _prepare(
         self, tool_input: Any, config: RunnableConfig | None, call_id: str | None

@@ -1,0 +1,438 @@
+"""The per-call logic of :class:`~.middleware.KlockworkMiddleware` and ``CoordinatedToolNode``.
+
+One :class:`ToolCallCoordinator` is built (and checked) once; its
+:meth:`~ToolCallCoordinator.wrap` / :meth:`~ToolCallCoordinator.awrap` have
+the signature of LangChain's ``wrap_tool_call(request, handler)`` hooks
+(the same hooks LangGraph's ``ToolNode`` takes), so the middleware and the
+node share this one implementation. For each tool call:
+
+1. **the gate** (if the tool is gated): ``kw.gates`` judges the action with
+   metadata ``{"tool": name, "args": {...}}`` merged with the configured
+   metadata. In a checkpointed LangGraph run an approval is an
+   ``interrupt()`` shaped as LangChain's ``HITLRequest`` (:mod:`.hitl`),
+   idempotent on resume (the gate's event id comes from the run and the
+   tool call id, see :mod:`.approval_flow`); an edit is judged again (deny
+   wins) and runs with the edited arguments. Elsewhere the call waits for
+   the approval (``kw.gates.gate`` / ``agate``);
+2. **the lease** (if the tool names resources): its resources are resolved
+   from the (possibly edited) arguments and held in a sub-session of the
+   caller's (:func:`.identity.call_session`), so parallel calls of one
+   turn on one resource are serialised and on different resources overlap;
+   renewed while the tool runs, released in ``finally``;
+3. **the call** (``handler(request)``); with ``audit=True`` a gated call's
+   outcome is reported to ``kw.gates.report`` (``success`` / ``failure``).
+
+A refusal (denied, rejected, an approval that timed out, a lease not had in
+time, an argument that makes no resource) ends as ``ToolMessage(status=
+"error")`` for the model; nothing raises out of the run except a mistake in
+this configuration itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from langchain_core.messages import ToolMessage
+from langchain_core.tools import BaseTool
+from langgraph.prebuilt.tool_node import ToolCallRequest
+from langgraph.types import Command
+
+from klockwork.core.engine import Klockwork
+from klockwork.core.errors import (
+    ApprovalTimeoutError,
+    GateDeniedError,
+    InvalidRequestError,
+    LeaseConflictError,
+    LeaseTimeoutError,
+)
+from klockwork.core.leases.manager import DEFAULT_TTL_MS
+from klockwork.core.leases.rules import parse_predicate, validate_ttl
+from klockwork.core.model import Predicate
+from klockwork.core.validation import check_identity, check_timeout
+from klockwork.integrations.langchain.approval_flow import (
+    checkpointed_run,
+    interrupt_until_decided,
+    json_safe,
+    run_event_id,
+)
+from klockwork.integrations.langchain.errors import ToolArgumentError, conflict_from_timeout
+from klockwork.integrations.langchain.gating import args_checker
+from klockwork.integrations.langchain.guard import EngineLeases
+from klockwork.integrations.langchain.hitl import HITLResume, hitl_request
+from klockwork.integrations.langchain.identity import Identity, active_call, resolve_identity
+from klockwork.integrations.langchain.resources import (
+    ArgumentProblem,
+    Resolver,
+    template_resolver,
+)
+
+__all__ = ["DEFAULT_TIMEOUT_S", "GateSpec", "ToolCallCoordinator", "ToolResourceSpec"]
+
+DEFAULT_TIMEOUT_S = 30.0
+Result = ToolMessage | Command[Any]
+Handler = Callable[[ToolCallRequest], Result]
+AsyncHandler = Callable[[ToolCallRequest], Awaitable[Result]]
+#: ``"FILE:{path}"``, ``(template, predicate)``, ``{"resource", "predicate"}``, or a list.
+ToolResourceSpec = Any
+#: ``"action"`` or ``{"action": ..., "metadata": dict | callable(args)}``.
+GateSpec = str | Mapping[str, Any]
+_REJECTED = (
+    " A reviewer rejected this call: do not retry it, or a variant of it, unless the "
+    "user asks for it; continue with something else or ask the user."
+)
+
+
+class _Gate(NamedTuple):
+    action: str
+    metadata: Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]] | None
+
+
+class _Decided(NamedTuple):
+    args: dict[str, Any]
+    audit_event_id: str | None
+
+
+def _parse_resources(
+    tool: str, spec: ToolResourceSpec, default: Predicate
+) -> list[tuple[Resolver, Predicate]]:
+    """One ``(resolver, predicate)`` per item of a tool's resource spec (checked now)."""
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"resource", "predicate"})
+        if "resource" not in spec or unknown:
+            raise InvalidRequestError(
+                f"resources[{tool!r}]", spec, "a dict spec takes 'resource' and 'predicate' only"
+            )
+        return [
+            (template_resolver(spec["resource"]), parse_predicate(spec.get("predicate", default)))
+        ]
+    if (
+        isinstance(spec, tuple)
+        and len(spec) == 2
+        and (isinstance(spec[1], Predicate) or (isinstance(spec[1], str) and ":" not in spec[1]))
+    ):  # a resource key always has "TYPE:", a predicate never
+        return [(template_resolver(spec[0]), parse_predicate(spec[1]))]
+    if isinstance(spec, str) or callable(spec):
+        return [(template_resolver(spec), default)]
+    if isinstance(spec, Sequence) and spec:
+        return [part for item in spec for part in _parse_resources(tool, item, default)]
+    raise InvalidRequestError(
+        f"resources[{tool!r}]",
+        spec,
+        "expected a 'TYPE:{argument}' template, a (template, predicate) pair, a dict "
+        "{'resource', 'predicate'}, or a non-empty list of these",
+    )
+
+
+def _parse_gate(tool: str, spec: GateSpec) -> _Gate:
+    if isinstance(spec, str) and spec:
+        return _Gate(spec, None)
+    if isinstance(spec, Mapping):
+        action, metadata = spec.get("action"), spec.get("metadata")
+        unknown = sorted(set(spec) - {"action", "metadata"})
+        usable = metadata is None or callable(metadata) or isinstance(metadata, Mapping)
+        if isinstance(action, str) and action and not unknown and usable:
+            return _Gate(action, metadata)
+    raise InvalidRequestError(
+        f"gates[{tool!r}]",
+        spec,
+        "expected an action name or {'action': name, 'metadata': dict | callable(args)}",
+    )
+
+
+def _error(request: ToolCallRequest, text: str) -> ToolMessage:
+    call = request.tool_call
+    return ToolMessage(text, tool_call_id=call["id"] or "", name=call["name"], status="error")
+
+
+class ToolCallCoordinator:
+    """Gates, leases and approvals around tool calls, as ``wrap_tool_call`` hooks.
+
+    See the module docstring; the arguments are :class:`~.middleware.KlockworkMiddleware`'s.
+    """
+
+    def __init__(
+        self,
+        kw: Klockwork | None = None,
+        *,
+        resources: Mapping[str, ToolResourceSpec] | None = None,
+        gates: Mapping[str, GateSpec] | None = None,
+        default_predicate: str | Predicate = "MUTATES",
+        ttl_ms: int | None = None,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        approval_timeout_s: float | None = None,
+        audit: bool = True,
+        agent_id: str | None = None,
+    ) -> None:
+        if kw is not None and not isinstance(kw, Klockwork):
+            raise InvalidRequestError("kw", kw, "expected a Klockwork engine or None")
+        for name, value in (("resources", resources), ("gates", gates)):
+            if value is not None and not isinstance(value, Mapping):
+                raise InvalidRequestError(name, value, "expected a dict keyed by tool name")
+        if agent_id is not None:
+            check_identity(agent_id, "agent_id")
+        predicate = parse_predicate(default_predicate)
+        self._leases = EngineLeases(kw)
+        self.resources = {
+            t: _parse_resources(t, spec, predicate) for t, spec in (resources or {}).items()
+        }
+        self.gates = {t: _parse_gate(t, spec) for t, spec in (gates or {}).items()}
+        self.ttl_ms = validate_ttl(DEFAULT_TTL_MS if ttl_ms is None else ttl_ms)
+        self.timeout_s = check_timeout(timeout_s)
+        self.approval_timeout_s = check_timeout(approval_timeout_s)
+        self.audit = bool(audit)
+        self.agent_id = agent_id
+
+    @property
+    def kw(self) -> Klockwork:
+        """The engine given, else ``Klockwork.default()`` (looked up per call)."""
+        return self._leases.engine()
+
+    def check_tools(self, tools: Sequence[BaseTool]) -> None:
+        """Refuse templates naming arguments their tool does not take.
+
+        Raises:
+            InvalidRequestError: a template names an argument its tool lacks.
+        """
+        by_name = {t.name: t for t in tools}
+        for name, parts in self.resources.items():
+            tool = by_name.get(name)
+            if tool is not None:
+                self._check_fields(tool, parts)
+
+    @staticmethod
+    def _check_fields(tool: BaseTool, parts: list[tuple[Resolver, Predicate]]) -> None:
+        missing = sorted({f for r, _ in parts for f in r.fields} - set(tool.args))
+        if missing:
+            raise InvalidRequestError(
+                "resources",
+                missing,
+                f"names arguments tool {tool.name!r} does not take "
+                f"(its arguments: {', '.join(tool.args) or 'none'})",
+            )
+
+    # -- the parts of one call ----------------------------------------------------------
+    def _identity(self, request: ToolCallRequest) -> Identity:
+        runtime = request.runtime
+        config = getattr(runtime, "config", None) if runtime is not None else None
+        return resolve_identity(config, agent_id=self.agent_id)
+
+    def _metadata(self, gate: _Gate, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        meta: dict[str, Any] = {"tool": name, "args": json_safe(args)}
+        extra = gate.metadata(dict(args)) if callable(gate.metadata) else gate.metadata
+        if extra is not None:
+            if not isinstance(extra, Mapping):
+                raise InvalidRequestError("metadata", extra, "the callable must return a dict")
+            meta.update(extra)
+        return meta
+
+    def _intents(
+        self, request: ToolCallRequest, args: dict[str, Any]
+    ) -> tuple[list[tuple[str, Predicate]], list[str], str]:
+        """The call's intents, keys and label; raises ToolArgumentError for the model."""
+        name = request.tool_call["name"]
+        parts = self.resources[name]
+        tool = request.tool
+        arguments = dict(args)
+        if tool is not None:
+            self._check_fields(tool, parts)
+            for field, schema in tool.args.items():  # defaults the model left out
+                if field not in arguments and isinstance(schema, Mapping) and "default" in schema:
+                    arguments[field] = schema["default"]
+        intents: list[tuple[str, Predicate]] = []
+        labels: list[str] = []
+        for resolver, predicate in parts:
+            missing = sorted(f for f in resolver.fields if f not in arguments)
+            if missing:
+                raise ToolArgumentError(name, missing[0], None, "is missing")
+            try:
+                found = resolver(arguments)
+            except ArgumentProblem as problem:
+                raise ToolArgumentError(
+                    name, problem.argument, problem.value, problem.problem
+                ) from problem.__cause__
+            intents.extend((key, predicate) for key in found.keys)
+            labels.append(found.label)
+        return intents, [k for k, _ in intents], ", ".join(labels)
+
+    def _refusal(self, exc: GateDeniedError | ApprovalTimeoutError, action: str) -> str:
+        if isinstance(exc, ApprovalTimeoutError):
+            return f"{action} was not run: {exc} The approval is still pending; try later."
+        text = str(exc)
+        return text + _REJECTED if exc.reason == "DENIED_BY_REVIEWER" else text
+
+    def _in_run(
+        self,
+        request: ToolCallRequest,
+        gate: _Gate,
+        ident: Identity,
+        args: dict[str, Any],
+        conf: Mapping[str, Any],
+    ) -> _Decided | ToolMessage:
+        """The gate inside a checkpointed run: approvals are HITL interrupts."""
+        kw, name, call_id = self.kw, request.tool_call["name"], request.tool_call["id"]
+        answer = kw.gates.ask(
+            ident.agent_id,
+            gate.action,
+            self._metadata(gate, name, args),
+            run_event_id(conf, gate.action, call_id or None),
+            session_id=ident.session_id,
+        )
+        resumed: list[HITLResume] = []
+        tool = request.tool
+        outcome = interrupt_until_decided(
+            kw,
+            answer,
+            agent_id=ident.agent_id,
+            args=args,
+            check_args=None if tool is None else args_checker(tool, args),
+            metadata_for=lambda edited: self._metadata(gate, name, edited),
+            present=lambda value: hitl_request(value, tool=name),
+            resume_schema=HITLResume,
+            on_resumed=resumed.append,
+        )
+        answer = outcome.answer
+        if answer.result.status == "denied":
+            last = resumed[-1] if resumed else None
+            if last is not None and last.kind == "respond":
+                message = last.decisions[0]["message"]
+                return ToolMessage(message, tool_call_id=call_id or "", name=name)
+            return _error(request, self._refusal(answer.denied_error(), gate.action))
+        return _Decided({**args, **outcome.edits}, answer.result.audit_event_id)
+
+    def _decide(self, request: ToolCallRequest, ident: Identity) -> _Decided | ToolMessage:
+        args = dict(request.tool_call["args"])
+        gate = self.gates.get(request.tool_call["name"])
+        if gate is None:
+            return _Decided(args, None)
+        conf = checkpointed_run()
+        if conf is not None:
+            return self._in_run(request, gate, ident, args, conf)
+        try:
+            result = self.kw.gates.gate(
+                ident.agent_id,
+                gate.action,
+                self._metadata(gate, request.tool_call["name"], args),
+                None,
+                self.approval_timeout_s,
+                session_id=ident.session_id,
+            )
+        except (GateDeniedError, ApprovalTimeoutError) as exc:
+            return _error(request, self._refusal(exc, gate.action))
+        return _Decided(args, result.audit_event_id)
+
+    async def _adecide(self, request: ToolCallRequest, ident: Identity) -> _Decided | ToolMessage:
+        args = dict(request.tool_call["args"])
+        gate = self.gates.get(request.tool_call["name"])
+        if gate is None:
+            return _Decided(args, None)
+        kw = self.kw
+        conf = checkpointed_run()
+        if conf is not None:
+            if kw.store.blocking_io:  # short store calls, but not on the loop
+                return await asyncio.to_thread(self._in_run, request, gate, ident, args, conf)
+            return self._in_run(request, gate, ident, args, conf)
+        try:
+            result = await kw.gates.agate(
+                ident.agent_id,
+                gate.action,
+                self._metadata(gate, request.tool_call["name"], args),
+                None,
+                self.approval_timeout_s,
+                session_id=ident.session_id,
+            )
+        except (GateDeniedError, ApprovalTimeoutError) as exc:
+            return _error(request, self._refusal(exc, gate.action))
+        return _Decided(args, result.audit_event_id)
+
+    def _edited(self, request: ToolCallRequest, decided: _Decided) -> ToolCallRequest:
+        if decided.args == request.tool_call["args"]:
+            return request
+        return request.override(tool_call={**request.tool_call, "args": decided.args})
+
+    def _conflict(
+        self,
+        request: ToolCallRequest,
+        ident: Identity,
+        keys: list[str],
+        label: str,
+        exc: LeaseTimeoutError | LeaseConflictError,
+    ) -> ToolMessage:
+        error = conflict_from_timeout(
+            exc,
+            agent_id=ident.agent_id,
+            session_id=ident.session_id,
+            resource_path=label,
+            resources=keys,
+        )
+        return _error(request, str(error))
+
+    def _report(self, decided: _Decided, result: Result) -> None:
+        if self.audit and decided.audit_event_id is not None:
+            failed = isinstance(result, ToolMessage) and result.status == "error"
+            self.kw.gates.report(decided.audit_event_id, "failure" if failed else "success")
+
+    # -- the hooks ----------------------------------------------------------------------
+    def wrap(self, request: ToolCallRequest, handler: Handler) -> Result:
+        """``wrap_tool_call``: gate, then lease, around ``handler(request)``."""
+        name = request.tool_call["name"]
+        if name not in self.gates and name not in self.resources:
+            return handler(request)
+        ident = self._identity(request)
+        decided = self._decide(request, ident)
+        if isinstance(decided, ToolMessage):
+            return decided
+        request = self._edited(request, decided)
+        if name not in self.resources:
+            result = handler(request)
+        else:
+            try:
+                intents, keys, label = self._intents(request, decided.args)
+            except ToolArgumentError as exc:
+                return _error(request, str(exc))
+            lease_ident = self._leases.identity(ident)
+            acquired = False
+            try:
+                with self._leases.hold(lease_ident, intents, self.ttl_ms, self.timeout_s):
+                    acquired = True
+                    with active_call(lease_ident):
+                        result = handler(request)
+            except (LeaseTimeoutError, LeaseConflictError) as exc:
+                if acquired:  # raised by the tool itself
+                    raise
+                return self._conflict(request, lease_ident, keys, label, exc)
+        self._report(decided, result)
+        return result
+
+    async def awrap(self, request: ToolCallRequest, handler: AsyncHandler) -> Result:
+        """``awrap_tool_call``: the async twin of :meth:`wrap` (never blocks the loop)."""
+        name = request.tool_call["name"]
+        if name not in self.gates and name not in self.resources:
+            return await handler(request)
+        ident = self._identity(request)
+        decided = await self._adecide(request, ident)
+        if isinstance(decided, ToolMessage):
+            return decided
+        request = self._edited(request, decided)
+        if name not in self.resources:
+            result = await handler(request)
+        else:
+            try:
+                intents, keys, label = self._intents(request, decided.args)
+            except ToolArgumentError as exc:
+                return _error(request, str(exc))
+            lease_ident = self._leases.identity(ident)
+            acquired = False
+            try:
+                async with self._leases.ahold(lease_ident, intents, self.ttl_ms, self.timeout_s):
+                    acquired = True
+                    with active_call(lease_ident):
+                        result = await handler(request)
+            except (LeaseTimeoutError, LeaseConflictError) as exc:
+                if acquired:
+                    raise
+                return self._conflict(request, lease_ident, keys, label, exc)
+        if self.audit and decided.audit_event_id is not None:
+            await self.kw.store.run_io(self._report, decided, result)
+        return result

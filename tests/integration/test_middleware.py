@@ -1,0 +1,345 @@
+"""KlockworkMiddleware: gates, leases and approvals around a real create_agent's tool calls."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+from langchain.agents import create_agent
+from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.tools import tool
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.types import Command
+from lc_helpers import scripted
+from pydantic import ValidationError
+
+from klockwork import Klockwork
+from klockwork.core.errors import InvalidRequestError, NotAnApproverError
+from klockwork.core.governance.policy import Condition, Policy
+from klockwork.integrations.langchain import KlockworkMiddleware, agent_config
+
+AGENT = "writer"
+CFG: Any = {"configurable": {"thread_id": "t-1"}}
+START: Any = {"messages": [("user", "go")]}
+
+
+class Files:
+    """A write_file tool recording, per call, when its body entered and left, and its leases."""
+
+    def __init__(self, kw: Klockwork, delay_s: float = 0.0) -> None:
+        self.lock = threading.Lock()
+        self.spans: dict[str, tuple[float, float]] = {}
+        self.leases: dict[str, list[str]] = {}
+        self.written: list[tuple[str, str]] = []
+
+        @tool
+        def write_file(path: str, text: str) -> str:
+            """Write text to a file."""
+            start = time.monotonic()
+            held = [f"{lease.resource}@{lease.session_id}" for lease in kw.leases.list(AGENT)]
+            time.sleep(delay_s)
+            with self.lock:
+                self.spans[text] = (start, time.monotonic())
+                self.leases[text] = held
+                self.written.append((path, text))
+            return f"wrote {path}"
+
+        self.tool = write_file
+
+
+def turn(*calls: tuple[str, str, str]) -> AIMessage:
+    """One model turn calling write_file once per (call id, path, text)."""
+    return AIMessage(
+        "",
+        tool_calls=[
+            {"name": "write_file", "args": {"path": p, "text": t}, "id": i} for i, p, t in calls
+        ],
+    )
+
+
+def build(kw: Klockwork, files: Files, *turns: AIMessage, saver: Any = None, **mw: Any) -> Any:
+    mw.setdefault("resources", {"write_file": "FILE:{path}"})
+    return create_agent(
+        scripted(*turns, "Done."),
+        [files.tool],
+        middleware=[KlockworkMiddleware(kw, **mw)],
+        checkpointer=saver,
+        name=AGENT,
+    )
+
+
+def tool_messages(out: dict[str, Any]) -> list[ToolMessage]:
+    return [m for m in out["messages"] if isinstance(m, ToolMessage)]
+
+
+def kinds(kw: Klockwork) -> list[str]:
+    return [e.kind for e in kw.audit.query(limit=500).entries]
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def add_policies(kw: Klockwork) -> None:
+    kw.policies.add(
+        Policy(
+            name="no-etc",
+            action="fs.write",
+            effect="deny",
+            conditions=[Condition(field="system", operator="eq", value=True)],
+            priority=10,
+        )
+    )
+    kw.policies.add(
+        Policy(
+            name="big-writes",
+            action="fs.write",
+            effect="allow",
+            conditions=[Condition(field="size", operator="lte", value=10)],
+            on_fail="require_approval",
+            approvers=["alice", "bob"],
+        )
+    )
+
+
+GATES: Any = {
+    "write_file": {
+        "action": "fs.write",
+        "metadata": lambda a: {"system": a["path"].startswith("/etc"), "size": len(a["text"])},
+    }
+}
+
+
+@pytest.fixture
+def gkw(kw: Klockwork) -> Klockwork:
+    add_policies(kw)
+    return kw
+
+
+# -- leases ---------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_call_runs_under_its_lease_in_a_sub_session(kw: Klockwork, mode: str) -> None:
+    files = Files(kw)
+    graph = build(kw, files, turn(("c1", "/a.txt", "hi")))
+    cfg = agent_config(AGENT, "s1")
+    out = graph.invoke(START, cfg) if mode == "sync" else asyncio.run(graph.ainvoke(START, cfg))
+    assert tool_messages(out)[0].content == "wrote /a.txt"
+    (held,) = files.leases["hi"]
+    assert held.startswith("FILE:/a.txt@s1/call-")
+    assert kw.leases.list() == []  # released
+    assert kinds(kw).count("lease.granted") == 1
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_parallel_calls_on_one_file_are_serialised_on_two_files_overlap(
+    kw: Klockwork, mode: str
+) -> None:
+    files = Files(kw, delay_s=0.3)
+    graph = build(
+        kw,
+        files,
+        turn(("c1", "/same", "one"), ("c2", "/same", "two")),
+        turn(("c3", "/x", "three"), ("c4", "/y", "four")),
+    )
+    cfg = agent_config(AGENT, "s1")
+    out = graph.invoke(START, cfg) if mode == "sync" else asyncio.run(graph.ainvoke(START, cfg))
+    assert [m.status for m in tool_messages(out)] == ["success"] * 4
+    assert not overlap(files.spans["one"], files.spans["two"])
+    assert overlap(files.spans["three"], files.spans["four"])
+
+
+def test_a_bad_path_and_a_busy_file_are_error_messages_and_the_run_goes_on(kw: Klockwork) -> None:
+    files = Files(kw)
+    held = kw.leases.acquire("other", "s", [("FILE:/busy", "MUTATES")], 60_000)
+    graph = build(kw, files, turn(("c1", "", "empty"), ("c2", "/busy", "busy")), timeout_s=0.2)
+    out = graph.invoke(START, agent_config(AGENT))
+    empty, busy = tool_messages(out)
+    assert empty.status == "error" and "'path' is empty" in str(empty.content)
+    assert busy.status == "error" and "Resource busy: FILE:/busy" in str(busy.content)
+    assert "other" in str(busy.content)
+    assert files.written == [] and out["messages"][-1].content == "Done."
+    kw.leases.release(held.leases[0].lease_id)
+
+
+def test_configuration_mistakes_raise_at_construction() -> None:
+    for bad in (
+        {"resources": {"w": 3}},
+        {"resources": {"w": ("FILE:{p}", "READS")}},
+        {"resources": {"w": {"resource": "FILE:{p}", "mode": "x"}}},
+        {"gates": {"w": ""}},
+        {"gates": {"w": {"action": "a", "when": 1}}},
+        {"default_predicate": "WRITES"},
+        {"ttl_ms": -1},
+    ):
+        with pytest.raises(InvalidRequestError):
+            KlockworkMiddleware(**bad)
+
+
+# -- gates without a checkpointer -----------------------------------------------------
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_allowed_runs_denied_is_an_error_message(gkw: Klockwork, mode: str) -> None:
+    files = Files(gkw)
+    graph = build(gkw, files, turn(("c1", "/ok", "small"), ("c2", "/etc/passwd", "x")), gates=GATES)
+    cfg = agent_config(AGENT)
+    out = graph.invoke(START, cfg) if mode == "sync" else asyncio.run(graph.ainvoke(START, cfg))
+    ok, denied = tool_messages(out)
+    assert ok.status == "success" and files.written == [("/ok", "small")]
+    assert denied.status == "error" and "no-etc" in str(denied.content)
+    assert out["messages"][-1].content == "Done."
+    executed = [e for e in gkw.audit.query(limit=200).entries if e.kind == "action.executed"]
+    assert executed[0].data["metadata"]["tool"] == "write_file"
+    assert executed[0].data["metadata"]["args"] == {"path": "/ok", "text": "small"}
+    assert "action.denied" in kinds(gkw)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_approval_blocks_before_the_lease_and_another_thread_approves(
+    gkw: Klockwork, mode: str
+) -> None:
+    files = Files(gkw)
+    graph = build(gkw, files, turn(("c1", "/big", "x" * 40)), gates=GATES)
+    seen: list[Any] = []
+
+    def approve() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pending = gkw.approvals.list()
+            if pending:
+                seen.append(gkw.leases.list())  # the gate comes first: nothing leased yet
+                gkw.approvals.approve(pending[0].approval_id, "alice")
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=approve)
+    thread.start()
+    cfg = agent_config(AGENT)
+    out = graph.invoke(START, cfg) if mode == "sync" else asyncio.run(graph.ainvoke(START, cfg))
+    thread.join()
+    assert seen == [[]]
+    assert tool_messages(out)[0].status == "success" and files.written == [("/big", "x" * 40)]
+
+
+# -- approvals in a checkpointed run --------------------------------------------------
+def hitl_graph(gkw: Klockwork, files: Files, *calls: tuple[str, str, str]) -> Any:
+    return build(gkw, files, turn(*calls), gates=GATES, saver=InMemorySaver())
+
+
+def test_the_interrupt_is_a_hitl_request_and_approve_resumes_once(gkw: Klockwork) -> None:
+    files = Files(gkw)
+    graph = hitl_graph(gkw, files, ("c1", "/big", "x" * 40))
+    out = graph.invoke(START, CFG)
+    (pending,) = out["__interrupt__"]
+    value = pending.value
+    assert value["action_requests"] == [
+        {"name": "write_file", "args": {"path": "/big", "text": "x" * 40}, "description": (
+            value["action_requests"][0]["description"])}
+    ]  # fmt: skip
+    assert "big-writes" in value["action_requests"][0]["description"]
+    assert value["review_configs"] == [
+        {"action_name": "write_file", "allowed_decisions": ["approve", "edit", "reject", "respond"]}
+    ]
+    (approval,) = value["klockwork"]["approvals"]
+    assert value["klockwork"]["approval_ids"] == [approval["approval_id"]]
+    assert approval["policy"] == "big-writes" and "deadline_ms" in approval
+    assert approval["conditions"][0]["field"] == "size"
+    assert gkw.leases.list() == []
+
+    # the requester approving itself: refused, still pending, the run still paused
+    with pytest.raises(NotAnApproverError):
+        graph.invoke(Command(resume={"decisions": [{"type": "approve"}], "approver": AGENT}), CFG)
+    assert gkw.approvals.get(approval["approval_id"]).status.value == "pending"
+    with pytest.raises(ValidationError):  # LangChain's shape without the approver
+        graph.invoke(Command(resume={"decisions": [{"type": "approve"}]}), CFG)
+
+    out = graph.invoke(
+        Command(resume={"decisions": [{"type": "approve"}], "approver": "alice"}), CFG
+    )
+    assert files.written == [("/big", "x" * 40)]
+    assert tool_messages(out)[0].content == "wrote /big"
+    assert gkw.approvals.get(approval["approval_id"]).status.value == "approved"
+    assert len(gkw.approvals.list(status=None)) == 1  # the re-runs asked nothing again
+    assert kinds(gkw).count("action.requested") == 1
+    assert kinds(gkw).count("lease.granted") == 1
+
+
+def test_reject_tells_the_model_not_to_retry(gkw: Klockwork) -> None:
+    files = Files(gkw)
+    graph = hitl_graph(gkw, files, ("c1", "/big", "x" * 40))
+    graph.invoke(START, CFG)
+    out = graph.invoke(
+        Command(
+            resume={"decisions": [{"type": "reject", "message": "too big"}], "approver": "bob"}
+        ),
+        CFG,
+    )
+    (message,) = tool_messages(out)
+    assert message.status == "error" and "do not retry" in str(message.content)
+    assert files.written == [] and out["messages"][-1].content == "Done."
+
+
+def test_an_edit_is_judged_again_deny_wins(gkw: Klockwork) -> None:
+    files = Files(gkw)
+    graph = hitl_graph(gkw, files, ("c1", "/big", "x" * 40))
+    graph.invoke(START, CFG)
+    edit = {"name": "write_file", "args": {"path": "/etc/big", "text": "tiny"}}
+    out = graph.invoke(
+        Command(resume={"decisions": [{"type": "edit", "edited_action": edit}], "approver": "bob"}),
+        CFG,
+    )
+    (message,) = tool_messages(out)
+    assert message.status == "error" and "no-etc" in str(message.content)
+    assert files.written == []
+
+
+def test_an_edit_the_policies_allow_runs_with_the_edited_arguments(gkw: Klockwork) -> None:
+    files = Files(gkw)
+    graph = hitl_graph(gkw, files, ("c1", "/big", "x" * 40))
+    graph.invoke(START, CFG)
+    edit = {"name": "write_file", "args": {"path": "/small", "text": "tiny"}}
+    graph.invoke(
+        Command(resume={"decisions": [{"type": "edit", "edited_action": edit}], "approver": "bob"}),
+        CFG,
+    )
+    assert files.written == [("/small", "tiny")]
+    assert files.leases["tiny"][0].startswith("FILE:/small@")  # leased what runs
+
+
+def test_respond_answers_for_the_tool(gkw: Klockwork) -> None:
+    files = Files(gkw)
+    graph = hitl_graph(gkw, files, ("c1", "/big", "x" * 40))
+    graph.invoke(START, CFG)
+    decision = {"type": "respond", "message": "Written by hand instead."}
+    out = graph.invoke(Command(resume={"decisions": [decision], "approver": "alice"}), CFG)
+    (message,) = tool_messages(out)
+    assert message.status == "success" and message.content == "Written by hand instead."
+    assert files.written == []
+
+
+def test_parallel_approvals_in_one_turn_resume_together(gkw: Klockwork) -> None:
+    files = Files(gkw)
+    graph = hitl_graph(gkw, files, ("c1", "/p", "y" * 40), ("c2", "/q", "z" * 40))
+    out = graph.invoke(START, CFG)
+    interrupts = out["__interrupt__"]
+    assert len(interrupts) == 2  # one per call, this round
+    answers = {i.id: {"decisions": [{"type": "approve"}], "approver": "alice"} for i in interrupts}
+    out = graph.invoke(Command(resume=answers), CFG)
+    assert sorted(p for p, _ in files.written) == ["/p", "/q"]
+    assert len(gkw.approvals.list(status=None)) == 2
+
+
+def test_async_checkpointed_approve(gkw: Klockwork) -> None:
+    files = Files(gkw)
+    graph = hitl_graph(gkw, files, ("c1", "/big", "x" * 40))
+
+    async def run() -> dict[str, Any]:
+        await graph.ainvoke(START, CFG)
+        resume = {"decisions": [{"type": "approve"}], "approver": "alice"}
+        result: dict[str, Any] = await graph.ainvoke(Command(resume=resume), CFG)
+        return result
+
+    out = asyncio.run(run())
+    assert tool_messages(out)[0].content == "wrote /big"
+    assert kinds(gkw).count("action.requested") == 1

@@ -104,3 +104,21 @@ def test_a_governance_event_too_large_for_the_bus_is_published_without_its_data(
     assert kinds[-2:] == ["lease.granted", "lease.released"]
     [denied] = [m for m in kw.bus.peek("klockwork.events") if m.payload["kind"] == "action.denied"]
     assert "omitted" in denied.payload["data"]
+
+
+def test_a_far_delayed_message_is_scheduled_not_rescanned(kw: Klockwork) -> None:
+    bus = kw.bus
+    bus.create_group("jobs", "g", start="earliest")
+    now = int(time.time() * 1000)
+    later = bus.publish("jobs", {"remind": True}, deliver_at=now + 300)
+    for i in range(20):
+        bus.publish("jobs", {"n": i})
+    got = bus.subscribe("jobs", "g", "c", max_messages=100)
+    assert [d.payload["n"] for d in got] == list(range(20))
+    bus.ack("jobs", "g", got)
+    [info] = bus.groups("jobs")
+    assert (info.pending, info.lag) == (0, 0)  # the delayed one is nobody's yet, not visible
+    assert bus.ack("jobs", "g", [later.id]) == 0  # nobody holds it: nothing to ack
+    [reminder] = bus.subscribe("jobs", "g", "c", wait_s=5)  # woken when it becomes visible
+    assert (reminder.message.seq, reminder.attempt) == (1, 1)
+    assert int(time.time() * 1000) >= later.visible_at

@@ -236,11 +236,17 @@ class MemoryBus(BusPrimitives):
             ch = self._channels.setdefault(channel, _Channel())
             g = self._group(ch, group, spec, now_ms)
             spec = g.spec
-            expired = g.expired(now_ms)
+            timed_out = g.expired(now_ms)
+            # Delayed messages scheduled earlier and visible now are new to the
+            # group: they join the fresh ones in seq order (not redeliveries).
+            ready = [seq for seq, _ in timed_out if not g.pending[seq].consumer]
+            expired = [(seq, a) for seq, a in timed_out if g.pending[seq].consumer]
             due = g.next_deadline()
             fresh, visible_due = self._fresh(ch, g, count, now_ms)
             if visible_due is not None and (due is None or visible_due < due):
                 due = visible_due
+            if ready:
+                fresh = sorted(fresh + ready)
             plan = plan_read(expired, fresh, count, spec.max_deliveries)
             deadline = now_ms + spec.visibility_timeout_ms
             out: list[tuple[StoredMessage, int]] = []
@@ -256,8 +262,8 @@ class MemoryBus(BusPrimitives):
                 g.taken.add(seq)
                 out.append((ch.messages[seq], 1))
             self._advance(ch, g)
-            left = set(plan.redeliver).union(plan.dead)
-            for seq, _ in expired:  # timed out, not handed out this time: still due now
+            left = set(plan.redeliver).union(plan.dead, plan.fresh)
+            for seq, _ in timed_out:  # due, not handed out this time: still due now
                 if seq not in left:
                     g.schedule(seq, g.pending[seq].deadline)
                     due = now_ms
@@ -268,6 +274,13 @@ class MemoryBus(BusPrimitives):
 
     @staticmethod
     def _fresh(ch: _Channel, g: _Group, count: int, now_ms: int) -> tuple[list[int], int | None]:
+        """Visible messages the group was never handed, up to ``count``, in seq order.
+
+        A delayed message passed on the way is scheduled as a delivery nobody
+        holds yet (consumer "", attempt 0, due at its ``visible_at``): the
+        cursor moves past it, so no later read steps over what lies behind it.
+        Returns the fresh seqs and the earliest ``visible_at`` scheduled.
+        """
         fresh: list[int] = []
         due: int | None = None
         seq = max(g.cursor + 1, ch.first_seq)
@@ -277,8 +290,12 @@ class MemoryBus(BusPrimitives):
                 visible_at = msgs[seq].visible_at
                 if visible_at <= now_ms:
                     fresh.append(seq)
-                elif due is None or visible_at < due:
-                    due = visible_at
+                else:
+                    g.pending[seq] = _Pending("", 0, 0, visible_at)
+                    g.schedule(seq, visible_at)
+                    taken.add(seq)
+                    if due is None or visible_at < due:
+                        due = visible_at
             seq += 1
         return fresh, due
 
@@ -320,7 +337,13 @@ class MemoryBus(BusPrimitives):
         """The group, and the seqs of ``ids`` it has pending (unknown ids skipped)."""
         g = self._existing(channel, group)
         by_id = self._channels[channel].by_id
-        seqs = [seq for mid in ids if (seq := by_id.get(mid)) is not None and seq in g.pending]
+        pending = g.pending
+        # A delayed message scheduled but not yet handed out is nobody's to ack.
+        seqs = [
+            seq
+            for mid in ids
+            if (seq := by_id.get(mid)) is not None and seq in pending and pending[seq].consumer
+        ]
         return g, list(dict.fromkeys(seqs))  # an id named twice counts once
 
     def bus_ack(self, channel: str, group: str, ids: Sequence[str]) -> int:
@@ -397,13 +420,15 @@ class MemoryBus(BusPrimitives):
             for seq in range(max(g.cursor + 1, ch.first_seq), ch.last_seq + 1)
             if seq not in g.taken and ch.messages[seq].visible_at <= now_ms
         )
+        scheduled = [p for p in g.pending.values() if not p.consumer]
+        lag += sum(1 for p in scheduled if p.deadline <= now_ms)
         return GroupInfo(
             channel,
             group,
             g.spec.visibility_timeout_ms / 1000,
             g.spec.max_deliveries,
             g.created_at,
-            len(g.pending),
+            len(g.pending) - len(scheduled),
             lag,
         )
 

@@ -45,6 +45,15 @@ from klockwork.core.stores.bus_base import (
     StoredMessage,
 )
 from klockwork.core.stores.bus_io import channel_info, dead_letter_bytes, unknown_group
+from klockwork.core.stores.sqlite_bus_rows import (
+    CHUNK,
+    MSG_COLS,
+    chunks,
+    message_row,
+    messages_by_seq,
+    scan,
+    seq_of,
+)
 from klockwork.core.stores.sqlite_io import connect
 
 if TYPE_CHECKING:
@@ -52,18 +61,16 @@ if TYPE_CHECKING:
 
 __all__ = ["SqliteBus"]
 
-_MSG_COLS = "id, channel, seq, payload, published_at, visible_at"
-#: The most seqs bound in one ``IN (...)`` list.
-_CHUNK = 500
-
 _GROUP_INFO = (
     "SELECT g.channel, g.grp, g.visibility_ms, g.max_deliveries, g.created_at, "
     "(SELECT count(*) FROM kw_bus_deliveries d "
-    " WHERE d.channel = g.channel AND d.grp = g.grp AND d.acked = 0), "
+    " WHERE d.channel = g.channel AND d.grp = g.grp AND d.acked = 0 AND d.consumer != ''), "
     "(SELECT count(*) FROM kw_bus_messages m "
     " WHERE m.channel = g.channel AND m.seq > g.cursor AND m.visible_at <= ? "
     " AND NOT EXISTS (SELECT 1 FROM kw_bus_deliveries d "
-    "  WHERE d.channel = g.channel AND d.grp = g.grp AND d.seq = m.seq)) "
+    "  WHERE d.channel = g.channel AND d.grp = g.grp AND d.seq = m.seq)) + "
+    "(SELECT count(*) FROM kw_bus_deliveries d "  # delayed ones passed, visible by now
+    " WHERE d.channel = g.channel AND d.grp = g.grp AND d.consumer = '' AND d.deadline <= ?) "
     "FROM kw_bus_groups g"
 )
 
@@ -82,31 +89,8 @@ def _by_id(channel: str, group: str, ids: Sequence[str]) -> list[tuple[Any, ...]
     return [(channel, group, s, channel, s, mid) for mid, m in heads if m for s in (int(m[0], 16),)]
 
 
-def _message(row: Sequence[Any]) -> StoredMessage:
-    return StoredMessage(row[0], row[1], row[2], bytes(row[3]), row[4], row[5])
-
-
 def _group_info(row: Sequence[Any]) -> GroupInfo:
     return GroupInfo(row[0], row[1], row[2] / 1000, row[3], row[4], row[5], row[6])
-
-
-def _chunks(seqs: Sequence[int]) -> Iterator[Sequence[int]]:
-    for i in range(0, len(seqs), _CHUNK):
-        yield seqs[i : i + _CHUNK]
-
-
-def _messages(
-    conn: sqlite3.Connection, channel: str, seqs: Sequence[int]
-) -> dict[int, StoredMessage]:
-    out: dict[int, StoredMessage] = {}
-    for part in _chunks(seqs):
-        marks = ", ".join("?" * len(part))
-        for row in conn.execute(
-            f"SELECT {_MSG_COLS} FROM kw_bus_messages WHERE channel = ? AND seq IN ({marks})",
-            (channel, *part),
-        ):
-            out[row[2]] = _message(row)
-    return out
 
 
 class _Channel:
@@ -148,10 +132,10 @@ def _append(
             held = keyed.get((name, key))
             if held is None:
                 row = conn.execute(
-                    f"SELECT {_MSG_COLS} FROM kw_bus_messages WHERE channel = ? AND key = ?",
+                    f"SELECT {MSG_COLS} FROM kw_bus_messages WHERE channel = ? AND key = ?",
                     (name, key),
                 ).fetchone()
-                held = None if row is None else _message(row)
+                held = None if row is None else message_row(row)
             if held is not None:
                 keyed[name, key] = held
                 out.append(held)
@@ -165,7 +149,7 @@ def _append(
             keyed[name, key] = msg
         out.append(msg)
     conn.executemany(
-        f"INSERT INTO kw_bus_messages ({_MSG_COLS}, key) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
+        f"INSERT INTO kw_bus_messages ({MSG_COLS}, key) VALUES (?, ?, ?, ?, ?, ?, ?)", rows
     )
     conn.executemany(
         "UPDATE kw_bus_channels SET last_seq = ? WHERE channel = ?",
@@ -232,45 +216,6 @@ def _create_group(
     )
 
 
-def _scan(
-    conn: sqlite3.Connection, channel: str, group: str, cursor: int, count: int, now_ms: int
-) -> tuple[list[StoredMessage], list[tuple[int, bool]], int | None]:
-    """Visible messages above the cursor the group was never handed (up to ``count``).
-
-    Also returns the run of seqs right above the cursor that were handed out
-    or are visible (``(seq, handed out)``: how far the cursor may move) and
-    the earliest ``visible_at`` of the delayed messages passed.
-    """
-    fresh: list[StoredMessage] = []
-    run: list[tuple[int, bool]] = []
-    due: int | None = None
-    blocked = False
-    rows = conn.execute(
-        "SELECT m.id, m.channel, m.seq, m.payload, m.published_at, m.visible_at, "
-        "d.seq IS NOT NULL FROM kw_bus_messages m LEFT JOIN kw_bus_deliveries d "
-        "ON d.channel = m.channel AND d.grp = ? AND d.seq = m.seq "
-        "WHERE m.channel = ? AND m.seq > ? ORDER BY m.seq",
-        (group, channel, cursor),
-    )
-    try:
-        for row in rows:
-            if len(fresh) >= count:
-                break
-            taken, visible_at = row[6], row[5]
-            if not taken:
-                if visible_at > now_ms:
-                    blocked = True
-                    if due is None or visible_at < due:
-                        due = visible_at
-                    continue
-                fresh.append(_message(row))
-            if not blocked:
-                run.append((row[2], bool(taken)))
-    finally:
-        rows.close()
-    return fresh, run, due
-
-
 class SqliteBus(BusPrimitives):
     """The bus primitives of :class:`~klockwork.core.stores.sqlite.SqliteStore` (a mixin)."""
 
@@ -320,7 +265,7 @@ class SqliteBus(BusPrimitives):
         with self._tx("create a consumer group") as conn:
             created = _create_group(conn, channel, group, spec, now_ms)
             row = conn.execute(
-                _GROUP_INFO + " WHERE g.channel = ? AND g.grp = ?", (now_ms, channel, group)
+                _GROUP_INFO + " WHERE g.channel = ? AND g.grp = ?", (now_ms, now_ms, channel, group)
             ).fetchone()
             return _group_info(row), created
 
@@ -353,21 +298,37 @@ class SqliteBus(BusPrimitives):
                 _create_group(conn, channel, group, spec, now_ms)
                 row = conn.execute(sql, key).fetchone()
             visibility_ms, max_deliveries, cursor = row
-            expired = conn.execute(
+            expired: list[tuple[int, int]] = []
+            ready: list[int] = []  # delayed messages scheduled earlier, visible now: fresh
+            for seq, attempt, scheduled in conn.execute(
                 # INDEXED BY: ORDER BY seq would lure the planner into the primary key,
                 # a scan of every delivery of the group.
-                "SELECT seq, attempt FROM kw_bus_deliveries INDEXED BY kw_bus_due "
+                "SELECT seq, attempt, consumer = '' FROM kw_bus_deliveries INDEXED BY kw_bus_due "
                 "WHERE channel = ? AND grp = ? AND acked = 0 AND deadline <= ? ORDER BY seq",
                 (*key, now_ms),
-            ).fetchall()
+            ):
+                if scheduled:
+                    ready.append(seq)
+                else:
+                    expired.append((seq, attempt))
             due: int | None = conn.execute(
                 "SELECT min(deadline) FROM kw_bus_deliveries "
                 "WHERE channel = ? AND grp = ? AND acked = 0 AND deadline > ?",
                 (*key, now_ms),
             ).fetchone()[0]
-            fresh, run, visible_due = _scan(conn, channel, group, cursor, count, now_ms)
-            if visible_due is not None and (due is None or visible_due < due):
-                due = visible_due
+            fresh, run, deferred = scan(conn, channel, group, cursor, count, now_ms)
+            if deferred:
+                conn.executemany(
+                    "INSERT INTO kw_bus_deliveries (channel, grp, seq, consumer, attempt, "
+                    "delivered_at, deadline) VALUES (?, ?, ?, '', 0, 0, ?)",
+                    [(channel, group, seq, visible_at) for seq, visible_at in deferred],
+                )
+                first = min(visible_at for _, visible_at in deferred)
+                due = first if due is None else min(due, first)
+            if ready:
+                fresh = sorted(
+                    [*fresh, *messages_by_seq(conn, channel, ready).values()], key=seq_of
+                )
             plan = plan_read(expired, [m.seq for m in fresh], count, max_deliveries)
             deadline = now_ms + visibility_ms
             out: list[tuple[StoredMessage, int]] = []
@@ -377,7 +338,10 @@ class SqliteBus(BusPrimitives):
             if handed:
                 conn.executemany(
                     "INSERT INTO kw_bus_deliveries (channel, grp, seq, consumer, attempt, "
-                    "delivered_at, deadline) VALUES (?, ?, ?, ?, 1, ?, ?)",
+                    "delivered_at, deadline) VALUES (?, ?, ?, ?, 1, ?, ?) "
+                    "ON CONFLICT (channel, grp, seq) DO UPDATE SET "  # a scheduled delayed one
+                    "consumer = excluded.consumer, attempt = 1, "
+                    "delivered_at = excluded.delivered_at, deadline = excluded.deadline",
                     [(channel, group, m.seq, consumer, now_ms, deadline) for m in handed],
                 )
                 out.extend((m, 1) for m in handed)
@@ -415,7 +379,7 @@ class SqliteBus(BusPrimitives):
         deadline: int,
     ) -> list[tuple[StoredMessage, int]]:
         attempts: dict[int, int] = {}
-        for part in _chunks(seqs):
+        for part in chunks(seqs):
             marks = ", ".join("?" * len(part))
             attempts.update(
                 conn.execute(
@@ -425,7 +389,7 @@ class SqliteBus(BusPrimitives):
                     (consumer, now_ms, deadline, *key, *part),
                 ).fetchall()
             )
-        msgs = _messages(conn, key[0], seqs)
+        msgs = messages_by_seq(conn, key[0], seqs)
         return [(msgs[seq], attempts[seq]) for seq in seqs]
 
     def _bury(
@@ -440,7 +404,7 @@ class SqliteBus(BusPrimitives):
         """Publish the dead letters of ``seqs`` on ``<channel>.dead``; their deliveries are done."""
         channel, group = key
         items: list[PublishItem] = []
-        msgs = _messages(conn, channel, seqs)
+        msgs = messages_by_seq(conn, channel, seqs)
         for seq in seqs:
             attempt, consumer, last_error = conn.execute(
                 "SELECT attempt, consumer, last_error FROM kw_bus_deliveries "
@@ -469,7 +433,8 @@ class SqliteBus(BusPrimitives):
             cursor = self._cursor(conn, channel, group)
             done = conn.executemany(
                 "UPDATE kw_bus_deliveries SET acked = 1 "
-                "WHERE channel = ? AND grp = ? AND seq = ? AND acked = 0" + _SAME_ID,
+                "WHERE channel = ? AND grp = ? AND seq = ? AND acked = 0 AND consumer != ''"
+                + _SAME_ID,
                 _by_id(channel, group, ids),
             ).rowcount
             if done > 0:
@@ -495,7 +460,7 @@ class SqliteBus(BusPrimitives):
             done = conn.executemany(
                 "UPDATE kw_bus_deliveries SET deadline = ?, "
                 "last_error = coalesce(?, last_error), attempt = max(attempt - ?, 0) "
-                "WHERE channel = ? AND grp = ? AND seq = ? AND acked = 0 "
+                "WHERE channel = ? AND grp = ? AND seq = ? AND acked = 0 AND consumer != '' "
                 "AND (? IS NULL OR consumer = ?)" + _SAME_ID,
                 [
                     (now_ms, error, int(undo), *a[:3], consumer, consumer, *a[3:])
@@ -518,18 +483,18 @@ class SqliteBus(BusPrimitives):
     ) -> list[StoredMessage]:
         rows = self._one(
             "read a channel",
-            f"SELECT {_MSG_COLS} FROM kw_bus_messages "
+            f"SELECT {MSG_COLS} FROM kw_bus_messages "
             "WHERE channel = ? AND seq > ? AND visible_at <= ? ORDER BY seq LIMIT ?",
             (channel, after_seq, now_ms, max(limit, 0)),
         )
-        return [_message(r) for r in rows]
+        return [message_row(r) for r in rows]
 
     def bus_last_seqs(self, channels: Sequence[str]) -> dict[str, int]:
         names = list(dict.fromkeys(channels))
         found: dict[str, int] = {}
         with self._snapshot("read channels' last seqs") as conn:
-            for i in range(0, len(names), _CHUNK):
-                part = names[i : i + _CHUNK]
+            for i in range(0, len(names), CHUNK):
+                part = names[i : i + CHUNK]
                 marks = ", ".join("?" * len(part))
                 found.update(
                     conn.execute(
@@ -542,13 +507,15 @@ class SqliteBus(BusPrimitives):
     def bus_groups(self, channel: str | None, now_ms: int) -> list[GroupInfo]:
         if channel is None:
             rows = self._one(
-                "list consumer groups", _GROUP_INFO + " ORDER BY g.channel, g.grp", (now_ms,)
+                "list consumer groups",
+                _GROUP_INFO + " ORDER BY g.channel, g.grp",
+                (now_ms, now_ms),
             )
         else:
             rows = self._one(
                 "list consumer groups",
                 _GROUP_INFO + " WHERE g.channel = ? ORDER BY g.grp",
-                (now_ms, channel),
+                (now_ms, now_ms, channel),
             )
         return [_group_info(r) for r in rows]
 

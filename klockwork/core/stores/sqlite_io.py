@@ -165,7 +165,7 @@ CREATE TABLE IF NOT EXISTS kw_bus_deliveries (
     channel      TEXT NOT NULL,
     grp          TEXT NOT NULL,
     seq          INTEGER NOT NULL,
-    consumer     TEXT NOT NULL,
+    consumer     TEXT NOT NULL,           -- '': a delayed message scheduled, held by nobody yet
     attempt      INTEGER NOT NULL,
     delivered_at INTEGER NOT NULL,
     deadline     INTEGER NOT NULL,         -- redelivered by the first read after it

@@ -194,7 +194,7 @@ def paused_graph(kw: Klockwork, on_lost: str = "reacquire") -> Any:
         return {**update, "seen": [dict(entry)]}
 
     builder = StateGraph(State)
-    builder.add_node("lease", lease_node(kw, RESOURCE, ttl_ms=300))
+    builder.add_node("lease", lease_node(kw, RESOURCE, ttl_ms=600))
     builder.add_node("review", review)
     builder.add_node("work", work)
     builder.add_node("release", release_node(kw))
@@ -237,7 +237,7 @@ def test_a_lease_kept_over_a_pause_is_not_reacquired(kw: Klockwork) -> None:
     graph, config = paused_graph(kw), cfg("t1")
     graph.invoke({}, config)
     old = graph.get_state(config).values[LEASES_KEY][RESOURCE]
-    time.sleep(0.4)  # longer than the ttl: the renewer kept it
+    time.sleep(0.9)  # longer than the ttl: the renewer kept it
     out = graph.invoke(Command(resume="ok"), config)
     (entry,) = out["seen"]
     assert entry["lease_id"] == old["lease_id"] and entry["reacquired"] == 0
@@ -254,7 +254,7 @@ def test_resume_in_a_new_process_after_the_lease_expired(tmp_path: Path) -> None
     graph.invoke({}, config)
     old = graph.get_state(config).values[LEASES_KEY][RESOURCE]
     first.close()  # the process is gone: nobody renews the lease
-    time.sleep(0.5)
+    time.sleep(0.8)
     second = Klockwork.open(url)
     try:
         again = paused_graph(second)
@@ -287,13 +287,13 @@ def test_a_failing_run_inside_the_scope_releases_its_leases(kw: Klockwork) -> No
 def test_the_lease_is_renewed_while_the_run_goes_on(kw: Klockwork) -> None:
     def work(state: State) -> dict[str, Any]:
         entry = state[LEASES_KEY][RESOURCE]
-        time.sleep(0.5)  # several ttls
+        time.sleep(0.8)  # several ttls
         live = kw.leases.get(entry["lease_id"])
         assert live is not None and live.state.value == "ACTIVE"
         assert live.expires_at > entry["expires_at"]
         return {}
 
-    linear(kw, work, ttl_ms=150).invoke({}, cfg("t1"))
+    linear(kw, work, ttl_ms=300).invoke({}, cfg("t1"))
     assert kw.leases.list() == []
 
 
@@ -352,3 +352,26 @@ def test_async_graph(kw: Klockwork) -> None:
         assert kw.leases.list() == []
 
     asyncio.run(main())
+
+
+def test_async_runs_on_one_resource_are_serialised(kw: Klockwork) -> None:
+    intervals: list[tuple[float, float]] = []
+
+    async def work(state: State) -> dict[str, Any]:
+        start = time.monotonic()
+        await asyncio.sleep(0.1)
+        intervals.append((start, time.monotonic()))
+        return {}
+
+    graph = linear(kw, work, timeout_s=20)
+
+    async def main() -> None:
+        async with leases_released(kw):
+            await asyncio.gather(*(graph.ainvoke({}, cfg(f"t{i}", f"a{i}")) for i in range(3)))
+
+    asyncio.run(main())
+    intervals.sort()
+    assert len(intervals) == 3
+    for (_, end), (start, _) in itertools.pairwise(intervals):
+        assert end <= start, intervals
+    assert kw.leases.list() == []

@@ -202,16 +202,28 @@ class leases_released:
         self._token = _SCOPE.set(self._scope)
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        failure: Exception | None = None
         for lease_id in self._end():
-            self._scope.kw.leases.release(lease_id)
+            try:
+                self._scope.kw.leases.release(lease_id)
+            except Exception as exc:  # try every lease; the TTL bounds one not released
+                failure = failure or exc
+        if failure is not None and exc_type is None:  # the block's own exception wins
+            raise failure
 
     async def __aenter__(self) -> leases_released:
         return self.__enter__()
 
-    async def __aexit__(self, *_: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        failure: Exception | None = None
         for lease_id in self._end():
-            await self._scope.kw.leases.arelease(lease_id)
+            try:
+                await self._scope.kw.leases.arelease(lease_id)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None and exc_type is None:
+            raise failure
 
     @property
     def lease_ids(self) -> list[str]:

@@ -444,6 +444,11 @@ class LeaseManager:
         """Mark every lease past its TTL expired now; returns how many."""
         return len(self._store.sweep(self._clock.now_ms()))
 
+    @property
+    def renewer(self) -> Renewer:
+        """The engine's one renewal thread, for holders that outlive a call (graph leases)."""
+        return self._renewer
+
     def close(self) -> None:
         """Stop the renewer and wake every waiter (they fail closed)."""
         self._signals.close()

@@ -140,13 +140,13 @@ class _Tracker:
                 return
             self.held[lease.lease_id] = held = HeldLeases([lease])
         # The engine's one renewer (as ``kw.leases.hold(auto_renew=True)`` uses it).
-        kw.leases._renewer.add(held, ttl_ms / 3000)
+        kw.leases.renewer.add(held, ttl_ms / 3000)
 
     def drop(self, kw: Klockwork, lease_id: str) -> None:
         with self.lock:
             held = self.held.pop(lease_id, None)
         if held is not None:
-            kw.leases._renewer.remove(held)
+            kw.leases.renewer.remove(held)
 
     def lost(self, lease_id: str) -> bool:
         held = self.held.get(lease_id)

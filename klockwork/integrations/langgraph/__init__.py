@@ -17,6 +17,8 @@
   (``klockwork_leases``: lease ids and fencing tokens, see :class:`LeasesState`),
   renewed while the run goes on; :func:`leases_released` releases them however
   the run ends; :func:`ensure_leases` re-acquires them after a pause.
+* :class:`CoordinatedToolNode` — a ``ToolNode`` that gates and leases every
+  tool call (the per-call logic of ``KlockworkMiddleware``).
 """
 
 from klockwork.integrations.langgraph.bus_nodes import (
@@ -39,6 +41,7 @@ from klockwork.integrations.langgraph.lease_nodes import (
     release_node,
 )
 from klockwork.integrations.langgraph.nodes import RESULT_KEY, add_approval_gate, gate_node
+from klockwork.integrations.langgraph.tool_node import CoordinatedToolNode
 
 __all__ = [
     "BUS_STATE_KEYS",
@@ -48,6 +51,7 @@ __all__ = [
     "RESULT_KEY",
     "TIMED_OUT_KEY",
     "BusState",
+    "CoordinatedToolNode",
     "LeasesState",
     "add_approval_gate",
     "aensure_leases",

@@ -318,16 +318,61 @@ def test_respond_answers_for_the_tool(gkw: Klockwork) -> None:
     assert files.written == []
 
 
-def test_parallel_approvals_in_one_turn_resume_together(gkw: Klockwork) -> None:
+def test_one_interrupt_per_turn_for_every_call_that_needs_approval(gkw: Klockwork) -> None:
+    files = Files(gkw)
+    graph = hitl_graph(
+        gkw,
+        files,
+        ("c1", "/p", "y" * 40),  # needs approval
+        ("c2", "/ok", "small"),  # allowed
+        ("c3", "/etc/x", "z"),  # denied
+        ("c4", "/q", "z" * 40),  # needs approval
+    )
+    out = graph.invoke(START, CFG)
+    (pending,) = out["__interrupt__"]  # one interrupt for the turn
+    value = pending.value
+    assert [a["args"]["path"] for a in value["action_requests"]] == ["/p", "/q"]
+    assert len(value["review_configs"]) == 2 and len(value["klockwork"]["approval_ids"]) == 2
+    assert files.written == []  # nothing runs while the turn waits
+    with pytest.raises(ValidationError, match="Number of human decisions"):
+        graph.invoke(Command(resume={"decisions": [{"type": "approve"}], "approver": "alice"}), CFG)
+    decisions = [{"type": "approve"}, {"type": "reject", "message": "not /q"}]
+    out = graph.invoke(Command(resume={"decisions": decisions, "approver": "alice"}), CFG)
+    by_id = {m.tool_call_id: m for m in tool_messages(out)}
+    assert by_id["c1"].status == "success" and by_id["c2"].status == "success"
+    assert by_id["c3"].status == "error" and "no-etc" in str(by_id["c3"].content)
+    assert by_id["c4"].status == "error" and "do not retry" in str(by_id["c4"].content)
+    assert sorted(p for p, _ in files.written) == ["/ok", "/p"]
+    # the re-runs asked nothing again: two approvals, one request each, two leases
+    assert len(gkw.approvals.list(status=None)) == 2
+    assert kinds(gkw).count("action.requested") == 2
+    assert kinds(gkw).count("lease.granted") == 2
+
+
+def test_an_edit_that_still_needs_approval_asks_again_in_a_second_round(gkw: Klockwork) -> None:
     files = Files(gkw)
     graph = hitl_graph(gkw, files, ("c1", "/p", "y" * 40), ("c2", "/q", "z" * 40))
-    out = graph.invoke(START, CFG)
-    interrupts = out["__interrupt__"]
-    assert len(interrupts) == 2  # one per call, this round
-    answers = {i.id: {"decisions": [{"type": "approve"}], "approver": "alice"} for i in interrupts}
-    out = graph.invoke(Command(resume=answers), CFG)
-    assert sorted(p for p, _ in files.written) == ["/p", "/q"]
-    assert len(gkw.approvals.list(status=None)) == 2
+    graph.invoke(START, CFG)
+    edit = {"name": "write_file", "args": {"path": "/r", "text": "w" * 40}}
+    decisions = [{"type": "edit", "edited_action": edit}, {"type": "approve"}]
+    out = graph.invoke(Command(resume={"decisions": decisions, "approver": "bob"}), CFG)
+    (again,) = out["__interrupt__"]
+    assert [a["args"]["path"] for a in again.value["action_requests"]] == ["/r"]
+    assert files.written == []
+    out = graph.invoke(
+        Command(resume={"decisions": [{"type": "approve"}], "approver": "alice"}), CFG
+    )
+    assert sorted(p for p, _ in files.written) == ["/q", "/r"]
+    assert len(gkw.approvals.list(status=None)) == 3
+
+
+def test_an_approval_decided_out_of_band_wins(gkw: Klockwork) -> None:
+    files = Files(gkw)
+    graph = hitl_graph(gkw, files, ("c1", "/p", "y" * 40))
+    value = graph.invoke(START, CFG)["__interrupt__"][0].value
+    gkw.approvals.deny(value["klockwork"]["approval_ids"][0], "alice", "no")
+    out = graph.invoke(Command(resume={"decisions": [{"type": "approve"}], "approver": "bob"}), CFG)
+    assert tool_messages(out)[0].status == "error" and files.written == []
 
 
 def test_async_checkpointed_approve(gkw: Klockwork) -> None:
@@ -343,3 +388,15 @@ def test_async_checkpointed_approve(gkw: Klockwork) -> None:
     out = asyncio.run(run())
     assert tool_messages(out)[0].content == "wrote /big"
     assert kinds(gkw).count("action.requested") == 1
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_approval_nobody_answers_in_time_is_an_error_message(gkw: Klockwork, mode: str) -> None:
+    files = Files(gkw)
+    graph = build(gkw, files, turn(("c1", "/big", "x" * 40)), gates=GATES, approval_timeout_s=0.2)
+    cfg = agent_config(AGENT)
+    out = graph.invoke(START, cfg) if mode == "sync" else asyncio.run(graph.ainvoke(START, cfg))
+    (message,) = tool_messages(out)
+    assert message.status == "error" and "still pending" in str(message.content)
+    assert files.written == [] and gkw.leases.list() == []
+    assert out["messages"][-1].content == "Done."

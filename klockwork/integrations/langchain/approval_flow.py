@@ -55,6 +55,8 @@ __all__ = [
     "RESUME_SHAPE",
     "ApprovalResponse",
     "GateOutcome",
+    "answering",
+    "apply_answer",
     "approval_request",
     "checkpointed_run",
     "interrupt_until_decided",
@@ -249,27 +251,18 @@ def interrupt_until_decided(
     while answer.pending or answer.replaced_by is not None:
         value = approval_request(answer, agent_id=agent_id, args={**dict(args or {}), **edits})
         answered: list[GateAnswer] = []
-        audit_event_id = answer.result.audit_event_id or ""
 
         def hook(
-            given: ApprovalResponse, answered: list[GateAnswer] = answered, on: str = audit_event_id
+            given: ApprovalResponse, answered: list[GateAnswer] = answered, on: GateAnswer = answer
         ) -> None:
-            edited = None
-            if given.type == "edit":
-                if check_args is not None:
-                    check_args(given.args or {})
-                if metadata_for is not None:
-                    edited = dict(metadata_for({**dict(args or {}), **edits, **(given.args or {})}))
-            decision: Literal["approve", "reject", "edit"] = (
-                "reject" if given.type == "reject" else "edit" if edited else "approve"
-            )
             answered.append(
-                kw.gates.answer(
+                apply_answer(
+                    kw,
                     on,
-                    given.approver,
-                    decision,
-                    given.message,
-                    edited=edited,
+                    given,
+                    args={**dict(args or {}), **edits},
+                    check_args=check_args,
+                    metadata_for=metadata_for,
                 )
             )
 
@@ -285,6 +278,39 @@ def interrupt_until_decided(
         if response.type == "edit" and response.args:
             edits.update(response.args)
     return GateOutcome(answer, response, edits)
+
+
+def apply_answer(
+    kw: Klockwork,
+    answer: GateAnswer,
+    given: ApprovalResponse,
+    *,
+    args: Mapping[str, Any],
+    check_args: Callable[[dict[str, Any]], None] | None = None,
+    metadata_for: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+) -> GateAnswer:
+    """Hand one human answer to ``kw.gates.answer``; return the gate's new answer.
+
+    ``args`` are the call's arguments as they stand (earlier edits applied);
+    an edit is checked (``check_args``) and judged as the action it makes
+    (``metadata_for``), see :func:`interrupt_until_decided`.
+    """
+    edited = None
+    if given.type == "edit":
+        if check_args is not None:
+            check_args(given.args or {})
+        if metadata_for is not None:
+            edited = dict(metadata_for({**dict(args), **(given.args or {})}))
+    decision: Literal["approve", "reject", "edit"] = (
+        "reject" if given.type == "reject" else "edit" if edited else "approve"
+    )
+    return kw.gates.answer(
+        answer.result.audit_event_id or "", given.approver, decision, given.message, edited=edited
+    )
+
+
+#: Set what validating an :class:`ApprovalResponse` does with it (a context manager).
+answering = _answering
 
 
 def json_safe(value: Any) -> Any:

@@ -8,12 +8,14 @@ node share this one implementation. For each tool call:
 
 1. **the gate** (if the tool is gated): ``kw.gates`` judges the action with
    metadata ``{"tool": name, "args": {...}}`` merged with the configured
-   metadata. In a checkpointed LangGraph run an approval is an
-   ``interrupt()`` shaped as LangChain's ``HITLRequest`` (:mod:`.hitl`),
-   idempotent on resume (the gate's event id comes from the run and the
-   tool call id, see :mod:`.approval_flow`); an edit is judged again (deny
-   wins) and runs with the edited arguments. Elsewhere the call waits for
-   the approval (``kw.gates.gate`` / ``agate``);
+   metadata. A decision the middleware already took for the whole model
+   turn (:mod:`.turn_approvals`, kept in the agent state) is used as is.
+   Otherwise, in a checkpointed LangGraph run an approval is an
+   ``interrupt()`` for this call, shaped as LangChain's ``HITLRequest``
+   (:mod:`.hitl`), idempotent on resume (the gate's event id comes from the
+   run and the tool call id, see :mod:`.approval_flow`); an edit is judged
+   again (deny wins) and runs with the edited arguments. Elsewhere the
+   call waits for the approval (``kw.gates.gate`` / ``agate``);
 2. **the lease** (if the tool names resources): its resources are resolved
    from the (possibly edited) arguments and held in a sub-session of the
    caller's (:func:`.identity.call_session`), so parallel calls of one
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, TypedDict
 
 from langchain_core.messages import ToolMessage
 from langchain_core.tools import BaseTool
@@ -60,7 +62,7 @@ from klockwork.integrations.langchain.approval_flow import (
 from klockwork.integrations.langchain.errors import ToolArgumentError, conflict_from_timeout
 from klockwork.integrations.langchain.gating import args_checker
 from klockwork.integrations.langchain.guard import EngineLeases
-from klockwork.integrations.langchain.hitl import HITLResume, hitl_request
+from klockwork.integrations.langchain.hitl import HITLResume, expecting, hitl_request
 from klockwork.integrations.langchain.identity import Identity, active_call, resolve_identity
 from klockwork.integrations.langchain.resources import (
     ArgumentProblem,
@@ -68,7 +70,15 @@ from klockwork.integrations.langchain.resources import (
     template_resolver,
 )
 
-__all__ = ["DEFAULT_TIMEOUT_S", "GateSpec", "ToolCallCoordinator", "ToolResourceSpec"]
+__all__ = [
+    "DECIDED_KEY",
+    "DEFAULT_TIMEOUT_S",
+    "REJECTED",
+    "GateDecision",
+    "GateSpec",
+    "ToolCallCoordinator",
+    "ToolResourceSpec",
+]
 
 DEFAULT_TIMEOUT_S = 30.0
 Result = ToolMessage | Command[Any]
@@ -78,10 +88,23 @@ AsyncHandler = Callable[[ToolCallRequest], Awaitable[Result]]
 ToolResourceSpec = Any
 #: ``"action"`` or ``{"action": ..., "metadata": dict | callable(args)}``.
 GateSpec = str | Mapping[str, Any]
-_REJECTED = (
+REJECTED = (
     " A reviewer rejected this call: do not retry it, or a variant of it, unless the "
     "user asks for it; continue with something else or ask the user."
 )
+
+
+#: The agent-state key where the turn's gate decisions are kept (:mod:`.turn_approvals`).
+DECIDED_KEY = "klockwork_decided"
+
+
+class GateDecision(TypedDict):
+    """What the gate decided about one tool call of a turn (kept in the agent state)."""
+
+    status: Literal["executed", "denied", "respond"]
+    gate: str | None
+    args: dict[str, Any]
+    text: str
 
 
 class _Gate(NamedTuple):
@@ -218,7 +241,7 @@ class ToolCallCoordinator:
         config = getattr(runtime, "config", None) if runtime is not None else None
         return resolve_identity(config, agent_id=self.agent_id)
 
-    def _metadata(self, gate: _Gate, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    def gate_metadata(self, gate: _Gate, name: str, args: dict[str, Any]) -> dict[str, Any]:
         meta: dict[str, Any] = {"tool": name, "args": json_safe(args)}
         extra = gate.metadata(dict(args)) if callable(gate.metadata) else gate.metadata
         if extra is not None:
@@ -260,7 +283,7 @@ class ToolCallCoordinator:
         if isinstance(exc, ApprovalTimeoutError):
             return f"{action} was not run: {exc} The approval is still pending; try later."
         text = str(exc)
-        return text + _REJECTED if exc.reason == "DENIED_BY_REVIEWER" else text
+        return text + REJECTED if exc.reason == "DENIED_BY_REVIEWER" else text
 
     def _in_run(
         self,
@@ -275,23 +298,24 @@ class ToolCallCoordinator:
         answer = kw.gates.ask(
             ident.agent_id,
             gate.action,
-            self._metadata(gate, name, args),
+            self.gate_metadata(gate, name, args),
             run_event_id(conf, gate.action, call_id or None),
             session_id=ident.session_id,
         )
         resumed: list[HITLResume] = []
         tool = request.tool
-        outcome = interrupt_until_decided(
-            kw,
-            answer,
-            agent_id=ident.agent_id,
-            args=args,
-            check_args=None if tool is None else args_checker(tool, args),
-            metadata_for=lambda edited: self._metadata(gate, name, edited),
-            present=lambda value: hitl_request(value, tool=name),
-            resume_schema=HITLResume,
-            on_resumed=resumed.append,
-        )
+        with expecting(1):
+            outcome = interrupt_until_decided(
+                kw,
+                answer,
+                agent_id=ident.agent_id,
+                args=args,
+                check_args=None if tool is None else args_checker(tool, args),
+                metadata_for=lambda edited: self.gate_metadata(gate, name, edited),
+                present=lambda value: hitl_request((name, value)),
+                resume_schema=HITLResume,
+                on_resumed=resumed.append,
+            )
         answer = outcome.answer
         if answer.result.status == "denied":
             last = resumed[-1] if resumed else None
@@ -301,11 +325,28 @@ class ToolCallCoordinator:
             return _error(request, self._refusal(answer.denied_error(), gate.action))
         return _Decided({**args, **outcome.edits}, answer.result.audit_event_id)
 
+    def _from_turn(self, request: ToolCallRequest) -> _Decided | ToolMessage | None:
+        """What :mod:`.turn_approvals` decided for this call already, if it did."""
+        state = request.state
+        decided = state.get(DECIDED_KEY) if isinstance(state, Mapping) else None
+        entry: GateDecision | None = (decided or {}).get(request.tool_call["id"] or "")
+        if entry is None:
+            return None
+        if entry["status"] == "executed":
+            return _Decided(dict(entry["args"]), entry["gate"])
+        if entry["status"] == "respond":
+            call = request.tool_call
+            return ToolMessage(entry["text"], tool_call_id=call["id"] or "", name=call["name"])
+        return _error(request, entry["text"])
+
     def _decide(self, request: ToolCallRequest, ident: Identity) -> _Decided | ToolMessage:
         args = dict(request.tool_call["args"])
         gate = self.gates.get(request.tool_call["name"])
         if gate is None:
             return _Decided(args, None)
+        turn = self._from_turn(request)
+        if turn is not None:
+            return turn
         conf = checkpointed_run()
         if conf is not None:
             return self._in_run(request, gate, ident, args, conf)
@@ -313,7 +354,7 @@ class ToolCallCoordinator:
             result = self.kw.gates.gate(
                 ident.agent_id,
                 gate.action,
-                self._metadata(gate, request.tool_call["name"], args),
+                self.gate_metadata(gate, request.tool_call["name"], args),
                 None,
                 self.approval_timeout_s,
                 session_id=ident.session_id,
@@ -327,6 +368,9 @@ class ToolCallCoordinator:
         gate = self.gates.get(request.tool_call["name"])
         if gate is None:
             return _Decided(args, None)
+        turn = self._from_turn(request)
+        if turn is not None:
+            return turn
         kw = self.kw
         conf = checkpointed_run()
         if conf is not None:
@@ -337,7 +381,7 @@ class ToolCallCoordinator:
             result = await kw.gates.agate(
                 ident.agent_id,
                 gate.action,
-                self._metadata(gate, request.tool_call["name"], args),
+                self.gate_metadata(gate, request.tool_call["name"], args),
                 None,
                 self.approval_timeout_s,
                 session_id=ident.session_id,

@@ -27,13 +27,22 @@ and the run paused.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from klockwork.integrations.langchain.approval_flow import ApprovalResponse
 
-__all__ = ["HITL_DECISIONS", "HITL_RESUME_SHAPE", "HITLResume", "hitl_request"]
+__all__ = [
+    "HITL_DECISIONS",
+    "HITL_RESUME_SHAPE",
+    "HITLResume",
+    "expecting",
+    "hitl_request",
+]
 
 HITL_DECISIONS = ("approve", "edit", "reject", "respond")
 HITL_RESUME_SHAPE = (
@@ -44,18 +53,32 @@ HITL_RESUME_SHAPE = (
 )
 
 
+#: How many decisions the interrupt being resumed asked for (one per action request).
+_EXPECTED: ContextVar[int] = ContextVar("klockwork_hitl_expected", default=1)
+
+
+@contextmanager
+def expecting(count: int) -> Iterator[None]:
+    """Validate resume values against ``count`` action requests inside the block."""
+    token = _EXPECTED.set(count)
+    try:
+        yield
+    finally:
+        _EXPECTED.reset(token)
+
+
 class HITLResume(BaseModel):
     """A ``HITLResponse`` with the approver: the resume value of a klockwork HITL interrupt.
 
-    Validating it applies the decision (through the :class:`ApprovalResponse`
-    it builds), so a refused approver raises while LangGraph validates the
-    resume value, before anything is stored.
+    Validating it applies the decisions in order (through the
+    :class:`ApprovalResponse` each builds), so a refused approver raises
+    while LangGraph validates the resume value, before anything is stored.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    decisions: list[dict[str, Any]] = Field(min_length=1, max_length=1)
+    decisions: list[dict[str, Any]] = Field(min_length=1)
     approver: str = Field(min_length=1)
-    _approval: ApprovalResponse | None = PrivateAttr(default=None)
+    _approvals: list[ApprovalResponse] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -66,7 +89,19 @@ class HITLResume(BaseModel):
 
     @model_validator(mode="after")
     def _apply(self) -> HITLResume:
-        decision = self.decisions[0]
+        expected = _EXPECTED.get()
+        if len(self.decisions) != expected:
+            raise ValueError(
+                f"Number of human decisions ({len(self.decisions)}) does not match number "
+                f"of action requests ({expected}). {HITL_RESUME_SHAPE}"
+            )
+        responses = [self._response(decision) for decision in self.decisions]
+        # Building the ApprovalResponses applies them (approval_flow's hook), in
+        # order: here, inside LangGraph's validation of the resume value.
+        self._approvals = [ApprovalResponse(**r) for r in responses]
+        return self
+
+    def _response(self, decision: dict[str, Any]) -> dict[str, Any]:
         kind = decision.get("type")
         if kind not in HITL_DECISIONS:
             raise ValueError(f"unknown decision type {kind!r}. {HITL_RESUME_SHAPE}")
@@ -77,53 +112,63 @@ class HITLResume(BaseModel):
         if kind == "edit":
             edited = decision.get("edited_action")
             if not isinstance(edited, dict) or not isinstance(edited.get("args"), dict):
-                raise ValueError(f"an 'edit' needs 'edited_action': {{'name', 'args'}}. "
-                                 f"{HITL_RESUME_SHAPE}")  # fmt: skip
+                raise ValueError(
+                    f"an 'edit' needs 'edited_action': {{'name', 'args'}}. {HITL_RESUME_SHAPE}"
+                )
             args = edited["args"]
         if kind == "respond" and not message:
             raise ValueError(
                 f"a 'respond' needs 'message' (the tool's answer). {HITL_RESUME_SHAPE}"
             )
-        # Building the ApprovalResponse applies it (approval_flow's hook): here,
-        # inside LangGraph's validation of the resume value.
-        self._approval = ApprovalResponse(
-            type="edit" if kind == "edit" else "approve" if kind == "approve" else "reject",
-            approver=self.approver,
-            message=message,
-            args=args,
-        )
-        return self
+        return {
+            "type": "edit" if kind == "edit" else "approve" if kind == "approve" else "reject",
+            "approver": self.approver,
+            "message": message,
+            "args": args,
+        }
 
     @property
     def kind(self) -> Literal["approve", "edit", "reject", "respond"]:
-        """The decision's type."""
-        kind: Any = self.decisions[0]["type"]
+        """The (first) decision's type."""
+        return self.kind_of(0)
+
+    def kind_of(self, index: int) -> Literal["approve", "edit", "reject", "respond"]:
+        """The type of decision ``index``."""
+        kind: Any = self.decisions[index]["type"]
         return kind  # type: ignore[no-any-return]
 
-    @property
-    def edited_name(self) -> str | None:
-        """For an edit: the tool name the approver wrote, if any."""
-        edited = self.decisions[0].get("edited_action") or {}
-        name = edited.get("name") if isinstance(edited, dict) else None
-        return name if isinstance(name, str) else None
-
     def approval(self) -> ApprovalResponse:
-        """The klockwork answer this decision was applied as."""
-        assert self._approval is not None
-        return self._approval
+        """The klockwork answer the (first) decision was applied as."""
+        return self._approvals[0]
+
+    def approvals(self) -> list[ApprovalResponse]:
+        """The klockwork answers, one per decision, in order."""
+        return list(self._approvals)
 
 
-def hitl_request(value: dict[str, Any], *, tool: str, description: str = "") -> dict[str, Any]:
-    """The ``HITLRequest``-shaped interrupt value for klockwork's approval request ``value``."""
-    text = value.get("message") or ""
+def hitl_request(*requests: tuple[str, dict[str, Any]], description: str = "") -> dict[str, Any]:
+    """The ``HITLRequest``-shaped interrupt value for klockwork approval requests.
+
+    Args:
+        requests: ``(tool name, value)`` per action, ``value`` being
+            :func:`~.approval_flow.approval_request`'s.
+        description: overrides each action's description (default: its message).
+    """
     return {
         "action_requests": [
-            {"name": tool, "args": value.get("args", {}), "description": description or text}
+            {
+                "name": tool,
+                "args": value.get("args", {}),
+                "description": description or value.get("message") or "",
+            }
+            for tool, value in requests
         ],
-        "review_configs": [{"action_name": tool, "allowed_decisions": list(HITL_DECISIONS)}],
+        "review_configs": [
+            {"action_name": tool, "allowed_decisions": list(HITL_DECISIONS)} for tool, _ in requests
+        ],
         "klockwork": {
-            "approval_ids": [value["approval_id"]],
-            "approvals": [value],
+            "approval_ids": [value["approval_id"] for _, value in requests],
+            "approvals": [value for _, value in requests],
             "resume": HITL_RESUME_SHAPE,
         },
     }

@@ -24,11 +24,13 @@ leases; the per-call logic is :class:`~.coordination.ToolCallCoordinator`'s
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from langchain.agents.middleware.types import AgentMiddleware, ToolCallRequest
 from langchain_core.messages import ToolMessage
+from langgraph.runtime import Runtime
 from langgraph.types import Command
 
 from klockwork.core.engine import Klockwork
@@ -39,6 +41,7 @@ from klockwork.integrations.langchain.coordination import (
     ToolCallCoordinator,
     ToolResourceSpec,
 )
+from klockwork.integrations.langchain.turn_approvals import KlockworkState, approve_turn
 
 __all__ = ["KlockworkMiddleware"]
 
@@ -53,12 +56,12 @@ class KlockworkMiddleware(AgentMiddleware):
     end as ``ToolMessage(status="error")`` telling the model what happened
     and what to do; they never end the run.
 
-    Approvals: in a run with a checkpointer the call interrupts with a
-    LangChain ``HITLRequest``-shaped value plus a ``klockwork`` field, and is
-    resumed with ``{"decisions": [...], "approver": "alice"}`` (see
-    :mod:`.hitl`); one interrupt per tool call (parallel calls of a turn
-    each raise their own, resumed together by interrupt id). Without a
-    checkpointer the call waits for the approval (``approval_timeout_s``).
+    Approvals: in a run with a checkpointer, one interrupt per model turn
+    for all the turn's calls that need one (:mod:`.turn_approvals`), shaped
+    as LangChain's ``HITLRequest`` plus a ``klockwork`` field, and resumed
+    with ``{"decisions": [one per action request], "approver": "alice"}``
+    (see :mod:`.hitl`). Without a checkpointer each call waits for its
+    approval (``approval_timeout_s``).
 
     Args:
         kw: the engine; ``Klockwork.default()`` when None (looked up per call).
@@ -84,6 +87,8 @@ class KlockworkMiddleware(AgentMiddleware):
     Raises:
         InvalidRequestError: an invalid option (at construction).
     """
+
+    state_schema = KlockworkState
 
     def __init__(
         self,
@@ -115,6 +120,16 @@ class KlockworkMiddleware(AgentMiddleware):
     def name(self) -> str:
         """The middleware's name in the agent graph."""
         return "KlockworkMiddleware"
+
+    def after_model(self, state: Any, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """Judge the turn's gated calls; one interrupt for those that need approval."""
+        return approve_turn(self.coordinator, state)
+
+    async def aafter_model(self, state: Any, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """Async twin of :meth:`after_model` (store calls off the loop on a blocking store)."""
+        if self.coordinator.kw.store.blocking_io:
+            return await asyncio.to_thread(approve_turn, self.coordinator, state)
+        return approve_turn(self.coordinator, state)
 
     def wrap_tool_call(
         self,

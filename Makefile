@@ -30,6 +30,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/approval_gate.py
 	$(BIN)/python examples/audited_agent.py
 	$(BIN)/python examples/handoff.py
+	$(BIN)/python examples/coding_team.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check klockwork tests examples benchmarks

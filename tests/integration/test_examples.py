@@ -50,3 +50,14 @@ def test_handoff_spreads_tasks_over_two_processes_redelivers_and_dead_letters() 
     assert "result  t2 (flaky) attempt 2: flaky done" in out
     assert "dead    t3 x2: cannot parse task t3: malformed input" in out
     assert "The hand-off held." in out
+
+
+def test_coding_team_keeps_both_edits_refuses_gates_approves_and_verifies() -> None:
+    out = run_example("coding_team.py")
+    assert re.search(r"backend +leased FILE:app.py \(fencing token \d\)", out)
+    assert re.search(r"frontend +leased FILE:app.py \(fencing token \d\)", out)
+    assert "def checkout(): ..." in out and "def render(): ..." in out
+    assert "POLICY_DENIED (policy 'no-untested-deploys')" in out
+    assert "tries to approve its own deploy: refused" in out
+    assert "lead       approves deploy" in out and "deployed to prod" in out
+    assert "FAIL" not in out and out.count("  ok   ") == 5

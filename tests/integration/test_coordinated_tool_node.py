@@ -182,3 +182,19 @@ def test_hitl_approval_in_a_checkpointed_graph(kw: Klockwork) -> None:
     out = g.invoke(Command(resume={"decisions": [{"type": "approve"}], "approver": "alice"}), cfg)
     assert tool_messages(out)[0].content == "edited /core.py"
     assert len(kw.approvals.list(status=None)) == 1
+
+
+def test_parallel_approvals_in_a_node_are_resumed_together_by_interrupt_id(kw: Klockwork) -> None:
+    kw.policies.add(Policy(name="ask", action="fs.edit", effect="require_approval"))
+    edits = Edits()
+    node = CoordinatedToolNode(
+        [edits.tool], kw, resources={"edit": "FILE:{path}"}, gates={"edit": "fs.edit"}
+    )
+    g = graph(node, calls(("c1", "/a", "a"), ("c2", "/b", "b")), send=True, saver=InMemorySaver())
+    cfg = agent_config(AGENT, thread_id="t-2")
+    interrupts = g.invoke(INPUT, cfg)["__interrupt__"]
+    assert len(interrupts) == 2 and edits.spans == {}
+    answer = {"decisions": [{"type": "approve"}], "approver": "alice"}
+    out = g.invoke(Command(resume={i.id: answer for i in interrupts}), cfg)
+    assert sorted(m.content for m in tool_messages(out)) == ["edited /a", "edited /b"]
+    assert len(kw.approvals.list(status=None)) == 2

@@ -17,6 +17,7 @@ from lc_helpers import scripted
 from pydantic import ValidationError
 
 from klockwork import Klockwork
+from klockwork.core.clock import ManualClock
 from klockwork.core.errors import InvalidRequestError, NotAnApproverError
 from klockwork.core.governance.policy import Condition, Policy
 from klockwork.integrations.langchain import KlockworkMiddleware, agent_config
@@ -400,3 +401,31 @@ def test_an_approval_nobody_answers_in_time_is_an_error_message(gkw: Klockwork, 
     assert message.status == "error" and "still pending" in str(message.content)
     assert files.written == [] and gkw.leases.list() == []
     assert out["messages"][-1].content == "Done."
+
+
+def test_an_approval_past_its_deadline_refuses_on_resume() -> None:
+    clock = ManualClock(1_700_000_000_000)
+    kw = Klockwork(clock=clock)
+    kw.policies.add(
+        Policy(
+            name="big-writes",
+            action="fs.write",
+            effect="allow",
+            conditions=[Condition(field="size", operator="lte", value=10)],
+            on_fail="require_approval",
+            approvers=["alice"],
+            approval_timeout_s=60,
+        )
+    )
+    files = Files(kw)
+    graph = hitl_graph(kw, files, ("c1", "/big", "x" * 40))
+    value = graph.invoke(START, CFG)["__interrupt__"][0].value
+    assert value["klockwork"]["approvals"][0]["deadline_ms"] == 1_700_000_060_000
+    clock.advance(61_000)
+    out = graph.invoke(
+        Command(resume={"decisions": [{"type": "approve"}], "approver": "alice"}), CFG
+    )
+    (message,) = tool_messages(out)
+    assert message.status == "error" and "APPROVAL_EXPIRED" in str(message.content)
+    assert files.written == []
+    kw.close()

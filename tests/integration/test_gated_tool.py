@@ -168,9 +168,7 @@ def test_an_edit_is_judged_again_and_one_that_still_needs_approval_asks_again(
             Command(resume={"type": "edit", "approver": "bob", "args": {"force": True}}), CFG
         )
     # Still 73 files: the edited action needs its own approval.
-    out = graph.invoke(
-        Command(resume={"type": "edit", "approver": "bob", "args": {"pr": 8}}), CFG
-    )
+    out = graph.invoke(Command(resume={"type": "edit", "approver": "bob", "args": {"pr": 8}}), CFG)
     assert merges.merged == []
     second = out["__interrupt__"][0].value
     assert second["approval_id"] != first and second["args"]["pr"] == 8  # asked about the edit

@@ -77,3 +77,36 @@ class TestDecoratedToolIntegration(ToolsIntegrationTests):
     @property
     def tool_invoke_params_example(self) -> dict[str, str]:
         return EXAMPLE
+
+
+# Tools used under KlockworkMiddleware: the middleware wraps the call, never
+# the tool object, so the very tool an agent was built with keeps passing.
+def _agent_tool() -> BaseTool:
+    from langchain.agents import create_agent
+    from lc_helpers import scripted
+
+    from klockwork.integrations.langchain import KlockworkMiddleware
+
+    middleware = KlockworkMiddleware(resources={"write_file": "FILE:{path}"})
+    create_agent(scripted("done"), tools=[write_file], middleware=[middleware])
+    return write_file
+
+
+class TestToolUnderMiddlewareUnit(ToolsUnitTests):
+    @property
+    def tool_constructor(self) -> BaseTool:
+        return _agent_tool()
+
+    @property
+    def tool_invoke_params_example(self) -> dict[str, str]:
+        return EXAMPLE
+
+
+class TestToolUnderMiddlewareIntegration(ToolsIntegrationTests):
+    @property
+    def tool_constructor(self) -> BaseTool:
+        return _agent_tool()
+
+    @property
+    def tool_invoke_params_example(self) -> dict[str, str]:
+        return EXAMPLE

@@ -69,6 +69,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_audit.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_peers.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_bus.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_middleware.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

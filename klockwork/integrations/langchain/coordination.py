@@ -206,6 +206,8 @@ class ToolCallCoordinator:
         self.approval_timeout_s = check_timeout(approval_timeout_s)
         self.audit = bool(audit)
         self.agent_id = agent_id
+        # id(tool) -> (tool, its argument defaults): see _defaults.
+        self._tool_defaults: dict[int, tuple[BaseTool, dict[str, Any]]] = {}
 
     @property
     def kw(self) -> Klockwork:
@@ -235,6 +237,24 @@ class ToolCallCoordinator:
                 f"(its arguments: {', '.join(tool.args) or 'none'})",
             )
 
+    def _defaults(self, tool: BaseTool, parts: list[tuple[Resolver, Predicate]]) -> dict[str, Any]:
+        """The tool's argument defaults, its fields checked once per tool.
+
+        ``tool.args`` rebuilds the tool's JSON schema on every read: read it
+        the first time a tool is seen (tools live as long as their agent).
+        """
+        known = self._tool_defaults.get(id(tool))
+        if known is not None and known[0] is tool:
+            return known[1]
+        self._check_fields(tool, parts)
+        defaults = {
+            field: schema["default"]
+            for field, schema in tool.args.items()
+            if isinstance(schema, Mapping) and "default" in schema
+        }
+        self._tool_defaults[id(tool)] = (tool, defaults)
+        return defaults
+
     # -- the parts of one call ----------------------------------------------------------
     def _identity(self, request: ToolCallRequest) -> Identity:
         runtime = request.runtime
@@ -259,10 +279,8 @@ class ToolCallCoordinator:
         tool = request.tool
         arguments = dict(args)
         if tool is not None:
-            self._check_fields(tool, parts)
-            for field, schema in tool.args.items():  # defaults the model left out
-                if field not in arguments and isinstance(schema, Mapping) and "default" in schema:
-                    arguments[field] = schema["default"]
+            for field, default in self._defaults(tool, parts).items():
+                arguments.setdefault(field, default)  # defaults the model left out
         intents: list[tuple[str, Predicate]] = []
         labels: list[str] = []
         for resolver, predicate in parts:

@@ -429,3 +429,20 @@ def test_an_approval_past_its_deadline_refuses_on_resume() -> None:
     assert message.status == "error" and "APPROVAL_EXPIRED" in str(message.content)
     assert files.written == []
     kw.close()
+
+
+def test_only_a_middleware_with_gates_adds_the_turn_approval_node() -> None:
+    @tool
+    def touch(path: str) -> str:
+        """Touch a file."""
+        return path
+
+    leases_only = KlockworkMiddleware(resources={"touch": "FILE:{path}"})
+    gated = KlockworkMiddleware(resources={"touch": "FILE:{path}"}, gates={"touch": "fs.touch"})
+    assert isinstance(gated, KlockworkMiddleware) and gated.name == leases_only.name
+    nodes = [
+        list(create_agent(scripted("done"), tools=[touch], middleware=[m]).get_graph().nodes)
+        for m in (leases_only, gated)
+    ]
+    assert "KlockworkMiddleware.after_model" not in nodes[0]  # no extra node per model call
+    assert "KlockworkMiddleware.after_model" in nodes[1]

@@ -90,6 +90,15 @@ class KlockworkMiddleware(AgentMiddleware):
 
     state_schema = KlockworkState
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> KlockworkMiddleware:
+        # create_agent adds a graph node for every middleware that overrides
+        # after_model, and every model call then passes through it (~0.5 ms
+        # here). Only gates can need the turn's approvals: without them the
+        # middleware is built without the hook.
+        if cls is KlockworkMiddleware and kwargs.get("gates"):
+            cls = _TurnApprovalsMiddleware
+        return super().__new__(cls)
+
     def __init__(
         self,
         kw: Klockwork | None = None,
@@ -121,16 +130,6 @@ class KlockworkMiddleware(AgentMiddleware):
         """The middleware's name in the agent graph."""
         return "KlockworkMiddleware"
 
-    def after_model(self, state: Any, runtime: Runtime[Any]) -> dict[str, Any] | None:
-        """Judge the turn's gated calls; one interrupt for those that need approval."""
-        return approve_turn(self.coordinator, state)
-
-    async def aafter_model(self, state: Any, runtime: Runtime[Any]) -> dict[str, Any] | None:
-        """Async twin of :meth:`after_model` (store calls off the loop on a blocking store)."""
-        if self.coordinator.kw.store.blocking_io:
-            return await asyncio.to_thread(approve_turn, self.coordinator, state)
-        return approve_turn(self.coordinator, state)
-
     def wrap_tool_call(
         self,
         request: ToolCallRequest,
@@ -146,3 +145,17 @@ class KlockworkMiddleware(AgentMiddleware):
     ) -> ToolMessage | Command[Any]:
         """Async twin of :meth:`wrap_tool_call`: waiting never blocks the event loop."""
         return await self.coordinator.awrap(request, handler)
+
+
+class _TurnApprovalsMiddleware(KlockworkMiddleware):
+    """A :class:`KlockworkMiddleware` with gates: it also judges each model turn's calls."""
+
+    def after_model(self, state: Any, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """Judge the turn's gated calls; one interrupt for those that need approval."""
+        return approve_turn(self.coordinator, state)
+
+    async def aafter_model(self, state: Any, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """Async twin of :meth:`after_model` (store calls off the loop on a blocking store)."""
+        if self.coordinator.kw.store.blocking_io:
+            return await asyncio.to_thread(approve_turn, self.coordinator, state)
+        return approve_turn(self.coordinator, state)

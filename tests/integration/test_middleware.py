@@ -152,6 +152,42 @@ def test_parallel_calls_on_one_file_are_serialised_on_two_files_overlap(
     assert overlap(files.spans["three"], files.spans["four"])
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_calls_on_one_file_take_it_in_the_order_the_model_listed_them(
+    kw: Klockwork, mode: str
+) -> None:
+    for _ in range(3):  # whichever thread or task LangGraph starts first
+        files = Files(kw, delay_s=0.02)
+        listed = ["first", "second", "third", "fourth"]
+        # c-ids sort in reverse: nothing but the listed order can explain the result
+        calls = [(f"c{9 - i}", "/same", text) for i, text in enumerate(listed)]
+        graph = build(kw, files, turn(*calls), turn(("c0", "/other", "alone")))
+        cfg = agent_config(AGENT, "s1")
+        out = graph.invoke(START, cfg) if mode == "sync" else asyncio.run(graph.ainvoke(START, cfg))
+        assert [m.status for m in tool_messages(out)] == ["success"] * 5
+        same = [text for path, text in files.written if path == "/same"]
+        assert same == listed
+
+
+def test_a_later_call_does_not_wait_for_an_earlier_one_that_finished_before_a_resume(
+    kw: Klockwork,
+) -> None:
+    from klockwork.integrations.langchain.turn_order import TurnOrder
+
+    order = TurnOrder()
+    ai = turn(("c1", "/same", "a"), ("c2", "/same", "b"))
+    state = {"messages": [ai]}
+    first = order.place(state, ai.tool_calls[0], {"FILE:/same"}, lambda c: {"FILE:/same"})
+    assert first is not None and first.followed and first.before == ()
+    order.finished(first, kw)  # the first run: c1 finished, then the run paused
+    resumed = TurnOrder()  # a new process: nothing in memory, the store remembers
+    second = resumed.place(state, ai.tool_calls[1], {"FILE:/same"}, lambda c: {"FILE:/same"})
+    assert second is not None and second.before == (f"{ai.id or ''}/c1",)
+    started = time.monotonic()
+    resumed.wait(second, kw, timeout_s=5)
+    assert time.monotonic() - started < 1
+
+
 def test_a_bad_path_and_a_busy_file_are_error_messages_and_the_run_goes_on(kw: Klockwork) -> None:
     files = Files(kw)
     held = kw.leases.acquire("other", "s", [("FILE:/busy", "MUTATES")], 60_000)

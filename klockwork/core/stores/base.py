@@ -152,7 +152,7 @@ DEFAULT_RETAIN = 100_000
 #: How many of the newest entries an in-memory audit log keeps (about 40 MB).
 DEFAULT_AUDIT_RETAIN = 100_000
 #: Record kinds retention prunes (their settled records only).
-RETAINED_KINDS = ("gate", "approval", "bus.await")
+RETAINED_KINDS = ("gate", "approval", "bus.await", "tool_call")
 #: Statuses of records still in play: never pruned.
 UNSETTLED_STATUSES = frozenset({"requested", "pending"})
 

@@ -69,6 +69,7 @@ from klockwork.integrations.langchain.resources import (
     Resolver,
     template_resolver,
 )
+from klockwork.integrations.langchain.turn_order import CallOrder, TurnOrder
 
 __all__ = [
     "DECIDED_KEY",
@@ -206,6 +207,7 @@ class ToolCallCoordinator:
         self.approval_timeout_s = check_timeout(approval_timeout_s)
         self.audit = bool(audit)
         self.agent_id = agent_id
+        self._order = TurnOrder()
         # id(tool) -> (tool, its argument defaults): see _defaults.
         self._tool_defaults: dict[int, tuple[BaseTool, dict[str, Any]]] = {}
 
@@ -274,9 +276,12 @@ class ToolCallCoordinator:
         self, request: ToolCallRequest, args: dict[str, Any]
     ) -> tuple[list[tuple[str, Predicate]], list[str], str]:
         """The call's intents, keys and label; raises ToolArgumentError for the model."""
-        name = request.tool_call["name"]
+        return self._intents_for(request.tool_call["name"], request.tool, args)
+
+    def _intents_for(
+        self, name: str, tool: BaseTool | None, args: Mapping[str, Any]
+    ) -> tuple[list[tuple[str, Predicate]], list[str], str]:
         parts = self.resources[name]
-        tool = request.tool
         arguments = dict(args)
         if tool is not None:
             for field, default in self._defaults(tool, parts).items():
@@ -435,12 +440,39 @@ class ToolCallCoordinator:
             failed = isinstance(result, ToolMessage) and result.status == "error"
             self.kw.gates.report(decided.audit_event_id, "failure" if failed else "success")
 
+    def _place(self, request: ToolCallRequest) -> CallOrder | None:
+        """Where this call stands among its turn's calls on the same resources (see turn_order)."""
+        call = request.tool_call
+        if call["name"] not in self.resources:
+            return None
+
+        def keys_of(other: Mapping[str, Any]) -> set[str]:
+            if other.get("name") not in self.resources:
+                return set()
+            tool = request.tool if other.get("name") == call["name"] else None
+            try:
+                return set(self._intents_for(other["name"], tool, other.get("args") or {})[1])
+            except (ToolArgumentError, InvalidRequestError):
+                return set()  # a call that makes no resource waits for nothing
+
+        mine = keys_of(call)
+        return self._order.place(request.state, call, mine, keys_of) if mine else None
+
     # -- the hooks ----------------------------------------------------------------------
     def wrap(self, request: ToolCallRequest, handler: Handler) -> Result:
         """``wrap_tool_call``: gate, then lease, around ``handler(request)``."""
         name = request.tool_call["name"]
         if name not in self.gates and name not in self.resources:
             return handler(request)
+        order = self._place(request)
+        try:
+            return self._wrap(request, handler, order)
+        finally:
+            if order is not None:
+                self._order.finished(order, self.kw)
+
+    def _wrap(self, request: ToolCallRequest, handler: Handler, order: CallOrder | None) -> Result:
+        name = request.tool_call["name"]
         ident = self._identity(request)
         decided = self._decide(request, ident)
         if isinstance(decided, ToolMessage):
@@ -454,6 +486,8 @@ class ToolCallCoordinator:
             except ToolArgumentError as exc:
                 return _error(request, str(exc))
             lease_ident = self._leases.identity(ident)
+            if order is not None:
+                self._order.wait(order, self.kw, self.timeout_s)
             acquired = False
             try:
                 with self._leases.hold(lease_ident, intents, self.ttl_ms, self.timeout_s):
@@ -472,6 +506,17 @@ class ToolCallCoordinator:
         name = request.tool_call["name"]
         if name not in self.gates and name not in self.resources:
             return await handler(request)
+        order = self._place(request)
+        try:
+            return await self._awrap(request, handler, order)
+        finally:
+            if order is not None:
+                await self.kw.store.run_io(self._order.finished, order, self.kw)
+
+    async def _awrap(
+        self, request: ToolCallRequest, handler: AsyncHandler, order: CallOrder | None
+    ) -> Result:
+        name = request.tool_call["name"]
         ident = self._identity(request)
         decided = await self._adecide(request, ident)
         if isinstance(decided, ToolMessage):
@@ -485,6 +530,8 @@ class ToolCallCoordinator:
             except ToolArgumentError as exc:
                 return _error(request, str(exc))
             lease_ident = self._leases.identity(ident)
+            if order is not None:
+                await self._order.await_(order, self.kw, self.timeout_s)
             acquired = False
             try:
                 async with self._leases.ahold(lease_ident, intents, self.ttl_ms, self.timeout_s):

@@ -482,3 +482,20 @@ def test_only_a_middleware_with_gates_adds_the_turn_approval_node() -> None:
     ]
     assert "KlockworkMiddleware.after_model" not in nodes[0]  # no extra node per model call
     assert "KlockworkMiddleware.after_model" in nodes[1]
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_arguments_that_break_the_gates_metadata_callable_are_an_error_message(
+    gkw: Klockwork, checkpointed: bool
+) -> None:
+    files = Files(gkw)
+    bad = AIMessage(
+        "", tool_calls=[{"name": "write_file", "args": {"path": "/a"}, "id": "c1"}]
+    )  # no "text": GATES' metadata callable reads a["text"]
+    saver = InMemorySaver() if checkpointed else None
+    graph = build(gkw, files, bad, saver=saver, gates=GATES)
+    cfg = agent_config(AGENT, "s1", thread_id="t-bad") if checkpointed else agent_config(AGENT)
+    out = graph.invoke(START, cfg)
+    [message] = tool_messages(out)
+    assert message.status == "error" and "gate" in message.content
+    assert files.written == []

@@ -265,7 +265,14 @@ class ToolCallCoordinator:
 
     def gate_metadata(self, gate: _Gate, name: str, args: dict[str, Any]) -> dict[str, Any]:
         meta: dict[str, Any] = {"tool": name, "args": json_safe(args)}
-        extra = gate.metadata(dict(args)) if callable(gate.metadata) else gate.metadata
+        extra = gate.metadata
+        if callable(extra):
+            try:
+                extra = extra(dict(args))
+            except Exception as exc:  # the model's arguments broke the user's callable
+                raise ToolArgumentError(
+                    name, "args", args, f"do not fit the tool's gate ({type(exc).__name__}: {exc})"
+                ) from exc
         if extra is not None:
             if not isinstance(extra, Mapping):
                 raise InvalidRequestError("metadata", extra, "the callable must return a dict")
@@ -474,7 +481,10 @@ class ToolCallCoordinator:
     def _wrap(self, request: ToolCallRequest, handler: Handler, order: CallOrder | None) -> Result:
         name = request.tool_call["name"]
         ident = self._identity(request)
-        decided = self._decide(request, ident)
+        try:
+            decided = self._decide(request, ident)
+        except ToolArgumentError as exc:
+            return _error(request, str(exc))
         if isinstance(decided, ToolMessage):
             return decided
         request = self._edited(request, decided)
@@ -518,7 +528,10 @@ class ToolCallCoordinator:
     ) -> Result:
         name = request.tool_call["name"]
         ident = self._identity(request)
-        decided = await self._adecide(request, ident)
+        try:
+            decided = await self._adecide(request, ident)
+        except ToolArgumentError as exc:
+            return _error(request, str(exc))
         if isinstance(decided, ToolMessage):
             return decided
         request = self._edited(request, decided)

@@ -44,6 +44,7 @@ from klockwork.integrations.langchain.coordination import (
     GateDecision,
     ToolCallCoordinator,
 )
+from klockwork.integrations.langchain.errors import ToolArgumentError
 from klockwork.integrations.langchain.hitl import HITLResume, expecting, hitl_request
 from klockwork.integrations.langchain.identity import resolve_identity
 
@@ -121,10 +122,14 @@ def approve_turn(
     calls: list[_Call] = []
     for c in gated:
         gate, args, call_id = coordinator.gates[c["name"]], dict(c["args"]), str(c["id"])
+        try:
+            metadata = coordinator.gate_metadata(gate, c["name"], args)
+        except ToolArgumentError:
+            continue  # not judged here: the call itself tells the model (coordination)
         answer = kw.gates.ask(
             ident.agent_id,
             gate.action,
-            coordinator.gate_metadata(gate, c["name"], args),
+            metadata,
             turn_event_id(conf, str(last.id), call_id, gate.action),
             session_id=ident.session_id,
         )

@@ -344,6 +344,23 @@ def test_an_edit_the_policies_allow_runs_with_the_edited_arguments(gkw: Klockwor
     assert files.leases["tiny"][0].startswith("FILE:/small@")  # leased what runs
 
 
+def test_an_edit_cannot_turn_the_call_into_another_tool(gkw: Klockwork) -> None:
+    files = Files(gkw)
+    graph = hitl_graph(gkw, files, ("c1", "/big", "x" * 40))
+    graph.invoke(START, CFG)
+    edit = {"name": "rm_rf", "args": {"path": "/"}}
+    with pytest.raises(Exception, match="not make it another tool"):
+        graph.invoke(
+            Command(
+                resume={"decisions": [{"type": "edit", "edited_action": edit}], "approver": "bob"}
+            ),
+            CFG,
+        )
+    assert files.written == []
+    [pending] = gkw.approvals.list()  # still waiting for a valid decision
+    assert pending.status.value == "pending"
+
+
 def test_respond_answers_for_the_tool(gkw: Klockwork) -> None:
     files = Files(gkw)
     graph = hitl_graph(gkw, files, ("c1", "/big", "x" * 40))

@@ -334,7 +334,7 @@ class ToolCallCoordinator:
         )
         resumed: list[HITLResume] = []
         tool = request.tool
-        with expecting(1):
+        with expecting([name]):
             outcome = interrupt_until_decided(
                 kw,
                 answer,

@@ -27,7 +27,7 @@ and the run paused.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Literal
@@ -53,14 +53,19 @@ HITL_RESUME_SHAPE = (
 )
 
 
-#: How many decisions the interrupt being resumed asked for (one per action request).
-_EXPECTED: ContextVar[int] = ContextVar("klockwork_hitl_expected", default=1)
+#: The tools of the action requests the interrupt being resumed listed (one
+#: decision each, in order); None: one request, any tool.
+_EXPECTED: ContextVar[tuple[str, ...] | None] = ContextVar("klockwork_hitl_expected", default=None)
 
 
 @contextmanager
-def expecting(count: int) -> Iterator[None]:
-    """Validate resume values against ``count`` action requests inside the block."""
-    token = _EXPECTED.set(count)
+def expecting(tools: Sequence[str]) -> Iterator[None]:
+    """Validate resume values against action requests for ``tools`` inside the block.
+
+    One decision per request, in order; an edit that names another tool than
+    its request's is refused (the reviewer cannot turn ``write_file`` into ``rm``).
+    """
+    token = _EXPECTED.set(tuple(tools))
     try:
         yield
     finally:
@@ -89,19 +94,23 @@ class HITLResume(BaseModel):
 
     @model_validator(mode="after")
     def _apply(self) -> HITLResume:
-        expected = _EXPECTED.get()
+        tools = _EXPECTED.get()
+        expected = 1 if tools is None else len(tools)
         if len(self.decisions) != expected:
             raise ValueError(
                 f"Number of human decisions ({len(self.decisions)}) does not match number "
                 f"of action requests ({expected}). {HITL_RESUME_SHAPE}"
             )
-        responses = [self._response(decision) for decision in self.decisions]
+        responses = [
+            self._response(decision, None if tools is None else tools[i])
+            for i, decision in enumerate(self.decisions)
+        ]
         # Building the ApprovalResponses applies them (approval_flow's hook), in
         # order: here, inside LangGraph's validation of the resume value.
         self._approvals = [ApprovalResponse(**r) for r in responses]
         return self
 
-    def _response(self, decision: dict[str, Any]) -> dict[str, Any]:
+    def _response(self, decision: dict[str, Any], tool: str | None) -> dict[str, Any]:
         kind = decision.get("type")
         if kind not in HITL_DECISIONS:
             raise ValueError(f"unknown decision type {kind!r}. {HITL_RESUME_SHAPE}")
@@ -114,6 +123,12 @@ class HITLResume(BaseModel):
             if not isinstance(edited, dict) or not isinstance(edited.get("args"), dict):
                 raise ValueError(
                     f"an 'edit' needs 'edited_action': {{'name', 'args'}}. {HITL_RESUME_SHAPE}"
+                )
+            name = edited.get("name")
+            if tool is not None and name is not None and name != tool:
+                raise ValueError(
+                    f"an 'edit' may change the arguments of {tool!r}, not make it another "
+                    f"tool ({name!r}). {HITL_RESUME_SHAPE}"
                 )
             args = edited["args"]
         if kind == "respond" and not message:

@@ -170,7 +170,7 @@ def approve_turn(
                 )
             )
 
-        with expecting(len(waiting)), answering(hook):
+        with expecting([call.name for call in waiting]), answering(hook):
             resumed: HITLResume = interrupt(hitl_request(*requests), response_schema=HITLResume)
         for index, (call, given) in enumerate(zip(waiting, resumed.approvals(), strict=True)):
             call.answer = answered[index]

@@ -6,6 +6,9 @@ whichever thread LangGraph starts first. A call waits (before it asks for
 its lease) until every earlier call of its turn on a shared resource key is
 *finished*: it ran, was refused, raised, or paused at an interrupt (a
 paused call gives up its place: the later ones do not wait for a human).
+Without a checkpointer an approval is waited for inside the call, so the
+later calls wait for it too, up to their lease timeout; then they go on
+and the lease alone orders them.
 
 A resumed run may not run again a sibling that finished before the pause
 (LangGraph keeps finished tasks' writes). So a finished call that a later

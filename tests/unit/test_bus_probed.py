@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from klockwork import InvalidRequestError, Klockwork
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def kw(request: pytest.FixtureRequest, tmp_path: Path) -> Klockwork:
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'kw.db'}"
-    engine = Klockwork.open(url)
-    request.addfinalizer(engine.close)
-    return engine
+@pytest.fixture
+def kw(any_kw: Klockwork) -> Klockwork:
+    return any_kw
 
 
 def test_a_payload_near_the_limit_still_becomes_a_dead_letter(kw: Klockwork) -> None:

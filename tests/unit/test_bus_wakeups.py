@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from klockwork import Klockwork, Message
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def kw(request: pytest.FixtureRequest, tmp_path: Path) -> Klockwork:
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'kw.db'}"
-    engine = Klockwork.open(url)
-    request.addfinalizer(engine.close)
-    return engine
+@pytest.fixture
+def kw(any_kw: Klockwork) -> Klockwork:
+    return any_kw
 
 
 def test_a_dead_letter_wakes_its_waiter_and_its_listeners(kw: Klockwork) -> None:

@@ -113,6 +113,14 @@ class _Gate(NamedTuple):
     metadata: Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]] | None
 
 
+class _GateStep(NamedTuple):
+    """A call its gate still has to decide (``conf``: the checkpointed run, if any)."""
+
+    gate: _Gate
+    args: dict[str, Any]
+    conf: Mapping[str, Any] | None
+
+
 class _Decided(NamedTuple):
     args: dict[str, Any]
     audit_event_id: str | None
@@ -369,7 +377,8 @@ class ToolCallCoordinator:
             return ToolMessage(entry["text"], tool_call_id=call["id"] or "", name=call["name"])
         return _error(request, entry["text"])
 
-    def _decide(self, request: ToolCallRequest, ident: Identity) -> _Decided | ToolMessage:
+    def _prepare(self, request: ToolCallRequest) -> _Decided | ToolMessage | _GateStep:
+        """What deciding this call takes: nothing (no gate, or the turn decided), or a gate."""
         args = dict(request.tool_call["args"])
         gate = self.gates.get(request.tool_call["name"])
         if gate is None:
@@ -377,48 +386,45 @@ class ToolCallCoordinator:
         turn = self._from_turn(request)
         if turn is not None:
             return turn
-        conf = checkpointed_run()
-        if conf is not None:
-            return self._in_run(request, gate, ident, args, conf)
+        return _GateStep(gate, args, checkpointed_run())
+
+    def _gate_call(
+        self, request: ToolCallRequest, step: _GateStep, ident: Identity
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments of ``kw.gates.gate``/``agate`` outside a checkpointed run."""
+        metadata = self.gate_metadata(step.gate, request.tool_call["name"], step.args)
+        args = (ident.agent_id, step.gate.action, metadata, None, self.approval_timeout_s)
+        return args, {"session_id": ident.session_id}
+
+    def _decide(self, request: ToolCallRequest, ident: Identity) -> _Decided | ToolMessage:
+        step = self._prepare(request)
+        if not isinstance(step, _GateStep):
+            return step
+        if step.conf is not None:
+            return self._in_run(request, step.gate, ident, step.args, step.conf)
+        args, kwargs = self._gate_call(request, step, ident)
         try:
-            result = self.kw.gates.gate(
-                ident.agent_id,
-                gate.action,
-                self.gate_metadata(gate, request.tool_call["name"], args),
-                None,
-                self.approval_timeout_s,
-                session_id=ident.session_id,
-            )
+            result = self.kw.gates.gate(*args, **kwargs)
         except (GateDeniedError, ApprovalTimeoutError) as exc:
-            return _error(request, self._refusal(exc, gate.action))
-        return _Decided(args, result.audit_event_id)
+            return _error(request, self._refusal(exc, step.gate.action))
+        return _Decided(step.args, result.audit_event_id)
 
     async def _adecide(self, request: ToolCallRequest, ident: Identity) -> _Decided | ToolMessage:
-        args = dict(request.tool_call["args"])
-        gate = self.gates.get(request.tool_call["name"])
-        if gate is None:
-            return _Decided(args, None)
-        turn = self._from_turn(request)
-        if turn is not None:
-            return turn
-        kw = self.kw
-        conf = checkpointed_run()
-        if conf is not None:
-            if kw.store.blocking_io:  # short store calls, but not on the loop
-                return await asyncio.to_thread(self._in_run, request, gate, ident, args, conf)
-            return self._in_run(request, gate, ident, args, conf)
+        step = self._prepare(request)
+        if not isinstance(step, _GateStep):
+            return step
+        if step.conf is not None:
+            if self.kw.store.blocking_io:  # short store calls, but not on the loop
+                return await asyncio.to_thread(
+                    self._in_run, request, step.gate, ident, step.args, step.conf
+                )
+            return self._in_run(request, step.gate, ident, step.args, step.conf)
+        args, kwargs = self._gate_call(request, step, ident)
         try:
-            result = await kw.gates.agate(
-                ident.agent_id,
-                gate.action,
-                self.gate_metadata(gate, request.tool_call["name"], args),
-                None,
-                self.approval_timeout_s,
-                session_id=ident.session_id,
-            )
+            result = await self.kw.gates.agate(*args, **kwargs)
         except (GateDeniedError, ApprovalTimeoutError) as exc:
-            return _error(request, self._refusal(exc, gate.action))
-        return _Decided(args, result.audit_event_id)
+            return _error(request, self._refusal(exc, step.gate.action))
+        return _Decided(step.args, result.audit_event_id)
 
     def _edited(self, request: ToolCallRequest, decided: _Decided) -> ToolCallRequest:
         if decided.args == request.tool_call["args"]:

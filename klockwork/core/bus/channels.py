@@ -315,6 +315,10 @@ class Bus:
             Delivery(to_message(m), attempt, now, consumer, group) for m, attempt in out.deliveries
         ]
 
+    def _tried(self, out: ReadOutcome, group: str, consumer: str) -> Attempt[list[Delivery]]:
+        """One subscribe try's result: done as soon as something was delivered."""
+        return self._deliveries(out, group, consumer), bool(out.deliveries), out.next_due_ms
+
     def subscribe(
         self,
         channel: str,
@@ -337,7 +341,7 @@ class Bus:
 
         def attempt() -> Attempt[list[Delivery]]:
             out = self._store.bus_read(*self._read_args(channel, group, consumer, max_messages))
-            return self._deliveries(out, group, consumer), bool(out.deliveries), out.next_due_ms
+            return self._tried(out, group, consumer)
 
         return waiting.run(attempt)
 
@@ -361,7 +365,7 @@ class Bus:
 
         async def attempt() -> Attempt[list[Delivery]]:
             out = await self._aread(channel, group, consumer, max_messages)
-            return self._deliveries(out, group, consumer), bool(out.deliveries), out.next_due_ms
+            return self._tried(out, group, consumer)
 
         return await waiting.arun(attempt)
 

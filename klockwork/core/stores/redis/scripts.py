@@ -1,0 +1,586 @@
+"""The Lua scripts of the Redis lease store: one per transition, run atomically by Redis.
+
+Every script is ``PRELUDE + LIB + body`` and is called the same way::
+
+    KEYS[1]  {ns}:token   -- any key of the namespace: routes the call to its
+                          -- Cluster slot (every key is hash-tagged {ns})
+    ARGV[1]  '{ns}:'      -- the key prefix; the scripts build keys from it
+    ARGV[2]  request id   -- '' for read-only scripts (see below)
+    ARGV[3]  now_ms       -- '' to read the server's clock (TIME), the default
+    ARGV[4]  retain       -- ended leases kept (``retain_inactive``)
+    ARGV[5...]            -- the script's own arguments (documented on it)
+
+and returns one JSON text (``cjson``), parsed by :mod:`.codec`.
+
+**Keys** (all ``{ns}:``-prefixed; ``<k>`` a normalised resource key)::
+
+    token              INCR counter: every fencing token (one per store)
+    l:<lease_id>       hash a s k p pr t at e ttl st why: one lease
+    act:<k>            set of ids of the ACTIVE leases on exactly <k>
+    below:<k>          set of descendant keys of <k> that have ACTIVE leases
+                       (kept as memory.py keeps ``_below``: ancestors and
+                       descendants of a key are found without scanning)
+    exp                zset lease id -> expires_at of every ACTIVE lease
+                       (sweep and list read it)
+    held:<agent>       set of ids of an agent's ACTIVE leases
+    retired            list of ended lease ids, oldest first (retention)
+    fence / fencelex   zsets key -> newest token granted on it / key by
+                       byte order (descendants are one ZRANGEBYLEX range)
+    fencefloor         the newest token whose key's history was pruned
+    ag:<agent>         hash p (priority) r (registered_at) v (revoked_at)
+    resv               hash 'agent\\nsession' -> JSON reservation of a waiter
+    req:<request id>   the JSON outcome of a mutating call, kept 15 s
+
+**Exactly once.** Each mutating call carries a request id (128 random bits
+drawn in Python). A script first looks for ``req:<id>``: if the call ran
+already (its reply was lost to a timeout or a dropped connection and the
+client sent it again) it returns the stored outcome and changes nothing.
+So a retry can never grant twice, or report "not active" for a release it
+performed itself.
+
+**Numbers.** Lua numbers are doubles: times and tokens (< 2^53) are exact,
+but priorities are any int64, so they travel and are compared as canonical
+decimal strings (:data:`LIB`'s ``int_lt``), never converted. Strings
+(agent and session ids) are compared byte by byte (``lt``): UTF-8 byte
+order is code point order, which is what Python's ``<`` uses, and it does
+not depend on the server's locale as Lua's ``<`` on strings does.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ACQUIRE",
+    "END",
+    "FENCE",
+    "GET_LEASE",
+    "HEARTBEAT",
+    "JUDGE",
+    "LIST",
+    "RECORD_CAS",
+    "REGISTER",
+    "REQUEST_TTL_MS",
+    "REVOKE_AGENT",
+    "SWEEP",
+    "UNRESERVE",
+]
+
+#: How long a mutating call's outcome is kept for a retry with its request
+#: id: longer than the socket timeout plus a reconnect.
+REQUEST_TTL_MS = 15_000
+
+PRELUDE = f"""
+local P = ARGV[1]
+local RID = ARGV[2]
+local RETAIN = tonumber(ARGV[4])
+local FENCE_LIMIT = math.max(2 * RETAIN, 1024)
+if RID ~= '' then
+  local done = redis.call('GET', P .. 'req:' .. RID)
+  if done then return done end
+end
+local NOW
+if ARGV[3] ~= '' then
+  NOW = tonumber(ARGV[3])
+else
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Store the outcome under the request id (see the module docstring), return it.
+local function finish(result)
+  local text = cjson.encode(result)
+  if RID ~= '' then redis.call('SET', P .. 'req:' .. RID, text, 'PX', {REQUEST_TTL_MS}) end
+  return text
+end
+"""
+
+#: Functions shared by the scripts; each mirrors the Python function named.
+LIB = r"""
+local function int(n) return string.format('%d', n) end
+
+-- Byte order of two strings (Python's str < on UTF-8 text), locale-free.
+local function lt(a, b)
+  if a == b then return false end
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
+-- a < b for canonical decimal integers of any size (int64 priorities).
+local function int_lt(a, b)
+  local na, nb = string.sub(a, 1, 1) == '-', string.sub(b, 1, 1) == '-'
+  if na ~= nb then return na end
+  if na then a, b = string.sub(b, 2), string.sub(a, 2) end
+  if #a ~= #b then return #a < #b end
+  return lt(a, b)
+end
+
+-- rules.is_older: lower priority, then lower agent id, then lower session id.
+local function older(pa, aa, sa, pb, ab, sb)
+  if pa ~= pb then return int_lt(pa, pb) end
+  if aa ~= ab then return lt(aa, ab) end
+  return lt(sa, sb)
+end
+
+-- rules.within_session: s is h or a sub-session of it (h/...).
+local function within(s, h)
+  return s == h or string.sub(s, 1, #h + 1) == h .. '/'
+end
+
+-- rules.COMPATIBLE_PAIRS (symmetric); every other pair conflicts.
+local COMPAT = {
+  PROVIDES = {CONSUMES = true, DEPENDS_ON = true},
+  CONSUMES = {PROVIDES = true, CONSUMES = true, DEPENDS_ON = true},
+  DEPENDS_ON = {PROVIDES = true, CONSUMES = true, DEPENDS_ON = true},
+}
+local function conflicts(a, b)
+  local c = COMPAT[a]
+  return not (c and c[b])
+end
+
+local function last_slash(s)
+  local found, from = nil, 1
+  while true do
+    local j = string.find(s, '/', from, true)
+    if not j then return found end
+    found, from = j, j + 1
+  end
+end
+
+-- rules.ancestors: strict ancestors of a normalised key, nearest first.
+local function ancestors(key)
+  local out = {}
+  local colon = string.find(key, ':', 1, true)
+  local rtype, path = string.sub(key, 1, colon - 1), string.sub(key, colon + 1)
+  if rtype ~= 'FILE' or path == '/' then return out end
+  local cut = last_slash(path)
+  while cut and cut > 1 do
+    path = string.sub(path, 1, cut - 1)
+    out[#out + 1] = rtype .. ':' .. path
+    cut = last_slash(path)
+  end
+  if cut == 1 then out[#out + 1] = rtype .. ':/' end
+  return out
+end
+
+-- rules.overlaps for a reservation's key r and a parsed intent.
+local function overlaps(r, intent)
+  if r == intent.k then return true end
+  for _, a in ipairs(intent.anc) do if a == r then return true end end
+  for _, a in ipairs(ancestors(r)) do if a == intent.k then return true end end
+  return false
+end
+
+local FIELDS = {'a', 's', 'k', 'p', 'pr', 't', 'at', 'e', 'ttl', 'st', 'why'}
+local function load(id)
+  local v = redis.call('HMGET', P .. 'l:' .. id, unpack(FIELDS))
+  if not v[1] then return nil end
+  return {id = id, a = v[1], s = v[2], k = v[3], p = v[4], pr = v[5], t = v[6], at = v[7],
+          e = tonumber(v[8]), ttl = v[9], st = v[10], why = v[11]}
+end
+
+-- A lease as codec.lease_record reads it.
+local function row(l)
+  return {l.id, l.a, l.s, l.k, l.p, l.pr, l.t, l.at, int(l.e), l.ttl, l.st, l.why or cjson.null}
+end
+
+local function rows(ls)
+  local out = {}
+  for i, l in ipairs(ls) do out[i] = row(l) end
+  return out
+end
+
+-- memory.MemoryStore._prune_fences: forget the oldest idle keys' history.
+local function prune_fences()
+  local keep = math.floor(FENCE_LIMIT / 2)
+  local n = redis.call('ZCARD', P .. 'fence')
+  if n <= keep then return end
+  local floor = tonumber(redis.call('GET', P .. 'fencefloor') or '0')
+  local old = redis.call('ZRANGE', P .. 'fence', 0, n - keep - 1, 'WITHSCORES')
+  for i = 1, #old, 2 do
+    local key, token = old[i], tonumber(old[i + 1])
+    local live = redis.call('EXISTS', P .. 'act:' .. key, P .. 'below:' .. key) > 0
+    if not live then
+      for _, a in ipairs(ancestors(key)) do
+        if redis.call('EXISTS', P .. 'act:' .. a) > 0 then live = true; break end
+      end
+    end
+    if not live then
+      if token > floor then floor = token end
+      redis.call('ZREM', P .. 'fence', key)
+      redis.call('ZREM', P .. 'fencelex', key)
+    end
+  end
+  redis.call('SET', P .. 'fencefloor', int(floor))
+end
+
+-- memory.MemoryStore._deactivate: end an ACTIVE lease, unlink it, retire it.
+local function deactivate(l, state, why)
+  local lk = P .. 'l:' .. l.id
+  l.st = state
+  if why then
+    l.why = why
+    redis.call('HSET', lk, 'st', state, 'why', why)
+  else
+    redis.call('HSET', lk, 'st', state)
+  end
+  local ak = P .. 'act:' .. l.k
+  redis.call('SREM', ak, l.id)
+  if redis.call('EXISTS', ak) == 0 then  -- the key's last active lease
+    for _, a in ipairs(ancestors(l.k)) do redis.call('SREM', P .. 'below:' .. a, l.k) end
+  end
+  redis.call('ZREM', P .. 'exp', l.id)
+  redis.call('SREM', P .. 'held:' .. l.a, l.id)
+  local n = redis.call('RPUSH', P .. 'retired', l.id)
+  if n > RETAIN then
+    redis.call('DEL', P .. 'l:' .. redis.call('LPOP', P .. 'retired'))
+    if redis.call('ZCARD', P .. 'fence') > FENCE_LIMIT then prune_fences() end
+  end
+end
+
+-- Leases of ``ids`` (a set's members) appended to ``out``.
+local function load_all(ids, out)
+  for _, id in ipairs(ids) do
+    local l = load(id)
+    if l then out[#out + 1] = l end
+  end
+end
+
+-- memory.MemoryStore._overlapping: ACTIVE leases on the key, above and below it.
+local function overlapping(intent)
+  local found = {}
+  load_all(redis.call('SMEMBERS', P .. 'act:' .. intent.k), found)
+  for _, a in ipairs(intent.anc) do load_all(redis.call('SMEMBERS', P .. 'act:' .. a), found) end
+  for _, d in ipairs(redis.call('SMEMBERS', P .. 'below:' .. intent.k)) do
+    load_all(redis.call('SMEMBERS', P .. 'act:' .. d), found)
+  end
+  return found
+end
+
+-- Intents from ARGV[i...]: key, predicate, #ancestors, ancestors..., then
+-- ``extra`` more arguments each (returned in intent.x). Returns them and the next index.
+local function read_intents(i, extra)
+  local n = tonumber(ARGV[i]); i = i + 1
+  local intents = {}
+  for j = 1, n do
+    local it = {k = ARGV[i], p = ARGV[i + 1], anc = {}, x = {}}
+    local na = tonumber(ARGV[i + 2]); i = i + 3
+    for m = 1, na do it.anc[m] = ARGV[i]; i = i + 1 end
+    for m = 1, extra do it.x[m] = ARGV[i]; i = i + 1 end
+    intents[j] = it
+  end
+  return intents, i
+end
+
+-- rules.judge, given the requester (agent, session, priority string).
+local function judge(agent, session, prio, intents, candidates)
+  local blockers, expired, seen = {}, {}, {}
+  local dies, wait = false, nil
+  for i, it in ipairs(intents) do
+    for _, h in ipairs(candidates[i]) do
+      if h.st == 'ACTIVE' then
+        if h.e <= NOW then
+          if not seen[h.id] then seen[h.id] = true; expired[#expired + 1] = h end
+        elseif conflicts(it.p, h.p) and not (h.a == agent and within(session, h.s))
+            and not seen[h.id] then
+          seen[h.id] = true
+          blockers[#blockers + 1] = row(h)
+          if not older(prio, agent, session, h.pr, h.a, h.s) then dies = true end
+          local left = h.e - NOW
+          if wait == nil or left < wait then wait = left end
+        end
+      end
+    end
+  end
+  for _, enc in ipairs(redis.call('HVALS', P .. 'resv')) do
+    local r = cjson.decode(enc)
+    if r.u > NOW and not (r.a == agent and r.s == session)
+        and not older(prio, agent, session, r.pr, r.a, r.s) then
+      for _, item in ipairs(r.i) do
+        for _, it in ipairs(intents) do
+          if conflicts(it.p, item[2]) and overlaps(item[1], it) then
+            blockers[#blockers + 1] = {'R', r.a, r.s, item[1], item[2], r.pr, int(r.u)}
+            dies = true
+            break
+          end
+        end
+      end
+    end
+  end
+  local status = 'GRANTED'
+  if #blockers > 0 then status = dies and 'DIE' or 'WAIT' end
+  return status, blockers, wait, expired
+end
+"""
+
+#: Decide and apply one lease request (``Store.try_acquire``).
+#: ARGV[5] agent, [6] session, [7] ttl_ms, [8] reserve_ms ('' none),
+#: [9] clear reservation '1'/'0', then the intents (see ``read_intents``),
+#: each followed by the lease id it gets if granted (drawn in Python: Lua
+#: has no unguessable randomness, its math.random is seeded the same way).
+#: Returns {st, now, granted, blockers, wait, expired} or {revoked = at}.
+ACQUIRE = PRELUDE + LIB + r"""
+local agent, session, ttl = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local reserve = ARGV[8]
+local intents = read_intents(10, 1)
+local ak = P .. 'ag:' .. agent
+local found = redis.call('HMGET', ak, 'p', 'v')
+local prio = found[1]
+if not prio then
+  prio = int(NOW)
+  redis.call('HSET', ak, 'p', prio, 'r', prio)
+elseif found[2] then
+  return finish({revoked = found[2], pr = prio})
+end
+local candidates = {}
+for i, it in ipairs(intents) do candidates[i] = overlapping(it) end
+local status, blockers, wait, expired = judge(agent, session, prio, intents, candidates)
+for _, l in ipairs(expired) do deactivate(l, 'EXPIRED', nil) end
+local field = agent .. '\n' .. session
+if status ~= 'GRANTED' then
+  if reserve ~= '' then
+    local items = {}
+    for i, it in ipairs(intents) do items[i] = {it.k, it.p} end
+    redis.call('HSET', P .. 'resv', field,
+      cjson.encode({a = agent, s = session, pr = prio, u = NOW + tonumber(reserve), i = items}))
+  end
+  return finish({st = status, now = int(NOW), granted = {}, blockers = blockers,
+                 wait = wait or cjson.null, expired = rows(expired)})
+end
+local granted = {}
+local expires = NOW + ttl
+for i, it in ipairs(intents) do
+  local id = it.x[1]
+  local token = redis.call('INCR', KEYS[1])
+  redis.call('HSET', P .. 'l:' .. id, 'a', agent, 's', session, 'k', it.k, 'p', it.p,
+    'pr', prio, 't', token, 'at', int(NOW), 'e', int(expires), 'ttl', ARGV[7], 'st', 'ACTIVE')
+  local act = P .. 'act:' .. it.k
+  redis.call('SADD', act, id)
+  if redis.call('SCARD', act) == 1 then  -- the key's first active lease
+    for _, a in ipairs(it.anc) do redis.call('SADD', P .. 'below:' .. a, it.k) end
+  end
+  redis.call('ZADD', P .. 'exp', expires, id)
+  redis.call('SADD', P .. 'held:' .. agent, id)
+  redis.call('ZADD', P .. 'fence', token, it.k)
+  redis.call('ZADD', P .. 'fencelex', 0, it.k)
+  granted[i] = {id, agent, session, it.k, it.p, prio, int(token), int(NOW), int(expires),
+                ARGV[7], 'ACTIVE', cjson.null}
+end
+if ARGV[9] == '1' then redis.call('HDEL', P .. 'resv', field) end
+return finish({st = 'GRANTED', now = int(NOW), granted = granted, blockers = {},
+               wait = cjson.null, expired = rows(expired)})
+"""
+
+#: Only ``rules.judge`` over given facts (tests run the vectors through it).
+#: ARGV[5] agent, [6] session, [7] priority, then the intents, each followed
+#: by its candidates as a JSON list of lease rows.
+JUDGE = PRELUDE + LIB + r"""
+local intents = read_intents(8, 1)
+local candidates = {}
+for i, it in ipairs(intents) do
+  local ls = {}
+  for j, r in ipairs(cjson.decode(it.x[1])) do
+    ls[j] = {id = r[1], a = r[2], s = r[3], k = r[4], p = r[5], pr = r[6], t = r[7],
+             at = r[8], e = tonumber(r[9]), ttl = r[10], st = r[11]}
+  end
+  candidates[i] = ls
+end
+local status, blockers, wait, expired = judge(ARGV[5], ARGV[6], ARGV[7], intents, candidates)
+return finish({st = status, now = int(NOW), granted = {}, blockers = blockers,
+               wait = wait or cjson.null, expired = rows(expired)})
+"""
+
+#: Release or revoke (``Store.release`` / ``Store.revoke``).
+#: ARGV[5] lease id, [6] 'RELEASED' or 'REVOKED', [7] reason ('' none).
+#: Returns {now, ended = row} | {now, expired = row} | {now} (not active).
+END = PRELUDE + LIB + r"""
+local l = load(ARGV[5])
+if not l or l.st ~= 'ACTIVE' then return finish({now = int(NOW)}) end
+if l.e <= NOW then
+  deactivate(l, 'EXPIRED', nil)
+  return finish({now = int(NOW), expired = row(l)})
+end
+local why = nil
+if ARGV[6] == 'REVOKED' then why = ARGV[7] end
+deactivate(l, ARGV[6], why)
+return finish({now = int(NOW), ended = row(l)})
+"""
+
+#: Renew (``Store.heartbeat``). ARGV[5] lease id, [6] ttl_ms ('' its own).
+#: Returns {now, ok = row} | {now, expired = row} | {now, ended = row} | {now}.
+HEARTBEAT = PRELUDE + LIB + r"""
+local l = load(ARGV[5])
+if not l then return finish({now = int(NOW)}) end
+if l.st == 'ACTIVE' and l.e <= NOW then
+  deactivate(l, 'EXPIRED', nil)
+  return finish({now = int(NOW), expired = row(l)})
+end
+if l.st ~= 'ACTIVE' then return finish({now = int(NOW), ended = row(l)}) end
+local ttl = ARGV[6]
+if ttl == '' then ttl = l.ttl end
+l.e = NOW + tonumber(ttl)
+redis.call('HSET', P .. 'l:' .. l.id, 'e', int(l.e))
+redis.call('ZADD', P .. 'exp', l.e, l.id)
+return finish({now = int(NOW), ok = row(l)})
+"""
+
+#: Read one lease, expiring it if due (``Store.get_lease``). ARGV[5] lease id.
+#: Returns {now, lease = row, expired = bool} or {now}.
+GET_LEASE = PRELUDE + LIB + r"""
+local l = load(ARGV[5])
+if not l then return finish({now = int(NOW)}) end
+local expired = false
+if l.st == 'ACTIVE' and l.e <= NOW then
+  deactivate(l, 'EXPIRED', nil)
+  expired = true
+end
+return finish({now = int(NOW), lease = row(l), expired = expired})
+"""
+
+#: Expire every ACTIVE lease past its expiry; drop stale reservations
+#: (``Store.sweep``). Returns {now, expired = rows}.
+SWEEP = PRELUDE + LIB + r"""
+local due = {}
+load_all(redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', NOW), due)
+local expired = {}
+for _, l in ipairs(due) do
+  if l.st == 'ACTIVE' and l.e <= NOW then
+    deactivate(l, 'EXPIRED', nil)
+    expired[#expired + 1] = l
+  end
+end
+local resv = redis.call('HGETALL', P .. 'resv')
+for i = 1, #resv, 2 do
+  if cjson.decode(resv[i + 1]).u <= NOW then redis.call('HDEL', P .. 'resv', resv[i]) end
+end
+return finish({now = int(NOW), expired = rows(expired)})
+"""
+
+#: Active leases, all or overlapping one intent (``Store.list_leases``);
+#: read-only. ARGV[5] '1' with an intent (then the intent), '0' for all.
+#: Returns {now, leases = rows} (the caller drops the expired ones).
+LIST = PRELUDE + LIB + r"""
+local found = {}
+if ARGV[5] == '1' then
+  found = overlapping(read_intents(6, 0)[1])
+else
+  load_all(redis.call('ZRANGE', P .. 'exp', 0, -1), found)
+end
+return cjson.encode({now = int(NOW), leases = rows(found)})
+"""
+
+#: Facts to judge a fencing token by (``Store.fence_state``); read-only.
+#: ARGV[5] token, [6] descendant range lo ('' flat key), [7] hi, then the intent.
+#: Returns {newest, floor, active, live}.
+FENCE = PRELUDE + LIB + r"""
+local token = ARGV[5]
+local it = read_intents(8, 0)[1]
+local keys = {it.k}
+for _, a in ipairs(it.anc) do keys[#keys + 1] = a end
+local newest = nil
+local function see(score)
+  if score then
+    score = tonumber(score)
+    if newest == nil or score > newest then newest = score end
+  end
+end
+for _, s in ipairs(redis.call('ZMSCORE', P .. 'fence', unpack(keys))) do see(s) end
+if ARGV[6] ~= '' then
+  local below = redis.call('ZRANGEBYLEX', P .. 'fencelex', '[' .. ARGV[6], '(' .. ARGV[7])
+  if #below > 0 then
+    for _, s in ipairs(redis.call('ZMSCORE', P .. 'fence', unpack(below))) do see(s) end
+  end
+end
+local active, live = false, false
+for i, k in ipairs(keys) do
+  for _, id in ipairs(redis.call('SMEMBERS', P .. 'act:' .. k)) do
+    local l = load(id)
+    if l and l.t == token and l.e > NOW then
+      live = true
+      if i == 1 then active = true end
+    end
+  end
+end
+return cjson.encode({newest = newest and int(newest) or cjson.null,
+  floor = redis.call('GET', P .. 'fencefloor') or '0', active = active, live = live})
+"""
+
+#: Create or update an agent (``Store.register_agent``). ARGV[5] agent,
+#: [6] priority ('' keep / now). Returns {p, r, v} or {busy = priority}.
+REGISTER = PRELUDE + LIB + r"""
+local ak = P .. 'ag:' .. ARGV[5]
+local found = redis.call('HMGET', ak, 'p', 'r', 'v')
+if not found[1] then
+  local p = ARGV[6]
+  if p == '' then p = int(NOW) end
+  redis.call('HSET', ak, 'p', p, 'r', int(NOW))
+  return finish({p = p, r = int(NOW), v = cjson.null})
+end
+local out = {p = found[1], r = found[2], v = found[3] or cjson.null}
+if ARGV[6] == '' or ARGV[6] == found[1] then return finish(out) end
+local busy = false
+for _, id in ipairs(redis.call('SMEMBERS', P .. 'held:' .. ARGV[5])) do
+  local l = load(id)
+  if l and l.e > NOW then busy = true; break end
+end
+if not busy then
+  local prefix = ARGV[5] .. '\n'
+  local resv = redis.call('HGETALL', P .. 'resv')
+  for i = 1, #resv, 2 do
+    if string.sub(resv[i], 1, #prefix) == prefix and cjson.decode(resv[i + 1]).u > NOW then
+      busy = true; break
+    end
+  end
+end
+if busy then return finish({busy = found[1]}) end
+redis.call('HSET', ak, 'p', ARGV[6])
+out.p = ARGV[6]
+return finish(out)
+"""
+
+#: Mark an agent revoked, registering it if unknown (``Store.revoke_agent``).
+#: ARGV[5] agent. Returns {}.
+REVOKE_AGENT = PRELUDE + LIB + r"""
+local ak = P .. 'ag:' .. ARGV[5]
+if redis.call('EXISTS', ak) == 0 then redis.call('HSET', ak, 'p', int(NOW), 'r', int(NOW)) end
+redis.call('HSETNX', ak, 'v', int(NOW))
+return finish({})
+"""
+
+#: Drop a waiter's reservation (``Store.unreserve``). ARGV[5] agent, [6] session.
+UNRESERVE = PRELUDE + r"""
+redis.call('HDEL', P .. 'resv', ARGV[5] .. '\n' .. ARGV[6])
+return finish({})
+"""
+
+#: Compare-and-set one governance record (``Store.update_record``).
+#: ARGV[5] kind, [6] key, [7] expected version ('0': none yet), [8] 'put' or
+#: 'del', [9] status ('' none), [10] JSON body. Record keys:
+#: rec:<kind>:<key> hash v (version) s (status) b (body) n (creation seq);
+#: ridx:<kind> zset key by n (creation order); rst:<kind>:<status> the same,
+#: per status (list_records by status); rseq the creation counter.
+#: Returns {ok, count} (count: records of the kind, after a new one) or {ok = false}.
+RECORD_CAS = PRELUDE + r"""
+local kind, key = ARGV[5], ARGV[6]
+local rk = P .. 'rec:' .. kind .. ':' .. key
+local cur = redis.call('HMGET', rk, 'v', 's', 'n')
+if (cur[1] or '0') ~= ARGV[7] then return finish({ok = false}) end
+if cur[2] and cur[2] ~= '' and cur[2] ~= ARGV[9] or ARGV[8] == 'del' then
+  if cur[2] and cur[2] ~= '' then redis.call('ZREM', P .. 'rst:' .. kind .. ':' .. cur[2], key) end
+end
+if ARGV[8] == 'del' then
+  redis.call('DEL', rk)
+  redis.call('ZREM', P .. 'ridx:' .. kind, key)
+  return finish({ok = true, count = 0})
+end
+local n, count = cur[3], 0
+if not n then
+  n = redis.call('INCR', P .. 'rseq')
+  redis.call('ZADD', P .. 'ridx:' .. kind, n, key)
+  count = redis.call('ZCARD', P .. 'ridx:' .. kind)
+end
+if ARGV[9] ~= '' then redis.call('ZADD', P .. 'rst:' .. kind .. ':' .. ARGV[9], n, key) end
+redis.call('HSET', rk, 'v', tonumber(ARGV[7]) + 1, 's', ARGV[9], 'b', ARGV[10], 'n', n)
+return finish({ok = true, count = count})
+"""

@@ -1,0 +1,446 @@
+"""The Redis store: agents on several machines share leases, agents and records.
+
+Every lease transition is one Lua script (:mod:`.scripts`), so Redis runs
+it atomically: the acquire script gathers the facts (active leases on the
+key, above it and below it, older waiters' reservations) and makes exactly
+the decision of :func:`klockwork.core.leases.rules.judge` (checked against
+the same JSON vectors). Intents are parsed and normalised here in Python
+(:class:`~klockwork.core.leases.rules.ParsedIntent` carries each key's
+ancestors) and handed to the script.
+
+* **Time** comes from the Redis server (``TIME`` inside each script) for
+  every expiry and deadline, so machines with skewed clocks agree; with
+  ``server_time=False`` the caller's ``now_ms`` is used instead (tests on a
+  :class:`~klockwork.ManualClock`). :meth:`RedisStore.server_now_ms` reads
+  the server's clock for the engine (see :mod:`.clock`).
+* **Unknown outcomes.** A reply lost to a timeout or a broken connection
+  does not say whether the script ran. Every mutating call carries a
+  request id, under which the script keeps its outcome for a while; the
+  call is sent once more with the same id and answers with what really
+  happened. If Redis still cannot be reached: StoreUnavailableError.
+* **Audit.** ``durable_journal = False``: the engine keeps the audit trail
+  in process, and the store calls ``lease_hooks`` after each decision as
+  the memory store does. The durable Redis audit chain (entries appended in
+  the decision's script) is a follow-up of issue 13.
+* **Waiters** in other processes learn of a release by polling (the lease
+  manager does so for every ``cross_process`` store); waiters in this
+  process are woken at once by the manager's own notification.
+* The async twins of the hot path (``atry_acquire``, ``arelease``,
+  ``aheartbeat``) use ``redis.asyncio``; they share argument building and
+  result parsing with the sync calls, only the I/O differs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from klockwork.core.clock import Clock
+from klockwork.core.errors import InvalidRequestError, LeaseNotFoundError
+from klockwork.core.leases.rules import ParsedIntent, descendant_range
+from klockwork.core.model import (
+    AgentInfo,
+    LeaseRecord,
+    LeaseState,
+    Predicate,
+    Reservation,
+    VerdictStatus,
+)
+from klockwork.core.stores.base import (
+    DEFAULT_RETAIN,
+    AcquireOutcome,
+    AcquireRequest,
+    FenceState,
+    IdPool,
+    Store,
+    check_retain,
+    fence_with_floor,
+    raise_unless_active,
+    refuse_revoked,
+)
+from klockwork.core.stores.redis import scripts
+from klockwork.core.stores.redis.bus import RedisBus
+from klockwork.core.stores.redis.connection import RedisConnection
+from klockwork.core.stores.redis.records import RedisRecords
+from klockwork.core.validation import check_flag
+
+__all__ = ["RedisStore"]
+
+_PREDICATE = {p.value: p for p in Predicate}
+_STATE = {s.value: s for s in LeaseState}
+_STATUS = {s.value: s for s in VerdictStatus}
+
+
+def lease_record(row: Sequence[Any]) -> LeaseRecord:
+    """A lease row of a script (``row`` in :data:`.scripts.LIB`) as a LeaseRecord."""
+    return LeaseRecord(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        _PREDICATE[row[4]],
+        int(row[5]),
+        int(row[6]),
+        int(row[7]),
+        int(row[8]),
+        int(row[9]),
+        _STATE[row[10]],
+        row[11],
+    )
+
+
+def _blocker(row: Sequence[Any]) -> LeaseRecord | Reservation:
+    if row[0] == "R":  # a waiter's reservation: R agent session key predicate priority until
+        return Reservation(row[1], row[2], row[3], _PREDICATE[row[4]], int(row[5]), int(row[6]))
+    return lease_record(row)
+
+
+def _rows(value: Any) -> list[Any]:
+    # cjson encodes an empty Lua table as {}: an empty list here.
+    return value if isinstance(value, list) else []
+
+
+def intent_args(intent: ParsedIntent, *extra: str) -> list[str]:
+    """An intent as the scripts read it (``read_intents``): key, predicate, ancestors, extra."""
+    return [intent.key, intent.predicate.value, str(len(intent.ancestors)), *intent.ancestors, *extra]
+
+
+class RedisStore(RedisBus, RedisRecords, Store):
+    """A store on one Redis server (or one Cluster shard per namespace), shared by machines.
+
+    Args:
+        url: ``redis://[user:pass@]host:port/db[?namespace=...]`` or
+            ``rediss://...`` (TLS); see :func:`.connection.parse_redis_url`.
+        server_time: True (the default): every expiry and deadline is
+            decided by the server's clock (``TIME``), whatever the clocks of
+            the machines calling. False: by the ``now_ms`` the caller passes
+            (deterministic tests on a manual clock).
+        retain_inactive: how many ended leases are kept (so late heartbeats
+            get a precise error), and how many settled records of each
+            retained kind (see ``RETAINED_KINDS``); fencing history of twice
+            as many keys, older history leaving a floor (``fence_with_floor``).
+
+    Raises:
+        StoreUnavailableError: the server does not answer.
+    """
+
+    cross_process = True
+    blocking_io = True
+    # The Redis audit chain is a follow-up: the engine keeps its audit log in
+    # process, fed by lease_hooks as for the memory store.
+    durable_journal = False
+
+    def __init__(
+        self, url: str, *, server_time: bool = True, retain_inactive: int = DEFAULT_RETAIN
+    ) -> None:
+        super().__init__()
+        self._retain = check_retain(retain_inactive)
+        self.server_time = check_flag(server_time, "server_time")
+        self._conn: RedisConnection = RedisConnection(url)
+        self._prefix = self._conn.key("")
+        # Every script names this key first: it routes the call to the
+        # namespace's Cluster slot (all keys share its hash tag).
+        self._anchor = self._conn.key("token")
+        # Lease and request ids are drawn here, not in Lua: a script has no
+        # unguessable randomness (math.random is seeded identically), and ids
+        # drawn by the caller let a retried call name the same request.
+        self._ids = IdPool()
+        self._ids_lock = threading.Lock()
+        self._closed = False
+        with self._conn.translated("answer a PING"):
+            self._conn.sync.ping()
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._conn.url!r})"
+
+    # -- plumbing: one call of a script, sync or async ------------------------------------
+    def _new_ids(self, n: int) -> list[str]:
+        with self._ids_lock:
+            return [self._ids.next() for _ in range(n)]
+
+    def _argv(self, args: Sequence[str], now_ms: int | None, mutating: bool) -> list[str]:
+        rid = self._new_ids(1)[0] if mutating else ""
+        now = "" if self.server_time or now_ms is None else str(now_ms)
+        return [self._prefix, rid, now, str(self._retain), *args]
+
+    def _call(
+        self,
+        source: str,
+        args: Sequence[str],
+        doing: str,
+        now_ms: int | None = None,
+        *,
+        mutating: bool = True,
+    ) -> Any:
+        """Run one script and parse its JSON reply (StoreUnavailableError if Redis fails)."""
+        import redis
+
+        argv = self._argv(args, now_ms, mutating)
+        keys = [self._anchor]
+        with self._conn.translated(doing):
+            self._check_open()
+            script = self._conn.script(source)
+            try:
+                raw = script(keys=keys, args=argv)
+            except (redis.ConnectionError, redis.TimeoutError):
+                # The outcome is unknown: ask again under the same request id;
+                # a script that ran answers with what it did (see scripts).
+                raw = script(keys=keys, args=argv)
+        return json.loads(raw)
+
+    async def _acall(
+        self, source: str, args: Sequence[str], doing: str, now_ms: int | None = None
+    ) -> Any:
+        """Async twin of :meth:`_call` on the running loop's ``redis.asyncio`` client."""
+        import redis
+
+        argv = self._argv(args, now_ms, True)
+        keys = [self._anchor]
+        async with self._conn.atranslated(doing):
+            self._check_open()
+            script = self._conn.ascript(source)
+            try:
+                raw = await script(keys=keys, args=argv)
+            except (redis.ConnectionError, redis.TimeoutError):
+                raw = await script(keys=keys, args=argv)  # same request id: see _call
+        return json.loads(raw)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            import redis
+
+            raise redis.ConnectionError("the store is closed")  # translated: fails closed
+
+    def server_now_ms(self) -> int:
+        """The Redis server's clock (``TIME``), epoch milliseconds."""
+        with self._conn.translated("read the server's time"):
+            self._check_open()
+            seconds, micros = self._conn.sync.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def engine_clock(self) -> Clock:
+        """The clock ``Klockwork.open`` gives an engine on this store by default.
+
+        Real time as the server tells it (:class:`.clock.ServerClock`), so
+        what the engine decides in Python (approval deadlines, records'
+        timestamps) agrees with what the scripts decide on the server.
+        """
+        from klockwork.core.stores.redis.clock import ServerClock
+
+        return ServerClock(self.server_now_ms)
+
+    # -- agents -----------------------------------------------------------------------------
+    def register_agent(self, agent_id: str, priority: int | None, now_ms: int) -> AgentInfo:
+        args = [agent_id, "" if priority is None else str(priority)]
+        res = self._call(scripts.REGISTER, args, "register an agent", now_ms)
+        if "busy" in res:
+            raise InvalidRequestError(
+                "priority",
+                priority,
+                f"agent {agent_id!r} holds or waits for a lease; its priority "
+                f"({res['busy']}) cannot change until it releases",
+            )
+        return _agent(agent_id, res["p"], res["r"], res["v"])
+
+    def get_agent(self, agent_id: str) -> AgentInfo | None:
+        with self._conn.translated("read an agent"):
+            self._check_open()
+            p, r, v = self._conn.sync.hmget(self._conn.key("ag", agent_id), "p", "r", "v")
+        if p is None:
+            return None
+        return _agent(agent_id, p, r, v)
+
+    def revoke_agent(self, agent_id: str, now_ms: int) -> None:
+        self._call(scripts.REVOKE_AGENT, [agent_id], "revoke an agent", now_ms)
+
+    # -- acquire ----------------------------------------------------------------------------
+    def _acquire_args(self, request: AcquireRequest) -> list[str]:
+        ids = self._new_ids(len(request.intents))
+        args = [
+            request.agent_id,
+            request.session_id,
+            str(request.ttl_ms),
+            "" if not request.reserve_ms else str(request.reserve_ms),
+            "1" if request.clear_reservation else "0",
+            str(len(request.intents)),
+        ]
+        for intent, lease_id in zip(request.intents, ids, strict=True):
+            args += intent_args(intent, lease_id)
+        return args
+
+    def _acquire_done(
+        self, request: AcquireRequest, res: Any
+    ) -> tuple[AcquireOutcome, BaseException | None]:
+        """Parse the acquire script's reply and record it (hooks); the error a hook raised."""
+        if "revoked" in res:
+            refuse_revoked(
+                AgentInfo(
+                    agent_id=request.agent_id,
+                    priority=int(res["pr"]),
+                    registered_at=0,
+                    revoked_at=int(res["revoked"]),
+                )
+            )
+        now = int(res["now"])
+        expired = [lease_record(r) for r in _rows(res["expired"])]
+        outcome = AcquireOutcome(
+            _STATUS[res["st"]],
+            [lease_record(r) for r in _rows(res["granted"])],
+            [_blocker(r) for r in _rows(res["blockers"])],
+            res["wait"],
+        )
+        failed: BaseException | None = None
+        hooks = self.lease_hooks
+        if hooks is not None:
+            if request.now_ms != now:  # the server's time decided: the audit says so
+                request = request._replace(now_ms=now)
+            self._hook_expired(expired, now)
+            try:
+                hooks.decided(request, outcome)
+            except BaseException as exc:  # nothing stays granted without its entry
+                failed = exc
+        self._report_expired(expired)
+        return outcome, failed
+
+    def try_acquire(self, request: AcquireRequest) -> AcquireOutcome:
+        res = self._call(
+            scripts.ACQUIRE, self._acquire_args(request), "decide a lease request", request.now_ms
+        )
+        outcome, failed = self._acquire_done(request, res)
+        if failed is not None:
+            for rec in outcome.granted:  # take the grant back, unaudited (as memory's _undo)
+                self._call(scripts.END, [rec.lease_id, "RELEASED", ""], "undo a grant")
+            raise failed
+        return outcome
+
+    async def atry_acquire(self, request: AcquireRequest) -> AcquireOutcome:
+        res = await self._acall(
+            scripts.ACQUIRE, self._acquire_args(request), "decide a lease request", request.now_ms
+        )
+        outcome, failed = self._acquire_done(request, res)
+        if failed is not None:
+            for rec in outcome.granted:
+                await self._acall(scripts.END, [rec.lease_id, "RELEASED", ""], "undo a grant")
+            raise failed
+        return outcome
+
+    # -- release, revoke, heartbeat -------------------------------------------------------------
+    def _end_done(self, res: Any, kind: str) -> LeaseRecord | None:
+        now = int(res["now"])
+        if "expired" in res:
+            rec = lease_record(res["expired"])
+            self._hook_expired([rec], now)
+            self._report_expired([rec])
+            return None
+        if "ended" not in res:
+            return None
+        rec = lease_record(res["ended"])
+        if self.lease_hooks is not None:
+            self.lease_hooks.ended(kind, rec, now)
+        return rec
+
+    def release(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
+        res = self._call(scripts.END, [lease_id, "RELEASED", ""], "release a lease", now_ms)
+        return self._end_done(res, "lease.released")
+
+    async def arelease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
+        res = await self._acall(scripts.END, [lease_id, "RELEASED", ""], "release a lease", now_ms)
+        return self._end_done(res, "lease.released")
+
+    def revoke(self, lease_id: str, reason: str, now_ms: int) -> LeaseRecord | None:
+        res = self._call(scripts.END, [lease_id, "REVOKED", reason], "revoke a lease", now_ms)
+        return self._end_done(res, "lease.revoked")
+
+    def _heartbeat_args(self, lease_id: str, ttl_ms: int | None) -> list[str]:
+        return [lease_id, "" if ttl_ms is None else str(ttl_ms)]
+
+    def _heartbeat_done(self, lease_id: str, res: Any) -> LeaseRecord:
+        if "ok" in res:
+            return lease_record(res["ok"])
+        if "expired" in res:
+            rec = lease_record(res["expired"])
+            now = int(res["now"])
+            self._hook_expired([rec], now)
+            self._report_expired([rec])
+            raise_unless_active(rec)
+        if "ended" in res:
+            raise_unless_active(lease_record(res["ended"]))
+        raise LeaseNotFoundError(lease_id, f"no lease {lease_id!r}")
+
+    def heartbeat(self, lease_id: str, ttl_ms: int | None, now_ms: int) -> LeaseRecord:
+        args = self._heartbeat_args(lease_id, ttl_ms)
+        return self._heartbeat_done(
+            lease_id, self._call(scripts.HEARTBEAT, args, "renew a lease", now_ms)
+        )
+
+    async def aheartbeat(self, lease_id: str, ttl_ms: int | None, now_ms: int) -> LeaseRecord:
+        args = self._heartbeat_args(lease_id, ttl_ms)
+        return self._heartbeat_done(
+            lease_id, await self._acall(scripts.HEARTBEAT, args, "renew a lease", now_ms)
+        )
+
+    # -- reads --------------------------------------------------------------------------------
+    def get_lease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
+        res = self._call(scripts.GET_LEASE, [lease_id], "read a lease", now_ms)
+        if "lease" not in res:
+            return None
+        rec = lease_record(res["lease"])
+        if res["expired"]:
+            self._hook_expired([rec], int(res["now"]))
+            self._report_expired([rec])
+        return rec
+
+    def list_leases(
+        self, agent_id: str | None, resource: ParsedIntent | None, now_ms: int
+    ) -> list[LeaseRecord]:
+        args = ["0"] if resource is None else ["1", "1", *intent_args(resource)]
+        res = self._call(scripts.LIST, args, "list leases", now_ms, mutating=False)
+        now = int(res["now"])
+        return sorted(
+            (
+                rec
+                for rec in map(lease_record, _rows(res["leases"]))
+                if rec.expires_at > now and (agent_id is None or rec.agent_id == agent_id)
+            ),
+            key=lambda r: r.fencing_token,
+        )
+
+    def fence_state(self, intent: ParsedIntent, token: int, now_ms: int) -> FenceState:
+        span = descendant_range(intent.key) or ("", "")
+        args = [str(token), *span, "1", *intent_args(intent)]
+        res = self._call(scripts.FENCE, args, "read fencing tokens", now_ms, mutating=False)
+        newest = None if res["newest"] is None else int(res["newest"])
+        floor = int(res["floor"])
+        return FenceState(fence_with_floor(newest, floor, bool(res["live"])), bool(res["active"]))
+
+    def unreserve(self, agent_id: str, session_id: str) -> None:
+        self._call(scripts.UNRESERVE, [agent_id, session_id], "drop a reservation")
+
+    def sweep(self, now_ms: int) -> list[LeaseRecord]:
+        res = self._call(scripts.SWEEP, [], "sweep expired leases", now_ms)
+        expired = [lease_record(r) for r in _rows(res["expired"])]
+        self._hook_expired(expired, int(res["now"]))
+        self._report_expired(expired)
+        return expired
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # The bus half may hold resources of its own (listeners): released first.
+        close_bus = getattr(self, "_close_bus", None)
+        if close_bus is not None:
+            close_bus()
+        self._conn.close()
+
+
+def _agent(agent_id: str, p: Any, r: Any, v: Any) -> AgentInfo:
+    return AgentInfo(
+        agent_id=agent_id,
+        priority=int(p),
+        registered_at=int(r),
+        revoked_at=None if v is None else int(v),
+    )

@@ -54,6 +54,7 @@ from langchain_core.language_models import BaseChatModel  # noqa: E402
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage  # noqa: E402
 from langchain_core.outputs import ChatGeneration, ChatResult  # noqa: E402
 from langchain_core.tools import BaseTool, tool  # noqa: E402
+from langgraph.checkpoint.memory import InMemorySaver  # noqa: E402
 from langgraph.graph import END, START, MessagesState, StateGraph  # noqa: E402
 from langgraph.prebuilt import ToolNode, tools_condition  # noqa: E402
 from langgraph.prebuilt.tool_node import ToolCallRequest  # noqa: E402
@@ -118,7 +119,11 @@ def checked(run: Callable[[], Any], kw: Klockwork | None) -> Callable[[], Any]:
 
 
 class AfterModelNoop(AgentMiddleware):
-    """A middleware whose ``after_model`` hook does nothing (KlockworkMiddleware has one)."""
+    """A middleware whose ``after_model`` hook does nothing.
+
+    What a turn-level approval hook would cost every run: KlockworkMiddleware
+    has none (it asks a turn's approvals from the turn's tool calls).
+    """
 
     def after_model(self, state: Any, runtime: Any) -> None:
         return None
@@ -130,13 +135,35 @@ def bench_agent(plan: BatchPlan) -> list[Row]:
     ours = create_agent(model, [write_file], middleware=[KlockworkMiddleware(kw, **OPTIONS)])
     bare = create_agent(model, [write_file])
     hook = create_agent(model, [write_file], middleware=[AfterModelNoop()])
+    # Checkpointed: the gate is judged as one call of its model turn (turn_approvals).
+    middleware = [KlockworkMiddleware(kw, **OPTIONS)]
+    ours_saved = create_agent(
+        model, [write_file], middleware=middleware, checkpointer=InMemorySaver()
+    )
+    bare_saved = create_agent(model, [write_file], checkpointer=InMemorySaver())
+    threads = itertools.count()
+
+    def saved(agent: Any) -> Callable[[], Any]:
+        # A new thread per run, so the checkpoint history does not grow.
+        def run() -> Any:
+            conf = {
+                **CONFIG,
+                "configurable": {**CONFIG["configurable"], "thread_id": f"t{next(threads)}"},
+            }
+            return agent.invoke(START_INPUT, conf)
+
+        return run
+
     try:
         fns = {
             "ours": checked(lambda: ours.invoke(START_INPUT, CONFIG), kw),
             "bare": checked(lambda: bare.invoke(START_INPUT, CONFIG), None),
             "hook": checked(lambda: hook.invoke(START_INPUT, CONFIG), None),
+            "ours_saved": checked(saved(ours_saved), kw),
+            "bare_saved": checked(saved(bare_saved), None),
         }
-        stats = compare(fns, plan.batches, plan.batch_ms, {"ours": kw.audit.flush})
+        flush = kw.audit.flush
+        stats = compare(fns, plan.batches, plan.batch_ms, {"ours": flush, "ours_saved": flush})
     finally:
         kw.close()
     return [
@@ -158,12 +185,12 @@ def bench_agent(plan: BatchPlan) -> list[Row]:
             note="LangGraph's cost of the graph node an after_model hook adds (run per model call)",
         ),
         Row(
-            "  KlockworkMiddleware vs the no-op after_model middleware (info)",
-            stats["ours"],
-            stats["hook"],
-            "the agent with a no-op after_model middleware",
+            "  the same, both with a checkpointer (info)",
+            stats["ours_saved"],
+            stats["bare_saved"],
+            "the agent without middleware, with InMemorySaver (a new thread per run)",
             section="info",
-            note="klockwork's own share: the turn's gate judgement, wrap_tool_call, audit",
+            note="the gate judged as one call of its model turn (turn_approvals)",
         ),
     ]
 
@@ -197,7 +224,8 @@ def bench_tool_node(plan: BatchPlan) -> Row:
             "ours": checked(lambda: ours.invoke(START_INPUT, CONFIG), kw),
             "bare": checked(lambda: bare.invoke(START_INPUT, CONFIG), None),
         }
-        stats = compare(fns, plan.batches, plan.batch_ms, {"ours": kw.audit.flush})
+        flush = kw.audit.flush
+        stats = compare(fns, plan.batches, plan.batch_ms, {"ours": flush, "ours_saved": flush})
     finally:
         kw.close()
     return Row(

@@ -484,21 +484,79 @@ def test_an_approval_past_its_deadline_refuses_on_resume() -> None:
     kw.close()
 
 
-def test_only_a_middleware_with_gates_adds_the_turn_approval_node() -> None:
+def test_the_middleware_adds_no_graph_node_of_its_own() -> None:
+    """Approvals are asked from the tool calls: no after_model node runs per model call."""
+
     @tool
     def touch(path: str) -> str:
         """Touch a file."""
         return path
 
-    leases_only = KlockworkMiddleware(resources={"touch": "FILE:{path}"})
-    gated = KlockworkMiddleware(resources={"touch": "FILE:{path}"}, gates={"touch": "fs.touch"})
-    assert isinstance(gated, KlockworkMiddleware) and gated.name == leases_only.name
-    nodes = [
-        list(create_agent(scripted("done"), tools=[touch], middleware=[m]).get_graph().nodes)
-        for m in (leases_only, gated)
-    ]
-    assert "KlockworkMiddleware.after_model" not in nodes[0]  # no extra node per model call
-    assert "KlockworkMiddleware.after_model" in nodes[1]
+    for mw in (
+        KlockworkMiddleware(resources={"touch": "FILE:{path}"}),
+        KlockworkMiddleware(resources={"touch": "FILE:{path}"}, gates={"touch": "fs.touch"}),
+    ):
+        graph = create_agent(scripted("done"), tools=[touch], middleware=[mw])
+        assert set(graph.get_graph().nodes) == {"__start__", "model", "tools", "__end__"}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("by_id", [False, True], ids=["resume", "resume-by-interrupt-id"])
+def test_a_turn_waits_as_one_and_resumes_as_one(gkw: Klockwork, mode: str, by_id: bool) -> None:
+    """Three approvals and an allowed call: one interrupt, nothing runs, one resume runs all.
+
+    The calls run as parallel tasks; the ones that do not lead pause without an
+    interrupt of their own and take their decisions from the leader on resume,
+    whether the resume names the interrupt or not.
+    """
+    files = Files(gkw)
+    calls = [("c1", "/ok", "small"), ("c2", "/p", "y" * 40), ("c3", "/q", "z" * 40)]
+    graph = hitl_graph(gkw, files, *calls, ("c4", "/r", "w" * 40))
+
+    def invoke(value: Any) -> dict[str, Any]:
+        if mode == "sync":
+            out: dict[str, Any] = graph.invoke(value, CFG)
+            return out
+        return asyncio.run(graph.ainvoke(value, CFG))
+
+    out = invoke(START)
+    (pending,) = out["__interrupt__"]
+    assert [a["args"]["path"] for a in pending.value["action_requests"]] == ["/p", "/q", "/r"]
+    assert files.written == []
+    decisions = [{"type": "approve"}, {"type": "reject", "message": "no"}, {"type": "approve"}]
+    resume: Any = {"decisions": decisions, "approver": "alice"}
+    out = invoke(Command(resume={pending.id: resume} if by_id else resume))
+    assert "__interrupt__" not in out
+    by_call = {m.tool_call_id: m.status for m in tool_messages(out)}
+    assert by_call == {"c1": "success", "c2": "success", "c3": "error", "c4": "success"}
+    assert sorted(p for p, _ in files.written) == ["/ok", "/p", "/r"]
+    assert kinds(gkw).count("action.requested") == 3 and kinds(gkw).count("lease.granted") == 3
+
+
+def test_a_resume_in_a_new_process_needs_nothing_of_the_first(gkw: Klockwork) -> None:
+    """The paused turn is resumed by another agent object (another process): same outcome."""
+    files = Files(gkw)
+    saver = InMemorySaver()
+    the_turn = turn(("c1", "/p", "y" * 40), ("c2", "/q", "z" * 40))
+    first = build(gkw, files, the_turn, gates=GATES, saver=saver)
+    (pending,) = first.invoke(START, CFG)["__interrupt__"]
+    second = build(gkw, files, gates=GATES, saver=saver)  # its model only answers "Done."
+    resume = {"decisions": [{"type": "approve"}, {"type": "approve"}], "approver": "bob"}
+    out = second.invoke(Command(resume=resume), CFG)
+    assert sorted(p for p, _ in files.written) == ["/p", "/q"]
+    assert [m.status for m in tool_messages(out)] == ["success", "success"]
+
+
+def test_calls_run_one_at_a_time_still_resume(gkw: Klockwork) -> None:
+    """With max_concurrency=1 the leader (first in the model's order) runs first: no deadlock."""
+    files = Files(gkw)
+    graph = hitl_graph(gkw, files, ("c1", "/p", "y" * 40), ("c2", "/q", "z" * 40))
+    cfg = {**CFG, "max_concurrency": 1}
+    assert len(graph.invoke(START, cfg)["__interrupt__"]) == 1
+    resume = {"decisions": [{"type": "approve"}, {"type": "approve"}], "approver": "bob"}
+    out = graph.invoke(Command(resume=resume), cfg)
+    assert sorted(p for p, _ in files.written) == ["/p", "/q"]
+    assert [m.status for m in tool_messages(out)] == ["success", "success"]
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])

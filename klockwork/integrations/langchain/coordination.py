@@ -8,9 +8,10 @@ node share this one implementation. For each tool call:
 
 1. **the gate** (if the tool is gated): ``kw.gates`` judges the action with
    metadata ``{"tool": name, "args": {...}}`` merged with the configured
-   metadata. A decision the middleware already took for the whole model
-   turn (:mod:`.turn_approvals`, kept in the agent state) is used as is.
-   Otherwise, in a checkpointed LangGraph run an approval is an
+   metadata. In a checkpointed LangGraph run the middleware judges the
+   calls of a model turn together and asks about all that need approval
+   in one interrupt (:mod:`.turn_approvals`); otherwise (the node, or a
+   call that is not one of a model turn) an approval is an
    ``interrupt()`` for this call, shaped as LangChain's ``HITLRequest``
    (:mod:`.hitl`), idempotent on resume (the gate's event id comes from the
    run and the tool call id, see :mod:`.approval_flow`); an edit is judged
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple, TypedDict
+from typing import Any, Literal, NamedTuple, TypedDict, TypeVar
 
 from langchain_core.messages import ToolMessage
 from langchain_core.tools import BaseTool
@@ -69,10 +70,10 @@ from klockwork.integrations.langchain.resources import (
     Resolver,
     template_resolver,
 )
+from klockwork.integrations.langchain.turn_approvals import Seat, TurnApprovals
 from klockwork.integrations.langchain.turn_order import CallOrder, TurnOrder
 
 __all__ = [
-    "DECIDED_KEY",
     "DEFAULT_TIMEOUT_S",
     "REJECTED",
     "GateDecision",
@@ -81,6 +82,7 @@ __all__ = [
     "ToolResourceSpec",
 ]
 
+_T = TypeVar("_T")
 DEFAULT_TIMEOUT_S = 30.0
 Result = ToolMessage | Command[Any]
 Handler = Callable[[ToolCallRequest], Result]
@@ -95,12 +97,8 @@ REJECTED = (
 )
 
 
-#: The agent-state key where the turn's gate decisions are kept (:mod:`.turn_approvals`).
-DECIDED_KEY = "klockwork_decided"
-
-
 class GateDecision(TypedDict):
-    """What the gate decided about one tool call of a turn (kept in the agent state)."""
+    """What the gate decided about one tool call of a model turn (see :mod:`.turn_approvals`)."""
 
     status: Literal["executed", "denied", "respond"]
     gate: str | None
@@ -173,6 +171,13 @@ def _parse_gate(tool: str, spec: GateSpec) -> _Gate:
     )
 
 
+async def _maybe_thread(offload: bool, fn: Callable[..., _T], /, *args: Any) -> _T:
+    """``fn(*args)`` on a worker thread when ``offload`` (a store doing I/O), else inline."""
+    if offload:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
 def _error(request: ToolCallRequest, text: str) -> ToolMessage:
     call = request.tool_call
     return ToolMessage(text, tool_call_id=call["id"] or "", name=call["name"], status="error")
@@ -216,6 +221,8 @@ class ToolCallCoordinator:
         self.audit = bool(audit)
         self.agent_id = agent_id
         self._order = TurnOrder()
+        #: One interrupt per model turn (set by KlockworkMiddleware; a node has no turns).
+        self.turns: TurnApprovals | None = None
         # id(tool) -> (tool, its argument defaults): see _defaults.
         self._tool_defaults: dict[int, tuple[BaseTool, dict[str, Any]]] = {}
 
@@ -363,13 +370,22 @@ class ToolCallCoordinator:
             return _error(request, self._refusal(answer.denied_error(), gate.action))
         return _Decided({**args, **outcome.edits}, answer.result.audit_event_id)
 
-    def _from_turn(self, request: ToolCallRequest) -> _Decided | ToolMessage | None:
-        """What :mod:`.turn_approvals` decided for this call already, if it did."""
-        state = request.state
-        decided = state.get(DECIDED_KEY) if isinstance(state, Mapping) else None
-        entry: GateDecision | None = (decided or {}).get(request.tool_call["id"] or "")
-        if entry is None:
+    def _in_turn(
+        self, request: ToolCallRequest, ident: Identity, conf: Mapping[str, Any]
+    ) -> _Decided | ToolMessage | Seat | None:
+        """The call's gate as one of its model turn's calls (the middleware only).
+
+        A decision; or its ballot, to lead or wait on; or None: judge it alone.
+        """
+        if self.turns is None:
             return None
+        taken = self.turns.take(request, ident, conf)
+        if taken is None or isinstance(taken, Seat):
+            return taken
+        return self._turn_result(request, taken)
+
+    @staticmethod
+    def _turn_result(request: ToolCallRequest, entry: GateDecision) -> _Decided | ToolMessage:
         if entry["status"] == "executed":
             return _Decided(dict(entry["args"]), entry["gate"])
         if entry["status"] == "respond":
@@ -383,9 +399,6 @@ class ToolCallCoordinator:
         gate = self.gates.get(request.tool_call["name"])
         if gate is None:
             return _Decided(args, None)
-        turn = self._from_turn(request)
-        if turn is not None:
-            return turn
         return _GateStep(gate, args, checkpointed_run())
 
     def _gate_call(
@@ -401,6 +414,17 @@ class ToolCallCoordinator:
         if not isinstance(step, _GateStep):
             return step
         if step.conf is not None:
+            taken = self._in_turn(request, ident, step.conf)
+            if isinstance(taken, Seat):
+                ballot, calls = taken
+                try:
+                    if calls is not None:
+                        return self._turn_result(request, self.turns.lead(ballot, calls, ident))
+                    return self._turn_result(request, ballot.wait(request.tool_call["id"] or ""))
+                finally:
+                    self.turns.leave(ballot, request.tool_call["id"] or "")
+            if taken is not None:
+                return taken
             return self._in_run(request, step.gate, ident, step.args, step.conf)
         args, kwargs = self._gate_call(request, step, ident)
         try:
@@ -414,11 +438,25 @@ class ToolCallCoordinator:
         if not isinstance(step, _GateStep):
             return step
         if step.conf is not None:
-            if self.kw.store.blocking_io:  # short store calls, but not on the loop
-                return await asyncio.to_thread(
-                    self._in_run, request, step.gate, ident, step.args, step.conf
-                )
-            return self._in_run(request, step.gate, ident, step.args, step.conf)
+            # Short store calls, but not on the loop; a call waiting for its
+            # turn's leader waits on a thread.
+            offload = self.kw.store.blocking_io
+            taken = await _maybe_thread(offload, self._in_turn, request, ident, step.conf)
+            if isinstance(taken, Seat):
+                ballot, calls = taken
+                call_id = request.tool_call["id"] or ""
+                try:
+                    if calls is not None:
+                        led = await _maybe_thread(offload, self.turns.lead, ballot, calls, ident)
+                        return self._turn_result(request, led)
+                    return self._turn_result(request, await asyncio.to_thread(ballot.wait, call_id))
+                finally:
+                    self.turns.leave(ballot, call_id)
+            if taken is not None:
+                return taken
+            return await _maybe_thread(
+                offload, self._in_run, request, step.gate, ident, step.args, step.conf
+            )
         args, kwargs = self._gate_call(request, step, ident)
         try:
             result = await self.kw.gates.agate(*args, **kwargs)

@@ -24,13 +24,11 @@ leases; the per-call logic is :class:`~.coordination.ToolCallCoordinator`'s
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from langchain.agents.middleware.types import AgentMiddleware, ToolCallRequest
 from langchain_core.messages import ToolMessage
-from langgraph.runtime import Runtime
 from langgraph.types import Command
 
 from klockwork.core.engine import Klockwork
@@ -41,7 +39,7 @@ from klockwork.integrations.langchain.coordination import (
     ToolCallCoordinator,
     ToolResourceSpec,
 )
-from klockwork.integrations.langchain.turn_approvals import KlockworkState, approve_turn
+from klockwork.integrations.langchain.turn_approvals import TurnApprovals
 
 __all__ = ["KlockworkMiddleware"]
 
@@ -88,17 +86,6 @@ class KlockworkMiddleware(AgentMiddleware):
         InvalidRequestError: an invalid option (at construction).
     """
 
-    state_schema = KlockworkState
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> KlockworkMiddleware:
-        # create_agent adds a graph node for every middleware that overrides
-        # after_model, and every model call then passes through it (~0.5 ms
-        # here). Only gates can need the turn's approvals: without them the
-        # middleware is built without the hook.
-        if cls is KlockworkMiddleware and kwargs.get("gates"):
-            cls = _TurnApprovalsMiddleware
-        return super().__new__(cls)
-
     def __init__(
         self,
         kw: Klockwork | None = None,
@@ -124,6 +111,7 @@ class KlockworkMiddleware(AgentMiddleware):
             audit=audit,
             agent_id=agent_id,
         )
+        self.coordinator.turns = TurnApprovals(self.coordinator)
 
     @property
     def name(self) -> str:
@@ -145,17 +133,3 @@ class KlockworkMiddleware(AgentMiddleware):
     ) -> ToolMessage | Command[Any]:
         """Async twin of :meth:`wrap_tool_call`: waiting never blocks the event loop."""
         return await self.coordinator.awrap(request, handler)
-
-
-class _TurnApprovalsMiddleware(KlockworkMiddleware):
-    """A :class:`KlockworkMiddleware` with gates: it also judges each model turn's calls."""
-
-    def after_model(self, state: Any, runtime: Runtime[Any]) -> dict[str, Any] | None:
-        """Judge the turn's gated calls; one interrupt for those that need approval."""
-        return approve_turn(self.coordinator, state)
-
-    async def aafter_model(self, state: Any, runtime: Runtime[Any]) -> dict[str, Any] | None:
-        """Async twin of :meth:`after_model` (store calls off the loop on a blocking store)."""
-        if self.coordinator.kw.store.blocking_io:
-            return await asyncio.to_thread(approve_turn, self.coordinator, state)
-        return approve_turn(self.coordinator, state)

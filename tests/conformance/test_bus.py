@@ -37,7 +37,11 @@ EVENTS = "klockwork.events"
 
 
 def store_has_bus(store_kind: str) -> bool:
-    """Whether the store class implements the bus primitives (SQLite's may still be missing)."""
+    """Whether the store class implements the bus primitives (a new store's may still be missing)."""
+    if store_kind == "redis":
+        from klockwork.core.stores.redis.bus import RedisBus
+
+        return RedisBus.bus_publish is not BusPrimitives.bus_publish
     cls = MemoryStore if store_kind == "memory" else SqliteStore
     return cls.bus_publish is not BusPrimitives.bus_publish
 

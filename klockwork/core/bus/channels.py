@@ -124,6 +124,12 @@ class Bus:
         self.listeners = Listeners()
         #: Puts the engine's governance events on ``klockwork.events`` (with a hub).
         self.events: EventPump | None = None if hub is None else EventPump(self, hub)
+        # Other processes' publishes wake this bus's waiters, on a store that
+        # pushes them (see ``Store.bus_watch``); elsewhere waiters poll.
+        self._unwatch = store.bus_watch(self._woken)
+
+    def _woken(self, channel: str) -> None:
+        self._signals.notify(_wake_key(channel))
 
     def _retention_of(self, channel: str) -> Retention:
         return self._retention
@@ -518,6 +524,8 @@ class Bus:
         """Publish the queued governance events and wake every waiter (before the store closes)."""
         if self.events is not None:
             self.events.close()
+        if self._unwatch is not None:
+            self._unwatch()
         self._signals.close()
 
 

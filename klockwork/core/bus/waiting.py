@@ -7,9 +7,12 @@ until one of these happens, then asks again:
   wake-up through :mod:`klockwork.core.notify`: no polling);
 * something it was told is due (a delayed message becoming visible, a
   delivery timing out for redelivery);
-* on a store shared by processes, :meth:`Store.bus_version` moved (another
-  process committed): checked every :data:`POLL_S`, a read-only check far
-  cheaper than asking the store again;
+* on a store shared by processes, another process published: a store that
+  pushes such wake-ups (Redis: Pub/Sub, see :meth:`Store.bus_watch`) has
+  the engine's bus notify the waiter like a publish in this process;
+  otherwise :meth:`Store.bus_version` moved (another process committed):
+  checked every :data:`POLL_S`, a read-only check far cheaper than asking
+  the store again;
 * its wait runs out;
 * the engine closes (the call raises :class:`~klockwork.StoreUnavailableError`).
 
@@ -48,7 +51,11 @@ class Waiting(Generic[_R]):
     ) -> None:
         self._store, self._clock, self._signals, self._keys = store, clock, signals, keys
         self._deadline = clock.monotonic() + wait_s
-        self._poll = store.cross_process
+        self._poll = self._polls()
+
+    def _polls(self) -> bool:
+        """Whether this waiter must poll: other processes write, and do not wake it."""
+        return self._store.cross_process and not self._store.bus_pushes_wakeups()
 
     def _nap(self, due_ms: int | None) -> float | None:
         """How long to sleep before the next check; None when the wait is over."""
@@ -75,6 +82,7 @@ class Waiting(Generic[_R]):
         """Try until done or out of time (sync: this thread sleeps)."""
         while True:
             epoch = self._signals.epoch
+            self._poll = self._polls()
             version = self._store.bus_version() if self._poll else 0
             result, done, due = attempt()
             if done:
@@ -92,6 +100,7 @@ class Waiting(Generic[_R]):
         """Async twin of :meth:`run`: only this task sleeps."""
         while True:
             epoch = self._signals.epoch
+            self._poll = self._polls()
             version = await self._version()
             result, done, due = await attempt()
             if done:

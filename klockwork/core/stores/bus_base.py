@@ -189,3 +189,16 @@ class BusPrimitives:
         a store that no other process shares returns 0 always.
         """
         return 0
+
+    def bus_watch(self, wake: Callable[[str], None]) -> Callable[[], None] | None:
+        """Have ``wake(channel)`` called when another process makes something deliverable there.
+
+        For stores that can push wake-ups across processes (Redis: Pub/Sub).
+        Returns the function that stops watching, or None when the store
+        cannot push: its waiters poll :meth:`bus_version` instead.
+        """
+        return None
+
+    def bus_pushes_wakeups(self) -> bool:
+        """True while :meth:`bus_watch` hears every other process's wake-up (no need to poll)."""
+        return False

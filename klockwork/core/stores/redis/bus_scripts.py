@@ -1,0 +1,521 @@
+"""The Lua scripts of the bus on Redis Streams: one per primitive, run atomically by Redis.
+
+Every script is ``PRELUDE + LIB + body`` and is called the same way::
+
+    KEYS[1]  {ns}:bus:ver -- any key of the namespace: routes the call to its
+                          -- Cluster slot (every key is hash-tagged {ns})
+    ARGV[1]  '{ns}:bus:'  -- the key prefix; the scripts build keys from it
+    ARGV[2]  request id   -- '' for read-only scripts (see below)
+    ARGV[3]  now_ms       -- '' to read the server's clock (TIME), the default
+    ARGV[4]  token        -- the calling store's, on the wake-ups it publishes
+    ARGV[5...]            -- the script's own arguments (documented on it)
+
+**Keys** (all ``{ns}:bus:``-prefixed; ``<c>`` a channel, ``<g>`` a group;
+names may contain ``:`` but never ``|``)::
+
+    s:<c>        the stream. Entry ids are ``<seq>-<n>``: the seq (contiguous
+                 from 1, as the other stores number messages) and the
+                 channel's number, so an id is unique across channels and
+                 XRANGE/XTRIM MINID/XPENDING address messages by seq.
+                 Fields, always in this order: p payload, t published_at,
+                 v visible_at, then k key when published with one.
+    chans        hash channel -> its number n (from the counter nchan)
+    m:<c>        hash last (newest seq), len/age (the channel's own retention)
+    k:<c>        hash idempotency key -> seq, removed with the message when
+                 it is trimmed (a TTL could expire while the message is still
+                 retained and let a retry publish twice)
+    g:<c>        hash group -> 'visibility_ms max_deliveries created_at'
+    d:<c>|<g>    zset id -> visibility deadline of each delivery in the PEL
+    w:<c>|<g>    zset id -> visible_at of each delayed message the group passed
+    e:<c>|<g>    hash id -> the error of the delivery's last nack
+    ver          counter moved by every change (``bus_version``)
+    wake         the Pub/Sub channel of wake-ups: '<token> <channel>'
+    req:<rid>    the reply of a mutating call, kept 15 s (see below)
+
+**Why the side structures.** A consumer group's PEL holds the deliveries,
+their consumer and their attempt (delivery count, set with XCLAIM
+RETRYCOUNT); XREADGROUP hands out new messages and XACK ends a delivery.
+But a PEL entry's idle time runs on the server's clock, cannot be set in
+the future (XCLAIM clamps it to now) and is not indexed by time, so the
+visibility deadlines live in ``d`` (a nack moves one to now, the caller's
+clock works when ``server_time=False``, the earliest deadline is one ZRANGE
+away for a sleeping waiter); XAUTOCLAIM's "idle >= visibility timeout"
+becomes ZRANGEBYSCORE over ``d``, and the claim is XCLAIM. A delayed
+message is invisible until ``visible_at``, which Streams cannot express:
+a read that meets one takes it out of the PEL (XACK) into ``w`` until it is
+due, then hands it out with XCLAIM FORCE (attempt 1), as the memory store
+schedules it. The seq of a message is its stream id, so no index is
+needed for it.
+
+**Exactly once.** Each mutating call carries a request id drawn in Python.
+A script first looks for ``req:<id>``: if the call ran already (its reply
+was lost to a timeout and the client sent it again) it returns the stored
+reply and changes nothing, so a retried publish never publishes twice.
+
+**Numbers.** Lua numbers are doubles (exact below 2^53): times and seqs
+leave a script as decimal strings (``int``), never as Lua's ``%.14g``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ACK",
+    "CHANNELS",
+    "CREATE_GROUP",
+    "GROUPS",
+    "LAST_SEQS",
+    "NACK",
+    "PUBLISH",
+    "RANGE",
+    "READ",
+    "SET_RETENTION",
+]
+
+#: How long a mutating call's reply is kept for a retry with its request id.
+REQUEST_TTL_MS = 15_000
+
+PRELUDE = f"""
+local P = ARGV[1]
+local RID = ARGV[2]
+if RID ~= '' then
+  local done = redis.call('GET', P .. 'req:' .. RID)
+  if done then return cjson.decode(done) end
+end
+local NOW
+if ARGV[3] ~= '' then
+  NOW = tonumber(ARGV[3])
+else
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local TOKEN = ARGV[4]
+-- Keep the reply under the request id (see the module docstring), return it.
+-- Replies hold strings and small integers only: cjson keeps both exactly.
+local function finish(reply)
+  if RID ~= '' then
+    redis.call('SET', P .. 'req:' .. RID, cjson.encode(reply), 'PX', {REQUEST_TTL_MS})
+  end
+  return reply
+end
+"""
+
+#: Functions shared by the scripts; each mirrors the memory store's step named.
+LIB = r"""
+local function int(n) return string.format('%.0f', n) end
+local function seq_of(id) return tonumber(string.match(id, '^(%d+)')) end
+local function by_seq(a, b) return seq_of(a) < seq_of(b) end
+local function skey(c) return P .. 's:' .. c end
+local function gkey(kind, c, g) return P .. kind .. ':' .. c .. '|' .. g end
+local function opt(text) if text == '' or not text then return nil end return tonumber(text) end
+
+-- Something changed on channel c: move the version, wake other processes.
+local function wake(c)
+  redis.call('INCR', P .. 'ver')
+  redis.call('PUBLISH', P .. 'wake', TOKEN .. ' ' .. c)
+end
+
+-- The channel's number (registering the channel on first use).
+local function channel_no(c)
+  local n = redis.call('HGET', P .. 'chans', c)
+  if not n then
+    n = tostring(redis.call('INCR', P .. 'nchan'))
+    redis.call('HSET', P .. 'chans', c, n)
+  end
+  return n
+end
+
+-- The channel's own retention if set, else the default given.
+local function retention(c, len, age)
+  local own = redis.call('HMGET', P .. 'm:' .. c, 'len', 'age')
+  if own[1] then return tonumber(own[1]), opt(own[2]) end
+  return len, age
+end
+
+-- MemoryBus._append: a new entry {id, fields}, or the one its key holds.
+local function append(c, payload, key, visible_at)
+  local s = skey(c)
+  if key ~= '' then
+    local seq = redis.call('HGET', P .. 'k:' .. c, key)
+    if seq then
+      local held = redis.call('XRANGE', s, seq, seq)
+      if held[1] then return held[1] end
+    end
+  end
+  local n = channel_no(c)
+  local seq = int(redis.call('HINCRBY', P .. 'm:' .. c, 'last', 1))
+  local fields = {'p', payload, 't', int(NOW), 'v', int(math.max(visible_at, NOW))}
+  if key ~= '' then
+    fields[7], fields[8] = 'k', key
+    redis.call('HSET', P .. 'k:' .. c, key, seq)
+  end
+  local id = seq .. '-' .. n
+  redis.call('XADD', s, id, unpack(fields))
+  return {id, fields}
+end
+
+-- MemoryBus._trim: drop the oldest entries beyond (len, age), read or not,
+-- with their keys, the deliveries and schedules of every group.
+local function trim(c, len, age)
+  local s = skey(c)
+  local last = tonumber(redis.call('HGET', P .. 'm:' .. c, 'last') or '0')
+  local upto = last - len
+  if age then  -- past the length limit, drop on while the oldest is too old
+    local cutoff, from, step, young = NOW - age, int(math.max(upto + 1, 0)), 1, nil
+    while true do
+      local batch = redis.call('XRANGE', s, from, '+', 'COUNT', step)
+      for _, e in ipairs(batch) do
+        if tonumber(e[2][4]) >= cutoff then young = seq_of(e[1]); break end
+      end
+      if young or #batch < step then break end
+      from, step = '(' .. batch[#batch][1], math.min(step * 4, 256)
+    end
+    upto = young and young - 1 or last
+  end
+  if upto < 1 then return end
+  local groups = redis.call('HKEYS', P .. 'g:' .. c)
+  local keyed = redis.call('HLEN', P .. 'k:' .. c) > 0
+  local scheduled = {}
+  for _, g in ipairs(groups) do
+    if redis.call('ZCARD', gkey('w', c, g)) > 0 then scheduled[#scheduled + 1] = gkey('w', c, g) end
+  end
+  if keyed or #scheduled > 0 then  -- read what goes: its key, its schedules
+    local from = '-'
+    while true do
+      local batch = redis.call('XRANGE', s, from, int(upto), 'COUNT', 500)
+      for _, e in ipairs(batch) do
+        local f = e[2]
+        if f[8] and redis.call('HGET', P .. 'k:' .. c, f[8]) == int(seq_of(e[1])) then
+          redis.call('HDEL', P .. 'k:' .. c, f[8])
+        end
+        if f[6] ~= f[4] then
+          for _, w in ipairs(scheduled) do redis.call('ZREM', w, e[1]) end
+        end
+      end
+      if #batch < 500 then break end
+      from = '(' .. batch[#batch][1]
+    end
+  end
+  if redis.call('XTRIM', s, 'MINID', int(upto + 1)) == 0 then return end
+  for _, g in ipairs(groups) do  -- XTRIM leaves PEL entries behind: end them
+    while true do
+      local pend = redis.call('XPENDING', s, g, '-', int(upto), 500)
+      if #pend == 0 then break end
+      local ids = {}
+      for i, p in ipairs(pend) do ids[i] = p[1] end
+      redis.call('XACK', s, g, unpack(ids))
+      redis.call('ZREM', gkey('d', c, g), unpack(ids))
+      redis.call('HDEL', gkey('e', c, g), unpack(ids))
+      if #pend < 500 then break end
+    end
+  end
+end
+
+-- MemoryBus._group: create the group unless it exists; true if created.
+local function create_group(c, g, vis, maxd, start)
+  channel_no(c)
+  if redis.call('HEXISTS', P .. 'g:' .. c, g) == 1 then return false end
+  local r = redis.pcall('XGROUP', 'CREATE', skey(c), g, start == 'new' and '$' or '0', 'MKSTREAM')
+  if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP', 1, true) then
+    error(r.err)
+  end
+  redis.call('HSET', P .. 'g:' .. c, g, vis .. ' ' .. maxd .. ' ' .. int(NOW))
+  return true
+end
+
+-- MemoryBus._info: {channel, group, spec, pending, lag}.
+local function group_info(c, g)
+  local s = skey(c)
+  local last_id = '0-0'
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', s)) do
+    if info[2] == g then
+      for i = 1, #info, 2 do
+        if info[i] == 'last-delivered-id' then last_id = info[i + 1] end
+      end
+    end
+  end
+  -- lag: visible messages never handed out, and delayed ones passed, due now
+  local lag = redis.call('ZCOUNT', gkey('w', c, g), '-inf', int(NOW))
+  local from = '(' .. last_id
+  while true do
+    local batch = redis.call('XRANGE', s, from, '+', 'COUNT', 500)
+    for _, e in ipairs(batch) do
+      if tonumber(e[2][6]) <= NOW then lag = lag + 1 end
+    end
+    if #batch < 500 then break end
+    from = '(' .. batch[#batch][1]
+  end
+  local pending = redis.call('XPENDING', s, g)[1]
+  return {c, g, redis.call('HGET', P .. 'g:' .. c, g), pending, lag}
+end
+
+local function sorted_keys(key)
+  local names = redis.call('HKEYS', key)
+  table.sort(names)
+  return names
+end
+"""
+
+
+def _script(body: str) -> str:
+    return PRELUDE + LIB + body
+
+
+#: ARGV[5] n channels, then (channel, default len, default age or '') each,
+#: then (channel index, payload, key or '', visible_at - now) per item.
+#: Returns {channel index, id, published_at, visible_at[, payload]} per item
+#: (the payload only when a key returned a message published before).
+PUBLISH = _script(r"""
+local nch = tonumber(ARGV[5])
+local chans, i = {}, 6
+for c = 1, nch do
+  chans[c] = {ARGV[i], tonumber(ARGV[i + 1]), opt(ARGV[i + 2])}
+  i = i + 3
+end
+local out = {}
+while i <= #ARGV do
+  local c = tonumber(ARGV[i])
+  local payload = ARGV[i + 1]
+  local m = append(chans[c][1], payload, ARGV[i + 2], NOW + tonumber(ARGV[i + 3]))
+  local f = m[2]
+  if f[2] == payload then
+    out[#out + 1] = {c, m[1], f[4], f[6]}
+  else
+    out[#out + 1] = {c, m[1], f[4], f[6], f[2]}
+  end
+  i = i + 4
+end
+for _, ch in ipairs(chans) do
+  trim(ch[1], retention(ch[1], ch[2], ch[3]))
+  wake(ch[1])
+end
+return finish(out)
+""")
+
+#: ARGV[5] channel, [6] group, [7] consumer, [8] count, then the spec of a
+#: group created by this read ([9] visibility ms, [10] max deliveries,
+#: [11] start), and the dead-letter channel's default retention ([12] len,
+#: [13] age or ''). The decisions are rules.plan_read's: timed-out
+#: deliveries in seq order, a dead letter for each that used its last
+#: attempt (not counted), up to count redelivered, then the room left for
+#: messages the group never handed out, oldest first.
+#: Returns {now, next due or '', deliveries {id, fields, attempt},
+#: dead letters {id, fields}}.
+READ = _script(r"""
+local c, g, consumer, count = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+local s = skey(c)
+if redis.call('HEXISTS', P .. 'g:' .. c, g) == 0 then
+  create_group(c, g, ARGV[9], ARGV[10], ARGV[11])
+end
+local vis, maxd = string.match(redis.call('HGET', P .. 'g:' .. c, g), '^(%d+) (%d+)')
+vis, maxd = tonumber(vis), tonumber(maxd)
+local d, w, e = gkey('d', c, g), gkey('w', c, g), gkey('e', c, g)
+
+local due_ids = redis.call('ZRANGEBYSCORE', d, '-inf', int(NOW))
+table.sort(due_ids, by_seq)
+local redeliver, dead = {}, {}
+for _, id in ipairs(due_ids) do
+  local p = redis.call('XPENDING', s, g, id, id, 1)[1]  -- {id, consumer, idle, attempts}
+  if not p then
+    redis.call('ZREM', d, id)
+  elseif p[4] >= maxd then
+    dead[#dead + 1] = p
+  elseif #redeliver < count then
+    redeliver[#redeliver + 1] = p
+  end
+end
+
+local deadline = int(NOW + vis)
+local out = {}
+for _, p in ipairs(redeliver) do
+  local attempt = p[4] + 1
+  local got = redis.call('XCLAIM', s, g, consumer, '0', p[1], 'RETRYCOUNT', attempt)[1]
+  if got then
+    redis.call('ZADD', d, deadline, p[1])
+    out[#out + 1] = {got[1], got[2], attempt}
+  else
+    redis.call('ZREM', d, p[1])
+  end
+end
+local room = count - #redeliver
+-- Delayed messages passed earlier and visible now: older than any new one.
+local ready = redis.call('ZRANGEBYSCORE', w, '-inf', int(NOW))
+table.sort(ready, by_seq)
+for _, id in ipairs(ready) do
+  if room <= 0 then break end
+  redis.call('ZREM', w, id)
+  local got = redis.call('XCLAIM', s, g, consumer, '0', id, 'FORCE', 'RETRYCOUNT', '1')[1]
+  if got then
+    redis.call('ZADD', d, deadline, id)
+    out[#out + 1] = {got[1], got[2], 1}
+    room = room - 1
+  end
+end
+while room > 0 do
+  local r = redis.call('XREADGROUP', 'GROUP', g, consumer, 'COUNT', room, 'STREAMS', s, '>')
+  if not r then break end
+  local batch = r[1][2]
+  for _, m in ipairs(batch) do
+    if tonumber(m[2][6]) > NOW then  -- delayed: out of the PEL until it is due
+      redis.call('XACK', s, g, m[1])
+      redis.call('ZADD', w, m[2][6], m[1])
+    else
+      redis.call('ZADD', d, deadline, m[1])
+      out[#out + 1] = {m[1], m[2], 1}
+      room = room - 1
+    end
+  end
+  if #batch == 0 then break end
+end
+
+local letters = {}
+if #dead > 0 then
+  local dc = c .. '.dead'
+  for _, p in ipairs(dead) do
+    local id = p[1]
+    local m = redis.call('XRANGE', s, id, id)[1]
+    local err = redis.call('HGET', e, id)
+    redis.call('XACK', s, g, id)
+    redis.call('ZREM', d, id)
+    redis.call('HDEL', e, id)
+    if m then  -- bus_io.dead_letter_bytes, field by field
+      local f = m[2]
+      local body = '{"message":{"id":' .. cjson.encode(id) .. ',"channel":' .. cjson.encode(c)
+        .. ',"seq":' .. int(seq_of(id)) .. ',"payload":' .. f[2] .. ',"published_at":' .. f[4]
+        .. ',"visible_at":' .. f[6] .. '},"group":' .. cjson.encode(g) .. ',"attempts":'
+        .. int(p[4]) .. ',"last_consumer":' .. cjson.encode(p[2]) .. ',"last_error":'
+        .. (err and cjson.encode(err) or 'null') .. '}'
+      letters[#letters + 1] = append(dc, body, g .. ':' .. id, NOW)
+    end
+  end
+  trim(dc, retention(dc, tonumber(ARGV[12]), opt(ARGV[13])))
+  wake(dc)
+end
+
+local due = nil
+for _, key in ipairs({d, w}) do
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[2] and (not due or tonumber(first[2]) < due) then due = tonumber(first[2]) end
+end
+if due and due < NOW then due = NOW end  -- due already, not handed out this time
+if #out > 0 then redis.call('INCR', P .. 'ver') end
+return finish({int(NOW), due and int(due) or '', out, letters})
+""")
+
+#: ARGV[5] channel, [6] group, [7...] ids. Returns how many were pending,
+#: -1 when the channel has no such group.
+ACK = _script(r"""
+local c, g = ARGV[5], ARGV[6]
+if redis.call('HEXISTS', P .. 'g:' .. c, g) == 0 then return finish(-1) end
+local s, d, e = skey(c), gkey('d', c, g), gkey('e', c, g)
+local n, i = 0, 7
+while i <= #ARGV do
+  local ids = {}
+  for j = i, math.min(i + 499, #ARGV) do ids[#ids + 1] = ARGV[j] end
+  n = n + redis.call('XACK', s, g, unpack(ids))
+  redis.call('ZREM', d, unpack(ids))
+  redis.call('HDEL', e, unpack(ids))
+  i = i + 500
+end
+if n > 0 then redis.call('INCR', P .. 'ver') end
+return finish(n)
+""")
+
+#: ARGV[5] channel, [6] group, [7] deadline - now (when the deliveries are
+#: due again), [8] '1' with an error, [9] the error, [10] '1' to undo the
+#: attempt, [11] consumer ('' any), [12...] ids. Returns how many were
+#: handed back, -1 when the channel has no such group.
+NACK = _script(r"""
+local c, g = ARGV[5], ARGV[6]
+if redis.call('HEXISTS', P .. 'g:' .. c, g) == 0 then return finish(-1) end
+local s, d, e = skey(c), gkey('d', c, g), gkey('e', c, g)
+local deadline = int(NOW + tonumber(ARGV[7]))
+local has_error, undo, only = ARGV[8] == '1', ARGV[10] == '1', ARGV[11]
+local n, seen = 0, {}
+for i = 12, #ARGV do
+  local id = ARGV[i]
+  if not seen[id] then
+    seen[id] = true
+    local p = redis.call('XPENDING', s, g, id, id, 1)[1]
+    if p and (only == '' or p[2] == only) then
+      redis.call('ZADD', d, deadline, id)
+      if has_error then redis.call('HSET', e, id, ARGV[9]) end
+      if undo then  -- never below 0: a second undo of one delivery takes nothing
+        local back = int(math.max(p[4] - 1, 0))
+        redis.call('XCLAIM', s, g, p[2], '0', id, 'RETRYCOUNT', back, 'JUSTID')
+      end
+      n = n + 1
+    end
+  end
+end
+if n > 0 then wake(c) end
+return finish(n)
+""")
+
+#: ARGV[5] channel, [6] after seq, [7] limit. Returns {id, fields} of the
+#: visible messages with a greater seq, oldest first.
+RANGE = _script(r"""
+local s, limit = skey(ARGV[5]), tonumber(ARGV[7])
+local out, from = {}, int(tonumber(ARGV[6]) + 1)
+while #out < limit do
+  local want = limit - #out
+  local batch = redis.call('XRANGE', s, from, '+', 'COUNT', want)
+  for _, m in ipairs(batch) do
+    if tonumber(m[2][6]) <= NOW then out[#out + 1] = m end
+  end
+  if #batch < want then break end
+  from = '(' .. batch[#batch][1]
+end
+return out
+""")
+
+#: ARGV[5...] channels. Returns the newest seq of each ('0' if none).
+LAST_SEQS = _script(r"""
+local out = {}
+for i = 5, #ARGV do
+  out[#out + 1] = redis.call('HGET', P .. 'm:' .. ARGV[i], 'last') or '0'
+end
+return out
+""")
+
+#: ARGV[5] channel ('' every channel). Returns group_info of each group, by
+#: channel then group name.
+GROUPS = _script(r"""
+local chans = ARGV[5] ~= '' and {ARGV[5]} or sorted_keys(P .. 'chans')
+local out = {}
+for _, c in ipairs(chans) do
+  for _, g in ipairs(sorted_keys(P .. 'g:' .. c)) do out[#out + 1] = group_info(c, g) end
+end
+return out
+""")
+
+#: Returns {channel, last seq, length, {groups}, own len or '', own age or ''}
+#: of every channel, by name.
+CHANNELS = _script(r"""
+local out = {}
+for _, c in ipairs(sorted_keys(P .. 'chans')) do
+  local m = redis.call('HMGET', P .. 'm:' .. c, 'last', 'len', 'age')
+  out[#out + 1] = {c, m[1] or '0', redis.call('XLEN', skey(c)), sorted_keys(P .. 'g:' .. c),
+                   m[2] or '', m[3] or ''}
+end
+return out
+""")
+
+#: ARGV[5] channel, [6] len, [7] age or ''. Gives the channel its own
+#: retention and trims at once.
+SET_RETENTION = _script(r"""
+local c = ARGV[5]
+channel_no(c)
+redis.call('HSET', P .. 'm:' .. c, 'len', ARGV[6], 'age', ARGV[7])
+trim(c, tonumber(ARGV[6]), opt(ARGV[7]))
+redis.call('INCR', P .. 'ver')
+return finish(1)
+""")
+
+#: ARGV[5] channel, [6] group, [7] visibility ms, [8] max deliveries,
+#: [9] start. Returns {1 if created else 0, group_info}.
+CREATE_GROUP = _script(r"""
+local c, g = ARGV[5], ARGV[6]
+local created = create_group(c, g, ARGV[7], ARGV[8], ARGV[9])
+if created then redis.call('INCR', P .. 'ver') end
+return finish({created and 1 or 0, group_info(c, g)})
+""")

@@ -10,14 +10,17 @@ visibility timeouts and delivery limits, three consumers; the rules publish
 manual clock past visibility timeouts. Every answer of the engine must match
 the model's, and after every step the channel, the groups' counts and the
 dead letters must be what the model says. Runs on the memory store and
-(fewer examples, a fresh file each) on SQLite, through the sync API.
+(fewer examples, a fresh file or Redis namespace each) on SQLite and Redis
+(``KLOCKWORK_TEST_REDIS_URL``), through the sync API.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from klockwork import Delivery, Klockwork, ManualClock, MemoryStore, SqliteStore
+from klockwork import Delivery, Klockwork, ManualClock, MemoryStore, SqliteStore, Store
 from klockwork.core.stores.bus_base import BusPrimitives
 
 CHANNEL = "jobs"
@@ -40,9 +43,36 @@ KEYS = (None, None, "k0", "k1", "k2")
 DELAYS = (None, None, 0, 700, 3000)
 
 
+REDIS_URL = os.environ.get("KLOCKWORK_TEST_REDIS_URL", "")
+
+
 def store_has_bus(store_kind: str) -> bool:
+    if store_kind == "redis":
+        from klockwork.core.stores.redis.bus import RedisBus
+
+        return RedisBus.bus_publish is not BusPrimitives.bus_publish
     cls = MemoryStore if store_kind == "memory" else SqliteStore
     return cls.bus_publish is not BusPrimitives.bus_publish
+
+
+def _redis_store(namespace: str) -> Store:
+    from klockwork import RedisStore
+
+    sep = "&" if "?" in REDIS_URL else "?"
+    return RedisStore(f"{REDIS_URL}{sep}namespace={namespace}", server_time=False)
+
+
+def _drop_namespace(namespace: str) -> None:
+    """SCAN + UNLINK the namespace's keys (never FLUSHDB: the database is shared)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{{{namespace}}}:*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.unlink(*keys[i : i + 500])
+    finally:
+        client.close()
 
 
 @dataclass
@@ -80,9 +110,14 @@ class BusMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = tempfile.mkdtemp(prefix="kw-bus-stateful-")
-        store = (
-            MemoryStore() if self.store_kind == "memory" else SqliteStore(Path(self.tmp) / "b.db")
-        )
+        self.namespace = f"t-{uuid.uuid4().hex}"
+        store: Store
+        if self.store_kind == "redis":
+            store = _redis_store(self.namespace)
+        elif self.store_kind == "sqlite":
+            store = SqliteStore(Path(self.tmp) / "b.db")
+        else:
+            store = MemoryStore()
         self.clock = ManualClock(start_ms=T0)
         self.kw = Klockwork(store, clock=self.clock)
         self.bus = self.kw.bus
@@ -101,6 +136,8 @@ class BusMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.kw.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.store_kind == "redis":
+            _drop_namespace(self.namespace)
 
     @property
     def now(self) -> int:
@@ -279,11 +316,14 @@ _COMMON: dict[str, Any] = {
 SETTINGS = {
     "memory": settings(max_examples=150, stateful_step_count=50, **_COMMON),
     "sqlite": settings(max_examples=25, stateful_step_count=40, **_COMMON),
+    "redis": settings(max_examples=25, stateful_step_count=40, **_COMMON),
 }
 
 
-@pytest.mark.parametrize("store_kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("store_kind", ["memory", "sqlite", "redis"])
 def test_bus_matches_the_reference_model(store_kind: str) -> None:
+    if store_kind == "redis" and not REDIS_URL:
+        pytest.skip("Redis tests need a server: set KLOCKWORK_TEST_REDIS_URL")
     if not store_has_bus(store_kind):
         pytest.skip(f"the {store_kind} store has no bus yet")
     run_state_machine_as_test(_machine(store_kind), settings=SETTINGS[store_kind])

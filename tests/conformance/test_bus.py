@@ -37,7 +37,7 @@ EVENTS = "klockwork.events"
 
 
 def store_has_bus(store_kind: str) -> bool:
-    """Whether the store class implements the bus primitives (a new store's may still be missing)."""
+    """Whether the store class implements the bus primitives (a new one may still lack them)."""
     if store_kind == "redis":
         from klockwork.core.stores.redis.bus import RedisBus
 

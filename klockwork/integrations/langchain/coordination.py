@@ -506,8 +506,7 @@ class ToolCallCoordinator:
             except (ToolArgumentError, InvalidRequestError):
                 return set()  # a call that makes no resource waits for nothing
 
-        mine = keys_of(call)
-        return self._order.place(request.state, call, mine, keys_of) if mine else None
+        return self._order.place(request.state, call, keys_of)
 
     # -- the hooks ----------------------------------------------------------------------
     def wrap(self, request: ToolCallRequest, handler: Handler) -> Result:

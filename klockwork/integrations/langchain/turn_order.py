@@ -26,7 +26,7 @@ import contextlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from langchain_core.messages import AIMessage
@@ -74,7 +74,7 @@ def _turn_calls(state: Any, call_id: str) -> tuple[str, list[dict[str, Any]]]:
         if isinstance(message, AIMessage) and any(
             c.get("id") == call_id for c in message.tool_calls
         ):
-            return message.id or "", [dict(c) for c in message.tool_calls]
+            return message.id or "", list(message.tool_calls)
     return "", []
 
 
@@ -90,16 +90,21 @@ class TurnOrder:
         self,
         state: Any,
         call: Mapping[str, Any],
-        keys: Iterable[str],
         keys_of: Callable[[Mapping[str, Any]], set[str]],
     ) -> CallOrder | None:
-        """This call's place in its turn, or None when no other call of it shares a key."""
+        """This call's place in its turn, or None when no other call of it shares a key.
+
+        ``keys_of(call)`` gives a call's resource keys; it is not called for
+        a turn of one call (the common case pays nothing).
+        """
         turn, calls = _turn_calls(state, call["id"])
         if len(calls) < 2:
             return None
         # Call ids are unique within a model message, not forever (scripted
         # models reuse "c1"): a call is known as "<message id>/<call id>".
-        mine = set(keys)
+        mine = keys_of(call)
+        if not mine:
+            return None
         before: list[str] = []
         followed, seen_self = False, False
         for other in calls:

@@ -177,11 +177,11 @@ def test_a_later_call_does_not_wait_for_an_earlier_one_that_finished_before_a_re
     order = TurnOrder()
     ai = turn(("c1", "/same", "a"), ("c2", "/same", "b"))
     state = {"messages": [ai]}
-    first = order.place(state, ai.tool_calls[0], {"FILE:/same"}, lambda c: {"FILE:/same"})
+    first = order.place(state, ai.tool_calls[0], lambda c: {"FILE:/same"})
     assert first is not None and first.followed and first.before == ()
     order.finished(first, kw)  # the first run: c1 finished, then the run paused
     resumed = TurnOrder()  # a new process: nothing in memory, the store remembers
-    second = resumed.place(state, ai.tool_calls[1], {"FILE:/same"}, lambda c: {"FILE:/same"})
+    second = resumed.place(state, ai.tool_calls[1], lambda c: {"FILE:/same"})
     assert second is not None and second.before == (f"{ai.id or ''}/c1",)
     started = time.monotonic()
     resumed.wait(second, kw, timeout_s=5)

@@ -160,9 +160,7 @@ class Bus:
         return self._published(stored)
 
     async def _astore_items(self, items: list[PublishItem]) -> list[Message]:
-        stored = await self._store.run_io(
-            self._store.bus_publish, items, self._clock.now_ms(), self._retention_of
-        )
+        stored = await self._store.abus_publish(items, self._clock.now_ms(), self._retention_of)
         return self._published(stored)
 
     def publish(
@@ -379,7 +377,7 @@ class Bus:
         args = self._read_args(channel, group, consumer, count)
         if not self._store.blocking_io:
             return self._store.bus_read(*args)
-        task = asyncio.ensure_future(self._store.run_io(self._store.bus_read, *args))
+        task = asyncio.ensure_future(self._store.abus_read(*args))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -421,10 +419,13 @@ class Bus:
         Raises:
             InvalidRequestError: the channel has no such group, or a bad id.
         """
-        ids = _ids(message_ids)
-        return self._store.bus_ack(check_channel(channel), check_group_name(group, "group"), ids)
+        return self._store.bus_ack(*_ack_args(channel, group, message_ids))
 
-    aack = io_twin(ack)
+    async def aack(
+        self, channel: str, group: str, message_ids: Iterable[str | Message | Delivery]
+    ) -> int:
+        """Async twin of :meth:`ack`; never blocks the event loop."""
+        return await self._store.abus_ack(*_ack_args(channel, group, message_ids))
 
     def nack(
         self,
@@ -438,9 +439,28 @@ class Bus:
         The attempt counts; ``error`` is kept for the dead letter if this
         was the last attempt. Returns how many were pending.
         """
+        return self._store.bus_nack(*self._nack_args(channel, group, message_ids, error))
+
+    async def anack(
+        self,
+        channel: str,
+        group: str,
+        message_ids: Iterable[str | Message | Delivery],
+        error: str | None = None,
+    ) -> int:
+        """Async twin of :meth:`nack`; never blocks the event loop."""
+        return await self._store.abus_nack(*self._nack_args(channel, group, message_ids, error))
+
+    def _nack_args(
+        self,
+        channel: str,
+        group: str,
+        message_ids: Iterable[str | Message | Delivery],
+        error: str | None,
+    ) -> tuple[str, str, list[str], int, str | None, bool]:
         ids = _ids(message_ids)
         text = None if error is None else check_text(error, "error")
-        return self._store.bus_nack(
+        return (
             check_channel(channel),
             check_group_name(group, "group"),
             ids,
@@ -448,8 +468,6 @@ class Bus:
             text,
             False,
         )
-
-    anack = io_twin(nack)
 
     # -- looking --------------------------------------------------------------------------------
     def peek(self, channel: str, after_seq: int = 0, limit: int = 100) -> list[Message]:
@@ -527,6 +545,13 @@ class Bus:
         if self._unwatch is not None:
             self._unwatch()
         self._signals.close()
+
+
+def _ack_args(
+    channel: str, group: str, message_ids: Iterable[str | Message | Delivery]
+) -> tuple[str, str, list[str]]:
+    ids = _ids(message_ids)
+    return check_channel(channel), check_group_name(group, "group"), ids
 
 
 def _retention(max_len: object, max_age_s: object) -> Retention:

@@ -38,7 +38,14 @@ from klockwork.core.errors import (
 )
 from klockwork.core.leases.rules import ParsedIntent
 from klockwork.core.model import AgentInfo, LeaseRecord, LeaseState, Reservation, VerdictStatus
-from klockwork.core.stores.bus_base import BusPrimitives
+from klockwork.core.stores.bus_base import (
+    BusPrimitives,
+    GroupSpec,
+    PublishItem,
+    ReadOutcome,
+    Retention,
+    StoredMessage,
+)
 from klockwork.core.validation import check_int
 
 __all__ = [
@@ -417,6 +424,42 @@ class Store(BusPrimitives):
         if not self.blocking_io:
             return fn(*args, **kwargs)
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+    # The bus's hot path from async code. A store with an async client
+    # (Redis) overrides these so that no thread is parked per call.
+    async def abus_publish(
+        self, items: Sequence[PublishItem], now_ms: int, retention: Callable[[str], Retention]
+    ) -> list[StoredMessage]:
+        return await self.run_io(self.bus_publish, items, now_ms, retention)
+
+    async def abus_read(
+        self,
+        channel: str,
+        group: str,
+        consumer: str,
+        count: int,
+        now_ms: int,
+        spec: GroupSpec,
+        retention: Callable[[str], Retention],
+    ) -> ReadOutcome:
+        return await self.run_io(
+            self.bus_read, channel, group, consumer, count, now_ms, spec, retention
+        )
+
+    async def abus_ack(self, channel: str, group: str, ids: Sequence[str]) -> int:
+        return await self.run_io(self.bus_ack, channel, group, ids)
+
+    async def abus_nack(
+        self,
+        channel: str,
+        group: str,
+        ids: Sequence[str],
+        now_ms: int,
+        error: str | None,
+        undo: bool,
+        consumer: str | None = None,
+    ) -> int:
+        return await self.run_io(self.bus_nack, channel, group, ids, now_ms, error, undo, consumer)
 
     async def aregister_agent(self, agent_id: str, priority: int | None, now_ms: int) -> AgentInfo:
         return await self.run_io(self.register_agent, agent_id, priority, now_ms)

@@ -4,6 +4,8 @@ Leases on resources (six intent predicates, wait-die, TTLs, fencing), with
 gates, an event bus and a verifiable audit trail built on the same engine.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from klockwork.core.audit.chain import AuditEntry, Checkpoint, VerifyResult
 from klockwork.core.audit.log import AuditPage
 from klockwork.core.bus.channels import Bus
@@ -63,6 +65,9 @@ from klockwork.core.model import (
 )
 from klockwork.core.stores import MemoryStore, SqliteStore, Store
 
+if TYPE_CHECKING:
+    from klockwork.core.stores.redis.store import RedisStore
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -116,6 +121,7 @@ __all__ = [
     "NotAnApproverError",
     "Policy",
     "Predicate",
+    "RedisStore",
     "SqliteStore",
     "StaleLeaseError",
     "Store",
@@ -127,3 +133,13 @@ __all__ = [
     "VerifyResult",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # RedisStore is imported on first use: importing klockwork must not need
+    # the redis package (the [redis] extra).
+    if name == "RedisStore":
+        from klockwork.core.stores.redis.store import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module 'klockwork' has no attribute {name!r}")

@@ -63,6 +63,8 @@ def open_store(url: str) -> Store:
 
     ``memory://`` — in this process. ``sqlite:///relative.db`` or
     ``sqlite:////absolute/path.db`` — shared by processes on one machine.
+    ``redis://[user:pass@]host:port/db[?namespace=...]`` or ``rediss://`` —
+    shared by machines (needs the ``redis`` extra).
 
     Raises:
         InvalidRequestError: a malformed URL (``memory``, ``sqlite://kw.db``),
@@ -98,9 +100,9 @@ def open_store(url: str) -> Store:
             )
         return SqliteStore(path)
     if scheme in ("redis", "rediss"):
-        raise InvalidRequestError(
-            "url", url, "the Redis store is not part of this klockwork version yet"
-        )
+        from klockwork.core.stores.redis.store import RedisStore
+
+        return RedisStore(url)
     raise InvalidRequestError("url", url, f"unknown store scheme {scheme!r}")
 
 
@@ -209,6 +211,12 @@ class Klockwork:
             url = os.environ.get("KLOCKWORK_URL") or "memory://"
         store = open_store(url)
         try:
+            # A store shared by machines may tell the time its own way (Redis:
+            # the server's clock), so that what the engine decides in Python
+            # agrees with what the store decides; an explicit clock wins.
+            engine_clock = getattr(store, "engine_clock", None)
+            if kwargs.get("clock") is None and engine_clock is not None:
+                kwargs["clock"] = engine_clock()
             return cls(store, **kwargs)
         except BaseException:
             store.close()  # a bad keyword argument must not leak the open store

@@ -6,6 +6,10 @@ on the memory and the SQLite store, through the sync and the async API.
 flavour calls the sync method (blocking ones on a worker thread, the way a
 sync agent would call them) and the ``async`` flavour awaits the ``a``-twin.
 
+On Redis (``KLOCKWORK_TEST_REDIS_URL``, e.g. ``redis://127.0.0.1:6379/15``)
+each test uses namespaces of its own, deleted at teardown (never FLUSHDB:
+the database is shared); without the variable the Redis runs skip.
+
 Time is a :class:`~klockwork.ManualClock`: nothing here waits on real time
 except :func:`eventually`, which polls a condition with a generous deadline
 and is only used to observe another thread or task reaching a known state.
@@ -15,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -34,12 +40,20 @@ from klockwork import (
     ManualClock,
     MemoryStore,
     SqliteStore,
+    Store,
     Verdict,
 )
 from klockwork.core.clock import Clock
 
 VECTORS = Path(__file__).parent / "vectors"
-STORES = ("memory", "sqlite")
+STORES = ("memory", "sqlite", "redis")
+#: The Redis the ``redis`` runs use (a database they share with others: each
+#: test works in namespaces of its own and deletes them).
+REDIS_URL = os.environ.get("KLOCKWORK_TEST_REDIS_URL", "")
+REDIS_SKIP = (
+    "Redis tests need a server: KLOCKWORK_TEST_REDIS_URL=redis://127.0.0.1:6379/15 make test "
+    "runs them"
+)
 FLAVOURS = ("sync", "async")
 T0 = 1_000_000  # ManualClock start (epoch ms)
 REAL_TIMEOUT_S = 15.0  # how long eventually() waits for another thread/task
@@ -48,6 +62,65 @@ REAL_TIMEOUT_S = 15.0  # how long eventually() waits for another thread/task
 def load_vectors(name: str) -> Any:
     """One JSON vector file of ``tests/conformance/vectors``."""
     return json.loads((VECTORS / name).read_text())
+
+
+def skip_without_redis() -> str:
+    """The test Redis URL; skips the test when none is configured."""
+    if not REDIS_URL:
+        pytest.skip(REDIS_SKIP)
+    return REDIS_URL
+
+
+def redis_url(namespace: str) -> str:
+    """The test Redis URL with ``?namespace=`` (skips without a configured Redis)."""
+    base = skip_without_redis()
+    return f"{base}{'&' if '?' in base else '?'}namespace={namespace}"
+
+
+def drop_redis_namespace(namespace: str) -> None:
+    """Delete every key of a test namespace (SCAN + UNLINK; never FLUSHDB: the db is shared)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        batch = []
+        for key in client.scan_iter(match=f"{{{namespace}}}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                client.unlink(*batch)
+                batch = []
+        if batch:
+            client.unlink(*batch)
+    finally:
+        client.close()
+
+
+class StoreMaker:
+    """Opens stores of one kind for one test; the same ``name`` names the same store
+    (one SQLite file, one Redis namespace), as another process would open it."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self.tmp_path = tmp_path
+        self.namespaces: set[str] = set()
+        self._test = uuid.uuid4().hex[:16]
+
+    def __call__(self, name: str = "kw.db", **kwargs: Any) -> Store:
+        if self.kind == "memory":
+            return MemoryStore(**kwargs)
+        if self.kind == "sqlite":
+            return SqliteStore(self.tmp_path / name, **kwargs)
+        from klockwork import RedisStore
+
+        namespace = f"t-{self._test}-{name.replace('/', '_')}"
+        url = redis_url(namespace)
+        self.namespaces.add(namespace)
+        kwargs.setdefault("server_time", False)  # the suite drives a ManualClock
+        return RedisStore(url, **kwargs)
+
+    def cleanup(self) -> None:
+        for namespace in self.namespaces:
+            drop_redis_namespace(namespace)
 
 
 async def eventually(condition: Callable[[], bool], what: str = "condition") -> None:
@@ -98,6 +171,16 @@ class Api:
             return outcome
 
         store.try_acquire = try_acquire  # type: ignore[method-assign]
+        if type(store).atry_acquire is not Store.atry_acquire:
+            # The store's async twin does its own I/O (Redis): watch it too.
+            adecide = store.atry_acquire
+
+            async def atry_acquire(request: Any) -> Any:
+                outcome = await adecide(request)
+                self.tried.append((request.agent_id, outcome.status.value))
+                return outcome
+
+            store.atry_acquire = atry_acquire  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return f"Api({self.store_kind}, {self.flavour})"
@@ -206,7 +289,17 @@ class Api:
 
 @pytest.fixture(params=STORES)
 def store_kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "redis":
+        skip_without_redis()
     return str(request.param)
+
+
+@pytest.fixture
+def make_store(store_kind: str, tmp_path: Path) -> Iterator[StoreMaker]:
+    """Factory of stores of the parametrised kind (Redis namespaces deleted at teardown)."""
+    maker = StoreMaker(store_kind, tmp_path)
+    yield maker
+    maker.cleanup()
 
 
 @pytest.fixture(params=FLAVOURS)
@@ -215,13 +308,12 @@ def flavour(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_kw(store_kind: str, tmp_path: Path) -> Iterator[Callable[..., Klockwork]]:
+def make_kw(make_store: StoreMaker) -> Iterator[Callable[..., Klockwork]]:
     """Factory of engines on the parametrised store (closed at teardown)."""
     made: list[Klockwork] = []
 
     def make(clock: Clock | None = None, *, db: str = "kw.db") -> Klockwork:
-        store = MemoryStore() if store_kind == "memory" else SqliteStore(tmp_path / db)
-        kw = Klockwork(store, clock=clock)
+        kw = Klockwork(make_store(db), clock=clock)
         made.append(kw)
         return kw
 
@@ -231,17 +323,14 @@ def make_kw(store_kind: str, tmp_path: Path) -> Iterator[Callable[..., Klockwork
 
 
 @pytest.fixture
-def engine(
-    store_kind: str, tmp_path: Path, clock: ManualClock
-) -> Iterator[Callable[..., Klockwork]]:
+def engine(make_store: StoreMaker, clock: ManualClock) -> Iterator[Callable[..., Klockwork]]:
     """Factory of engines on the parametrised store and the manual clock, with
     engine keyword arguments (``default_effect=...``); closed at teardown.
-    Every call on SQLite opens the same file, like another process would."""
+    Every call on SQLite or Redis opens the same store, like another process would."""
     made: list[Klockwork] = []
 
     def make(**kwargs: Any) -> Klockwork:
-        store = MemoryStore() if store_kind == "memory" else SqliteStore(tmp_path / "gates.db")
-        kw = Klockwork(store, clock=kwargs.pop("clock", clock), **kwargs)
+        kw = Klockwork(make_store("gates.db"), clock=kwargs.pop("clock", clock), **kwargs)
         made.append(kw)
         return kw
 

@@ -82,7 +82,15 @@ def test_two_engines_on_one_file_share_state(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["sqlite:///:memory:", "sqlite://", "redis://localhost:6379/0", "ftp://x", "nonsense", 42],
+    [
+        "sqlite:///:memory:",
+        "sqlite://",
+        "redis://",
+        "redis://localhost:6379/0?namespace=a{b}",
+        "ftp://x",
+        "nonsense",
+        42,
+    ],
 )
 def test_open_rejects(url: object) -> None:
     with pytest.raises(InvalidRequestError) as info:

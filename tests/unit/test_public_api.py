@@ -58,6 +58,7 @@ EXPECTED = [
     "NotAnApproverError",
     "Policy",
     "Predicate",
+    "RedisStore",
     "SqliteStore",
     "StaleLeaseError",
     "Store",
@@ -104,3 +105,16 @@ def test_importing_klockwork_loads_no_langchain() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_importing_klockwork_needs_no_redis() -> None:
+    """The redis package (the [redis] extra) is imported only when a RedisStore is opened."""
+    code = (
+        "import sys, klockwork, klockwork.core.engine\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'redis'))\n"
+        "print(klockwork.RedisStore.__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.split() == ["[]", "RedisStore"]

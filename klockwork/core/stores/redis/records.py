@@ -111,7 +111,9 @@ class RedisRecords:
 
     def get_record(self, kind: str, key: str, model: type[_M]) -> _M | None:
         """See :meth:`Store.get_record`."""
-        ((body,),) = self._read(f"read a {kind} record", self._conn.key("rec", kind, key), fields=("b",))
+        ((body,),) = self._read(
+            f"read a {kind} record", self._conn.key("rec", kind, key), fields=("b",)
+        )
         return None if body is None else model.model_validate_json(body)
 
     def list_records(self, kind: str, model: type[_M], status: str | None = None) -> list[_M]:

@@ -320,7 +320,10 @@ end
 #: each followed by the lease id it gets if granted (drawn in Python: Lua
 #: has no unguessable randomness, its math.random is seeded the same way).
 #: Returns {st, now, granted, blockers, wait, expired} or {revoked = at}.
-ACQUIRE = PRELUDE + LIB + r"""
+ACQUIRE = (
+    PRELUDE
+    + LIB
+    + r"""
 local agent, session, ttl = ARGV[5], ARGV[6], tonumber(ARGV[7])
 local reserve = ARGV[8]
 local intents = read_intents(10, 1)
@@ -371,11 +374,15 @@ if ARGV[9] == '1' then redis.call('HDEL', P .. 'resv', field) end
 return finish({st = 'GRANTED', now = int(NOW), granted = granted, blockers = {},
                wait = cjson.null, expired = rows(expired)})
 """
+)
 
 #: Only ``rules.judge`` over given facts (tests run the vectors through it).
 #: ARGV[5] agent, [6] session, [7] priority, then the intents, each followed
 #: by its candidates as a JSON list of lease rows.
-JUDGE = PRELUDE + LIB + r"""
+JUDGE = (
+    PRELUDE
+    + LIB
+    + r"""
 local intents = read_intents(8, 1)
 local candidates = {}
 for i, it in ipairs(intents) do
@@ -390,11 +397,15 @@ local status, blockers, wait, expired = judge(ARGV[5], ARGV[6], ARGV[7], intents
 return finish({st = status, now = int(NOW), granted = {}, blockers = blockers,
                wait = wait or cjson.null, expired = rows(expired)})
 """
+)
 
 #: Release or revoke (``Store.release`` / ``Store.revoke``).
 #: ARGV[5] lease id, [6] 'RELEASED' or 'REVOKED', [7] reason ('' none).
 #: Returns {now, ended = row} | {now, expired = row} | {now} (not active).
-END = PRELUDE + LIB + r"""
+END = (
+    PRELUDE
+    + LIB
+    + r"""
 local l = load(ARGV[5])
 if not l or l.st ~= 'ACTIVE' then return finish({now = int(NOW)}) end
 if l.e <= NOW then
@@ -406,10 +417,14 @@ if ARGV[6] == 'REVOKED' then why = ARGV[7] end
 deactivate(l, ARGV[6], why)
 return finish({now = int(NOW), ended = row(l)})
 """
+)
 
 #: Renew (``Store.heartbeat``). ARGV[5] lease id, [6] ttl_ms ('' its own).
 #: Returns {now, ok = row} | {now, expired = row} | {now, ended = row} | {now}.
-HEARTBEAT = PRELUDE + LIB + r"""
+HEARTBEAT = (
+    PRELUDE
+    + LIB
+    + r"""
 local l = load(ARGV[5])
 if not l then return finish({now = int(NOW)}) end
 if l.st == 'ACTIVE' and l.e <= NOW then
@@ -424,10 +439,14 @@ redis.call('HSET', P .. 'l:' .. l.id, 'e', int(l.e))
 redis.call('ZADD', P .. 'exp', l.e, l.id)
 return finish({now = int(NOW), ok = row(l)})
 """
+)
 
 #: Read one lease, expiring it if due (``Store.get_lease``). ARGV[5] lease id.
 #: Returns {now, lease = row, expired = bool} or {now}.
-GET_LEASE = PRELUDE + LIB + r"""
+GET_LEASE = (
+    PRELUDE
+    + LIB
+    + r"""
 local l = load(ARGV[5])
 if not l then return finish({now = int(NOW)}) end
 local expired = false
@@ -437,10 +456,14 @@ if l.st == 'ACTIVE' and l.e <= NOW then
 end
 return finish({now = int(NOW), lease = row(l), expired = expired})
 """
+)
 
 #: Expire every ACTIVE lease past its expiry; drop stale reservations
 #: (``Store.sweep``). Returns {now, expired = rows}.
-SWEEP = PRELUDE + LIB + r"""
+SWEEP = (
+    PRELUDE
+    + LIB
+    + r"""
 local due = {}
 load_all(redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', NOW), due)
 local expired = {}
@@ -456,11 +479,15 @@ for i = 1, #resv, 2 do
 end
 return finish({now = int(NOW), expired = rows(expired)})
 """
+)
 
 #: Active leases, all or overlapping one intent (``Store.list_leases``);
 #: read-only. ARGV[5] '1' with an intent (then the intent), '0' for all.
 #: Returns {now, leases = rows} (the caller drops the expired ones).
-LIST = PRELUDE + LIB + r"""
+LIST = (
+    PRELUDE
+    + LIB
+    + r"""
 local found = {}
 if ARGV[5] == '1' then
   found = overlapping(read_intents(6, 0)[1])
@@ -469,11 +496,15 @@ else
 end
 return cjson.encode({now = int(NOW), leases = rows(found)})
 """
+)
 
 #: Facts to judge a fencing token by (``Store.fence_state``); read-only.
 #: ARGV[5] token, [6] descendant range lo ('' flat key), [7] hi, then the intent.
 #: Returns {newest, floor, active, live}.
-FENCE = PRELUDE + LIB + r"""
+FENCE = (
+    PRELUDE
+    + LIB
+    + r"""
 local token = ARGV[5]
 local it = read_intents(8, 0)[1]
 local keys = {it.k}
@@ -505,10 +536,14 @@ end
 return cjson.encode({newest = newest and int(newest) or cjson.null,
   floor = redis.call('GET', P .. 'fencefloor') or '0', active = active, live = live})
 """
+)
 
 #: Create or update an agent (``Store.register_agent``). ARGV[5] agent,
 #: [6] priority ('' keep / now). Returns {p, r, v} or {busy = priority}.
-REGISTER = PRELUDE + LIB + r"""
+REGISTER = (
+    PRELUDE
+    + LIB
+    + r"""
 local ak = P .. 'ag:' .. ARGV[5]
 local found = redis.call('HMGET', ak, 'p', 'r', 'v')
 if not found[1] then
@@ -538,21 +573,29 @@ redis.call('HSET', ak, 'p', ARGV[6])
 out.p = ARGV[6]
 return finish(out)
 """
+)
 
 #: Mark an agent revoked, registering it if unknown (``Store.revoke_agent``).
 #: ARGV[5] agent. Returns {}.
-REVOKE_AGENT = PRELUDE + LIB + r"""
+REVOKE_AGENT = (
+    PRELUDE
+    + LIB
+    + r"""
 local ak = P .. 'ag:' .. ARGV[5]
 if redis.call('EXISTS', ak) == 0 then redis.call('HSET', ak, 'p', int(NOW), 'r', int(NOW)) end
 redis.call('HSETNX', ak, 'v', int(NOW))
 return finish({})
 """
+)
 
 #: Drop a waiter's reservation (``Store.unreserve``). ARGV[5] agent, [6] session.
-UNRESERVE = PRELUDE + r"""
+UNRESERVE = (
+    PRELUDE
+    + r"""
 redis.call('HDEL', P .. 'resv', ARGV[5] .. '\n' .. ARGV[6])
 return finish({})
 """
+)
 
 #: Compare-and-set one governance record (``Store.update_record``).
 #: ARGV[5] kind, [6] key, [7] expected version ('0': none yet), [8] 'put' or
@@ -561,7 +604,9 @@ return finish({})
 #: ridx:<kind> zset key by n (creation order); rst:<kind>:<status> the same,
 #: per status (list_records by status); rseq the creation counter.
 #: Returns {ok, count} (count: records of the kind, after a new one) or {ok = false}.
-RECORD_CAS = PRELUDE + r"""
+RECORD_CAS = (
+    PRELUDE
+    + r"""
 local kind, key = ARGV[5], ARGV[6]
 local rk = P .. 'rec:' .. kind .. ':' .. key
 local cur = redis.call('HMGET', rk, 'v', 's', 'n')
@@ -584,3 +629,4 @@ if ARGV[9] ~= '' then redis.call('ZADD', P .. 'rst:' .. kind .. ':' .. ARGV[9], 
 redis.call('HSET', rk, 'v', tonumber(ARGV[7]) + 1, 's', ARGV[9], 'b', ARGV[10], 'n', n)
 return finish({ok = true, count = count})
 """
+)

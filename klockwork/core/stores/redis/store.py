@@ -104,7 +104,13 @@ def _rows(value: Any) -> list[Any]:
 
 def intent_args(intent: ParsedIntent, *extra: str) -> list[str]:
     """An intent as the scripts read it (``read_intents``): key, predicate, ancestors, extra."""
-    return [intent.key, intent.predicate.value, str(len(intent.ancestors)), *intent.ancestors, *extra]
+    return [
+        intent.key,
+        intent.predicate.value,
+        str(len(intent.ancestors)),
+        *intent.ancestors,
+        *extra,
+    ]
 
 
 class RedisStore(RedisBus, RedisRecords, Store):

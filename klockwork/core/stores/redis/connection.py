@@ -90,18 +90,21 @@ class RedisConnection:
 
         client_url, self.namespace, self._max = parse_redis_url(url)
         parts = urlsplit(url)
-        self.url = (
-            url.replace(f":{parts.password}@", ":***@", 1) if parts.password else url
-        )
+        self.url = url.replace(f":{parts.password}@", ":***@", 1) if parts.password else url
         self._client_url = client_url
         self._prefix = "{" + self.namespace + "}:"
-        self.sync: redis.Redis = redis.Redis.from_url(
-            client_url,
-            max_connections=self._max,
-            socket_timeout=SOCKET_TIMEOUT_S,
-            socket_connect_timeout=SOCKET_TIMEOUT_S,
-            health_check_interval=30,
-            decode_responses=False,
+        # Blocking pools: a caller beyond the bound waits for a connection
+        # (up to the socket timeout) instead of failing at once.
+        self.sync: redis.Redis = redis.Redis.from_pool(
+            redis.BlockingConnectionPool.from_url(
+                client_url,
+                max_connections=self._max,
+                timeout=SOCKET_TIMEOUT_S,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=SOCKET_TIMEOUT_S,
+                health_check_interval=30,
+                decode_responses=False,
+            )
         )
         # One async client per event loop: redis.asyncio connections are
         # bound to the loop that opened them.
@@ -126,12 +129,15 @@ class RedisConnection:
             with self._aio_lock:
                 client = self._aio.get(id(loop))
                 if client is None:
-                    client = redis.asyncio.Redis.from_url(
-                        self._client_url,
-                        max_connections=self._max,
-                        socket_timeout=SOCKET_TIMEOUT_S,
-                        socket_connect_timeout=SOCKET_TIMEOUT_S,
-                        decode_responses=False,
+                    client = redis.asyncio.Redis.from_pool(
+                        redis.asyncio.BlockingConnectionPool.from_url(
+                            self._client_url,
+                            max_connections=self._max,
+                            timeout=SOCKET_TIMEOUT_S,
+                            socket_timeout=SOCKET_TIMEOUT_S,
+                            socket_connect_timeout=SOCKET_TIMEOUT_S,
+                            decode_responses=False,
+                        )
                     )
                     self._aio[id(loop)] = client
         return client

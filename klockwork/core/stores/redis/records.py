@@ -1,19 +1,21 @@
 """Governance records on Redis: compare-and-set transitions, one version per record.
 
-``update_record`` reads the record and its version, runs the pure
-transition in Python, and writes the result with a Lua compare-and-set of
-the version (:data:`.scripts.RECORD_CAS`). Two processes voting at once
-both read version 3; the first write makes it 4, the second finds 4 and
-starts again from the record as it now is, so each transition applies to
-the last one and a decision is made exactly once::
+``update_record`` takes the record's lock and reads it with its version
+(:data:`.scripts.RECORD_LOCK`, one script), runs the transition in Python,
+and writes the result with a Lua compare-and-set of the version that also
+releases the lock (:data:`.scripts.RECORD_CAS`). Two processes voting at
+once are served one after the other, each seeing the last::
 
-    1. A and B read approval v3 (pending, 0 votes of a quorum of 1)
-    2. A's transition: approved; CAS(v3 -> v4) succeeds
-    3. B's transition: approved; CAS(v3 -> v4) fails (v4 stored)
-    4. B re-reads v4 (approved by A) and its transition says so
+    1. A locks approval v3 (pending, 0 votes of a quorum of 1) and reads it
+    2. B finds it locked and waits (backing off from 0.5 ms to 20 ms)
+    3. A's transition: approved (audited); CAS(v3 -> v4) succeeds, unlocks
+    4. B locks and reads v4 (approved by A): its transition says so
 
-Transitions are pure (see :data:`~klockwork.core.stores.base.Transition`),
-so running one again on a newer record is safe.
+Why a lock and not only the version CAS: transitions record audit entries
+as they decide (inside the atomic section, as the other stores run them),
+so a transition must run once per change, never again after losing a
+race. The version CAS still guards the write: a lock that expired under a
+transition slower than its lifetime fails closed instead of writing.
 
 Retention: the settled records of each kind in ``RETAINED_KINDS`` beyond
 the newest ``retain_inactive`` are deleted in batches (the same rule as
@@ -23,6 +25,7 @@ the version it was judged by, so a record that changed meanwhile stays.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -40,9 +43,13 @@ __all__ = ["RedisRecords"]
 _M = TypeVar("_M", bound=BaseModel)
 _T = TypeVar("_T")
 
-#: How many times a transition is tried against concurrent writers before
-#: the store gives up (fails closed): contention on one record is brief.
-CAS_TRIES = 100
+#: How long a record's lock lives (ms): far longer than any transition (pure
+#: functions, plus an in-process audit append); a crashed holder's lock
+#: frees itself after it.
+LOCK_MS = 10_000
+#: How long a transition waits for a record locked by another (s) before the
+#: store fails closed.
+LOCK_WAIT_S = 10.0
 #: Retention prunes a kind once it holds this many records beyond the limit
 #: (at most; fewer when the limit is small): amortised O(1) per record.
 PRUNE_BATCH = 1024
@@ -81,33 +88,64 @@ class RedisRecords:
                 pipe.hmget(key, *fields)
             return list(pipe.execute())
 
+    def _new_ids(self, n: int) -> list[str]:
+        raise NotImplementedError  # RedisStore's
+
+    def _lock(self, kind: str, key: str, token: str, doing: str) -> Any:
+        """Take the record's lock (waiting for another holder) and read it: ``{v, b}``."""
+        args = [kind, key, token, str(LOCK_MS)]
+        deadline = time.monotonic() + LOCK_WAIT_S
+        pause = 0.0005
+        while True:
+            res = self._call(scripts.RECORD_LOCK, args, doing, mutating=False)
+            if not res.get("busy"):
+                return res
+            if time.monotonic() > deadline:
+                raise StoreUnavailableError(
+                    f"redis store: the {kind} record {key!r} stayed locked by another "
+                    f"transition for {LOCK_WAIT_S:g} s"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
     def update_record(
         self, kind: str, key: str, model: type[_M], transition: Transition[_M, _T]
     ) -> _T:
-        """See :meth:`Store.update_record`: a compare-and-set of the record's version."""
-        rk = self._conn.key("rec", kind, key)
+        """See :meth:`Store.update_record`: under the record's lock, then a version CAS."""
         doing = f"update a {kind} record"
-        for _ in range(CAS_TRIES):
-            ((version, body),) = self._read(doing, rk, fields=("v", "b"))
+        token = self._new_ids(1)[0]
+        res = self._lock(kind, key, token, doing)
+        version, body = res["v"], res["b"]
+        try:
             current = None if body is None else model.model_validate_json(body)
             new, result = transition(current)
-            if new is current:
-                return result  # nothing to write: the read was the transition
-            args = [kind, key, _text(version) or "0"]
-            if new is None:
-                args += ["del", "", ""]
-            else:
-                args += ["put", record_status(new) or "", new.model_dump_json()]
-            res = self._call(scripts.RECORD_CAS, args, doing)
-            if res["ok"]:
-                count = int(res["count"])
-                if count and kind in RETAINED_KINDS:
-                    if count > self._retain + min(PRUNE_BATCH, self._retain):
-                        self._prune_records(kind, model)
-                return result
-        raise StoreUnavailableError(
-            f"redis store: the {kind} record {key!r} kept changing under {CAS_TRIES} tries"
-        )
+        except BaseException:
+            self._call(scripts.RECORD_UNLOCK, [kind, key, token], doing, mutating=False)
+            raise
+        if new is current:  # nothing to write
+            self._call(scripts.RECORD_UNLOCK, [kind, key, token], doing, mutating=False)
+            return result
+        args = [kind, key, version]
+        if new is None:
+            args += ["del", "", ""]
+        else:
+            args += ["put", record_status(new) or "", new.model_dump_json()]
+        res = self._call(scripts.RECORD_CAS, [*args, token], doing)
+        if not res["ok"]:
+            # Only if the lock expired under a transition slower than LOCK_MS:
+            # running it again could record its effects twice, so fail closed.
+            raise StoreUnavailableError(
+                f"redis store: the {kind} record {key!r} changed during a transition "
+                f"that outlived its {LOCK_MS} ms lock; nothing was written"
+            )
+        count = int(res["count"])
+        if (
+            count
+            and kind in RETAINED_KINDS
+            and count > self._retain + min(PRUNE_BATCH, self._retain)
+        ):
+            self._prune_records(kind, model)
+        return result
 
     def get_record(self, kind: str, key: str, model: type[_M]) -> _M | None:
         """See :meth:`Store.get_record`."""
@@ -150,8 +188,18 @@ class RedisRecords:
             ((st,),) = self._read(doing, conn.key("rec", linked_kind, linked_key), fields=("s",))
             return _text(st) or None
 
-        for key, (version, body) in zip(keys, found, strict=True):
+        for key, (_, body) in zip(keys, found, strict=True):
             if body is None or in_play(model.model_validate_json(body), status_of):
                 continue
-            # A CAS on the version it was judged by: a record changed since stays.
-            self._call(scripts.RECORD_CAS, [kind, key, _text(version) or "0", "del", "", ""], doing)
+            # Under the record's lock (skipped if busy: it is changing, so
+            # perhaps back in play), by the version it is judged by now.
+            token = self._new_ids(1)[0]
+            res = self._call(
+                scripts.RECORD_LOCK, [kind, key, token, str(LOCK_MS)], doing, mutating=False
+            )
+            if res.get("busy"):
+                continue
+            if res["b"] is None or in_play(model.model_validate_json(res["b"]), status_of):
+                self._call(scripts.RECORD_UNLOCK, [kind, key, token], doing, mutating=False)
+                continue
+            self._call(scripts.RECORD_CAS, [kind, key, res["v"], "del", "", "", token], doing)

@@ -57,6 +57,8 @@ __all__ = [
     "JUDGE",
     "LIST",
     "RECORD_CAS",
+    "RECORD_LOCK",
+    "RECORD_UNLOCK",
     "REGISTER",
     "REQUEST_TTL_MS",
     "REVOKE_AGENT",
@@ -603,12 +605,15 @@ return finish({})
 #: rec:<kind>:<key> hash v (version) s (status) b (body) n (creation seq);
 #: ridx:<kind> zset key by n (creation order); rst:<kind>:<status> the same,
 #: per status (list_records by status); rseq the creation counter.
+#: [11] the token of the record's lock (see RECORD_LOCK), released here.
 #: Returns {ok, count} (count: records of the kind, after a new one) or {ok = false}.
 RECORD_CAS = (
     PRELUDE
     + r"""
 local kind, key = ARGV[5], ARGV[6]
 local rk = P .. 'rec:' .. kind .. ':' .. key
+local lk = P .. 'rlock:' .. kind .. ':' .. key
+if redis.call('GET', lk) == ARGV[11] then redis.call('DEL', lk) end
 local cur = redis.call('HMGET', rk, 'v', 's', 'n')
 if (cur[1] or '0') ~= ARGV[7] then return finish({ok = false}) end
 if cur[2] and cur[2] ~= '' and cur[2] ~= ARGV[9] or ARGV[8] == 'del' then
@@ -630,3 +635,26 @@ redis.call('HSET', rk, 'v', tonumber(ARGV[7]) + 1, 's', ARGV[9], 'b', ARGV[10], 
 return finish({ok = true, count = count})
 """
 )
+
+#: Lock one record for a transition and read it. ARGV[5] kind, [6] key,
+#: [7] lock token, [8] lock lifetime (ms). The same token may lock again (a
+#: retried call whose reply was lost). Returns {v, b} or {busy = true}.
+#: Transitions run in Python and may record audit entries as they decide:
+#: the lock makes each run once per change, as a SQL transaction would
+#: (a bare version CAS would let a loser's transition run, and audit, too).
+RECORD_LOCK = r"""
+local P = ARGV[1]
+local lk = P .. 'rlock:' .. ARGV[5] .. ':' .. ARGV[6]
+local held = redis.call('GET', lk)
+if held and held ~= ARGV[7] then return cjson.encode({busy = true}) end
+redis.call('SET', lk, ARGV[7], 'PX', ARGV[8])
+local cur = redis.call('HMGET', P .. 'rec:' .. ARGV[5] .. ':' .. ARGV[6], 'v', 'b')
+return cjson.encode({v = cur[1] or '0', b = cur[2] or cjson.null})
+"""
+
+#: Unlock a record the transition left unchanged. ARGV[5] kind, [6] key, [7] token.
+RECORD_UNLOCK = r"""
+local lk = ARGV[1] .. 'rlock:' .. ARGV[5] .. ':' .. ARGV[6]
+if redis.call('GET', lk) == ARGV[7] then redis.call('DEL', lk) end
+return '{}'
+"""

@@ -4,7 +4,7 @@ The model is written from DESIGN.md alone (it shares no code with
 ``klockwork.core.leases.rules``): a list of leases, a clock, the KLIS matrix and
 wait-die. Every verdict of the engine must match the model's (status,
 blocking lease ids, wait time) and the invariants must hold after every
-step. Runs on the memory store and (fewer examples) on SQLite, through the
+step. Runs on the memory store and (fewer examples) on SQLite and Redis, through the
 sync API on a manual clock.
 """
 
@@ -33,9 +33,9 @@ from klockwork import (
     LeaseNotFoundError,
     LeaseRevokedError,
     ManualClock,
-    MemoryStore,
-    SqliteStore,
 )
+
+from .conftest import StoreMaker, skip_without_redis
 
 AGENTS = {"a0": 0, "a1": 1, "a2": 2, "a3": 2}  # a2 and a3 tie: a2 is older (lower id)
 SESSIONS = ("s1", "s2")  # two sessions of one agent: s1 is older
@@ -96,9 +96,8 @@ class LeaseMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.tmp = tempfile.mkdtemp(prefix="kw-stateful-")
-        store = (
-            MemoryStore() if self.store_kind == "memory" else SqliteStore(Path(self.tmp) / "s.db")
-        )
+        self.maker = StoreMaker(self.store_kind, Path(self.tmp))
+        store = self.maker("s.db")
         self.clock = ManualClock()  # start_ms=0
         self.kw = Klockwork(store, clock=self.clock)
         for agent, priority in AGENTS.items():
@@ -108,6 +107,7 @@ class LeaseMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.kw.close()
+        self.maker.cleanup()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- model helpers --------------------------------------------------------
@@ -299,9 +299,19 @@ SETTINGS = {
         database=None,
         suppress_health_check=[HealthCheck.too_slow],
     ),
+    "redis": settings(
+        max_examples=60,
+        stateful_step_count=40,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    ),
 }
 
 
-@pytest.mark.parametrize("store_kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("store_kind", ["memory", "sqlite", "redis"])
 def test_engine_matches_the_reference_model(store_kind: str) -> None:
+    if store_kind == "redis":
+        skip_without_redis()
     run_state_machine_as_test(_machine(store_kind), settings=SETTINGS[store_kind])

@@ -314,5 +314,38 @@ answering = _answering
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` as plain JSON data (what does not convert becomes its ``str``)."""
-    return json.loads(json.dumps(value, default=str))
+    """``value`` as plain JSON data (what does not convert becomes its ``str``).
+
+    The same as ``json.loads(json.dumps(value, default=str))``, a fresh copy
+    detached from the caller's objects; data that is plain JSON already (a
+    tool call's arguments, as a rule) is copied without the text round trip.
+    """
+    try:
+        return _plain_copy(value, 0)
+    except _NotPlain:
+        return json.loads(json.dumps(value, default=str))
+
+
+class _NotPlain(Exception):
+    """A value the JSON round trip would change: take it."""
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _plain_copy(value: Any, depth: int) -> Any:
+    cls = value.__class__
+    if cls in _SCALARS:  # exact types only: a subclass may encode differently
+        return value
+    if depth > 64:
+        raise _NotPlain
+    if cls is dict:
+        copy = {}
+        for key, item in value.items():
+            if key.__class__ is not str:  # json.dumps would turn it into a str
+                raise _NotPlain
+            copy[key] = _plain_copy(item, depth + 1)
+        return copy
+    if cls is list or cls is tuple:
+        return [_plain_copy(item, depth + 1) for item in value]
+    raise _NotPlain

@@ -28,6 +28,7 @@ instead of polling :meth:`bus_version` (see :mod:`klockwork.core.bus.waiting`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -76,19 +77,31 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _message(channel: str, entry: Sequence[Any]) -> StoredMessage:
-    """A stream entry ``[id, [p, payload, t, published_at, v, visible_at, ...]]``."""
-    mid = _text(entry[0])
-    fields = entry[1]
-    payload = fields[1]
+def _line(channel: str, line: bytes) -> StoredMessage:
+    """A message line of a reply: ``id, published_at, visible_at, payload`` (tab-separated)."""
+    mid, published_at, visible_at, payload = line.split(b"\t", 3)
+    text = mid.decode()
     return StoredMessage(
-        mid,
-        channel,
-        int(mid.partition("-")[0]),
-        payload if isinstance(payload, bytes) else str(payload).encode(),
-        int(fields[3]),
-        int(fields[5]),
+        text, channel, int(text.partition("-")[0]), payload, int(published_at), int(visible_at)
     )
+
+
+def _delivery(channel: str, line: bytes) -> tuple[StoredMessage, int]:
+    """A delivery line of a read: ``id, published_at, visible_at, attempt, payload``."""
+    mid, published_at, visible_at, attempt, payload = line.split(b"\t", 4)
+    text = mid.decode()
+    msg = StoredMessage(
+        text, channel, int(text.partition("-")[0]), payload, int(published_at), int(visible_at)
+    )
+    return msg, int(attempt)
+
+
+def _json(rows: list[list[Any]]) -> bytes:
+    return json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _lines(raw: bytes) -> list[bytes]:
+    return raw.split(b"\n") if raw else []
 
 
 def _retention_args(retention: Retention) -> list[str]:
@@ -199,34 +212,33 @@ class RedisBus(BusPrimitives):
     ) -> _Call:
         # Every retention is known before the script runs: all or none.
         index: dict[str, int] = {}
-        args: list[str | bytes] = []
+        chans: list[list[Any]] = []
+        meta: list[list[Any]] = []
         for item in items:
-            if item.channel not in index:
-                index[item.channel] = len(index) + 1
-                args += [item.channel, *_retention_args(retention(item.channel))]
-        args.insert(0, str(len(index)))
+            at = index.get(item.channel)
+            if at is None:
+                at = index[item.channel] = len(index) + 1
+                keep = retention(item.channel)
+                chans.append([item.channel, keep.max_len, keep.max_age_ms])
+            meta.append([at, item.key or "", item.visible_at - now_ms])
         names = list(index)
         payloads = [item.payload for item in items]
-        for item in items:
-            args += [
-                str(index[item.channel]),
-                item.payload,
-                item.key or "",
-                str(item.visible_at - now_ms),
-            ]
+        args: list[str | bytes] = [_json(chans), _json(meta)]
+        args += payloads
 
-        def parse(raw: Any) -> list[StoredMessage]:
+        def parse(raw: bytes) -> list[StoredMessage]:
             out = []
-            for row, payload in zip(raw, payloads, strict=True):
-                mid = _text(row[1])
+            for line, payload in zip(_lines(raw), payloads, strict=True):
+                parts = line.split(b"\t", 4)
+                mid = parts[1].decode()
                 out.append(
                     StoredMessage(
                         mid,
-                        names[int(row[0]) - 1],
+                        names[int(parts[0]) - 1],
                         int(mid.partition("-")[0]),
-                        row[4] if len(row) > 4 else payload,
-                        int(row[2]),
-                        int(row[3]),
+                        parts[4] if len(parts) > 4 else payload,
+                        int(parts[2]),
+                        int(parts[3]),
                     )
                 )
             return out
@@ -288,13 +300,14 @@ class RedisBus(BusPrimitives):
         args = [channel, group, consumer, str(count), str(spec.visibility_timeout_ms)]
         args += [str(spec.max_deliveries), spec.start, *_retention_args(retention(dead_channel))]
 
-        def parse(raw: Any) -> ReadOutcome:
-            server_now = int(raw[0])
-            due_text = _text(raw[1])
+        def parse(raw: bytes) -> ReadOutcome:
+            lines = raw.split(b"\n")
+            server_now, due_text, n = lines[0].split(b"\t")
             # The due time in the caller's clock: its waiter sleeps by that clock.
-            due = None if not due_text else int(due_text) - server_now + now_ms
-            deliveries = [(_message(channel, row), int(row[2])) for row in raw[2]]
-            dead = [_message(dead_channel, row) for row in raw[3]]
+            due = int(due_text) - int(server_now) + now_ms if due_text else None
+            last = 1 + int(n)
+            deliveries = [_delivery(channel, line) for line in lines[1:last]]
+            dead = [_line(dead_channel, line) for line in lines[last:]]
             return ReadOutcome(deliveries, due, dead)
 
         return _Call(scripts.READ, args, "read from the bus", now_ms, True, parse)
@@ -336,7 +349,7 @@ class RedisBus(BusPrimitives):
                 raise unknown_group(channel, group)
             return int(raw)
 
-        args = [channel, group, *_known(ids)]
+        args = [channel, group, " ".join(_known(ids))]
         return _Call(scripts.ACK, args, "ack bus deliveries", None, True, parse)
 
     def bus_ack(self, channel: str, group: str, ids: Sequence[str]) -> int:
@@ -362,7 +375,7 @@ class RedisBus(BusPrimitives):
         # that is the same distance from its now as from the caller's.
         offset = now_ms - self._local_ms() if self._bus_server_time() else 0
         args = [channel, group, str(offset), "0" if error is None else "1", error or ""]
-        args += ["1" if undo else "0", consumer or "", *_known(ids)]
+        args += ["1" if undo else "0", consumer or "", " ".join(_known(ids))]
 
         def parse(raw: Any) -> int:
             if int(raw) < 0:
@@ -408,8 +421,8 @@ class RedisBus(BusPrimitives):
             return []
         args = [channel, str(min(max(after_seq, 0), _MAX_SEQ)), str(limit)]
 
-        def parse(raw: Any) -> list[StoredMessage]:
-            return [_message(channel, row) for row in raw]
+        def parse(raw: bytes) -> list[StoredMessage]:
+            return [_line(channel, line) for line in _lines(raw)]
 
         out: list[StoredMessage] = self._bus_run(
             _Call(scripts.RANGE, args, "read a channel", now_ms, False, parse)

@@ -79,7 +79,10 @@ local P = ARGV[1]
 local RID = ARGV[2]
 if RID ~= '' then
   local done = redis.call('GET', P .. 'req:' .. RID)
-  if done then return cjson.decode(done) end
+  if done then
+    if string.sub(done, 1, 1) == 's' then return string.sub(done, 2) end
+    return cjson.decode(string.sub(done, 2))
+  end
 end
 local NOW
 if ARGV[3] ~= '' then
@@ -90,10 +93,12 @@ else
 end
 local TOKEN = ARGV[4]
 -- Keep the reply under the request id (see the module docstring), return it.
--- Replies hold strings and small integers only: cjson keeps both exactly.
+-- A reply is a string, or a table of strings and small integers (cjson keeps
+-- both exactly).
 local function finish(reply)
   if RID ~= '' then
-    redis.call('SET', P .. 'req:' .. RID, cjson.encode(reply), 'PX', {REQUEST_TTL_MS})
+    local kept = type(reply) == 'string' and 's' .. reply or 'j' .. cjson.encode(reply)
+    redis.call('SET', P .. 'req:' .. RID, kept, 'PX', {REQUEST_TTL_MS})
   end
   return reply
 end
@@ -248,6 +253,13 @@ local function group_info(c, g)
   return {c, g, redis.call('HGET', P .. 'g:' .. c, g), pending, lag}
 end
 
+-- A message as one line of a reply: id, published_at, visible_at[, attempt],
+-- payload (JSON text has no raw tab or newline, so neither splits it).
+local function line(id, f, attempt)
+  if attempt then return table.concat({id, f[4], f[6], attempt, f[2]}, '\t') end
+  return table.concat({id, f[4], f[6], f[2]}, '\t')
+end
+
 local function sorted_keys(key)
   local names = redis.call('HKEYS', key)
   table.sort(names)
@@ -260,35 +272,31 @@ def _script(body: str) -> str:
     return PRELUDE + LIB + body
 
 
-#: ARGV[5] n channels, then (channel, default len, default age or '') each,
-#: then (channel index, payload, key or '', visible_at - now) per item.
-#: Returns {channel index, id, published_at, visible_at[, payload]} per item
-#: (the payload only when a key returned a message published before).
+#: ARGV[5] the channels, a JSON list of [channel, default len, default age
+#: or null]; ARGV[6] the items, a JSON list of [channel index, key or "",
+#: visible_at - now]; ARGV[7...] their payloads. (Two arguments for the
+#: metadata of a whole batch: each argument costs the client more than
+#: the script.) Returns one line per item, '\n'-separated:
+#: channel index, id, published_at, visible_at[, payload] (the payload
+#: only when a key returned a message published before with another).
 PUBLISH = _script(r"""
-local nch = tonumber(ARGV[5])
-local chans, i = {}, 6
-for c = 1, nch do
-  chans[c] = {ARGV[i], tonumber(ARGV[i + 1]), opt(ARGV[i + 2])}
-  i = i + 3
-end
+local chans, items = cjson.decode(ARGV[5]), cjson.decode(ARGV[6])
 local out = {}
-while i <= #ARGV do
-  local c = tonumber(ARGV[i])
-  local payload = ARGV[i + 1]
-  local m = append(chans[c][1], payload, ARGV[i + 2], NOW + tonumber(ARGV[i + 3]))
+for i, item in ipairs(items) do
+  local payload = ARGV[6 + i]
+  local m = append(chans[item[1]][1], payload, item[2], NOW + item[3])
   local f = m[2]
-  if f[2] == payload then
-    out[#out + 1] = {c, m[1], f[4], f[6]}
-  else
-    out[#out + 1] = {c, m[1], f[4], f[6], f[2]}
-  end
-  i = i + 4
+  local row = item[1] .. '\t' .. m[1] .. '\t' .. f[4] .. '\t' .. f[6]
+  if f[2] ~= payload then row = row .. '\t' .. f[2] end
+  out[i] = row
 end
 for _, ch in ipairs(chans) do
-  trim(ch[1], retention(ch[1], ch[2], ch[3]))
+  local age = ch[3]
+  if age == cjson.null then age = nil end
+  trim(ch[1], retention(ch[1], ch[2], age))
   wake(ch[1])
 end
-return finish(out)
+return finish(table.concat(out, '\n'))
 """)
 
 #: ARGV[5] channel, [6] group, [7] consumer, [8] count, then the spec of a
@@ -298,8 +306,8 @@ return finish(out)
 #: deliveries in seq order, a dead letter for each that used its last
 #: attempt (not counted), up to count redelivered, then the room left for
 #: messages the group never handed out, oldest first.
-#: Returns {now, next due or '', deliveries {id, fields, attempt},
-#: dead letters {id, fields}}.
+#: Returns lines: 'now, next due or "", n deliveries', n delivery lines
+#: (with their attempt), then a line per dead letter published.
 READ = _script(r"""
 local c, g, consumer, count = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
 local s = skey(c)
@@ -325,13 +333,13 @@ for _, id in ipairs(due_ids) do
 end
 
 local deadline = int(NOW + vis)
-local out = {}
+local out = {''}
 for _, p in ipairs(redeliver) do
   local attempt = p[4] + 1
   local got = redis.call('XCLAIM', s, g, consumer, '0', p[1], 'RETRYCOUNT', attempt)[1]
   if got then
     redis.call('ZADD', d, deadline, p[1])
-    out[#out + 1] = {got[1], got[2], attempt}
+    out[#out + 1] = line(got[1], got[2], attempt)
   else
     redis.call('ZREM', d, p[1])
   end
@@ -346,7 +354,7 @@ for _, id in ipairs(ready) do
   local got = redis.call('XCLAIM', s, g, consumer, '0', id, 'FORCE', 'RETRYCOUNT', '1')[1]
   if got then
     redis.call('ZADD', d, deadline, id)
-    out[#out + 1] = {got[1], got[2], 1}
+    out[#out + 1] = line(got[1], got[2], 1)
     room = room - 1
   end
 end
@@ -354,20 +362,23 @@ while room > 0 do
   local r = redis.call('XREADGROUP', 'GROUP', g, consumer, 'COUNT', room, 'STREAMS', s, '>')
   if not r then break end
   local batch = r[1][2]
+  local fresh = {}
   for _, m in ipairs(batch) do
     if tonumber(m[2][6]) > NOW then  -- delayed: out of the PEL until it is due
       redis.call('XACK', s, g, m[1])
       redis.call('ZADD', w, m[2][6], m[1])
     else
-      redis.call('ZADD', d, deadline, m[1])
-      out[#out + 1] = {m[1], m[2], 1}
+      fresh[#fresh + 1] = deadline
+      fresh[#fresh + 1] = m[1]
+      out[#out + 1] = line(m[1], m[2], 1)
       room = room - 1
     end
   end
+  if #fresh > 0 then redis.call('ZADD', d, unpack(fresh)) end
   if #batch == 0 then break end
 end
+local delivered = #out - 1
 
-local letters = {}
 if #dead > 0 then
   local dc = c .. '.dead'
   for _, p in ipairs(dead) do
@@ -384,7 +395,8 @@ if #dead > 0 then
         .. ',"visible_at":' .. f[6] .. '},"group":' .. cjson.encode(g) .. ',"attempts":'
         .. int(p[4]) .. ',"last_consumer":' .. cjson.encode(p[2]) .. ',"last_error":'
         .. (err and cjson.encode(err) or 'null') .. '}'
-      letters[#letters + 1] = append(dc, body, g .. ':' .. id, NOW)
+      local letter = append(dc, body, g .. ':' .. id, NOW)
+      out[#out + 1] = line(letter[1], letter[2])
     end
   end
   trim(dc, retention(dc, tonumber(ARGV[12]), opt(ARGV[13])))
@@ -397,42 +409,45 @@ for _, key in ipairs({d, w}) do
   if first[2] and (not due or tonumber(first[2]) < due) then due = tonumber(first[2]) end
 end
 if due and due < NOW then due = NOW end  -- due already, not handed out this time
-if #out > 0 then redis.call('INCR', P .. 'ver') end
-return finish({int(NOW), due and int(due) or '', out, letters})
+if delivered > 0 then redis.call('INCR', P .. 'ver') end
+out[1] = int(NOW) .. '\t' .. (due and int(due) or '') .. '\t' .. delivered
+return finish(table.concat(out, '\n'))
 """)
 
-#: ARGV[5] channel, [6] group, [7...] ids. Returns how many were pending,
-#: -1 when the channel has no such group.
+#: ARGV[5] channel, [6] group, [7] the ids, space-separated. Returns how
+#: many were pending, -1 when the channel has no such group.
 ACK = _script(r"""
 local c, g = ARGV[5], ARGV[6]
-if redis.call('HEXISTS', P .. 'g:' .. c, g) == 0 then return finish(-1) end
+if redis.call('HEXISTS', P .. 'g:' .. c, g) == 0 then return finish('-1') end
 local s, d, e = skey(c), gkey('d', c, g), gkey('e', c, g)
-local n, i = 0, 7
-while i <= #ARGV do
-  local ids = {}
-  for j = i, math.min(i + 499, #ARGV) do ids[#ids + 1] = ARGV[j] end
+local n, ids = 0, {}
+local function flush()
   n = n + redis.call('XACK', s, g, unpack(ids))
   redis.call('ZREM', d, unpack(ids))
   redis.call('HDEL', e, unpack(ids))
-  i = i + 500
+  ids = {}
 end
+for id in string.gmatch(ARGV[7], '%S+') do
+  ids[#ids + 1] = id
+  if #ids == 500 then flush() end
+end
+if #ids > 0 then flush() end
 if n > 0 then redis.call('INCR', P .. 'ver') end
-return finish(n)
+return finish(tostring(n))
 """)
 
 #: ARGV[5] channel, [6] group, [7] deadline - now (when the deliveries are
 #: due again), [8] '1' with an error, [9] the error, [10] '1' to undo the
-#: attempt, [11] consumer ('' any), [12...] ids. Returns how many were
+#: attempt, [11] consumer ('' any), [12] the ids, space-separated. Returns how many were
 #: handed back, -1 when the channel has no such group.
 NACK = _script(r"""
 local c, g = ARGV[5], ARGV[6]
-if redis.call('HEXISTS', P .. 'g:' .. c, g) == 0 then return finish(-1) end
+if redis.call('HEXISTS', P .. 'g:' .. c, g) == 0 then return finish('-1') end
 local s, d, e = skey(c), gkey('d', c, g), gkey('e', c, g)
 local deadline = int(NOW + tonumber(ARGV[7]))
 local has_error, undo, only = ARGV[8] == '1', ARGV[10] == '1', ARGV[11]
 local n, seen = 0, {}
-for i = 12, #ARGV do
-  local id = ARGV[i]
+for id in string.gmatch(ARGV[12], '%S+') do
   if not seen[id] then
     seen[id] = true
     local p = redis.call('XPENDING', s, g, id, id, 1)[1]
@@ -448,11 +463,11 @@ for i = 12, #ARGV do
   end
 end
 if n > 0 then wake(c) end
-return finish(n)
+return finish(tostring(n))
 """)
 
-#: ARGV[5] channel, [6] after seq, [7] limit. Returns {id, fields} of the
-#: visible messages with a greater seq, oldest first.
+#: ARGV[5] channel, [6] after seq, [7] limit. Returns a line per visible
+#: message with a greater seq, oldest first.
 RANGE = _script(r"""
 local s, limit = skey(ARGV[5]), tonumber(ARGV[7])
 local out, from = {}, int(tonumber(ARGV[6]) + 1)
@@ -460,12 +475,12 @@ while #out < limit do
   local want = limit - #out
   local batch = redis.call('XRANGE', s, from, '+', 'COUNT', want)
   for _, m in ipairs(batch) do
-    if tonumber(m[2][6]) <= NOW then out[#out + 1] = m end
+    if tonumber(m[2][6]) <= NOW then out[#out + 1] = line(m[1], m[2]) end
   end
   if #batch < want then break end
   from = '(' .. batch[#batch][1]
 end
-return out
+return table.concat(out, '\n')
 """)
 
 #: ARGV[5...] channels. Returns the newest seq of each ('0' if none).

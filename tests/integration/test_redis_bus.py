@@ -1,0 +1,175 @@
+"""The bus on Redis: what the conformance suite (a manual clock, one process) cannot show.
+
+* a subscriber waiting in another process is woken by a publish through
+  Pub/Sub, in about a millisecond, without polling the store;
+* time comes from the server: a caller whose clock is minutes off still
+  sees its messages at once, its delayed messages on time, and its
+  redeliveries when the visibility timeout runs out;
+* a Redis that does not answer fails closed.
+
+Needs ``KLOCKWORK_TEST_REDIS_URL`` (e.g. ``redis://127.0.0.1:6379/15``); each
+test works in a namespace of its own and deletes its keys (never FLUSHDB:
+the database is shared).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from klockwork import Klockwork, StoreUnavailableError
+from klockwork.core.clock import SystemClock
+from klockwork.core.stores.redis.store import RedisStore
+
+REDIS_URL = os.environ.get("KLOCKWORK_TEST_REDIS_URL", "")
+
+pytestmark = pytest.mark.skipif(
+    not REDIS_URL, reason="Redis tests need a server: set KLOCKWORK_TEST_REDIS_URL"
+)
+
+
+def _url(namespace: str) -> str:
+    return f"{REDIS_URL}{'&' if '?' in REDIS_URL else '?'}namespace={namespace}"
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    """A fresh namespace, its keys deleted afterwards (SCAN + UNLINK)."""
+    import redis
+
+    name = f"t-{uuid.uuid4().hex}"
+    yield name
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{{{name}}}:*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.unlink(*keys[i : i + 500])
+    finally:
+        client.close()
+
+
+_SUBSCRIBER = textwrap.dedent(
+    """
+    import sys, time
+    from klockwork import Klockwork
+    from klockwork.core.stores.redis.store import RedisStore
+
+    url, rounds = sys.argv[1], int(sys.argv[2])
+    kw = Klockwork(RedisStore(url))
+    kw.bus.create_group("inbox", "workers")
+    for _ in range(rounds):
+        print("waiting", flush=True)
+        [d] = kw.bus.subscribe("inbox", "workers", "far-away", max_messages=1, wait_s=20)
+        print(repr(time.time()), d.payload["n"], flush=True)
+        kw.bus.ack("inbox", "workers", [d])
+    kw.close()
+    """
+)
+
+
+def test_a_subscriber_in_another_process_is_woken_by_a_publish(namespace: str) -> None:
+    rounds = 20
+    url = _url(namespace)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SUBSCRIBER, url, str(rounds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    kw = Klockwork(RedisStore(url))
+    latencies: list[float] = []
+    try:
+        for n in range(rounds):
+            assert child.stdout.readline().strip() == "waiting"
+            time.sleep(0.1)  # well into its wait (its listener is subscribed by now)
+            sent = time.time()
+            kw.bus.publish("inbox", {"n": n})
+            woke, got = child.stdout.readline().split()
+            assert int(got) == n
+            latencies.append(float(woke) - sent)
+        assert child.wait(30) == 0
+    finally:
+        kw.close()
+        if child.poll() is None:
+            child.kill()
+    # Woken by the publish, not by its 20 s wait running out; nor by a poll
+    # loop (there is none: the store pushes wake-ups).
+    assert max(latencies) < 1.0
+    median = statistics.median(latencies)
+    print(f"cross-process wake-up: median {median * 1000:.2f} ms, max {max(latencies) * 1000:.2f} ms")
+    assert median < 0.1
+
+
+def test_waiters_on_a_pushing_store_do_not_poll(namespace: str) -> None:
+    kw = Klockwork(RedisStore(_url(namespace)))
+    try:
+        deadline = time.monotonic() + 5
+        while not kw.store.bus_pushes_wakeups():  # subscribed within moments
+            assert time.monotonic() < deadline, "the wake-up listener never subscribed"
+            time.sleep(0.01)
+        calls = 0
+        version = kw.store.bus_version
+
+        def counted() -> int:
+            nonlocal calls
+            calls += 1
+            return version()
+
+        kw.store.bus_version = counted  # type: ignore[method-assign]
+        assert kw.bus.subscribe("quiet", "g", "c", wait_s=0.3) == []
+        assert calls == 0
+    finally:
+        kw.close()
+
+
+class _SkewedClock(SystemClock):
+    """Real time, off by ``offset_ms`` (a machine whose clock is wrong)."""
+
+    def __init__(self, offset_ms: int) -> None:
+        self._offset_ms = offset_ms
+
+    def now_ms(self) -> int:
+        return super().now_ms() + self._offset_ms
+
+
+@pytest.mark.parametrize("offset_ms", [-5 * 60_000, 5 * 60_000])
+def test_a_caller_with_a_wrong_clock_still_agrees_with_the_server(
+    namespace: str, offset_ms: int
+) -> None:
+    kw = Klockwork(RedisStore(_url(namespace)), clock=_SkewedClock(offset_ms))
+    try:
+        kw.bus.create_group("jobs", "g", visibility_timeout_s=0.3)
+        kw.bus.publish("jobs", {"n": 1})
+        [first] = kw.bus.subscribe("jobs", "g", "a")  # visible at once, whatever the clock
+        started = time.monotonic()
+        [again] = kw.bus.subscribe("jobs", "g", "b", wait_s=5)  # redelivered on time
+        assert again.id == first.id and again.attempt == 2
+        assert 0.2 < time.monotonic() - started < 2
+        kw.bus.ack("jobs", "g", [again])
+
+        later = kw.clock.now_ms() + 300  # "in 300 ms" by this caller's clock
+        kw.bus.publish("jobs", {"n": 2}, deliver_at=later)
+        assert kw.bus.peek("jobs", after_seq=1) == []
+        started = time.monotonic()
+        [delayed] = kw.bus.subscribe("jobs", "g", "a", wait_s=5)
+        assert delayed.payload == {"n": 2}
+        assert 0.2 < time.monotonic() - started < 2
+    finally:
+        kw.close()
+
+
+def test_a_redis_that_does_not_answer_fails_closed() -> None:
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(StoreUnavailableError):
+        RedisStore(f"redis://127.0.0.1:{port}/0")

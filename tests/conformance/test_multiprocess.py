@@ -1,4 +1,4 @@
-"""Several processes, one SQLite file: leases really exclude across processes.
+"""Several processes, one SQLite file (or one Redis namespace): leases really exclude.
 
 Klock's SQLite store runs without transactions and is unsafe here
 (ANCHORS.md). Four spawned processes each increment a counter file 200
@@ -8,6 +8,8 @@ times, read-modify-write, under a MUTATES lease taken through their own
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,24 @@ def test_processes_sharing_a_sqlite_file_exclude_each_other(tmp_path: Path) -> N
     assert int(counter.read_text()) == PROCESSES * INCREMENTS
     with Klockwork.open(url) as kw:
         assert kw.leases.list() == []  # every lease was released
+
+
+@pytest.mark.slow
+def test_processes_sharing_a_redis_namespace_exclude_each_other(tmp_path: Path) -> None:
+    """The same race on Redis, each process on the server's clock (``Klockwork.open``)."""
+    from .conftest import drop_redis_namespace, redis_url
+
+    namespace = f"t-{uuid.uuid4().hex[:16]}-mp"
+    url = redis_url(namespace)
+    counter = tmp_path / "counter.txt"
+    counter.write_text("0")
+    try:
+        run_spawned(
+            _increment, [(url, f"proc-{i}", str(counter), INCREMENTS) for i in range(PROCESSES)]
+        )
+        assert int(counter.read_text()) == PROCESSES * INCREMENTS
+        with Klockwork.open(url) as kw:
+            assert kw.leases.list() == []
+    finally:
+        if os.environ.get("KLOCKWORK_TEST_REDIS_URL"):
+            drop_redis_namespace(namespace)

@@ -28,7 +28,7 @@ from klockwork.core.leases.rules import (
     parse_intents,
 )
 from klockwork.core.model import LeaseRecord, LeaseState, Predicate
-from klockwork.core.stores.redis import scripts
+from klockwork.core.stores.redis import lua, scripts
 from klockwork.core.stores.redis.store import RedisStore, intent_args, lease_record
 
 from .conftest import drop_redis_namespace, load_vectors, redis_url
@@ -39,8 +39,8 @@ MATRIX = load_vectors("matrix.json")
 
 # A test-only script: one LIB function applied to its arguments.
 _PROBE = (
-    scripts.PRELUDE
-    + scripts.LIB
+    lua.PRELUDE
+    + lua.LIB
     + r"""
 local f, a, b = ARGV[5], ARGV[6], ARGV[7]
 if f == 'ancestors' then return cjson.encode(ancestors(a)) end

@@ -37,7 +37,7 @@ class ServerClock(SystemClock):
         self._resync_s = resync_s
         self._lock = threading.Lock()
         self._last = 0
-        self._base_ms = 0
+        self._base_ms = 0.0
         self._base_mono = 0.0
         self._synced = 0.0
         self._sync()

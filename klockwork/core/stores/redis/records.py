@@ -55,7 +55,7 @@ LOCK_WAIT_S = 10.0
 PRUNE_BATCH = 1024
 
 
-def _text(value: bytes | str | None) -> str | None:
+def _text(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 

@@ -74,7 +74,7 @@ _STATUS = {s.value: s for s in VerdictStatus}
 
 
 def lease_record(row: Sequence[Any]) -> LeaseRecord:
-    """A lease row of a script (``row`` in :data:`.scripts.LIB`) as a LeaseRecord."""
+    """A lease row of a script (``row`` in :data:`.lua.LIB`) as a LeaseRecord."""
     return LeaseRecord(
         row[0],
         row[1],

@@ -64,7 +64,9 @@ class Waiting(Generic[_R]):
             return None
         until_due = seconds_until(self._clock.now_ms(), due_ms)
         nap = left if until_due is None else min(left, until_due)
-        return min(nap, POLL_S) if self._poll else nap
+        # Asked live: a store whose wake-ups start reaching us (a listener just
+        # subscribed, and woke every waiter as it did) ends the polling at once.
+        return min(nap, POLL_S) if self._poll and self._polls() else nap
 
     def _check_open(self) -> None:
         if self._signals.closed:

@@ -251,6 +251,7 @@ class RedisBus(BusPrimitives):
         if not items:
             return []
         out: list[StoredMessage] = self._bus_run(self._publish_call(items, now_ms, retention))
+        self._woke({item.channel for item in items})
         return out
 
     async def abus_publish(
@@ -262,6 +263,7 @@ class RedisBus(BusPrimitives):
         out: list[StoredMessage] = await self._abus_run(
             self._publish_call(items, now_ms, retention)
         )
+        self._woke({item.channel for item in items})
         return out
 
     def bus_set_retention(self, channel: str, retention: Retention, now_ms: int) -> None:
@@ -324,6 +326,8 @@ class RedisBus(BusPrimitives):
     ) -> ReadOutcome:
         call = self._read_call(channel, group, consumer, count, now_ms, spec, retention)
         out: ReadOutcome = self._bus_run(call)
+        if out.dead:
+            self._woke({channel + DEAD_SUFFIX})
         return out
 
     async def abus_read(
@@ -339,6 +343,8 @@ class RedisBus(BusPrimitives):
         """Async twin of :meth:`bus_read` (the async client, no thread)."""
         call = self._read_call(channel, group, consumer, count, now_ms, spec, retention)
         out: ReadOutcome = await self._abus_run(call)
+        if out.dead:
+            self._woke({channel + DEAD_SUFFIX})
         return out
 
     # -- acks ---------------------------------------------------------------------------
@@ -396,6 +402,8 @@ class RedisBus(BusPrimitives):
     ) -> int:
         call = self._nack_call(channel, group, ids, now_ms, error, undo, consumer)
         done: int = self._bus_run(call)
+        if done:
+            self._woke({channel})
         return done
 
     async def abus_nack(
@@ -411,6 +419,8 @@ class RedisBus(BusPrimitives):
         """Async twin of :meth:`bus_nack` (the async client, no thread)."""
         call = self._nack_call(channel, group, ids, now_ms, error, undo, consumer)
         done: int = await self._abus_run(call)
+        if done:
+            self._woke({channel})
         return done
 
     # -- looking ------------------------------------------------------------------------
@@ -499,6 +509,17 @@ class RedisBus(BusPrimitives):
         """True while the listener is subscribed: waiters need not poll :meth:`bus_version`."""
         listener = self._bus_listener
         return listener is not None and listener.connected
+
+    def _woke(self, channels: set[str]) -> None:
+        """Wake this process's watchers (every engine on this store) for a change made here.
+
+        The listener skips this store's own Pub/Sub wake-ups: told here, they
+        cost no round trip, and reach every engine sharing the store object.
+        """
+        listener = self._bus_listener
+        if listener is not None:
+            for channel in channels:
+                listener.tell(channel)
 
     def _all_channels(self) -> list[str]:
         """Every channel (woken after the listener (re)connects: it may have missed some)."""

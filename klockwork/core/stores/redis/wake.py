@@ -3,8 +3,8 @@
 Scripts that make something deliverable publish ``'<token> <name>'`` on a
 namespace channel (``PUBLISH`` runs inside the script, so the wake-up
 leaves only once the change is committed). The listener hands each name to
-its watchers, unless the token is its own store's: that store already
-woke its waiters in process.
+its watchers, unless the token is its own store's: that store told its
+watchers itself (:meth:`WakeListener.tell`), without the round trip.
 
 A waiter closes the race between asking and sleeping with the engine's
 epoch (see :mod:`klockwork.core.notify`): a wake-up arriving after it read
@@ -76,6 +76,10 @@ class WakeListener:
                 self._watchers = tuple(w for w in self._watchers if w is not wake)
 
         return stop
+
+    def tell(self, name: str) -> None:
+        """Call every watcher with ``name`` now (a change made in this process)."""
+        self._tell(name)
 
     def _tell(self, name: str) -> None:
         for wake in self._watchers:

@@ -174,3 +174,25 @@ def test_a_redis_that_does_not_answer_fails_closed() -> None:
         port = s.getsockname()[1]
     with pytest.raises(StoreUnavailableError):
         RedisStore(f"redis://127.0.0.1:{port}/0")
+
+
+def test_a_call_sent_again_with_its_request_id_runs_once(namespace: str) -> None:
+    """A reply lost to a timeout is asked for again under the same request id."""
+    kw = Klockwork(RedisStore(_url(namespace)))
+    store = kw.store
+    try:
+        kw.bus.create_group("jobs", "g", max_deliveries=1)
+        store._bus_rids.next = lambda: "same-request"  # type: ignore[method-assign]
+        first = kw.bus.publish_many("jobs", [{"n": 1}, {"n": 2}])
+        again = kw.bus.publish_many("jobs", [{"n": 1}, {"n": 2}])
+        assert again == first
+        assert [m.seq for m in kw.bus.peek("jobs")] == [1, 2]  # published once
+
+        store._bus_rids.next = lambda: "a-read"  # type: ignore[method-assign]
+        taken = kw.bus.subscribe("jobs", "g", "c", max_messages=1)
+        replayed = kw.bus.subscribe("jobs", "g", "c", max_messages=1)
+        assert [d.message for d in replayed] == [d.message for d in taken]
+        assert [d.attempt for d in replayed] == [1]
+        assert kw.bus.groups("jobs")[0].pending == 1  # handed out once
+    finally:
+        kw.close()

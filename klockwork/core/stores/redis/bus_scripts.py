@@ -77,11 +77,14 @@ REQUEST_TTL_MS = 15_000
 PRELUDE = f"""
 local P = ARGV[1]
 local RID = ARGV[2]
+local REPLAY = nil  -- a read's kept outcome: ids, not payloads (see READ)
 if RID ~= '' then
   local done = redis.call('GET', P .. 'req:' .. RID)
   if done then
-    if string.sub(done, 1, 1) == 's' then return string.sub(done, 2) end
-    return cjson.decode(string.sub(done, 2))
+    local kind = string.sub(done, 1, 1)
+    if kind == 's' then return string.sub(done, 2) end
+    if kind == 'j' then return cjson.decode(string.sub(done, 2)) end
+    REPLAY = string.sub(done, 2)
   end
 end
 local NOW
@@ -92,13 +95,14 @@ else
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local TOKEN = ARGV[4]
+local REQUEST_TTL_MS = {REQUEST_TTL_MS}
 -- Keep the reply under the request id (see the module docstring), return it.
 -- A reply is a string, or a table of strings and small integers (cjson keeps
 -- both exactly).
 local function finish(reply)
   if RID ~= '' then
     local kept = type(reply) == 'string' and 's' .. reply or 'j' .. cjson.encode(reply)
-    redis.call('SET', P .. 'req:' .. RID, kept, 'PX', {REQUEST_TTL_MS})
+    redis.call('SET', P .. 'req:' .. RID, kept, 'PX', REQUEST_TTL_MS)
   end
   return reply
 end
@@ -311,6 +315,26 @@ return finish(table.concat(out, '\n'))
 READ = _script(r"""
 local c, g, consumer, count = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
 local s = skey(c)
+if REPLAY then  -- this read ran already: the same deliveries again, read back by id
+  local head, n, out = nil, 0, {''}
+  for row in string.gmatch(REPLAY, '[^\n]+') do
+    if not head then
+      head = row
+    else
+      local id, attempt = string.match(row, '^(%S+)\t(%S+)$')
+      local from = attempt == 'dead' and skey(c .. '.dead') or s
+      local m = redis.call('XRANGE', from, id, id)[1]
+      if m and attempt == 'dead' then
+        out[#out + 1] = line(m[1], m[2])
+      elseif m then
+        out[#out + 1] = line(m[1], m[2], attempt)
+        n = n + 1
+      end
+    end
+  end
+  out[1] = string.match(head, '^(%S*\t%S*\t)') .. n
+  return table.concat(out, '\n')
+end
 if redis.call('HEXISTS', P .. 'g:' .. c, g) == 0 then
   create_group(c, g, ARGV[9], ARGV[10], ARGV[11])
 end
@@ -333,13 +357,14 @@ for _, id in ipairs(due_ids) do
 end
 
 local deadline = int(NOW + vis)
-local out = {''}
+local out, kept = {''}, {''}  -- the reply, and what a replay needs of it
 for _, p in ipairs(redeliver) do
   local attempt = p[4] + 1
   local got = redis.call('XCLAIM', s, g, consumer, '0', p[1], 'RETRYCOUNT', attempt)[1]
   if got then
     redis.call('ZADD', d, deadline, p[1])
     out[#out + 1] = line(got[1], got[2], attempt)
+    kept[#kept + 1] = got[1] .. '\t' .. attempt
   else
     redis.call('ZREM', d, p[1])
   end
@@ -355,6 +380,7 @@ for _, id in ipairs(ready) do
   if got then
     redis.call('ZADD', d, deadline, id)
     out[#out + 1] = line(got[1], got[2], 1)
+    kept[#kept + 1] = id .. '\t1'
     room = room - 1
   end
 end
@@ -371,6 +397,7 @@ while room > 0 do
       fresh[#fresh + 1] = deadline
       fresh[#fresh + 1] = m[1]
       out[#out + 1] = line(m[1], m[2], 1)
+      kept[#kept + 1] = m[1] .. '\t1'
       room = room - 1
     end
   end
@@ -397,6 +424,7 @@ if #dead > 0 then
         .. (err and cjson.encode(err) or 'null') .. '}'
       local letter = append(dc, body, g .. ':' .. id, NOW)
       out[#out + 1] = line(letter[1], letter[2])
+      kept[#kept + 1] = letter[1] .. '\tdead'
     end
   end
   trim(dc, retention(dc, tonumber(ARGV[12]), opt(ARGV[13])))
@@ -411,7 +439,11 @@ end
 if due and due < NOW then due = NOW end  -- due already, not handed out this time
 if delivered > 0 then redis.call('INCR', P .. 'ver') end
 out[1] = int(NOW) .. '\t' .. (due and int(due) or '') .. '\t' .. delivered
-return finish(table.concat(out, '\n'))
+if RID ~= '' then  -- ids only: a reply's payloads could hold megabytes for 15 s
+  kept[1] = out[1]
+  redis.call('SET', P .. 'req:' .. RID, 'r' .. table.concat(kept, '\n'), 'PX', REQUEST_TTL_MS)
+end
+return table.concat(out, '\n')
 """)
 
 #: ARGV[5] channel, [6] group, [7] the ids, space-separated. Returns how

@@ -12,7 +12,8 @@ Step 2 bumps the epoch, so in step 3 :meth:`Signals.register` sees that the
 epoch moved past E and tells W to retry at once instead of sleeping. A
 spurious retry costs one store round trip; a lost wake-up would cost a TTL.
 
-Releases done by *other processes* (SQLite) are not seen here: waiters on
+Releases done by *other processes* reach these signals only when the store
+pushes them (Redis: ``Store.lease_watch``); otherwise (SQLite) waiters on
 cross-process stores also poll, with a short adaptive interval.
 """
 
@@ -112,6 +113,16 @@ class Signals:
         if alarms:
             for alarm in alarms:
                 alarm.fire()
+
+    def notify_all(self) -> None:
+        """Wake every keyed waiter: any key may have changed (missed wake-ups from elsewhere)."""
+        self.epoch = next(self._counter)
+        with self._lock:
+            alarms = {a for found in self._waiters.values() for a in found}
+            self._waiters.clear()
+            self._armed -= alarms
+        for alarm in alarms:
+            alarm.fire()
 
     def close(self) -> None:
         """Wake every waiter for good: the engine is closing."""

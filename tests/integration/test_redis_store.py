@@ -320,3 +320,49 @@ def test_agents_on_redis(opened: Callable[..., RedisStore]) -> None:
     with pytest.raises(CapabilityError):
         kw.leases.try_acquire("young", "s", ("TABLE:t", "MUTATES"))
     assert kw.get_agent("young").revoked_at == T0  # type: ignore[union-attr]
+
+
+# -- wake-ups across processes ---------------------------------------------------------
+def test_a_release_by_another_store_wakes_a_waiter_without_polling(url: str) -> None:
+    """Two stores on one namespace (two machines): the waiter is woken by Pub/Sub.
+
+    Both clocks are manual and never move, so a waiter that polled would
+    never wake: only the release published by the other store can wake it.
+    """
+    holder = Klockwork(RedisStore(url, server_time=False), clock=ManualClock(T0))
+    waiter = Klockwork(RedisStore(url, server_time=False), clock=ManualClock(T0))
+    try:
+        waiter.register_agent("old", 1)
+        holder.register_agent("young", 2)
+        held = holder.leases.try_acquire("young", "s", ("FILE:/x", "MUTATES")).lease
+        store = waiter.store
+        deadline = time.monotonic() + 10
+        while not store.lease_pushes_wakeups():  # starts the listener; wait until subscribed
+            assert time.monotonic() < deadline, "the wake-up listener never subscribed"
+            time.sleep(0.01)
+        tries: list[str] = []
+        decide = store.try_acquire
+
+        def counted(request: Any) -> Any:
+            outcome = decide(request)
+            tries.append(outcome.status.value)
+            return outcome
+
+        store.try_acquire = counted  # type: ignore[method-assign]
+        result: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: result.append(
+                waiter.leases.acquire("old", "s", ("FILE:/x", "MUTATES"), timeout_s=30)
+            )
+        )
+        thread.start()
+        while waiter.leases.waiting == 0:
+            assert time.monotonic() < deadline and thread.is_alive(), "the waiter never slept"
+            time.sleep(0.005)
+        assert holder.leases.release(held.lease_id)
+        thread.join(10)
+        assert result and result[0].granted
+        assert tries.count("WAIT") <= 2  # asked again when woken, not on a poll
+    finally:
+        holder.close()
+        waiter.close()

@@ -12,7 +12,8 @@ blocking holders (:mod:`klockwork.core.notify`), fired by the release,
 expiry or revoke of those leases; the holder's TTL bounds the wait. On
 stores shared by several processes, where a release may happen elsewhere,
 the wait is also bounded by a short adaptive poll interval (1 ms doubling
-to 50 ms). A DIE backs off (tenacity, exponential + jitter) keeping the
+to 50 ms), unless the store pushes those releases (Redis: Pub/Sub, see
+``Store.lease_watch``). A DIE backs off (tenacity, exponential + jitter) keeping the
 agent's priority. From its second try on, a blocked request holds a
 *reservation*, so younger newcomers die instead of barging past it.
 
@@ -128,7 +129,8 @@ class AcquireFlow:
                 retry_state.attempt_number = 1
                 # Wake on a release notification, or once the holder's TTL is over.
                 wait_s = None if verdict.wait_time_ms is None else verdict.wait_time_ms / 1000
-                if manager._store.cross_process:
+                store = manager._store
+                if store.cross_process and not store.lease_pushes_wakeups():
                     wait_s = poll_s if wait_s is None else min(wait_s, poll_s)
                     poll_s = min(poll_s * 2, _POLL_MAX_S)
             else:

@@ -317,6 +317,20 @@ class Store(BusPrimitives):
         """
         return contextlib.nullcontext()
 
+    def lease_watch(self, wake: Callable[[str], None]) -> Callable[[], None] | None:
+        """Have ``wake(resource)`` called when another process ends a lease on ``resource``.
+
+        For stores that can push wake-ups across processes (Redis: Pub/Sub);
+        ``wake("*")`` means wake-ups may have been missed (wake every
+        waiter). Returns the function that stops watching, or None when the
+        store cannot push: waiters of a ``cross_process`` store then poll.
+        """
+        return None
+
+    def lease_pushes_wakeups(self) -> bool:
+        """True while :meth:`lease_watch` hears every other process's release (no need to poll)."""
+        return False
+
     def append_journal(
         self, entries: Sequence[tuple[int, str, str | None, str | None, Any, Any]]
     ) -> list[int]:

@@ -30,6 +30,7 @@ and returns one JSON text (``cjson``), parsed by :mod:`.codec`.
     ag:<agent>         hash p (priority) r (registered_at) v (revoked_at)
     resv               hash 'agent\\nsession' -> JSON reservation of a waiter
     req:<request id>   the JSON outcome of a mutating call, kept 15 s
+    lease:wake         Pub/Sub channel: '<store token> <key>' per release or revoke
 
 **Exactly once.** Each mutating call carries a request id (128 random bits
 drawn in Python). A script first looks for ``req:<id>``: if the call ran
@@ -154,7 +155,10 @@ return finish({st = status, now = int(NOW), granted = {}, blockers = blockers,
 )
 
 #: Release or revoke (``Store.release`` / ``Store.revoke``).
-#: ARGV[5] lease id, [6] 'RELEASED' or 'REVOKED', [7] reason ('' none).
+#: ARGV[5] lease id, [6] 'RELEASED' or 'REVOKED', [7] reason ('' none),
+#: [8] the calling store's token ('' none): an end publishes
+#: '<token> <resource>' on lease:wake, which wakes waiters in other processes
+#: (inside the script: the wake-up leaves once the end is committed).
 #: Returns {now, ended = row} | {now, expired = row} | {now} (not active).
 END = (
     PRELUDE
@@ -169,6 +173,7 @@ end
 local why = nil
 if ARGV[6] == 'REVOKED' then why = ARGV[7] end
 deactivate(l, ARGV[6], why)
+if ARGV[8] ~= '' then redis.call('PUBLISH', P .. 'lease:wake', ARGV[8] .. ' ' .. l.k) end
 return finish({now = int(NOW), ended = row(l)})
 """
 )

@@ -22,9 +22,14 @@ ancestors) and handed to the script.
   in process, and the store calls ``lease_hooks`` after each decision as
   the memory store does. The durable Redis audit chain (entries appended in
   the decision's script) is a follow-up of issue 13.
-* **Waiters** in other processes learn of a release by polling (the lease
-  manager does so for every ``cross_process`` store); waiters in this
-  process are woken at once by the manager's own notification.
+* **Waiters** in other processes learn of a release without polling: the
+  release script publishes the resource on the namespace's ``lease:wake``
+  channel and each store's listener thread (:class:`.wake.WakeListener`,
+  started by the first waiter) wakes its engine's waiters on it
+  (:meth:`RedisStore.lease_watch`). While the listener is not subscribed
+  (starting, or Redis unreachable) waiters poll, and on each
+  (re)subscription every waiter is woken: what was published meanwhile is
+  not lost. Waiters in this process are woken by the manager at once.
 * The async twins of the hot path (``atry_acquire``, ``arelease``,
   ``aheartbeat``) use ``redis.asyncio``; they share argument building and
   result parsing with the sync calls, only the I/O differs.
@@ -33,9 +38,10 @@ ancestors) and handed to the script.
 from __future__ import annotations
 
 import json
+import os
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from klockwork.core.clock import Clock
 from klockwork.core.errors import InvalidRequestError, LeaseNotFoundError
@@ -65,6 +71,9 @@ from klockwork.core.stores.redis.bus import RedisBus
 from klockwork.core.stores.redis.connection import RedisConnection
 from klockwork.core.stores.redis.records import RedisRecords
 from klockwork.core.validation import check_flag
+
+if TYPE_CHECKING:
+    from klockwork.core.stores.redis.wake import WakeListener
 
 __all__ = ["RedisStore"]
 
@@ -155,6 +164,11 @@ class RedisStore(RedisBus, RedisRecords, Store):
         self._ids = IdPool()
         self._ids_lock = threading.Lock()
         self._closed = False
+        # Marks this store's own lease wake-ups: its engine woke its waiters already.
+        self._lease_token = os.urandom(8).hex()
+        self._lease_listener: WakeListener | None = None
+        self._lease_watchers: tuple[Callable[[str], None], ...] = ()
+        self._lease_lock = threading.Lock()
         with self._conn.translated("answer a PING"):
             self._conn.sync.ping()
 
@@ -317,7 +331,7 @@ class RedisStore(RedisBus, RedisRecords, Store):
         outcome, failed = self._acquire_done(request, res)
         if failed is not None:
             for rec in outcome.granted:  # take the grant back, unaudited (as memory's _undo)
-                self._call(scripts.END, [rec.lease_id, "RELEASED", ""], "undo a grant")
+                self._call(scripts.END, [rec.lease_id, "RELEASED", "", ""], "undo a grant")
             raise failed
         return outcome
 
@@ -328,7 +342,7 @@ class RedisStore(RedisBus, RedisRecords, Store):
         outcome, failed = self._acquire_done(request, res)
         if failed is not None:
             for rec in outcome.granted:
-                await self._acall(scripts.END, [rec.lease_id, "RELEASED", ""], "undo a grant")
+                await self._acall(scripts.END, [rec.lease_id, "RELEASED", "", ""], "undo a grant")
             raise failed
         return outcome
 
@@ -348,15 +362,18 @@ class RedisStore(RedisBus, RedisRecords, Store):
         return rec
 
     def release(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
-        res = self._call(scripts.END, [lease_id, "RELEASED", ""], "release a lease", now_ms)
+        args = [lease_id, "RELEASED", "", self._lease_token]
+        res = self._call(scripts.END, args, "release a lease", now_ms)
         return self._end_done(res, "lease.released")
 
     async def arelease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
-        res = await self._acall(scripts.END, [lease_id, "RELEASED", ""], "release a lease", now_ms)
+        args = [lease_id, "RELEASED", "", self._lease_token]
+        res = await self._acall(scripts.END, args, "release a lease", now_ms)
         return self._end_done(res, "lease.released")
 
     def revoke(self, lease_id: str, reason: str, now_ms: int) -> LeaseRecord | None:
-        res = self._call(scripts.END, [lease_id, "REVOKED", reason], "revoke a lease", now_ms)
+        args = [lease_id, "REVOKED", reason, self._lease_token]
+        res = self._call(scripts.END, args, "revoke a lease", now_ms)
         return self._end_done(res, "lease.revoked")
 
     def _heartbeat_args(self, lease_id: str, ttl_ms: int | None) -> list[str]:
@@ -431,16 +448,62 @@ class RedisStore(RedisBus, RedisRecords, Store):
         self._report_expired(expired)
         return expired
 
+    # -- wake-ups across processes --------------------------------------------------------
+    def lease_watch(self, wake: Callable[[str], None]) -> Callable[[], None] | None:
+        """Call ``wake(resource)`` when another process releases or revokes a lease on it.
+
+        ``wake("*")`` after each (re)subscription of the listener: releases
+        published while it was not listening were missed. The listener
+        thread starts with the first :meth:`lease_pushes_wakeups` (a waiter's
+        first wait), not here: engines that never wait start none.
+        """
+        with self._lease_lock:
+            self._lease_watchers = (*self._lease_watchers, wake)
+
+        def stop() -> None:
+            with self._lease_lock:
+                self._lease_watchers = tuple(w for w in self._lease_watchers if w is not wake)
+
+        return stop
+
+    def _lease_wake(self, resource: str) -> None:
+        for wake in self._lease_watchers:
+            wake(resource)
+
+    def lease_pushes_wakeups(self) -> bool:
+        """True while the listener is subscribed (starts it on first use)."""
+        listener = self._lease_listener
+        if listener is None:
+            from klockwork.core.stores.redis.wake import WakeListener
+
+            with self._lease_lock:
+                listener = self._lease_listener
+                if listener is None and not self._closed:
+                    listener = self._lease_listener = WakeListener(
+                        self._conn, self._conn.key("lease:wake"), self._lease_token, _everything
+                    )
+                    listener.watch(self._lease_wake)
+        return listener is not None and listener.connected
+
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        with self._lease_lock:
+            listener, self._lease_listener = self._lease_listener, None
+        if listener is not None:
+            listener.close()
         # The bus half may hold resources of its own (listeners): released first.
         close_bus = getattr(self, "_close_bus", None)
         if close_bus is not None:
             close_bus()
         self._conn.close()
+
+
+def _everything() -> list[str]:
+    # What a (re)subscribed listener wakes: every waiter (see lease_watch).
+    return ["*"]
 
 
 def _agent(agent_id: str, p: Any, r: Any, v: Any) -> AgentInfo:

@@ -366,3 +366,17 @@ def test_a_release_by_another_store_wakes_a_waiter_without_polling(url: str) -> 
     finally:
         holder.close()
         waiter.close()
+
+
+def test_fencing_under_a_directory_with_thousands_of_keys(
+    opened: Callable[..., RedisStore],
+) -> None:
+    store = opened(server_time=False)
+    kw = Klockwork(store, clock=ManualClock(T0))
+    top = kw.leases.try_acquire("a", "s", ("FILE:/big", "MUTATES")).lease
+    kw.leases.release(top.lease_id)
+    for i in range(2500):  # more than one ZMSCORE chunk (and than unpack() takes at once)
+        lease = kw.leases.try_acquire("a", "s", (f"FILE:/big/{i}", "MUTATES")).lease
+        kw.leases.release(lease.lease_id)
+    with pytest.raises(StaleLeaseError):  # a newer grant below supersedes it
+        kw.leases.check_fencing("FILE:/big", top.fencing_token)

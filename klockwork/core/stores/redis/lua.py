@@ -239,9 +239,14 @@ local function judge(agent, session, prio, intents, candidates)
       end
     end
   end
-  for _, enc in ipairs(redis.call('HVALS', P .. 'resv')) do
-    local r = cjson.decode(enc)
-    if r.u > NOW and not (r.a == agent and r.s == session)
+  local resv = redis.call('HGETALL', P .. 'resv')
+  for f = 1, #resv, 2 do
+    local r = cjson.decode(resv[f + 1])
+    if r.u <= NOW then
+      -- a waiter that stopped without withdrawing (crashed): drop it here,
+      -- so the hash stays as small as the set of live waiters
+      redis.call('HDEL', P .. 'resv', resv[f])
+    elseif not (r.a == agent and r.s == session)
         and not older(prio, agent, session, r.pr, r.a, r.s) then
       for _, item in ipairs(r.i) do
         for _, it in ipairs(intents) do

@@ -278,8 +278,9 @@ end
 for _, s in ipairs(redis.call('ZMSCORE', P .. 'fence', unpack(keys))) do see(s) end
 if ARGV[6] ~= '' then
   local below = redis.call('ZRANGEBYLEX', P .. 'fencelex', '[' .. ARGV[6], '(' .. ARGV[7])
-  if #below > 0 then
-    for _, s in ipairs(redis.call('ZMSCORE', P .. 'fence', unpack(below))) do see(s) end
+  for from = 1, #below, 1000 do  -- in chunks: unpack() has a stack limit
+    local chunk = {unpack(below, from, math.min(from + 999, #below))}
+    for _, s in ipairs(redis.call('ZMSCORE', P .. 'fence', unpack(chunk))) do see(s) end
   end
 end
 local active, live = false, false

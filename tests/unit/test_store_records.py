@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +21,39 @@ class Counter(BaseModel):
     status: str = "open"
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "redis":
+        yield from _redis_store()
+        return
     s: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "r.db")
     yield s
     s.close()
+
+
+def _redis_store() -> Iterator[Store]:
+    """A RedisStore in a namespace of its own (``KLOCKWORK_TEST_REDIS_URL``), deleted after."""
+    base = os.environ.get("KLOCKWORK_TEST_REDIS_URL", "")
+    if not base:
+        pytest.skip(
+            "Redis tests need a server: KLOCKWORK_TEST_REDIS_URL=redis://127.0.0.1:6379/15 "
+            "make test runs them"
+        )
+    import redis
+
+    from klockwork import RedisStore
+
+    namespace = f"t-{uuid.uuid4().hex[:16]}-records"
+    s = RedisStore(f"{base}{'&' if '?' in base else '?'}namespace={namespace}")
+    try:
+        yield s
+    finally:
+        s.close()
+        client = redis.Redis.from_url(base)
+        keys = list(client.scan_iter(match=f"{{{namespace}}}:*"))
+        if keys:
+            client.unlink(*keys)
+        client.close()
 
 
 def bump(current: Counter | None) -> tuple[Counter | None, int]:

@@ -169,8 +169,12 @@ class RedisStore(RedisBus, RedisRecords, Store):
         self._lease_listener: WakeListener | None = None
         self._lease_watchers: tuple[Callable[[str], None], ...] = ()
         self._lease_lock = threading.Lock()
-        with self._conn.translated("answer a PING"):
-            self._conn.sync.ping()
+        try:
+            with self._conn.translated("answer a PING"):
+                self._conn.sync.ping()
+        except BaseException:
+            self._conn.close()  # a store that failed to open holds no connections
+            raise
 
     def __repr__(self) -> str:
         return f"RedisStore({self._conn.url!r})"

@@ -61,6 +61,7 @@ class WakeListener:
         self._lock = threading.Lock()
         self._watchers: tuple[Callable[[str], None], ...] = ()
         self._closed = threading.Event()
+        self._pubsub: Any = None  # the subscription in use (close breaks its wait)
         #: True while subscribed (every wake-up since then is heard).
         self.connected = False
         self._thread = threading.Thread(target=self._run, name="klockwork-bus-wake", daemon=True)
@@ -95,7 +96,7 @@ class WakeListener:
                 # Subscribe confirmations are kept: redis-py resubscribes by itself
                 # after a dropped connection, and each confirmation means wake-ups
                 # may have been missed meanwhile.
-                pubsub = self._conn.sync.pubsub()  # type: ignore[no-untyped-call]
+                pubsub = self._pubsub = self._conn.sync.pubsub()  # type: ignore[no-untyped-call]
                 pubsub.subscribe(self._channel)
                 while not self._closed.is_set():
                     msg = pubsub.get_message(timeout=_LISTEN_S)
@@ -125,5 +126,12 @@ class WakeListener:
     def close(self) -> None:
         """Stop listening (waits for the thread, briefly). Idempotent."""
         self._closed.set()
+        pubsub = self._pubsub
+        connection = None if pubsub is None else pubsub.connection
+        if connection is not None:
+            try:  # wakes the thread from its wait at once, instead of within _LISTEN_S
+                connection.disconnect()
+            except Exception:  # already broken: the thread ends by itself
+                _log.debug("breaking the wake-up subscription failed", exc_info=True)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=2 * _LISTEN_S + 1)

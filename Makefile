@@ -12,7 +12,7 @@ LATEST     := .venv-latest
 # Never fetch a Python interpreter: use the machine's ($(PYTHON)).
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: demo test test-latest lint typecheck bench lock clean
+.PHONY: demo demo-redis test test-latest lint typecheck bench lock clean
 
 # uv itself, pinned, in a folder of its own (it is not part of the project's environment).
 $(UV):
@@ -31,6 +31,14 @@ demo: $(STAMP)
 	$(BIN)/python examples/audited_agent.py
 	$(BIN)/python examples/handoff.py
 	$(BIN)/python examples/coding_team.py
+
+# The cross-process race and hand-off on a Redis server (not offline: it needs
+# one; it says what to start if none answers). Each run uses a namespace of
+# its own and deletes it at the end.
+KLOCKWORK_DEMO_REDIS_URL ?= redis://127.0.0.1:6379/0
+demo-redis: $(STAMP)
+	$(BIN)/python examples/race_processes.py --url $(KLOCKWORK_DEMO_REDIS_URL)
+	$(BIN)/python examples/handoff.py --url $(KLOCKWORK_DEMO_REDIS_URL)
 
 lint: $(STAMP)
 	$(BIN)/ruff check klockwork tests examples benchmarks
@@ -60,7 +68,9 @@ lock: $(UV)
 # Every target of the hot-path issue, measured as ratios within each run
 # (exit 0 whether targets are met or not). BENCH_ARGS goes to every script,
 # e.g. `make bench BENCH_ARGS=--quick`. bench_peers.py needs the bench extra
-# (the Agent Governance Toolkit) and says it is skipped without it.
+# (the Agent Governance Toolkit) and says it is skipped without it;
+# bench_redis.py needs a Redis server (KLOCKWORK_BENCH_REDIS_URL, default
+# redis://127.0.0.1:6379/15) and says what to start without one.
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_leases.py $(BENCH_ARGS)
@@ -70,6 +80,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_peers.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_bus.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_middleware.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_redis.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

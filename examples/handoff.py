@@ -1,11 +1,13 @@
-"""A planner hands tasks to two worker agents in other processes, over the bus on SQLite.
+"""A planner hands tasks to two worker agents in other processes, over the bus.
 
 Two worker processes (this file, ``worker``) take the planner's tasks through
 one consumer group (each task to one worker), run their agent and ack, or nack
 with the error: ``flaky`` fails once and comes back as attempt 2, ``poison``
 always fails and after ``max_deliveries=2`` is a dead letter on ``tasks.dead``.
 The planner agent sends and awaits with ``bus_tools``; fake chat models, offline.
-Run: ``.venv/bin/python examples/handoff.py`` (exit 0 when the story holds).
+Run: ``.venv/bin/python examples/handoff.py`` (a SQLite file; exit 0 when the
+story holds), or ``... handoff.py --url redis://127.0.0.1:6379/0`` to hand over
+through Redis (``make demo-redis``).
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
+from _demo_store import demo_store, url_argument
 from langchain.agents import create_agent
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
@@ -56,7 +57,7 @@ def call(name: str, **args: Any) -> AIMessage:
     return AIMessage("", tool_calls=[{"name": name, "args": args, "id": f"{name}-{args}"}])
 
 
-def worker(db: str, name: str) -> int:
+def worker(url: str, name: str) -> int:
     """Take tasks through the ``workers`` group until the planner says stop."""
 
     @tool
@@ -69,7 +70,7 @@ def worker(db: str, name: str) -> int:
         time.sleep(0.2)  # working (meanwhile the other worker takes the next task)
         return f"{kind} done"
 
-    with Klockwork.open(f"sqlite:///{db}") as kw:
+    with Klockwork.open(url) as kw:
         agent = create_agent(RuleModel(), [solve, *bus_tools(kw, channels=["results"])], name=name)
         kw.bus.publish("ready", {"worker": name})
         while not kw.bus.peek("control"):
@@ -87,7 +88,7 @@ def worker(db: str, name: str) -> int:
     return 0
 
 
-def planner(kw: Klockwork, db: str) -> dict[str, Any]:
+def planner(kw: Klockwork, url: str) -> dict[str, Any]:
     """Start two workers, hand out the tasks, wait for every outcome; return what arrived."""
     kw.bus.create_group("tasks", "workers", visibility_timeout_s=5, max_deliveries=2)
     kw.bus.create_group("ready", "planner", start="earliest")
@@ -100,7 +101,7 @@ def planner(kw: Klockwork, db: str) -> dict[str, Any]:
     )
     tools = bus_tools(kw, channels=["tasks", "results", "tasks.dead"])
     agent = create_agent(RuleModel(script=script), tools, name="planner")
-    args = [sys.executable, __file__, "worker", db]
+    args = [sys.executable, __file__, "worker", url]
     workers = [subprocess.Popen([*args, f"worker-{i}"]) for i in (1, 2)]
     try:
         ready = kw.bus.await_channels(["ready"], "at_least", 2, group="planner", wait_s=120)
@@ -137,10 +138,9 @@ def check(kw: Klockwork, seen: dict[str, Any]) -> bool:
 def main() -> int:
     if sys.argv[1:2] == ["worker"]:
         return worker(sys.argv[2], sys.argv[3])
-    with tempfile.TemporaryDirectory(prefix="klockwork-handoff-") as tmp:
-        db = str(Path(tmp) / "bus.db")
-        with Klockwork.open(f"sqlite:///{db}") as kw:
-            ok = check(kw, planner(kw, db))
+    with demo_store(url_argument(sys.argv[1:]), "handoff") as url, Klockwork.open(url) as kw:
+        print(f"Bus shared by the planner and the worker processes: {url.split('?')[0]}")
+        ok = check(kw, planner(kw, url))
     print("The hand-off held." if ok else "Something went wrong.")
     return 0 if ok else 1
 

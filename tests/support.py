@@ -12,10 +12,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(name: str, timeout_s: float = 120) -> str:
-    """Run ``examples/<name>`` as a user would; assert it exits 0 and return its stdout."""
+def run_example(name: str, *args: str, timeout_s: float = 120) -> str:
+    """Run ``examples/<name> args...`` as a user would; assert it exits 0 and return its stdout."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / name)],
+        [sys.executable, str(ROOT / "examples" / name), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

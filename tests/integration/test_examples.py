@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 
+import pytest
 from support import run_example
+
+#: The examples' Redis runs (``make demo-redis``) use the test server when one is set.
+REDIS_URL = os.environ.get("KLOCKWORK_TEST_REDIS_URL", "")
+needs_redis = pytest.mark.skipif(
+    not REDIS_URL,
+    reason="the Redis demos need a server: KLOCKWORK_TEST_REDIS_URL=redis://127.0.0.1:6379/15 "
+    "make test (start one with redis-server)",
+)
 
 
 def test_race_two_agents_loses_an_update_then_keeps_both() -> None:
@@ -41,8 +51,21 @@ def test_audited_agent_verifies_its_trail_and_catches_the_forgery() -> None:
     assert re.search(rf"INVALID at seq {first}\b", out)
 
 
-def test_handoff_spreads_tasks_over_two_processes_redelivers_and_dead_letters() -> None:
-    out = run_example("handoff.py")
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("redis", marks=needs_redis)])
+def test_race_across_processes_loses_an_update_then_keeps_both(store: str) -> None:
+    out = run_example("race_processes.py", *(["--url", REDIS_URL] if store == "redis" else []))
+    assert f"Store shared by the agent processes: {store}" in out
+    assert "lost update: only 1 of 2 edits survived" in out
+    assert "both edits survived" in out
+    assert "- agent-a was here" in out and "- agent-b was here" in out
+    tokens = sorted(int(t) for t in re.findall(r"lease token \[(\d+)\]", out))
+    assert tokens == [1, 2]  # one shared engine: the second grant is fenced after the first
+
+
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("redis", marks=needs_redis)])
+def test_handoff_spreads_tasks_over_two_processes_redelivers_and_dead_letters(store: str) -> None:
+    out = run_example("handoff.py", *(["--url", REDIS_URL] if store == "redis" else []))
+    assert f"shared by the planner and the worker processes: {store}" in out
     assert "planner: 2 workers ready" in out
     assert re.search(r"worker-\d: t2 attempt 1 failed \(upstream timed out\) -> nack", out)
     assert re.search(r"worker-\d: t2 attempt 2 done -> ack", out)

@@ -196,3 +196,44 @@ def test_a_call_sent_again_with_its_request_id_runs_once(namespace: str) -> None
         assert kw.bus.groups("jobs")[0].pending == 1  # handed out once
     finally:
         kw.close()
+
+
+def test_the_read_script_plans_as_rules_plan_read() -> None:
+    """The Lua ``plan_read`` makes :func:`rules.plan_read`'s decisions (random cases)."""
+    import random
+
+    import redis
+
+    from klockwork.core.bus.rules import plan_read
+    from klockwork.core.stores.redis import bus_scripts
+
+    harness = bus_scripts.LIB + (
+        "local expired = {}\n"
+        "for i = 4, #ARGV, 2 do\n"
+        "  expired[#expired + 1] = {ARGV[i], 'c', 0, tonumber(ARGV[i + 1])}\n"
+        "end\n"
+        "local redeliver, dead = plan_read(expired, tonumber(ARGV[2]), tonumber(ARGV[3]))\n"
+        "local r, d = {}, {}\n"
+        "for _, p in ipairs(redeliver) do r[#r + 1] = p[1] end\n"
+        "for _, p in ipairs(dead) do d[#d + 1] = p[1] end\n"
+        "return {r, d, tonumber(ARGV[2]) - #redeliver}\n"
+    )
+    client = redis.Redis.from_url(REDIS_URL)
+    script = client.register_script("local P = ''\n" + harness)  # LIB's functions, no keys
+    rng = random.Random(13)
+    try:
+        for _ in range(300):
+            seqs = sorted(rng.sample(range(1, 60), rng.randint(0, 12)))
+            expired = [(seq, rng.randint(0, 6)) for seq in seqs]
+            fresh = list(range(100, 100 + rng.randint(0, 8)))
+            count, max_deliveries = rng.randint(1, 6), rng.randint(1, 5)
+            args = ["", str(count), str(max_deliveries)]
+            for seq, attempt in expired:
+                args += [str(seq), str(attempt)]
+            redeliver, dead, room = script(keys=["{t-plan}:x"], args=args)
+            plan = plan_read(expired, fresh, count, max_deliveries)
+            assert [int(x) for x in redeliver] == plan.redeliver
+            assert [int(x) for x in dead] == plan.dead
+            assert fresh[: max(room, 0)] == plan.fresh
+    finally:
+        client.close()

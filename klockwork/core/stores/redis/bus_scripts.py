@@ -257,6 +257,22 @@ local function group_info(c, g)
   return {c, g, redis.call('HGET', P .. 'g:' .. c, g), pending, lag}
 end
 
+-- rules.plan_read over PEL entries {id, consumer, idle, attempts} in seq
+-- order: a dead letter for each that used its last attempt (not counted),
+-- up to count redelivered; the room left (count - #redeliver) goes to
+-- messages the group never handed out. Checked against rules.plan_read.
+local function plan_read(expired, count, maxd)
+  local redeliver, dead = {}, {}
+  for _, p in ipairs(expired) do
+    if p[4] >= maxd then
+      dead[#dead + 1] = p
+    elseif #redeliver < count then
+      redeliver[#redeliver + 1] = p
+    end
+  end
+  return redeliver, dead
+end
+
 -- A message as one line of a reply: id, published_at, visible_at[, attempt],
 -- payload (JSON text has no raw tab or newline, so neither splits it).
 local function line(id, f, attempt)
@@ -344,17 +360,12 @@ local d, w, e = gkey('d', c, g), gkey('w', c, g), gkey('e', c, g)
 
 local due_ids = redis.call('ZRANGEBYSCORE', d, '-inf', int(NOW))
 table.sort(due_ids, by_seq)
-local redeliver, dead = {}, {}
+local expired = {}
 for _, id in ipairs(due_ids) do
   local p = redis.call('XPENDING', s, g, id, id, 1)[1]  -- {id, consumer, idle, attempts}
-  if not p then
-    redis.call('ZREM', d, id)
-  elseif p[4] >= maxd then
-    dead[#dead + 1] = p
-  elseif #redeliver < count then
-    redeliver[#redeliver + 1] = p
-  end
+  if p then expired[#expired + 1] = p else redis.call('ZREM', d, id) end
 end
+local redeliver, dead = plan_read(expired, count, maxd)
 
 local deadline = int(NOW + vis)
 local out, kept = {''}, {''}  -- the reply, and what a replay needs of it

@@ -29,6 +29,7 @@ import re
 import shlex
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import NamedTuple
 
@@ -99,10 +100,50 @@ for where, line, code in blocks:
 """
 
 
+#: The server the docs' Redis snippets name; the test runs them on the test server.
+_DOC_REDIS = "redis://127.0.0.1:6379/0?namespace="
+_TEST_REDIS = os.environ.get("KLOCKWORK_TEST_REDIS_URL", "")
+
+
+def _on_test_redis(code: str, namespaces: list[str]) -> str:
+    """The snippet with its Redis URL pointed at the test server, in a fresh namespace."""
+    if _DOC_REDIS not in code:
+        return code
+    if not _TEST_REDIS:
+        pytest.skip(
+            "this document's snippets need Redis: "
+            "KLOCKWORK_TEST_REDIS_URL=redis://127.0.0.1:6379/15 make test"
+        )
+    namespace = f"docs-{uuid.uuid4().hex[:12]}"
+    namespaces.append(namespace)
+    return code.replace(_DOC_REDIS, f"{_TEST_REDIS}?namespace={namespace}-")
+
+
+def _drop_namespaces(namespaces: list[str]) -> None:
+    import redis
+
+    client = redis.Redis.from_url(_TEST_REDIS)
+    for namespace in namespaces:
+        for key in client.scan_iter(match="{" + namespace + "-*", count=1000):
+            client.unlink(key)
+    client.close()
+
+
 def _run_python(doc: list[Block], cwd: Path) -> None:
-    code = [(b.where, b.line, b.code) for b in doc if b.lang == "python"]
+    namespaces: list[str] = []
+    code = [
+        (b.where, b.line, _on_test_redis(b.code, namespaces)) for b in doc if b.lang == "python"
+    ]
     if not code:
         return
+    try:
+        _run_blocks(code, cwd)
+    finally:
+        if namespaces:
+            _drop_namespaces(namespaces)
+
+
+def _run_blocks(code: list[tuple[str, int, str]], cwd: Path) -> None:
     script = cwd / "_blocks.json"
     script.write_text(json.dumps(code))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

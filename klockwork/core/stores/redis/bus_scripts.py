@@ -289,7 +289,14 @@ end
 
 
 def _script(body: str) -> str:
-    return PRELUDE + LIB + body
+    # The shebang makes Redis 7 check before the script runs that it may
+    # write (out of memory: refused whole, never stopped half way).
+    return "#!lua\n" + PRELUDE + LIB + body
+
+
+def _reader(body: str) -> str:
+    """A read-only script: says so (Redis refuses any write in it)."""
+    return "#!lua flags=no-writes\n" + PRELUDE + LIB + body
 
 
 #: ARGV[5] the channels, a JSON list of [channel, default len, default age
@@ -511,7 +518,7 @@ return finish(tostring(n))
 
 #: ARGV[5] channel, [6] after seq, [7] limit. Returns a line per visible
 #: message with a greater seq, oldest first.
-RANGE = _script(r"""
+RANGE = _reader(r"""
 local s, limit = skey(ARGV[5]), tonumber(ARGV[7])
 local out, from = {}, int(tonumber(ARGV[6]) + 1)
 while #out < limit do
@@ -527,7 +534,7 @@ return table.concat(out, '\n')
 """)
 
 #: ARGV[5...] channels. Returns the newest seq of each ('0' if none).
-LAST_SEQS = _script(r"""
+LAST_SEQS = _reader(r"""
 local out = {}
 for i = 5, #ARGV do
   out[#out + 1] = redis.call('HGET', P .. 'm:' .. ARGV[i], 'last') or '0'
@@ -537,7 +544,7 @@ return out
 
 #: ARGV[5] channel ('' every channel). Returns group_info of each group, by
 #: channel then group name.
-GROUPS = _script(r"""
+GROUPS = _reader(r"""
 local chans = ARGV[5] ~= '' and {ARGV[5]} or sorted_keys(P .. 'chans')
 local out = {}
 for _, c in ipairs(chans) do
@@ -548,7 +555,7 @@ return out
 
 #: Returns {channel, last seq, length, {groups}, own len or '', own age or ''}
 #: of every channel, by name.
-CHANNELS = _script(r"""
+CHANNELS = _reader(r"""
 local out = {}
 for _, c in ipairs(sorted_keys(P .. 'chans')) do
   local m = redis.call('HMGET', P .. 'm:' .. c, 'last', 'len', 'age')

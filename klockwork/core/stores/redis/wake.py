@@ -19,6 +19,7 @@ counter, as on any store shared by processes.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -62,10 +63,16 @@ class WakeListener:
         self._watchers: tuple[Callable[[str], None], ...] = ()
         self._closed = threading.Event()
         self._pubsub: Any = None  # the subscription in use (close breaks its wait)
-        #: True while subscribed (every wake-up since then is heard).
-        self.connected = False
+        self._connected = False
+        # A forked child inherits this object but not its thread: it must poll.
+        self._pid = os.getpid()
         self._thread = threading.Thread(target=self._run, name="klockwork-bus-wake", daemon=True)
         self._thread.start()
+
+    @property
+    def connected(self) -> bool:
+        """True while subscribed in this process (every wake-up since then is heard)."""
+        return self._connected and self._pid == os.getpid()
 
     def watch(self, wake: Callable[[str], None]) -> Callable[[], None]:
         """Call ``wake(name)`` for every wake-up from another process; returns the stopper."""
@@ -107,16 +114,16 @@ class WakeListener:
                         if isinstance(data, bytes) and not data.startswith(self._own):
                             self._tell(data.partition(b" ")[2].decode())
                     elif kind == "subscribe":
-                        self.connected = True
+                        self._connected = True
                         for name in self._names():  # what came while we did not listen
                             self._tell(name)
             except Exception:  # Redis unreachable, or the store closing under us
-                self.connected = False
+                self._connected = False
                 if not self._closed.is_set():
                     _log.debug("bus wake-up listener lost Redis; resubscribing", exc_info=True)
                     self._closed.wait(_RETRY_S)
             finally:
-                self.connected = False
+                self._connected = False
                 if pubsub is not None:
                     try:
                         pubsub.close()

@@ -54,6 +54,15 @@ reply and changes nothing, so a retried publish never publishes twice.
 
 **Numbers.** Lua numbers are doubles (exact below 2^53): times and seqs
 leave a script as decimal strings (``int``), never as Lua's ``%.14g``.
+
+**Replies** are text: a line per message, fields tab-separated, the JSON
+payload last (JSON text holds no raw tab or newline). The client's parsing
+of nested replies, not the scripts, was what a batch of 100 messages
+cost most.
+
+Needs Redis 7.0 or later: script shebangs (a write script out of memory is
+refused before it starts, so a publish of several messages is never half
+done), and XCLAIM that skips entries trimmed from the stream.
 """
 
 from __future__ import annotations

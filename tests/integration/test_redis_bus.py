@@ -319,3 +319,41 @@ def test_random_steps_answer_as_on_the_memory_store(seed: int) -> None:
         if keys:
             client.unlink(*keys)
         client.close()
+
+
+def test_a_waiter_hears_a_publish_made_while_its_listener_reconnected(namespace: str) -> None:
+    """Wake-ups published while the Pub/Sub connection was down are not lost:
+    the listener wakes every channel once it has subscribed again."""
+    import threading
+
+    import redis
+
+    waiter = Klockwork(RedisStore(_url(namespace)))
+    publisher = Klockwork(RedisStore(_url(namespace)))
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        waiter.bus.create_group("inbox", "g")
+        listener = waiter.store._bus_listener
+        assert listener is not None
+        deadline = time.monotonic() + 5
+        while not listener.connected:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        got: list[Any] = []
+        reader = threading.Thread(
+            target=lambda: got.extend(waiter.bus.subscribe("inbox", "g", "c", wait_s=10))
+        )
+        reader.start()
+        time.sleep(0.2)  # asleep, waiting for a wake-up
+        host, port = listener._pubsub.connection._sock.getsockname()[:2]
+        killed = client.client_kill_filter(_type="pubsub", addr=f"{host}:{port}")
+        assert killed == 1
+        publisher.bus.publish("inbox", {"n": 1})  # most likely before it resubscribed
+        started = time.monotonic()
+        reader.join(10)
+        assert [d.payload for d in got] == [{"n": 1}]
+        assert time.monotonic() - started < 5  # woken (~0.2 s here), not timed out
+    finally:
+        waiter.close()
+        publisher.close()
+        client.close()

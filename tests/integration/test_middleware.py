@@ -539,7 +539,7 @@ def test_a_resume_in_a_new_process_needs_nothing_of_the_first(gkw: Klockwork) ->
     saver = InMemorySaver()
     the_turn = turn(("c1", "/p", "y" * 40), ("c2", "/q", "z" * 40))
     first = build(gkw, files, the_turn, gates=GATES, saver=saver)
-    (pending,) = first.invoke(START, CFG)["__interrupt__"]
+    assert len(first.invoke(START, CFG)["__interrupt__"]) == 1
     second = build(gkw, files, gates=GATES, saver=saver)  # its model only answers "Done."
     resume = {"decisions": [{"type": "approve"}, {"type": "approve"}], "approver": "bob"}
     out = second.invoke(Command(resume=resume), CFG)

@@ -50,7 +50,9 @@ needed for it.
 **Exactly once.** Each mutating call carries a request id drawn in Python.
 A script first looks for ``req:<id>``: if the call ran already (its reply
 was lost to a timeout and the client sent it again) it returns the stored
-reply and changes nothing, so a retried publish never publishes twice.
+reply and changes nothing, so a retried publish never publishes twice. A
+read keeps the ids and attempts it handed out, not their payloads (which
+could hold megabytes for 15 s): its replay reads them back.
 
 **Numbers.** Lua numbers are doubles (exact below 2^53): times and seqs
 leave a script as decimal strings (``int``), never as Lua's ``%.14g``.

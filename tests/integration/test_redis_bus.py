@@ -206,9 +206,9 @@ def test_the_read_script_plans_as_rules_plan_read() -> None:
     import redis
 
     from klockwork.core.bus.rules import plan_read
-    from klockwork.core.stores.redis import bus_scripts
+    from klockwork.core.stores.redis import bus_lib
 
-    harness = bus_scripts.LIB + (
+    harness = bus_lib.LIB + (
         "local expired = {}\n"
         "for i = 4, #ARGV, 2 do\n"
         "  expired[#expired + 1] = {ARGV[i], 'c', 0, tonumber(ARGV[i + 1])}\n"

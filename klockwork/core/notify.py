@@ -124,6 +124,13 @@ class Signals:
         for alarm in alarms:
             alarm.fire()
 
+    def notify_remote(self, key: str) -> None:
+        """A wake-up from another process: ``key``, or ``"*"`` when some were missed."""
+        if key == "*":
+            self.notify_all()
+        else:
+            self.notify(key)
+
     def close(self) -> None:
         """Wake every waiter for good: the engine is closing."""
         with self._lock:

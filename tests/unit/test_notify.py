@@ -45,3 +45,18 @@ def test_one_alarm_on_several_keys() -> None:
     assert alarm.fired
     signals.unregister(["a", "b"], alarm)
     assert signals.waiting == 0
+
+
+def test_remote_wake_ups_wake_one_key_or_every_keyed_waiter() -> None:
+    signals = Signals()
+    a, b, c = ThreadAlarm(), ThreadAlarm(), ThreadAlarm()
+    assert signals.register(["k1"], signals.epoch, a)
+    assert signals.register(["k2", "k3"], signals.epoch, b)
+    signals.notify_remote("k1")  # another process released k1
+    assert a.fired and not b.fired
+    assert signals.register(["k4"], signals.epoch, c)
+    epoch = signals.epoch
+    signals.notify_remote("*")  # wake-ups were missed: everyone re-checks
+    assert b.fired and c.fired
+    assert signals.waiting == 0
+    assert signals.epoch != epoch  # a waiter between read and register retries too

@@ -98,9 +98,9 @@ class LeaseManager:
             _RESERVE_CROSS_PROCESS_MS if store.cross_process else _RESERVE_IN_PROCESS_MS
         )
         store.expiry_listener = self._on_expired
-        # Releases in other processes, when the store can push them (Redis):
-        # they wake this engine's waiters, who then need not poll.
-        self._unwatch = store.lease_watch(self._on_remote_end)
+        # Releases in other processes, when the store pushes them (Redis), wake
+        # our waiters (who then need not poll); closing the store stops them.
+        store.lease_watch(self._signals.notify_remote)
 
     # -- requests -------------------------------------------------------------
     def _request(self, agent_id: str, session_id: str, intents: Any, ttl_ms: int) -> AcquireRequest:
@@ -454,17 +454,8 @@ class LeaseManager:
 
     def close(self) -> None:
         """Stop the renewer and wake every waiter (they fail closed)."""
-        if self._unwatch is not None:
-            self._unwatch()
         self._signals.close()
         self._renewer.close()
-
-    def _on_remote_end(self, resource: str) -> None:
-        """Another process ended a lease on ``resource`` (``"*"``: wake-ups were missed)."""
-        if resource == "*":
-            self._signals.notify_all()
-        else:
-            self._signals.notify(resource)
 
     def _check_open(self) -> None:
         if self._signals.closed:

@@ -22,7 +22,8 @@ and returns one JSON text (``cjson``), parsed by :mod:`.codec`.
                        descendants of a key are found without scanning)
     exp                zset lease id -> expires_at of every ACTIVE lease
                        (sweep and list read it)
-    held:<agent>       set of ids of an agent's ACTIVE leases
+    held:<agent>       set of ids of an agent's ACTIVE leases (register's
+                       busy check, list_leases of one agent)
     retired            list of ended lease ids, oldest first (retention)
     fence / fencelex   zsets key -> newest token granted on it / key by
                        byte order (descendants are one ZRANGEBYLEX range)
@@ -241,7 +242,8 @@ return finish({now = int(NOW), expired = rows(expired)})
 )
 
 #: Active leases, all or overlapping one intent (``Store.list_leases``);
-#: read-only. ARGV[5] '1' with an intent (then the intent), '0' for all.
+#: read-only. ARGV[5] '1' with an intent (then the intent), 'a' for one
+#: agent's (ARGV[6] the agent), '0' for all.
 #: Returns {now, leases = rows} (the caller drops the expired ones).
 LIST = (
     PRELUDE
@@ -250,6 +252,8 @@ LIST = (
 local found = {}
 if ARGV[5] == '1' then
   found = overlapping(read_intents(6, 0)[1])
+elseif ARGV[5] == 'a' then
+  load_all(redis.call('SMEMBERS', P .. 'held:' .. ARGV[6]), found)
 else
   load_all(redis.call('ZRANGE', P .. 'exp', 0, -1), found)
 end

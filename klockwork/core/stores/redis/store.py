@@ -422,7 +422,10 @@ class RedisStore(RedisBus, RedisRecords, Store):
     def list_leases(
         self, agent_id: str | None, resource: ParsedIntent | None, now_ms: int
     ) -> list[LeaseRecord]:
-        args = ["0"] if resource is None else ["1", "1", *intent_args(resource)]
+        if resource is not None:
+            args = ["1", "1", *intent_args(resource)]
+        else:  # one agent's leases from its own set, not every active lease
+            args = ["0"] if agent_id is None else ["a", agent_id]
         res = self._call(scripts.LIST, args, "list leases", now_ms, mutating=False)
         now = int(res["now"])
         return sorted(

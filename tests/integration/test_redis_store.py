@@ -380,3 +380,18 @@ def test_fencing_under_a_directory_with_thousands_of_keys(
         kw.leases.release(lease.lease_id)
     with pytest.raises(StaleLeaseError):  # a newer grant below supersedes it
         kw.leases.check_fencing("FILE:/big", top.fencing_token)
+
+
+def test_a_held_lease_renews_on_server_time(url: str) -> None:
+    """``Klockwork.open`` defaults: server time, the server-synced clock, real renewals."""
+
+    async def go() -> None:
+        with Klockwork.open(url) as kw:
+            async with kw.alease("a", "s", "FILE:/held", "MUTATES", ttl_ms=300) as held:
+                await asyncio.sleep(0.8)  # well past the TTL: renewed every 100 ms
+                assert not held.lost
+                other = await kw.leases.atry_acquire("b", "s", ("FILE:/held", "MUTATES"))
+                assert other.status is not VerdictStatus.GRANTED
+            assert kw.leases.list() == []
+
+    asyncio.run(go())

@@ -24,7 +24,7 @@ ancestors) and handed to the script.
   the decision's script) is a follow-up of issue 13.
 * **Waiters** in other processes learn of a release without polling: the
   release script publishes the resource on the namespace's ``lease:wake``
-  channel and each store's listener thread (:class:`.wake.WakeListener`,
+  channel and each store's listener thread (:class:`.lease_wake.LeaseWakeListener`,
   started by the first waiter) wakes its engine's waiters on it
   (:meth:`RedisStore.lease_watch`). While the listener is not subscribed
   (starting, or Redis unreachable) waiters poll, and on each
@@ -73,7 +73,7 @@ from klockwork.core.stores.redis.records import RedisRecords
 from klockwork.core.validation import check_flag
 
 if TYPE_CHECKING:
-    from klockwork.core.stores.redis.wake import WakeListener
+    from klockwork.core.stores.redis.lease_wake import LeaseWakeListener
 
 __all__ = ["RedisStore"]
 
@@ -166,7 +166,7 @@ class RedisStore(RedisBus, RedisRecords, Store):
         self._closed = False
         # Marks this store's own lease wake-ups: its engine woke its waiters already.
         self._lease_token = os.urandom(8).hex()
-        self._lease_listener: WakeListener | None = None
+        self._lease_listener: LeaseWakeListener | None = None
         self._lease_watchers: tuple[Callable[[str], None], ...] = ()
         self._lease_lock = threading.Lock()
         try:
@@ -478,19 +478,26 @@ class RedisStore(RedisBus, RedisRecords, Store):
             wake(resource)
 
     def lease_pushes_wakeups(self) -> bool:
-        """True while the listener is subscribed (starts it on first use)."""
+        """True while the listener is subscribed (starts it on first use, and in a fork)."""
         listener = self._lease_listener
-        if listener is None:
-            from klockwork.core.stores.redis.wake import WakeListener
+        if listener is None or not listener.live:
+            listener = self._start_lease_listener()
+        return listener is not None and listener.live
 
-            with self._lease_lock:
-                listener = self._lease_listener
-                if listener is None and not self._closed:
-                    listener = self._lease_listener = WakeListener(
-                        self._conn, self._conn.key("lease:wake"), self._lease_token, _everything
-                    )
-                    listener.watch(self._lease_wake)
-        return listener is not None and listener.connected
+    def _start_lease_listener(self) -> LeaseWakeListener | None:
+        from klockwork.core.stores.redis.lease_wake import LeaseWakeListener
+
+        with self._lease_lock:
+            listener = self._lease_listener
+            if self._closed:
+                return None
+            if listener is not None and listener.forked:
+                listener = None  # the parent's thread did not come along
+            if listener is None:
+                listener = self._lease_listener = LeaseWakeListener(
+                    self._conn, self._conn.key("lease:wake"), self._lease_token, self._lease_wake
+                )
+            return listener
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -506,11 +513,6 @@ class RedisStore(RedisBus, RedisRecords, Store):
         if close_bus is not None:
             close_bus()
         self._conn.close()
-
-
-def _everything() -> list[str]:
-    # What a (re)subscribed listener wakes: every waiter (see lease_watch).
-    return ["*"]
 
 
 def _agent(agent_id: str, p: Any, r: Any, v: Any) -> AgentInfo:

@@ -114,10 +114,8 @@ def test_a_subscriber_in_another_process_is_woken_by_a_publish(namespace: str) -
 def test_waiters_on_a_pushing_store_do_not_poll(namespace: str) -> None:
     kw = Klockwork(RedisStore(_url(namespace)))
     try:
-        deadline = time.monotonic() + 5
-        while not kw.store.bus_pushes_wakeups():  # subscribed within moments
-            assert time.monotonic() < deadline, "the wake-up listener never subscribed"
-            time.sleep(0.01)
+        assert kw.bus.subscribe("quiet", "g", "c", wait_s=0.3) == []  # subscribes "quiet"
+        assert kw.store.bus_hears(["quiet"])  # and stays subscribed a while after
         calls = 0
         version = kw.store.bus_version
 
@@ -131,6 +129,34 @@ def test_waiters_on_a_pushing_store_do_not_poll(namespace: str) -> None:
         assert calls == 0
     finally:
         kw.close()
+
+
+def test_a_process_hears_only_the_channels_it_waits_on(namespace: str) -> None:
+    """Nobody waiting: a publish wakes no process (no Pub/Sub subscriber at all)."""
+    import threading
+
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    wake = f"{{{namespace}}}:bus:wake:inbox"
+    a, b = Klockwork(RedisStore(_url(namespace))), Klockwork(RedisStore(_url(namespace)))
+    try:
+        a.bus.publish("inbox", {"n": 0})
+        assert client.pubsub_numsub(wake) == [(wake.encode(), 0)]
+        reader = threading.Thread(target=b.bus.subscribe, args=("inbox", "g", "c", 10, 5))
+        reader.start()
+        deadline = time.monotonic() + 5
+        while not b.store.bus_hears(["inbox"]):
+            assert time.monotonic() < deadline, "never subscribed"
+            time.sleep(0.01)
+        assert client.pubsub_numsub(wake) == [(wake.encode(), 1)]  # b only
+        a.bus.publish("inbox", {"n": 1})
+        reader.join(5)
+        assert not reader.is_alive()
+    finally:
+        a.close()
+        b.close()
+        client.close()
 
 
 class _SkewedClock(SystemClock):
@@ -323,7 +349,7 @@ def test_random_steps_answer_as_on_the_memory_store(seed: int) -> None:
 
 def test_a_waiter_hears_a_publish_made_while_its_listener_reconnected(namespace: str) -> None:
     """Wake-ups published while the Pub/Sub connection was down are not lost:
-    the listener wakes every channel once it has subscribed again."""
+    each channel's waiters are woken once its subscription is confirmed again."""
     import threading
 
     import redis
@@ -333,18 +359,18 @@ def test_a_waiter_hears_a_publish_made_while_its_listener_reconnected(namespace:
     client = redis.Redis.from_url(REDIS_URL)
     try:
         waiter.bus.create_group("inbox", "g")
-        listener = waiter.store._bus_listener
-        assert listener is not None
-        deadline = time.monotonic() + 5
-        while not listener.connected:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
         got: list[Any] = []
         reader = threading.Thread(
             target=lambda: got.extend(waiter.bus.subscribe("inbox", "g", "c", wait_s=10))
         )
         reader.start()
-        time.sleep(0.2)  # asleep, waiting for a wake-up
+        deadline = time.monotonic() + 5
+        while not waiter.store.bus_hears(["inbox"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.1)  # asleep, waiting for a wake-up
+        listener = waiter.store._bus_listener
+        assert listener is not None
         host, port = listener._pubsub.connection._sock.getsockname()[:2]
         killed = client.client_kill_filter(_type="pubsub", addr=f"{host}:{port}")
         assert killed == 1

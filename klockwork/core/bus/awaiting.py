@@ -218,7 +218,8 @@ class AwaitCall:
     def _waiting(self) -> Waiting[bool]:
         bus = self._bus
         keys = tuple("bus:" + c for c in self.channels)
-        return Waiting(bus._store, bus._clock, bus._signals, keys, self.wait_s)
+        channels = tuple(self.channels)
+        return Waiting(bus._store, bus._clock, bus._signals, keys, self.wait_s, channels)
 
     def _attempt(self) -> Attempt[bool]:
         due: int | None = None

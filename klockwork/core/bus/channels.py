@@ -340,7 +340,7 @@ class Bus:
         """
         check = self._check_read(channel, group, consumer, max_messages, wait_s)
         waiting: Waiting[list[Delivery]] = Waiting(
-            self._store, self._clock, self._signals, (_wake_key(channel),), check
+            self._store, self._clock, self._signals, (_wake_key(channel),), check, (channel,)
         )
 
         def attempt() -> Attempt[list[Delivery]]:
@@ -364,7 +364,7 @@ class Bus:
         """
         check = self._check_read(channel, group, consumer, max_messages, wait_s)
         waiting: Waiting[list[Delivery]] = Waiting(
-            self._store, self._clock, self._signals, (_wake_key(channel),), check
+            self._store, self._clock, self._signals, (_wake_key(channel),), check, (channel,)
         )
 
         async def attempt() -> Attempt[list[Delivery]]:

@@ -23,7 +23,7 @@ none.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from klockwork.core.bus.model import ChannelInfo, GroupInfo
 
@@ -88,6 +88,10 @@ class ReadOutcome(NamedTuple):
 
 class BusPrimitives:
     """The bus primitives every store implements (sync; ``Store.run_io`` makes them async)."""
+
+    #: True when other processes' wake-ups reach this one without polling
+    #: (:meth:`bus_watch`, :meth:`bus_listen`, :meth:`bus_hears`).
+    pushes_bus_wakeups: ClassVar[bool] = False
 
     def bus_publish(
         self, items: Sequence[PublishItem], now_ms: int, retention: Callable[[str], Retention]
@@ -193,12 +197,23 @@ class BusPrimitives:
     def bus_watch(self, wake: Callable[[str], None]) -> Callable[[], None] | None:
         """Have ``wake(channel)`` called when another process makes something deliverable there.
 
-        For stores that can push wake-ups across processes (Redis: Pub/Sub).
-        Returns the function that stops watching, or None when the store
-        cannot push: its waiters poll :meth:`bus_version` instead.
+        For stores that can push wake-ups across processes (Redis: Pub/Sub),
+        on the channels some wait of this process listens to
+        (:meth:`bus_listen`). Returns the function that stops watching, or
+        None when the store cannot push: its waiters poll :meth:`bus_version`.
         """
         return None
 
-    def bus_pushes_wakeups(self) -> bool:
-        """True while :meth:`bus_watch` hears every other process's wake-up (no need to poll)."""
+    def bus_listen(self, channels: Sequence[str]) -> Callable[[], None] | None:
+        """A wait is about to sleep on ``channels``: push their wake-ups until the stopper runs.
+
+        None when the store cannot push wake-ups.
+        """
+        return None
+
+    def bus_hears(self, channels: Sequence[str]) -> bool:
+        """True if every other process's wake-up on ``channels`` reaches this one now.
+
+        A waiter that hears them need not poll :meth:`bus_version`.
+        """
         return False

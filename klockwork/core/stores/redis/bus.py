@@ -19,11 +19,13 @@ comes back translated to the caller's clock, so machines whose clocks
 disagree still wake on time.
 
 **Wake-ups across processes.** Every script that makes something
-deliverable publishes ``'<token> <channel>'`` on the namespace's Pub/Sub
-channel; one listener thread per store (:class:`.wake.WakeListener`) hears
-them and calls what the engine's bus registered with :meth:`bus_watch`,
-which wakes its waiters on that channel. Waiters sleep on that wake-up
-instead of polling :meth:`bus_version` (see :mod:`klockwork.core.bus.waiting`).
+deliverable on a channel publishes the store's token on the channel's
+Pub/Sub channel (``wake:<channel>``); one listener thread per store
+(:class:`.bus_wake.ChannelWakes`) subscribes to the channels its waits
+sleep on, and calls what the engine's bus registered with
+:meth:`bus_watch`, which wakes its waiters there. Waiters sleep on that
+wake-up instead of polling :meth:`bus_version` (see
+:mod:`klockwork.core.bus.waiting`).
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ from klockwork.core.stores.redis import bus_scripts as scripts
 
 if TYPE_CHECKING:
     from klockwork.core.clock import Clock
+    from klockwork.core.stores.redis.bus_wake import ChannelWakes
     from klockwork.core.stores.redis.connection import RedisConnection
-    from klockwork.core.stores.redis.wake import WakeListener
 
 __all__ = ["RedisBus"]
 
@@ -136,6 +138,9 @@ class RedisBus(BusPrimitives):
     store's ``_check_open`` when it has one.
     """
 
+    # Other processes' publishes reach waiters here over Pub/Sub (.bus_wake).
+    pushes_bus_wakeups = True
+
     if TYPE_CHECKING:  # what the store provides
         _conn: RedisConnection
         clock: Clock | None
@@ -146,7 +151,7 @@ class RedisBus(BusPrimitives):
         self._bus_rids_lock = threading.Lock()
         # Marks this store's own wake-ups: its bus already woke its waiters.
         self._bus_token = os.urandom(8).hex()
-        self._bus_listener: WakeListener | None = None
+        self._bus_listener: ChannelWakes | None = None
         self._bus_listener_lock = threading.Lock()
 
     # -- plumbing: one call of a script, sync or async ------------------------------------
@@ -492,23 +497,30 @@ class RedisBus(BusPrimitives):
     def bus_watch(self, wake: Callable[[str], None]) -> Callable[[], None] | None:
         """Call ``wake(channel)`` when another process publishes on (or nacks on) ``channel``.
 
-        One Pub/Sub listener thread per store serves every watcher; it is
-        started by the first. Returns the function that stops watching.
+        For the channels some wait of this process listens to
+        (:meth:`bus_listen`). One Pub/Sub listener thread per store serves
+        every watcher; it is started by the first. Returns the stopper.
         """
-        from klockwork.core.stores.redis.wake import WakeListener
+        return self._bus_wakes().watch(wake)
+
+    def bus_listen(self, channels: Sequence[str]) -> Callable[[], None] | None:
+        """Subscribe to ``channels``' wake-ups while a wait sleeps there (see :mod:`.bus_wake`)."""
+        return self._bus_wakes().listen(channels)
+
+    def bus_hears(self, channels: Sequence[str]) -> bool:
+        """True once the server confirmed the subscriptions: waiters need not poll."""
+        wakes = self._bus_listener
+        return wakes is not None and wakes.hears(channels)
+
+    def _bus_wakes(self) -> ChannelWakes:
+        from klockwork.core.stores.redis.bus_wake import ChannelWakes
 
         with self._bus_listener_lock:
-            listener = self._bus_listener
-            if listener is None:
-                listener = self._bus_listener = WakeListener(
-                    self._conn, self._conn.key("bus", "wake"), self._bus_token, self._all_channels
-                )
-        return listener.watch(wake)
-
-    def bus_pushes_wakeups(self) -> bool:
-        """True while the listener is subscribed: waiters need not poll :meth:`bus_version`."""
-        listener = self._bus_listener
-        return listener is not None and listener.connected
+            wakes = self._bus_listener
+            if wakes is None:
+                prefix = self._conn.key("bus", "wake", "")
+                wakes = self._bus_listener = ChannelWakes(self._conn, prefix, self._bus_token)
+        return wakes
 
     def _woke(self, channels: set[str]) -> None:
         """Wake this process's watchers (every engine on this store) for a change made here.
@@ -516,16 +528,10 @@ class RedisBus(BusPrimitives):
         The listener skips this store's own Pub/Sub wake-ups: told here, they
         cost no round trip, and reach every engine sharing the store object.
         """
-        listener = self._bus_listener
-        if listener is not None:
+        wakes = self._bus_listener
+        if wakes is not None:
             for channel in channels:
-                listener.tell(channel)
-
-    def _all_channels(self) -> list[str]:
-        """Every channel (woken after the listener (re)connects: it may have missed some)."""
-        with self._conn.translated("list channels"):
-            names = self._conn.sync.hkeys(self._conn.key("bus", "chans"))
-        return [_text(n) for n in names]
+                wakes.tell(channel)
 
     def _close_bus(self) -> None:
         """Stop the wake-up listener (the store's ``close`` calls it). Idempotent."""

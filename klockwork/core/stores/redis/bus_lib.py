@@ -56,10 +56,11 @@ local function skey(c) return P .. 's:' .. c end
 local function gkey(kind, c, g) return P .. kind .. ':' .. c .. '|' .. g end
 local function opt(text) if text == '' or not text then return nil end return tonumber(text) end
 
--- Something changed on channel c: move the version, wake other processes.
+-- Something changed on channel c: move the version, wake the processes
+-- waiting on c (each subscribes to wake:<c> while it does; see .wake).
 local function wake(c)
   redis.call('INCR', P .. 'ver')
-  redis.call('PUBLISH', P .. 'wake', TOKEN .. ' ' .. c)
+  redis.call('PUBLISH', P .. 'wake:' .. c, TOKEN)
 end
 
 -- The channel's number (registering the channel on first use).

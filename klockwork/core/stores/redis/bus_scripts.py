@@ -29,7 +29,7 @@ names may contain ``:`` but never ``|``)::
     w:<c>|<g>    zset id -> visible_at of each delayed message the group passed
     e:<c>|<g>    hash id -> the error of the delivery's last nack
     ver          counter moved by every change (``bus_version``)
-    wake         the Pub/Sub channel of wake-ups: '<token> <channel>'
+    wake:<c>     the Pub/Sub channel of wake-ups on <c>: the publisher's token
     req:<rid>    the reply of a mutating call, kept 15 s (see below)
 
 **Why the side structures.** A consumer group's PEL holds the deliveries,

@@ -29,7 +29,8 @@ from klockwork.core.leases.rules import (
 )
 from klockwork.core.model import LeaseRecord, LeaseState, Predicate
 from klockwork.core.stores.redis import lua, scripts
-from klockwork.core.stores.redis.store import RedisStore, intent_args, lease_record
+from klockwork.core.stores.redis.codec import intent_args, lease_record
+from klockwork.core.stores.redis.store import RedisStore
 
 from .conftest import drop_redis_namespace, load_vectors, redis_url
 

@@ -49,10 +49,6 @@ from klockwork.core.leases.rules import ParsedIntent, descendant_range
 from klockwork.core.model import (
     AgentInfo,
     LeaseRecord,
-    LeaseState,
-    Predicate,
-    Reservation,
-    VerdictStatus,
 )
 from klockwork.core.stores.base import (
     DEFAULT_RETAIN,
@@ -68,6 +64,13 @@ from klockwork.core.stores.base import (
 )
 from klockwork.core.stores.redis import scripts
 from klockwork.core.stores.redis.bus import RedisBus
+from klockwork.core.stores.redis.codec import (
+    acquire_outcome,
+    agent_info,
+    intent_args,
+    lease_record,
+    rows,
+)
 from klockwork.core.stores.redis.connection import RedisConnection
 from klockwork.core.stores.redis.records import RedisRecords
 from klockwork.core.validation import check_flag
@@ -76,50 +79,6 @@ if TYPE_CHECKING:
     from klockwork.core.stores.redis.lease_wake import LeaseWakeListener
 
 __all__ = ["RedisStore"]
-
-_PREDICATE = {p.value: p for p in Predicate}
-_STATE = {s.value: s for s in LeaseState}
-_STATUS = {s.value: s for s in VerdictStatus}
-
-
-def lease_record(row: Sequence[Any]) -> LeaseRecord:
-    """A lease row of a script (``row`` in :data:`.lua.LIB`) as a LeaseRecord."""
-    return LeaseRecord(
-        row[0],
-        row[1],
-        row[2],
-        row[3],
-        _PREDICATE[row[4]],
-        int(row[5]),
-        int(row[6]),
-        int(row[7]),
-        int(row[8]),
-        int(row[9]),
-        _STATE[row[10]],
-        row[11],
-    )
-
-
-def _blocker(row: Sequence[Any]) -> LeaseRecord | Reservation:
-    if row[0] == "R":  # a waiter's reservation: R agent session key predicate priority until
-        return Reservation(row[1], row[2], row[3], _PREDICATE[row[4]], int(row[5]), int(row[6]))
-    return lease_record(row)
-
-
-def _rows(value: Any) -> list[Any]:
-    # cjson encodes an empty Lua table as {}: an empty list here.
-    return value if isinstance(value, list) else []
-
-
-def intent_args(intent: ParsedIntent, *extra: str) -> list[str]:
-    """An intent as the scripts read it (``read_intents``): key, predicate, ancestors, extra."""
-    return [
-        intent.key,
-        intent.predicate.value,
-        str(len(intent.ancestors)),
-        *intent.ancestors,
-        *extra,
-    ]
 
 
 class RedisStore(RedisBus, RedisRecords, Store):
@@ -266,7 +225,7 @@ class RedisStore(RedisBus, RedisRecords, Store):
                 f"agent {agent_id!r} holds or waits for a lease; its priority "
                 f"({res['busy']}) cannot change until it releases",
             )
-        return _agent(agent_id, res["p"], res["r"], res["v"])
+        return agent_info(agent_id, res["p"], res["r"], res["v"])
 
     def get_agent(self, agent_id: str) -> AgentInfo | None:
         with self._conn.translated("read an agent"):
@@ -274,7 +233,7 @@ class RedisStore(RedisBus, RedisRecords, Store):
             p, r, v = self._conn.sync.hmget(self._conn.key("ag", agent_id), "p", "r", "v")
         if p is None:
             return None
-        return _agent(agent_id, p, r, v)
+        return agent_info(agent_id, p, r, v)
 
     def revoke_agent(self, agent_id: str, now_ms: int) -> None:
         self._call(scripts.REVOKE_AGENT, [agent_id], "revoke an agent", now_ms)
@@ -307,14 +266,7 @@ class RedisStore(RedisBus, RedisRecords, Store):
                     revoked_at=int(res["revoked"]),
                 )
             )
-        now = int(res["now"])
-        expired = [lease_record(r) for r in _rows(res["expired"])]
-        outcome = AcquireOutcome(
-            _STATUS[res["st"]],
-            [lease_record(r) for r in _rows(res["granted"])],
-            [_blocker(r) for r in _rows(res["blockers"])],
-            res["wait"],
-        )
+        outcome, expired, now = acquire_outcome(res)
         failed: BaseException | None = None
         hooks = self.lease_hooks
         if hooks is not None:
@@ -431,7 +383,7 @@ class RedisStore(RedisBus, RedisRecords, Store):
         return sorted(
             (
                 rec
-                for rec in map(lease_record, _rows(res["leases"]))
+                for rec in map(lease_record, rows(res["leases"]))
                 if rec.expires_at > now and (agent_id is None or rec.agent_id == agent_id)
             ),
             key=lambda r: r.fencing_token,
@@ -450,7 +402,7 @@ class RedisStore(RedisBus, RedisRecords, Store):
 
     def sweep(self, now_ms: int) -> list[LeaseRecord]:
         res = self._call(scripts.SWEEP, [], "sweep expired leases", now_ms)
-        expired = [lease_record(r) for r in _rows(res["expired"])]
+        expired = [lease_record(r) for r in rows(res["expired"])]
         self._hook_expired(expired, int(res["now"]))
         self._report_expired(expired)
         return expired
@@ -513,12 +465,3 @@ class RedisStore(RedisBus, RedisRecords, Store):
         if close_bus is not None:
             close_bus()
         self._conn.close()
-
-
-def _agent(agent_id: str, p: Any, r: Any, v: Any) -> AgentInfo:
-    return AgentInfo(
-        agent_id=agent_id,
-        priority=int(p),
-        registered_at=int(r),
-        revoked_at=None if v is None else int(v),
-    )

@@ -8,7 +8,7 @@ wake-up to its watchers, unless the token is its own store's: that store
 told its watchers itself (:meth:`ChannelWakes.tell`), without the round
 trip. A process hears only what it waits for: a publisher that waits on
 nothing receives nothing, and costs no other process anything. (The lease
-side's :class:`.wake.WakeListener` hears every release of the namespace on
+side's :class:`.lease_wake.LeaseWakeListener` hears every release of the namespace on
 one channel; a bus publishes far more often, on many channels.)
 
 Subscriptions follow the waits: :meth:`ChannelWakes.listen` (when a wait

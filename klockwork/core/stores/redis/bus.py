@@ -501,23 +501,26 @@ class RedisBus(BusPrimitives):
         (:meth:`bus_listen`). One Pub/Sub listener thread per store serves
         every watcher; it is started by the first. Returns the stopper.
         """
-        return self._bus_wakes().watch(wake)
+        wakes = self._bus_wakes()
+        return None if wakes is None else wakes.watch(wake)
 
     def bus_listen(self, channels: Sequence[str]) -> Callable[[], None] | None:
         """Subscribe to ``channels``' wake-ups while a wait sleeps there (see :mod:`.bus_wake`)."""
-        return self._bus_wakes().listen(channels)
+        wakes = self._bus_wakes()
+        return None if wakes is None else wakes.listen(channels)
 
     def bus_hears(self, channels: Sequence[str]) -> bool:
         """True once the server confirmed the subscriptions: waiters need not poll."""
         wakes = self._bus_listener
         return wakes is not None and wakes.hears(channels)
 
-    def _bus_wakes(self) -> ChannelWakes:
+    def _bus_wakes(self) -> ChannelWakes | None:
+        """The listener (started by the first caller); None once the store is closed."""
         from klockwork.core.stores.redis.bus_wake import ChannelWakes
 
         with self._bus_listener_lock:
             wakes = self._bus_listener
-            if wakes is None:
+            if wakes is None and not getattr(self, "_closed", False):
                 prefix = self._conn.key("bus", "wake", "")
                 wakes = self._bus_listener = ChannelWakes(self._conn, prefix, self._bus_token)
         return wakes

@@ -27,10 +27,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -99,6 +101,7 @@ class Host:
 
     name: str  # "host1"
     netns: str
+    inner_link: str  # its end of the veth pair
     redis_address: str  # the root side of its link, where Redis listens for it
     url: str  # the klockwork store URL as this host reaches it
 
@@ -192,7 +195,7 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
         server.start()
         namespace = f"hosts-{tag}"
         hosts = [
-            Host(f"host{i}", netns, addr, server.url(namespace, host=addr))
+            Host(f"host{i}", netns, f"kw{tag}n{i}", addr, server.url(namespace, host=addr))
             for i, (netns, addr) in enumerate(zip(netnses, addresses, strict=True), start=1)
         ]
         for host in hosts:  # each host reaches Redis over its own link, and only there
@@ -409,3 +412,127 @@ def test_three_hosts_write_one_gapless_audit_chain(network: Network) -> None:
     assert verify["valid"], verify
     assert verify["checked"] == verify["head_seq"]
     assert agents == [f"{h.name}-agent" for h in network.hosts], agents
+
+
+# -- a host cut off while it holds the lease ---------------------------------------------------
+_CUT_OFF_HOLDER = textwrap.dedent(
+    """
+    import json, sys, time
+    from klockwork import Klockwork
+
+    url = sys.argv[1]
+    out = {}
+    kw = Klockwork.open(url)
+    try:
+        with kw.lease("cut-off", "s", "TABLE:partition", ttl_ms=1500, timeout_s=10) as held:
+            lease = held.lease
+            print(json.dumps({"lease_id": lease.lease_id, "token": lease.fencing_token}),
+                  flush=True)
+            deadline = time.monotonic() + 40
+            while not held.lost and time.monotonic() < deadline:
+                time.sleep(0.05)
+            print(json.dumps({"lost": held.lost}), flush=True)
+            sys.stdin.readline()  # the test reconnects this host first
+        out["exit"] = "none"
+    except Exception as exc:
+        out["exit"] = type(exc).__name__
+    try:
+        kw.leases.check_fencing("TABLE:partition", lease.fencing_token)
+        out["fence"] = "accepted"
+    except Exception as exc:
+        out["fence"] = type(exc).__name__
+    print(json.dumps(out), flush=True)
+    kw.close()
+    """
+)
+
+_TAKE_OVER = textwrap.dedent(
+    """
+    import json, sys, time
+    from klockwork import Klockwork
+
+    with Klockwork.open(sys.argv[1]) as kw:
+        started = time.monotonic()
+        verdict = kw.leases.acquire("taker", "s", ("TABLE:partition", "MUTATES"), 30_000,
+                                    timeout_s=30)
+        lease = verdict.lease
+        print(json.dumps({"token": lease.fencing_token, "acquired_at": lease.acquired_at,
+                          "waited_s": time.monotonic() - started}))
+        kw.leases.release(lease.lease_id)
+    """
+)
+
+
+class Lines:
+    """The stdout lines of a process, read by a thread (so a test can wait with a timeout)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._proc = proc
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._queue.put(line)
+
+    def next_json(self, timeout_s: float) -> Any:
+        try:
+            return json.loads(self._queue.get(timeout=timeout_s))
+        except queue.Empty:
+            self._proc.kill()
+            _, err = self._proc.communicate()
+            raise AssertionError(f"no line within {timeout_s}s\n{err[-3000:]}") from None
+
+
+def test_a_host_cut_off_while_holding_loses_the_lease_and_its_token(network: Network) -> None:
+    """Host 1 holds a lease (TTL 1.5 s, auto-renewed); its link goes down; host 2 asks for it.
+
+    Proves, across a real network partition: host 2 is granted the lease
+    only once host 1's lease has expired on the server's clock (its grant is
+    dated at or after host 1's expiry, and its token is higher); host 1 is
+    told it lost the lease (``held.lost``, then LeaseLostError or
+    StoreUnavailableError leaving the block) — it never goes on believing it
+    holds it; and once reconnected, host 1's old fencing token is refused
+    (StaleLeaseError), so a write it had in flight cannot land.
+    """
+    host1, host2, _ = network.hosts
+    link = host1.inner_link
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", host1.netns, sys.executable, "-c", _CUT_OFF_HOLDER, host1.url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(None),
+        cwd=ROOT,
+    )
+    lines = Lines(holder)
+    cut = False
+    try:
+        held = lines.next_json(30)
+        _ip("-n", host1.netns, "link", "set", link, "down")
+        cut = True
+        taken = _finish(host2.python(_TAKE_OVER, host2.url), timeout_s=40)
+        told = lines.next_json(45)
+        _ip("-n", host1.netns, "link", "set", link, "up")
+        cut = False
+        assert holder.stdin is not None
+        holder.stdin.write("go on\n")
+        holder.stdin.flush()
+        final = lines.next_json(30)
+        assert holder.wait(30) == 0
+    finally:
+        if cut:
+            _ip("-n", host1.netns, "link", "set", link, "up", check=False)
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    with Klockwork.open(network.local_url()) as kw:
+        old = kw.leases.get(held["lease_id"])
+    assert old is not None and old.state.value == "EXPIRED", old
+    assert taken["acquired_at"] >= old.expires_at, (taken, old)
+    assert taken["token"] > held["token"]
+    assert told == {"lost": True}
+    assert final["exit"] in ("LeaseLostError", "StoreUnavailableError"), final
+    assert final["fence"] == "StaleLeaseError", final

@@ -32,7 +32,7 @@ from klockwork import (
     VerdictStatus,
 )
 from klockwork.core.governance.outcomes import GateRecord
-from klockwork.core.stores.redis import scripts
+from klockwork.core.stores.redis import scripts, unknown
 from klockwork.core.stores.redis.clock import ServerClock
 
 REDIS_URL = os.environ.get("KLOCKWORK_TEST_REDIS_URL", "")
@@ -395,3 +395,85 @@ def test_a_held_lease_renews_on_server_time(url: str) -> None:
             assert kw.leases.list() == []
 
     asyncio.run(go())
+
+
+class HoldBack:
+    """Wraps the acquire script: its calls are kept (not sent) and fail as timeouts.
+
+    ``deliver()`` then sends what was kept, as a frozen server runs what it
+    had received once it resumes.
+    """
+
+    def __init__(self, store: RedisStore) -> None:
+        self.kept: list[dict[str, Any]] = []
+        self.real = store._conn.script(scripts.ACQUIRE)
+        conn, real_script = store._conn, store._conn.script
+        self._restore = lambda: setattr(conn, "script", real_script)
+
+        def script(src: str) -> Any:
+            if src != scripts.ACQUIRE:
+                return real_script(src)
+
+            def call(**kw: Any) -> Any:
+                self.kept.append(kw)
+                raise redis.TimeoutError("no reply")
+
+            return call
+
+        conn.script = script  # type: ignore[method-assign]
+
+    def deliver(self) -> None:
+        self._restore()
+        for kw in self.kept:
+            self.real(**kw)
+
+
+def test_a_grant_made_after_its_caller_gave_up_is_audited_and_given_back(
+    opened: Callable[..., RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(unknown, "RETRY_S", 5.0)  # the next call resolves, not the thread
+    store = opened(server_time=False)
+    kw = Klockwork(store, clock=ManualClock(T0))
+    held = HoldBack(store)
+    with pytest.raises(StoreUnavailableError):
+        kw.leases.try_acquire("a", "s", ("FILE:/x", "MUTATES"))
+    assert len(held.kept) == 2  # sent, and sent again under the same request id
+    held.deliver()  # the server runs them now: one grant (the second finds the first's outcome)
+    assert kw.leases.list(agent_id="a") == []  # the next call found it and gave it back
+    kinds = [e.kind for e in kw.audit.query().entries]
+    assert kinds == ["lease.granted", "lease.released"]  # no grant without its entry
+    assert kw.leases.try_acquire("b", "s", ("FILE:/x", "MUTATES")).granted
+
+
+def test_a_request_that_never_ran_is_marked_done_before_it_arrives(
+    opened: Callable[..., RedisStore],
+) -> None:
+    store = opened(server_time=False)
+    kw = Klockwork(store, clock=ManualClock(T0))
+    held = HoldBack(store)
+    with pytest.raises(StoreUnavailableError):
+        kw.leases.try_acquire("a", "s", ("FILE:/x", "MUTATES"))
+    held._restore()
+    assert kw.leases.list() == []  # this call asked first: the request is marked done
+    held.deliver()  # it arrives late, and changes nothing
+    assert kw.leases.list() == []
+    assert [e.kind for e in kw.audit.query().entries] == []
+    assert not store._unknown
+
+
+def test_a_store_nobody_calls_resolves_a_lost_request_by_itself(
+    opened: Callable[..., RedisStore],
+) -> None:
+    store = opened(server_time=False)
+    kw = Klockwork(store, clock=ManualClock(T0))
+    held = HoldBack(store)
+    with pytest.raises(StoreUnavailableError):
+        kw.leases.try_acquire("a", "s", ("FILE:/x", "MUTATES"))
+    held.deliver()
+    deadline = time.monotonic() + 10
+    while store._unknown or store.resolving:  # the resolver thread, every RETRY_S
+        assert time.monotonic() < deadline, "never resolved"
+        time.sleep(0.01)
+    kinds = [e.kind for e in kw.audit.query().entries]
+    assert kinds in ([], ["lease.granted", "lease.released"])  # whichever came first
+    assert kw.leases.list() == []

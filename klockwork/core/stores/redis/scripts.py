@@ -64,6 +64,7 @@ __all__ = [
     "RECORD_LOCK",
     "RECORD_UNLOCK",
     "REGISTER",
+    "RESOLVE",
     "REVOKE_AGENT",
     "SWEEP",
     "UNRESERVE",
@@ -420,3 +421,18 @@ local lk = ARGV[1] .. 'rlock:' .. ARGV[5] .. ':' .. ARGV[6]
 if redis.call('GET', lk) == ARGV[7] then redis.call('DEL', lk) end
 return '{}'
 """
+
+#: Find out what became of a request whose reply never came (the caller got
+#: StoreUnavailableError). Called with *that request's* id as ARGV[2]: if it
+#: ran, PRELUDE returns its stored outcome; if not, this marks the id done
+#: for ARGV[5] ms, so that the request, should it still reach the server
+#: (queued while the server was frozen), changes nothing.
+#: Returns the request's outcome or {abandoned = true}.
+RESOLVE = (
+    PRELUDE
+    + r"""
+local text = cjson.encode({abandoned = true})
+redis.call('SET', P .. 'req:' .. RID, text, 'PX', ARGV[5])
+return text
+"""
+)

@@ -40,11 +40,17 @@ from __future__ import annotations
 import json
 import os
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from klockwork.core.clock import Clock
-from klockwork.core.errors import InvalidRequestError, LeaseNotFoundError
+from klockwork.core.errors import (
+    InvalidRequestError,
+    KlockworkWarning,
+    LeaseNotFoundError,
+    StoreUnavailableError,
+)
 from klockwork.core.leases.rules import ParsedIntent, descendant_range
 from klockwork.core.model import (
     AgentInfo,
@@ -73,6 +79,7 @@ from klockwork.core.stores.redis.codec import (
 )
 from klockwork.core.stores.redis.connection import RedisConnection
 from klockwork.core.stores.redis.records import RedisRecords
+from klockwork.core.stores.redis.unknown import UnknownOutcomes
 from klockwork.core.validation import check_flag
 
 if TYPE_CHECKING:
@@ -80,8 +87,10 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisStore"]
 
+_DECIDE = "decide a lease request"
 
-class RedisStore(RedisBus, RedisRecords, Store):
+
+class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
     """A store on one Redis server (or one Cluster shard per namespace), shared by machines.
 
     Args:
@@ -123,6 +132,7 @@ class RedisStore(RedisBus, RedisRecords, Store):
         self._ids = IdPool()
         self._ids_lock = threading.Lock()
         self._closed = False
+        self._init_unknown()
         # Marks this store's own lease wake-ups: its engine woke its waiters already.
         self._lease_token = os.urandom(8).hex()
         self._lease_listener: LeaseWakeListener | None = None
@@ -134,6 +144,7 @@ class RedisStore(RedisBus, RedisRecords, Store):
         except BaseException:
             self._conn.close()  # a store that failed to open holds no connections
             raise
+        _warn_if_volatile(self._conn)
 
     def __repr__(self) -> str:
         return f"RedisStore({self._conn.url!r})"
@@ -143,8 +154,11 @@ class RedisStore(RedisBus, RedisRecords, Store):
         with self._ids_lock:
             return [self._ids.next() for _ in range(n)]
 
-    def _argv(self, args: Sequence[str], now_ms: int | None, mutating: bool) -> list[str]:
-        rid = self._new_ids(1)[0] if mutating else ""
+    def _argv(
+        self, args: Sequence[str], now_ms: int | None, mutating: bool, rid: str | None = None
+    ) -> list[str]:
+        if rid is None:
+            rid = self._new_ids(1)[0] if mutating else ""
         now = "" if self.server_time or now_ms is None else str(now_ms)
         return [self._prefix, rid, now, str(self._retain), *args]
 
@@ -156,11 +170,14 @@ class RedisStore(RedisBus, RedisRecords, Store):
         now_ms: int | None = None,
         *,
         mutating: bool = True,
+        rid: str | None = None,
     ) -> Any:
         """Run one script and parse its JSON reply (StoreUnavailableError if Redis fails)."""
         import redis
 
-        argv = self._argv(args, now_ms, mutating)
+        if self._unknown or self.resolving:  # a lost request first: unknown.py
+            self._check_unknown()
+        argv = self._argv(args, now_ms, mutating, rid)
         keys = [self._anchor]
         with self._conn.translated(doing):
             self._check_open()
@@ -174,12 +191,19 @@ class RedisStore(RedisBus, RedisRecords, Store):
         return json.loads(raw)
 
     async def _acall(
-        self, source: str, args: Sequence[str], doing: str, now_ms: int | None = None
+        self,
+        source: str,
+        args: Sequence[str],
+        doing: str,
+        now_ms: int | None = None,
+        rid: str | None = None,
     ) -> Any:
         """Async twin of :meth:`_call` on the running loop's ``redis.asyncio`` client."""
         import redis
 
-        argv = self._argv(args, now_ms, True)
+        if self._unknown or self.resolving:
+            await self._aresolve_unknown()
+        argv = self._argv(args, now_ms, True, rid)
         keys = [self._anchor]
         async with self._conn.atranslated(doing):
             self._check_open()
@@ -189,6 +213,12 @@ class RedisStore(RedisBus, RedisRecords, Store):
             except (redis.ConnectionError, redis.TimeoutError):
                 raw = await script(keys=keys, args=argv)  # same request id: see _call
         return json.loads(raw)
+
+    def _raw(self, source: str, argv: list[str]) -> Any:
+        """One call of a script as it is, no retry (resolving unknown outcomes)."""
+        with self._conn.translated("resolve a lost reply"):
+            self._check_open()
+            return json.loads(self._conn.script(source)(keys=[self._anchor], args=argv))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -281,9 +311,13 @@ class RedisStore(RedisBus, RedisRecords, Store):
         return outcome, failed
 
     def try_acquire(self, request: AcquireRequest) -> AcquireOutcome:
-        res = self._call(
-            scripts.ACQUIRE, self._acquire_args(request), "decide a lease request", request.now_ms
-        )
+        rid = self._new_ids(1)[0]
+        args = self._acquire_args(request)
+        try:
+            res = self._call(scripts.ACQUIRE, args, _DECIDE, request.now_ms, rid=rid)
+        except StoreUnavailableError as exc:
+            self._remember_unknown(rid, request, exc)  # Redis may still run it: see unknown.py
+            raise
         outcome, failed = self._acquire_done(request, res)
         if failed is not None:
             for rec in outcome.granted:  # take the grant back, unaudited (as memory's _undo)
@@ -292,9 +326,13 @@ class RedisStore(RedisBus, RedisRecords, Store):
         return outcome
 
     async def atry_acquire(self, request: AcquireRequest) -> AcquireOutcome:
-        res = await self._acall(
-            scripts.ACQUIRE, self._acquire_args(request), "decide a lease request", request.now_ms
-        )
+        rid = self._new_ids(1)[0]
+        args = self._acquire_args(request)
+        try:
+            res = await self._acall(scripts.ACQUIRE, args, _DECIDE, request.now_ms, rid)
+        except StoreUnavailableError as exc:
+            self._remember_unknown(rid, request, exc)
+            raise
         outcome, failed = self._acquire_done(request, res)
         if failed is not None:
             for rec in outcome.granted:
@@ -456,6 +494,7 @@ class RedisStore(RedisBus, RedisRecords, Store):
         if self._closed:
             return
         self._closed = True
+        self._resolver_stop.set()
         with self._lease_lock:
             listener, self._lease_listener = self._lease_listener, None
         if listener is not None:
@@ -465,3 +504,37 @@ class RedisStore(RedisBus, RedisRecords, Store):
         if close_bus is not None:
             close_bus()
         self._conn.close()
+
+
+#: Servers already warned about in this process (one warning each, not one per store).
+_VOLATILE_WARNED: set[str] = set()
+
+
+def _warn_if_volatile(conn: RedisConnection) -> None:
+    """Warn (once per server) when Redis keeps nothing across a restart.
+
+    With neither AOF nor RDB snapshots, a restart forgets every lease (a
+    holder's lease vanishes and someone else is granted the resource),
+    approval and message. A server that does not let us read its
+    configuration (``CONFIG`` renamed, as on managed services) is not
+    second-guessed.
+    """
+    import redis
+
+    try:
+        aof = int(conn.sync.info("persistence").get("aof_enabled", 0))
+        save = conn.sync.config_get("save").get("save", "")
+    except (redis.RedisError, ValueError):
+        return
+    where = conn.url.split("?", 1)[0]
+    if aof or save or where in _VOLATILE_WARNED:
+        return
+    _VOLATILE_WARNED.add(where)
+    warnings.warn(
+        f"redis store {where}: the server runs without persistence (appendonly no, "
+        "save ''): a restart loses every lease, approval and bus message, and a holder's "
+        "lease may then be granted to another agent. Turn on AOF (appendonly yes, "
+        "appendfsync everysec or always) on a server klockwork relies on.",
+        KlockworkWarning,
+        stacklevel=3,
+    )

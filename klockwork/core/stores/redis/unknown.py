@@ -1,0 +1,154 @@
+"""Lease requests whose outcome Redis never told: found out, then recorded or undone.
+
+A request is sent once more when its reply is lost (see :mod:`.scripts`,
+request ids). When that fails too, the caller gets
+:class:`~klockwork.StoreUnavailableError`, yet the server may still run the
+request: a frozen server runs what it had received when it resumes::
+
+    1. try_acquire sends ACQUIRE (request id R); the server is frozen
+    2. the reply never comes, nor that of the retry: StoreUnavailableError
+    3. the server resumes and runs ACQUIRE: a lease is ACTIVE on Redis
+       that its caller never saw, and the audit trail (fed by replies) never
+       heard of
+
+So the store remembers R and, at its next call (or from a thread every
+``RETRY_S``, until Redis answers), asks the server what became of it (:data:`.scripts.RESOLVE`):
+either R ran, and its stored outcome comes back — a grant is then recorded
+(``lease_hooks``) and released at once, since nobody holds it — or R did
+not run, and R is marked done for an hour, so that it changes nothing if it
+arrives later. Either way no grant stays on Redis without its audit entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from klockwork.core.model import VerdictStatus
+from klockwork.core.stores.base import AcquireRequest, LeaseHooks
+from klockwork.core.stores.redis import scripts
+from klockwork.core.stores.redis.codec import acquire_outcome, lease_record
+
+if TYPE_CHECKING:
+    from klockwork.core.model import LeaseRecord
+
+__all__ = ["UnknownOutcomes"]
+
+_log = logging.getLogger(__name__)
+
+#: How long a request found not to have run stays marked done (ms).
+ABANDONED_MS = 3_600_000
+#: How often the thread asks again while Redis does not answer (s).
+RETRY_S = 0.1
+
+
+class UnknownOutcomes:
+    """The resolution half of :class:`~klockwork.core.stores.redis.store.RedisStore`."""
+
+    _closed: bool
+    _lease_token: str
+    lease_hooks: LeaseHooks | None
+
+    def _init_unknown(self) -> None:
+        self._unknown: list[tuple[str, AcquireRequest]] = []
+        self._unknown_lock = threading.Lock()
+        # Held while a resolution runs: a call waits for it (it must not see a
+        # grant that is about to be given back), see _check_unknown. Reentrant:
+        # what the hooks of a resolution call may call the store again.
+        self._resolve_lock = threading.RLock()
+        #: True while a resolution runs (calls then wait for it).
+        self.resolving = False
+        self._resolver: threading.Thread | None = None
+        self._resolver_stop = threading.Event()
+
+    if TYPE_CHECKING:  # what RedisStore (and Store) provide
+
+        def _argv(
+            self, args: Sequence[str], now_ms: int | None, mutating: bool, rid: str | None = None
+        ) -> list[str]: ...
+
+        def _raw(self, source: str, argv: list[str]) -> Any: ...
+
+        def _hook_expired(self, records: Sequence[LeaseRecord], now_ms: int) -> None: ...
+
+        def _report_expired(self, records: Sequence[LeaseRecord]) -> None: ...
+
+        def _lease_wake(self, resource: str) -> None: ...
+
+    def _remember_unknown(self, rid: str, request: AcquireRequest, exc: BaseException) -> None:
+        """After a failed acquire: remember it if Redis may still run it."""
+        import redis
+
+        if self._closed or not isinstance(
+            exc.__cause__, redis.ConnectionError | redis.TimeoutError
+        ):
+            return  # refused before sending, or the store is closed: it never ran
+        with self._unknown_lock:
+            self._unknown.append((rid, request))
+            if self._resolver is None or not self._resolver.is_alive():
+                self._resolver = threading.Thread(
+                    target=self._resolve_until_known, name="klockwork-redis-resolve", daemon=True
+                )
+                self._resolver.start()
+
+    def _resolve_until_known(self) -> None:
+        # The next call of the store resolves first; this thread covers a
+        # store nobody calls (it asks every RETRY_S until Redis answers).
+        while not self._resolver_stop.wait(RETRY_S) and self._unknown:
+            self._check_unknown()
+
+    async def _aresolve_unknown(self) -> None:
+        await asyncio.to_thread(self._check_unknown)
+
+    def _check_unknown(self) -> None:
+        """Resolve what is pending, or wait for the resolution running (before a call)."""
+        with self._resolve_lock:
+            with self._unknown_lock:
+                if not self._unknown:
+                    return
+                # Set before the list empties: a call never sees neither.
+                self.resolving = True
+                pending, self._unknown = self._unknown, []
+            try:
+                self._resolve(pending)
+            finally:
+                self.resolving = False
+
+    def _resolve(self, pending: list[tuple[str, AcquireRequest]]) -> None:
+        for i, (rid, request) in enumerate(pending):
+            argv = self._argv([str(ABANDONED_MS)], None, True, rid)
+            try:
+                res = self._raw(scripts.RESOLVE, argv)
+                self._settle(request, res)
+            except Exception:  # still unreachable (or undoing failed): ask again later
+                _log.debug("could not resolve a lease request yet", exc_info=True)
+                with self._unknown_lock:
+                    self._unknown[:0] = pending[i:]
+                return
+
+    def _settle(self, request: AcquireRequest, res: Any) -> None:
+        """Record what a request whose caller never heard did, and undo its grant."""
+        if "abandoned" in res or "revoked" in res:
+            return  # it changed nothing
+        outcome, expired, now = acquire_outcome(res)
+        self._hook_expired(expired, now)
+        self._report_expired(expired)
+        if outcome.status is not VerdictStatus.GRANTED:
+            return  # a refusal nobody saw: nothing to record (its reservation expires)
+        hooks = self.lease_hooks
+        if hooks is not None:  # it committed: it is audited
+            hooks.decided(request._replace(now_ms=now), outcome)
+        try:
+            for rec in outcome.granted:  # and given back: nobody holds it
+                args = [rec.lease_id, "RELEASED", "", self._lease_token]
+                ended = self._raw(scripts.END, self._argv(args, now, True))
+                if "expired" in ended:
+                    self._hook_expired([lease_record(ended["expired"])], int(ended["now"]))
+                elif "ended" in ended and hooks is not None:
+                    hooks.ended("lease.released", lease_record(ended["ended"]), int(ended["now"]))
+                self._lease_wake(rec.resource)  # this process's waiters (Pub/Sub skips ours)
+        except Exception:  # audited already: left to expire at its TTL, never recorded twice
+            _log.warning("could not give back a lease granted to a lost request", exc_info=True)

@@ -17,7 +17,11 @@ ancestors) and handed to the script.
   does not say whether the script ran. Every mutating call carries a
   request id, under which the script keeps its outcome for a while; the
   call is sent once more with the same id and answers with what really
-  happened. If Redis still cannot be reached: StoreUnavailableError.
+  happened. If Redis still cannot be reached: StoreUnavailableError, and a
+  lease request is resolved later (:mod:`.unknown`): a grant it made once
+  Redis ran it is audited and given back, or it is marked done unrun.
+* **Persistence.** Opening warns (once per server) when Redis keeps
+  nothing across a restart (no AOF, no RDB): leases would be forgotten.
 * **Audit.** ``durable_journal = False``: the engine keeps the audit trail
   in process, and the store calls ``lease_hooks`` after each decision as
   the memory store does. The durable Redis audit chain (entries appended in
@@ -30,6 +34,10 @@ ancestors) and handed to the script.
   (starting, or Redis unreachable) waiters poll, and on each
   (re)subscription every waiter is woken: what was published meanwhile is
   not lost. Waiters in this process are woken by the manager at once.
+* **Cluster.** Every key of a namespace carries its hash tag, so one
+  namespace lives in one slot (one shard) and the scripts, which build
+  the keys they touch from ``ARGV[1]``, touch only that slot; ``KEYS[1]``
+  routes each call there.
 * The async twins of the hot path (``atry_acquire``, ``arelease``,
   ``aheartbeat``) use ``redis.asyncio``; they share argument building and
   result parsing with the sync calls, only the I/O differs.

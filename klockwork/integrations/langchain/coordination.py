@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple, TypedDict, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from langchain_core.messages import ToolMessage
 from langchain_core.tools import BaseTool
@@ -70,7 +70,12 @@ from klockwork.integrations.langchain.resources import (
     Resolver,
     template_resolver,
 )
-from klockwork.integrations.langchain.turn_approvals import Seat, TurnApprovals
+from klockwork.integrations.langchain.turn_approvals import (
+    REJECTED,
+    GateDecision,
+    Seat,
+    TurnApprovals,
+)
 from klockwork.integrations.langchain.turn_order import CallOrder, TurnOrder
 
 __all__ = [
@@ -91,19 +96,6 @@ AsyncHandler = Callable[[ToolCallRequest], Awaitable[Result]]
 ToolResourceSpec = Any
 #: ``"action"`` or ``{"action": ..., "metadata": dict | callable(args)}``.
 GateSpec = str | Mapping[str, Any]
-REJECTED = (
-    " A reviewer rejected this call: do not retry it, or a variant of it, unless the "
-    "user asks for it; continue with something else or ask the user."
-)
-
-
-class GateDecision(TypedDict):
-    """What the gate decided about one tool call of a model turn (see :mod:`.turn_approvals`)."""
-
-    status: Literal["executed", "denied", "respond"]
-    gate: str | None
-    args: dict[str, Any]
-    text: str
 
 
 class _Gate(NamedTuple):
@@ -416,13 +408,7 @@ class ToolCallCoordinator:
         if step.conf is not None:
             taken = self._in_turn(request, ident, step.conf)
             if isinstance(taken, Seat):
-                ballot, calls = taken
-                try:
-                    if calls is not None:
-                        return self._turn_result(request, self.turns.lead(ballot, calls, ident))
-                    return self._turn_result(request, ballot.wait(request.tool_call["id"] or ""))
-                finally:
-                    self.turns.leave(ballot, request.tool_call["id"] or "")
+                return self._turn_result(request, taken.settle(ident))
             if taken is not None:
                 return taken
             return self._in_run(request, step.gate, ident, step.args, step.conf)
@@ -438,20 +424,12 @@ class ToolCallCoordinator:
         if not isinstance(step, _GateStep):
             return step
         if step.conf is not None:
-            # Short store calls, but not on the loop; a call waiting for its
-            # turn's leader waits on a thread.
+            # Short store calls, but not on the loop.
             offload = self.kw.store.blocking_io
             taken = await _maybe_thread(offload, self._in_turn, request, ident, step.conf)
-            if isinstance(taken, Seat):
-                ballot, calls = taken
-                call_id = request.tool_call["id"] or ""
-                try:
-                    if calls is not None:
-                        led = await _maybe_thread(offload, self.turns.lead, ballot, calls, ident)
-                        return self._turn_result(request, led)
-                    return self._turn_result(request, await asyncio.to_thread(ballot.wait, call_id))
-                finally:
-                    self.turns.leave(ballot, call_id)
+            if isinstance(taken, Seat):  # a call waiting for its leader waits on a thread
+                settled = await _maybe_thread(offload or not taken.leads, taken.settle, ident)
+                return self._turn_result(request, settled)
             if taken is not None:
                 return taken
             return await _maybe_thread(

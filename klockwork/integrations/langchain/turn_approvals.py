@@ -36,13 +36,14 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol, TypedDict
 
 from langchain_core.messages import AIMessage
 from langgraph.errors import GraphInterrupt
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import interrupt
 
+from klockwork.core.engine import Klockwork
 from klockwork.core.governance.outcomes import GateAnswer
 from klockwork.integrations.langchain.approval_flow import (
     ApprovalResponse,
@@ -53,11 +54,36 @@ from klockwork.integrations.langchain.approval_flow import (
 from klockwork.integrations.langchain.errors import ToolArgumentError
 from klockwork.integrations.langchain.hitl import HITLResume, expecting, hitl_request
 from klockwork.integrations.langchain.identity import Identity
+from klockwork.integrations.langchain.turn_order import turn_message
 
-if TYPE_CHECKING:
-    from klockwork.integrations.langchain.coordination import GateDecision, ToolCallCoordinator
+__all__ = ["REJECTED", "Ballot", "GateDecision", "Seat", "TurnApprovals", "turn_event_id"]
 
-__all__ = ["Ballot", "Seat", "TurnApprovals", "turn_event_id"]
+REJECTED = (
+    " A reviewer rejected this call: do not retry it, or a variant of it, unless the "
+    "user asks for it; continue with something else or ask the user."
+)
+
+
+class GateDecision(TypedDict):
+    """What the gate decided about one tool call of a model turn."""
+
+    status: Literal["executed", "denied", "respond"]
+    gate: str | None
+    args: dict[str, Any]
+    text: str
+
+
+class _Coordinator(Protocol):
+    """What the turn's judgement needs of its ``ToolCallCoordinator``."""
+
+    @property
+    def kw(self) -> Klockwork: ...
+
+    @property
+    def gates(self) -> Mapping[str, Any]: ...
+
+    def gate_metadata(self, gate: Any, name: str, args: dict[str, Any]) -> dict[str, Any]: ...
+
 
 #: How long a call waits for its turn's leader (a task of the same superstep,
 #: which never waits for a human: it pauses or has the decisions at once).
@@ -88,8 +114,6 @@ class _Call:
         self.message = ""
 
     def decision(self) -> GateDecision:
-        from klockwork.integrations.langchain.coordination import REJECTED
-
         result = self.answer.result
         args = {**self.args, **self.edits}
         if result.status == "executed":
@@ -159,16 +183,31 @@ class Ballot:
 
 
 class Seat(NamedTuple):
-    """A call's part in its turn's ballot: ``calls`` when it leads, else None."""
+    """A call's place in its turn's ballot: it leads (``calls`` given) or waits."""
 
+    turns: TurnApprovals
     ballot: Ballot
+    call_id: str
     calls: list[_Call] | None
+
+    @property
+    def leads(self) -> bool:
+        return self.calls is not None
+
+    def settle(self, ident: Identity) -> GateDecision:
+        """This call's decision: asked by leading, or waited for (may raise GraphInterrupt)."""
+        try:
+            if self.calls is not None:
+                return self.turns.lead(self.ballot, self.calls, ident)
+            return self.ballot.wait(self.call_id)
+        finally:
+            self.turns.leave(self.ballot, self.call_id)
 
 
 class TurnApprovals:
     """Judge each model turn's gated calls once; one interrupt for those needing approval."""
 
-    def __init__(self, coordinator: ToolCallCoordinator) -> None:
+    def __init__(self, coordinator: _Coordinator) -> None:
         self._coordinator = coordinator
         self._ballots: dict[str, Ballot] = {}
         self._lock = threading.Lock()
@@ -185,7 +224,7 @@ class TurnApprovals:
         (the caller judges it on its own).
         """
         call_id = request.tool_call.get("id")
-        message = _turn_of(request.state, call_id)
+        message = turn_message(request.state, call_id)
         if message is None or not call_id:
             return None
         calls = self._judge(message, ident, conf)
@@ -198,7 +237,7 @@ class TurnApprovals:
         key = turn_event_id(conf, str(message.id), "", "")
         members = frozenset(c.call_id for c in calls)
         ballot = self._join(key, call_id, members, waiting[0].call_id)
-        return Seat(ballot, calls if ballot.leader == call_id else None)
+        return Seat(self, ballot, call_id, calls if ballot.leader == call_id else None)
 
     def _judge(self, message: AIMessage, ident: Identity, conf: Mapping[str, Any]) -> list[_Call]:
         coordinator = self._coordinator
@@ -305,12 +344,3 @@ class TurnApprovals:
                 if given.type == "edit" and given.args:
                     call.edits.update(given.args)
         return {c.call_id: c.decision() for c in calls}
-
-
-def _turn_of(state: Any, call_id: str | None) -> AIMessage | None:
-    """The model message (of the agent's state) that made the tool call ``call_id``."""
-    messages = state.get("messages") if isinstance(state, Mapping) else None
-    for m in reversed(messages or ()):
-        if isinstance(m, AIMessage) and any(c.get("id") == call_id for c in m.tool_calls):
-            return m
-    return None

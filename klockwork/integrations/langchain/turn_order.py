@@ -67,15 +67,15 @@ class CallOrder(NamedTuple):
     followed: bool
 
 
-def _turn_calls(state: Any, call_id: str) -> tuple[str, list[dict[str, Any]]]:
-    """The model message that made ``call_id`` (its id, or ""), and its tool calls."""
+def turn_message(state: Any, call_id: str | None) -> AIMessage | None:
+    """The model message (of the agent's state) that made the tool call ``call_id``."""
     messages = state.get("messages") if isinstance(state, Mapping) else None
     for message in reversed(messages or ()):
         if isinstance(message, AIMessage) and any(
             c.get("id") == call_id for c in message.tool_calls
         ):
-            return message.id or "", list(message.tool_calls)
-    return "", []
+            return message
+    return None
 
 
 class TurnOrder:
@@ -97,9 +97,10 @@ class TurnOrder:
         ``keys_of(call)`` gives a call's resource keys; it is not called for
         a turn of one call (the common case pays nothing).
         """
-        turn, calls = _turn_calls(state, call["id"])
-        if len(calls) < 2:
+        message = turn_message(state, call["id"])
+        if message is None or len(message.tool_calls) < 2:
             return None
+        turn, calls = message.id or "", message.tool_calls
         # Call ids are unique within a model message, not forever (scripted
         # models reuse "c1"): a call is known as "<message id>/<call id>".
         mine = keys_of(call)

@@ -477,3 +477,30 @@ def test_a_store_nobody_calls_resolves_a_lost_request_by_itself(
     kinds = [e.kind for e in kw.audit.query().entries]
     assert kinds in ([], ["lease.granted", "lease.released"])  # whichever came first
     assert kw.leases.list() == []
+
+
+def test_lost_requests_are_resolved_together(
+    opened: Callable[..., RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(unknown, "RETRY_S", 5.0)  # the next call resolves, not the thread
+    store = opened(server_time=False)
+    kw = Klockwork(store, clock=ManualClock(T0))
+    held = HoldBack(store)
+    real_resolve = store._raw_list
+
+    def down(source: str, argv: list[str]) -> list[Any]:
+        raise StoreUnavailableError("down")  # while Redis is away, resolving fails too
+
+    store._raw_list = down  # type: ignore[method-assign]
+    for agent in ("a", "b", "c"):
+        with pytest.raises(StoreUnavailableError):
+            kw.leases.try_acquire(agent, "s", (f"FILE:/{agent}", "MUTATES"))
+    assert len(store._unknown) == 3
+    store._raw_list = real_resolve  # type: ignore[method-assign]
+    held.kept = held.kept[:2]  # only a's two sends reached the server
+    held.deliver()
+    assert kw.leases.list() == []  # one round trip resolved all three
+    assert not store._unknown
+    granted = [e.data["lease_id"] for e in kw.audit.query(kind="lease.granted").entries]
+    released = [e.data["lease_id"] for e in kw.audit.query(kind="lease.released").entries]
+    assert len(granted) == 1 and granted == released

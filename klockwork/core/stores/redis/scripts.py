@@ -422,17 +422,24 @@ if redis.call('GET', lk) == ARGV[7] then redis.call('DEL', lk) end
 return '{}'
 """
 
-#: Find out what became of a request whose reply never came (the caller got
-#: StoreUnavailableError). Called with *that request's* id as ARGV[2]: if it
-#: ran, PRELUDE returns its stored outcome; if not, this marks the id done
-#: for ARGV[5] ms, so that the request, should it still reach the server
-#: (queued while the server was frozen), changes nothing.
-#: Returns the request's outcome or {abandoned = true}.
-RESOLVE = (
-    PRELUDE
-    + r"""
-local text = cjson.encode({abandoned = true})
-redis.call('SET', P .. 'req:' .. RID, text, 'PX', ARGV[5])
-return text
+#: Find out what became of requests whose replies never came (their callers
+#: got StoreUnavailableError). ARGV[1] the key prefix, [2] how long (ms) an
+#: id found unrun stays marked done, [3...] the request ids. For each: the
+#: outcome the request stored if it ran; if not, the id is marked done, so
+#: that the request, should it still reach the server (queued while the
+#: server was frozen), changes nothing (PRELUDE finds the mark).
+#: Returns one JSON text per id: its outcome, or {"abandoned":true}.
+RESOLVE = r"""
+local P = ARGV[1]
+local out = {}
+for i = 3, #ARGV do
+  local k = P .. 'req:' .. ARGV[i]
+  local done = redis.call('GET', k)
+  if not done then
+    done = '{"abandoned":true}'
+    redis.call('SET', k, done, 'PX', ARGV[2])
+  end
+  out[#out + 1] = done
+end
+return out
 """
-)

@@ -228,6 +228,13 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
             self._check_open()
             return json.loads(self._conn.script(source)(keys=[self._anchor], args=argv))
 
+    def _raw_list(self, source: str, argv: list[str]) -> list[Any]:
+        """A script answering a list of JSON texts (RESOLVE), called with ``argv`` as is."""
+        with self._conn.translated("resolve lost replies"):
+            self._check_open()
+            replies = self._conn.script(source)(keys=[self._anchor], args=argv)
+        return [json.loads(r) for r in replies]
+
     def _check_open(self) -> None:
         if self._closed:
             import redis

@@ -43,6 +43,8 @@ _log = logging.getLogger(__name__)
 ABANDONED_MS = 3_600_000
 #: How often the thread asks again while Redis does not answer (s).
 RETRY_S = 0.1
+#: How many requests one resolution call asks about.
+BATCH = 500
 
 
 class UnknownOutcomes:
@@ -50,6 +52,7 @@ class UnknownOutcomes:
 
     _closed: bool
     _lease_token: str
+    _prefix: str
     lease_hooks: LeaseHooks | None
 
     def _init_unknown(self) -> None:
@@ -71,6 +74,8 @@ class UnknownOutcomes:
         ) -> list[str]: ...
 
         def _raw(self, source: str, argv: list[str]) -> Any: ...
+
+        def _raw_list(self, source: str, argv: list[str]) -> list[Any]: ...
 
         def _hook_expired(self, records: Sequence[LeaseRecord], now_ms: int) -> None: ...
 
@@ -118,16 +123,22 @@ class UnknownOutcomes:
                 self.resolving = False
 
     def _resolve(self, pending: list[tuple[str, AcquireRequest]]) -> None:
-        for i, (rid, request) in enumerate(pending):
-            argv = self._argv([str(ABANDONED_MS)], None, True, rid)
+        # In batches, one round trip each: an outage may leave many behind.
+        for start in range(0, len(pending), BATCH):
+            batch = pending[start : start + BATCH]
+            argv = [self._prefix, str(ABANDONED_MS), *(rid for rid, _ in batch)]
             try:
-                res = self._raw(scripts.RESOLVE, argv)
-                self._settle(request, res)
-            except Exception:  # still unreachable (or undoing failed): ask again later
-                _log.debug("could not resolve a lease request yet", exc_info=True)
+                outcomes = self._raw_list(scripts.RESOLVE, argv)
+            except Exception:  # still unreachable: ask again later
+                _log.debug("could not resolve lost lease requests yet", exc_info=True)
                 with self._unknown_lock:
-                    self._unknown[:0] = pending[i:]
+                    self._unknown[:0] = pending[start:]
                 return
+            for (_, request), res in zip(batch, outcomes, strict=True):
+                try:
+                    self._settle(request, res)
+                except Exception:  # a hook failed: logged, never tried twice
+                    _log.exception("could not record a lost lease request's outcome")
 
     def _settle(self, request: AcquireRequest, res: Any) -> None:
         """Record what a request whose caller never heard did, and undo its grant."""

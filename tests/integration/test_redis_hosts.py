@@ -191,7 +191,7 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
             _ip("-n", netns, "link", "set", inner, "up")
             _ip("-n", netns, "link", "set", "lo", "up")
             addresses.append(f"10.{octet}.{i}.1")
-        server = RedisServer(tmp_path_factory.mktemp("hosts-redis"), bind=addresses)
+        server = RedisServer(tmp_path_factory.mktemp("hosts-redis"), aof=True, bind=addresses)
         server.start()
         namespace = f"hosts-{tag}"
         hosts = [

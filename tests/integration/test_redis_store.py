@@ -173,7 +173,7 @@ def test_a_server_that_stays_unreachable_fails_closed(opened: Callable[..., Redi
 
 
 def test_no_server_no_store() -> None:
-    with pytest.raises(StoreUnavailableError, match="PING"):
+    with pytest.raises(StoreUnavailableError, match="incarnation"):
         RedisStore("redis://127.0.0.1:1/0")
 
 
@@ -504,3 +504,22 @@ def test_lost_requests_are_resolved_together(
     granted = [e.data["lease_id"] for e in kw.audit.query(kind="lease.granted").entries]
     released = [e.data["lease_id"] for e in kw.audit.query(kind="lease.released").entries]
     assert len(granted) == 1 and granted == released
+
+
+def test_a_store_refuses_to_grant_once_its_namespace_lost_its_data(
+    opened: Callable[..., RedisStore],
+) -> None:
+    """Keys deleted (or a restart without persistence) under an open store: no double grant."""
+    store = opened(server_time=False)
+    kw = Klockwork(store, clock=ManualClock(T0))
+    held = kw.leases.try_acquire("a", "s", ("FILE:/x", "MUTATES")).lease
+    keys = _keys(store, "*")
+    store._conn.sync.unlink(*keys)  # the data is gone; the holder still believes it holds
+    with pytest.raises(StoreUnavailableError, match="lost its data"):
+        kw.leases.try_acquire("b", "s", ("FILE:/x", "MUTATES"))
+    # A store opened now starts the namespace afresh; the old one keeps refusing.
+    fresh = Klockwork(opened(server_time=False), clock=ManualClock(T0))
+    assert fresh.leases.try_acquire("b", "s", ("FILE:/x", "MUTATES")).granted
+    with pytest.raises(StoreUnavailableError):
+        kw.leases.try_acquire("c", "s", ("FILE:/y", "MUTATES"))
+    assert held.fencing_token == 1

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
@@ -79,9 +80,12 @@ class RedisRecords:
     def _check_open(self) -> None:
         raise NotImplementedError  # RedisStore's
 
+    def _io(self, doing: str) -> AbstractContextManager[None]:
+        raise NotImplementedError  # RedisStore's
+
     def _read(self, doing: str, *keys: str, fields: Sequence[str]) -> list[list[Any]]:
         """``HMGET key fields`` of each key in one round trip."""
-        with self._conn.translated(doing):
+        with self._io(doing):
             self._check_open()
             pipe = self._conn.sync.pipeline(transaction=False)
             for key in keys:
@@ -158,7 +162,7 @@ class RedisRecords:
         """See :meth:`Store.list_records`: in creation order, through a per-status index."""
         conn = self._conn
         index = conn.key("ridx", kind) if status is None else conn.key("rst", kind, status)
-        with conn.translated(f"list {kind} records"):
+        with self._io(f"list {kind} records"):
             self._check_open()
             keys = [_text(k) or "" for k in conn.sync.zrange(index, 0, -1)]
         if not keys:
@@ -176,7 +180,7 @@ class RedisRecords:
         """Delete the oldest settled records of ``kind`` beyond the newest ``retain``."""
         conn = self._conn
         doing = f"prune {kind} records"
-        with conn.translated(doing):
+        with self._io(doing):
             index = conn.key("ridx", kind)
             excess = conn.sync.zcard(index) - self._retain
             if excess <= 0:

@@ -32,6 +32,9 @@ and returns one JSON text (``cjson``), parsed by :mod:`.codec`.
     resv               hash 'agent\\nsession' -> JSON reservation of a waiter
     req:<request id>   the JSON outcome of a mutating call, kept 15 s
     lease:wake         Pub/Sub channel: '<store token> <key>' per release or revoke
+    born               the namespace's incarnation: a random id set by the first
+                       store to open it; a store grants only while it is the
+                       one it saw at open (see BORN)
 
 **Exactly once.** Each mutating call carries a request id (128 random bits
 drawn in Python). A script first looks for ``req:<id>``: if the call ran
@@ -54,6 +57,7 @@ from klockwork.core.stores.redis.lua import LIB, PRELUDE
 
 __all__ = [
     "ACQUIRE",
+    "BORN",
     "END",
     "FENCE",
     "GET_LEASE",
@@ -75,15 +79,21 @@ __all__ = [
 #: ARGV[5] agent, [6] session, [7] ttl_ms, [8] reserve_ms ('' none),
 #: [9] clear reservation '1'/'0', then the intents (see ``read_intents``),
 #: each followed by the lease id it gets if granted (drawn in Python: Lua
-#: has no unguessable randomness, its math.random is seeded the same way).
-#: Returns {st, now, granted, blockers, wait, expired} or {revoked = at}.
+#: has no unguessable randomness, its math.random is seeded the same way),
+#: and last the namespace's incarnation the store saw at open (see BORN).
+#: Returns {st, now, granted, blockers, wait, expired}, {revoked = at} or
+#: {lost = true}.
 ACQUIRE = (
     PRELUDE
     + LIB
     + r"""
 local agent, session, ttl = ARGV[5], ARGV[6], tonumber(ARGV[7])
 local reserve = ARGV[8]
-local intents = read_intents(10, 1)
+local intents, last = read_intents(10, 1)
+if redis.call('GET', P .. 'born') ~= ARGV[last] then
+  -- the namespace is not the one this store opened: it lost its data
+  return finish({lost = true})
+end
 local ak = P .. 'ag:' .. agent
 local found = redis.call('HMGET', ak, 'p', 'v')
 local prio = found[1]
@@ -442,4 +452,15 @@ for i = 3, #ARGV do
   out[#out + 1] = done
 end
 return out
+"""
+
+#: Learn the namespace's incarnation (setting it if the namespace is new).
+#: KEYS[1] {ns}:born, ARGV[1] a fresh random id. Returns the id in force.
+#: A server that restarts without persistence, or a namespace whose keys
+#: were deleted, loses it: the acquire script of a store opened before then
+#: refuses to grant ({lost = true}) instead of granting a held resource
+#: again with fencing tokens from 1.
+BORN = r"""
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
 """

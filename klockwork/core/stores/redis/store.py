@@ -49,12 +49,14 @@ import json
 import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from klockwork.core.clock import Clock
 from klockwork.core.errors import (
     InvalidRequestError,
+    KlockworkError,
     KlockworkWarning,
     LeaseNotFoundError,
     StoreUnavailableError,
@@ -147,8 +149,12 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
         self._lease_watchers: tuple[Callable[[str], None], ...] = ()
         self._lease_lock = threading.Lock()
         try:
-            with self._conn.translated("answer a PING"):
-                self._conn.sync.ping()
+            with self._conn.translated("learn the namespace's incarnation"):
+                born = self._conn.sync.register_script(scripts.BORN)(
+                    keys=[self._conn.key("born")], args=[self._new_ids(1)[0]]
+                )
+            #: The namespace this store opened (see scripts.BORN): it grants only there.
+            self._born = born.decode() if isinstance(born, bytes) else str(born)
         except BaseException:
             self._conn.close()  # a store that failed to open holds no connections
             raise
@@ -187,7 +193,7 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
             self._check_unknown()
         argv = self._argv(args, now_ms, mutating, rid)
         keys = [self._anchor]
-        with self._conn.translated(doing):
+        with self._io(doing):
             self._check_open()
             script = self._conn.script(source)
             try:
@@ -213,7 +219,7 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
             await self._aresolve_unknown()
         argv = self._argv(args, now_ms, True, rid)
         keys = [self._anchor]
-        async with self._conn.atranslated(doing):
+        with self._io(doing):
             self._check_open()
             script = self._conn.ascript(source)
             try:
@@ -224,16 +230,37 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
 
     def _raw(self, source: str, argv: list[str]) -> Any:
         """One call of a script as it is, no retry (resolving unknown outcomes)."""
-        with self._conn.translated("resolve a lost reply"):
+        with self._io("resolve a lost reply"):
             self._check_open()
             return json.loads(self._conn.script(source)(keys=[self._anchor], args=argv))
 
     def _raw_list(self, source: str, argv: list[str]) -> list[Any]:
         """A script answering a list of JSON texts (RESOLVE), called with ``argv`` as is."""
-        with self._conn.translated("resolve lost replies"):
+        with self._io("resolve lost replies"):
             self._check_open()
             replies = self._conn.script(source)(keys=[self._anchor], args=argv)
         return [json.loads(r) for r in replies]
+
+    @contextmanager
+    def _io(self, doing: str) -> Iterator[None]:
+        """Redis I/O: every failure to answer is StoreUnavailableError (fail closed).
+
+        Also whatever redis-py raises when :meth:`close` pulls a connection
+        from under a call in flight on another thread (``ValueError: I/O
+        operation on closed file``, ``OSError``, ``AttributeError`` on a
+        dropped reader): once the store is closed, that call fails closed too.
+        """
+        import redis
+
+        with self._conn.translated(doing):
+            try:
+                yield
+            except (redis.RedisError, KlockworkError):
+                raise
+            except Exception as exc:
+                if not self._closed:
+                    raise
+                raise redis.ConnectionError("the store was closed during the call") from exc
 
     def _check_open(self) -> None:
         if self._closed:
@@ -243,7 +270,7 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
 
     def server_now_ms(self) -> int:
         """The Redis server's clock (``TIME``), epoch milliseconds."""
-        with self._conn.translated("read the server's time"):
+        with self._io("read the server's time"):
             self._check_open()
             seconds, micros = self._conn.sync.time()
         return int(seconds) * 1000 + int(micros) // 1000
@@ -273,7 +300,7 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
         return agent_info(agent_id, res["p"], res["r"], res["v"])
 
     def get_agent(self, agent_id: str) -> AgentInfo | None:
-        with self._conn.translated("read an agent"):
+        with self._io("read an agent"):
             self._check_open()
             p, r, v = self._conn.sync.hmget(self._conn.key("ag", agent_id), "p", "r", "v")
         if p is None:
@@ -296,12 +323,20 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
         ]
         for intent, lease_id in zip(request.intents, ids, strict=True):
             args += intent_args(intent, lease_id)
+        args.append(self._born)
         return args
 
     def _acquire_done(
         self, request: AcquireRequest, res: Any
     ) -> tuple[AcquireOutcome, BaseException | None]:
         """Parse the acquire script's reply and record it (hooks); the error a hook raised."""
+        if "lost" in res:
+            raise StoreUnavailableError(
+                f"redis store {self._conn.url} lost its data since it was opened (a restart "
+                "without persistence, or its keys deleted): it grants nothing more, since "
+                "leases held before would be granted again; open the engine again to start "
+                "afresh"
+            )
         if "revoked" in res:
             refuse_revoked(
                 AgentInfo(

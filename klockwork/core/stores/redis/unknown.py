@@ -142,7 +142,7 @@ class UnknownOutcomes:
 
     def _settle(self, request: AcquireRequest, res: Any) -> None:
         """Record what a request whose caller never heard did, and undo its grant."""
-        if "abandoned" in res or "revoked" in res:
+        if "abandoned" in res or "revoked" in res or "lost" in res:
             return  # it changed nothing
         outcome, expired, now = acquire_outcome(res)
         self._hook_expired(expired, now)

@@ -461,6 +461,8 @@ return out
 #: refuses to grant ({lost = true}) instead of granting a held resource
 #: again with fencing tokens from 1.
 BORN = r"""
-redis.call('SET', KEYS[1], ARGV[1], 'NX')
-return redis.call('GET', KEYS[1])
+local born = redis.call('GET', KEYS[1])
+if born then return born end  -- (a read, so a replica answers it too)
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
 """

@@ -148,17 +148,26 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
         self._lease_listener: LeaseWakeListener | None = None
         self._lease_watchers: tuple[Callable[[str], None], ...] = ()
         self._lease_lock = threading.Lock()
+        #: The namespace incarnation this store opened (see scripts.BORN): it
+        #: grants only there. None until learned (opened on a read-only replica).
+        self._born: str | None = None
         try:
-            with self._conn.translated("learn the namespace's incarnation"):
-                born = self._conn.sync.register_script(scripts.BORN)(
-                    keys=[self._conn.key("born")], args=[self._new_ids(1)[0]]
-                )
-            #: The namespace this store opened (see scripts.BORN): it grants only there.
-            self._born = born.decode() if isinstance(born, bytes) else str(born)
-        except BaseException:
-            self._conn.close()  # a store that failed to open holds no connections
-            raise
+            self._born = self._learn_born()
+        except StoreUnavailableError as exc:
+            import redis
+
+            if not isinstance(exc.__cause__, redis.ReadOnlyError):
+                self._conn.close()  # a store that failed to open holds no connections
+                raise
+            # A replica answers reads; writes fail closed, saying it is read only.
         _warn_if_volatile(self._conn)
+
+    def _learn_born(self) -> str:
+        with self._conn.translated("learn the namespace's incarnation"):
+            born = self._conn.sync.register_script(scripts.BORN)(
+                keys=[self._conn.key("born")], args=[self._new_ids(1)[0]]
+            )
+        return born.decode() if isinstance(born, bytes) else str(born)
 
     def __repr__(self) -> str:
         return f"RedisStore({self._conn.url!r})"
@@ -323,6 +332,8 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
         ]
         for intent, lease_id in zip(request.intents, ids, strict=True):
             args += intent_args(intent, lease_id)
+        if self._born is None:
+            self._born = self._learn_born()  # a read-only replica still says so here
         args.append(self._born)
         return args
 

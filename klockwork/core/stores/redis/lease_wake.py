@@ -14,6 +14,9 @@ every waiter, who then asks the store again), and until the first one
 :attr:`LeaseWakeListener.live` is False and waiters poll, as on any store
 shared by processes. A forked child does not inherit the thread: there the
 listener is not live, and the store starts a new one.
+
+:class:`LeaseWakeups` is the store's side: ``Store.lease_watch`` and
+``Store.lease_pushes_wakeups``, the listener started by the first waiter.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from klockwork.core.stores.redis.connection import RedisConnection
 
-__all__ = ["LeaseWakeListener"]
+__all__ = ["LeaseWakeListener", "LeaseWakeups"]
 
 _log = logging.getLogger(__name__)
 
@@ -125,3 +128,64 @@ class LeaseWakeListener:
         except Exception:  # Redis gone: the wait ends by its timeout instead
             _log.debug("could not wake the lease wake-up listener to close it", exc_info=True)
         self._thread.join(timeout=2 * _LISTEN_S + 1)
+
+
+class LeaseWakeups:
+    """The wake-up half of :class:`~klockwork.core.stores.redis.store.RedisStore`."""
+
+    _closed: bool
+    _conn: RedisConnection
+
+    def _init_lease_wakeups(self) -> None:
+        # Marks this store's own lease wake-ups: its engine woke its waiters already.
+        self._lease_token = os.urandom(8).hex()
+        self._lease_listener: LeaseWakeListener | None = None
+        self._lease_watchers: tuple[Callable[[str], None], ...] = ()
+        self._lease_lock = threading.Lock()
+
+    def lease_watch(self, wake: Callable[[str], None]) -> Callable[[], None] | None:
+        """Call ``wake(resource)`` when another process releases or revokes a lease on it.
+
+        ``wake("*")`` after each (re)subscription of the listener: releases
+        published while it was not listening were missed. The listener
+        thread starts with the first :meth:`lease_pushes_wakeups` (a waiter's
+        first wait), not here: engines that never wait start none.
+        """
+        with self._lease_lock:
+            self._lease_watchers = (*self._lease_watchers, wake)
+
+        def stop() -> None:
+            with self._lease_lock:
+                self._lease_watchers = tuple(w for w in self._lease_watchers if w is not wake)
+
+        return stop
+
+    def _lease_wake(self, resource: str) -> None:
+        for wake in self._lease_watchers:
+            wake(resource)
+
+    def lease_pushes_wakeups(self) -> bool:
+        """True while the listener is subscribed (starts it on first use, and in a fork)."""
+        listener = self._lease_listener
+        if listener is None or not listener.live:
+            listener = self._start_lease_listener()
+        return listener is not None and listener.live
+
+    def _start_lease_listener(self) -> LeaseWakeListener | None:
+        with self._lease_lock:
+            listener = self._lease_listener
+            if self._closed:
+                return None
+            if listener is not None and listener.forked:
+                listener = None  # the parent's thread did not come along
+            if listener is None:
+                listener = self._lease_listener = LeaseWakeListener(
+                    self._conn, self._conn.key("lease:wake"), self._lease_token, self._lease_wake
+                )
+            return listener
+
+    def _close_lease_wakeups(self) -> None:
+        with self._lease_lock:
+            listener, self._lease_listener = self._lease_listener, None
+        if listener is not None:
+            listener.close()

@@ -46,12 +46,11 @@ ancestors) and handed to the script.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from klockwork.core.clock import Clock
 from klockwork.core.errors import (
@@ -88,19 +87,17 @@ from klockwork.core.stores.redis.codec import (
     rows,
 )
 from klockwork.core.stores.redis.connection import RedisConnection
+from klockwork.core.stores.redis.lease_wake import LeaseWakeups
 from klockwork.core.stores.redis.records import RedisRecords
 from klockwork.core.stores.redis.unknown import UnknownOutcomes
 from klockwork.core.validation import check_flag
-
-if TYPE_CHECKING:
-    from klockwork.core.stores.redis.lease_wake import LeaseWakeListener
 
 __all__ = ["RedisStore"]
 
 _DECIDE = "decide a lease request"
 
 
-class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
+class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, LeaseWakeups, Store):
     """A store on one Redis server (or one Cluster shard per namespace), shared by machines.
 
     Args:
@@ -143,11 +140,7 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
         self._ids_lock = threading.Lock()
         self._closed = False
         self._init_unknown()
-        # Marks this store's own lease wake-ups: its engine woke its waiters already.
-        self._lease_token = os.urandom(8).hex()
-        self._lease_listener: LeaseWakeListener | None = None
-        self._lease_watchers: tuple[Callable[[str], None], ...] = ()
-        self._lease_lock = threading.Lock()
+        self._init_lease_wakeups()
         #: The namespace incarnation this store opened (see scripts.BORN): it
         #: grants only there. None until learned (opened on a read-only replica).
         self._born: str | None = None
@@ -506,60 +499,13 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, Store):
         self._report_expired(expired)
         return expired
 
-    # -- wake-ups across processes --------------------------------------------------------
-    def lease_watch(self, wake: Callable[[str], None]) -> Callable[[], None] | None:
-        """Call ``wake(resource)`` when another process releases or revokes a lease on it.
-
-        ``wake("*")`` after each (re)subscription of the listener: releases
-        published while it was not listening were missed. The listener
-        thread starts with the first :meth:`lease_pushes_wakeups` (a waiter's
-        first wait), not here: engines that never wait start none.
-        """
-        with self._lease_lock:
-            self._lease_watchers = (*self._lease_watchers, wake)
-
-        def stop() -> None:
-            with self._lease_lock:
-                self._lease_watchers = tuple(w for w in self._lease_watchers if w is not wake)
-
-        return stop
-
-    def _lease_wake(self, resource: str) -> None:
-        for wake in self._lease_watchers:
-            wake(resource)
-
-    def lease_pushes_wakeups(self) -> bool:
-        """True while the listener is subscribed (starts it on first use, and in a fork)."""
-        listener = self._lease_listener
-        if listener is None or not listener.live:
-            listener = self._start_lease_listener()
-        return listener is not None and listener.live
-
-    def _start_lease_listener(self) -> LeaseWakeListener | None:
-        from klockwork.core.stores.redis.lease_wake import LeaseWakeListener
-
-        with self._lease_lock:
-            listener = self._lease_listener
-            if self._closed:
-                return None
-            if listener is not None and listener.forked:
-                listener = None  # the parent's thread did not come along
-            if listener is None:
-                listener = self._lease_listener = LeaseWakeListener(
-                    self._conn, self._conn.key("lease:wake"), self._lease_token, self._lease_wake
-                )
-            return listener
-
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._resolver_stop.set()
-        with self._lease_lock:
-            listener, self._lease_listener = self._lease_listener, None
-        if listener is not None:
-            listener.close()
+        self._close_lease_wakeups()
         # The bus half may hold resources of its own (listeners): released first.
         close_bus = getattr(self, "_close_bus", None)
         if close_bus is not None:

@@ -1,0 +1,326 @@
+"""The audit chain on Redis: one chain for every machine, sealed by whoever comes next.
+
+Entries are written with their decisions, unsealed (the *journal*): a seq
+from one counter and the entry's canonical data text, in the same script
+or transaction as the decision, so a decision a caller has seen always has
+its entry. Sealing — hashing as :mod:`klockwork.core.audit.chain` specifies
+— happens after, off the caller's thread, by any process: it reads the
+head, hashes the pending entries after it, and appends them with a
+compare-and-set on the head (a sealer that lost the race re-reads and
+carries on from the new head). Every machine sees, verifies and exports
+the same chain.
+
+Keys (in the store's namespace, so in one Cluster slot):
+
+==========================  ===============================================
+``audit:seq``               the last seq handed out (``INCR``)
+``audit:pending``           hash: seq → ``[ts, kind, agent_id, session_id, data text]``
+``audit:lines``             list: the sealed lines, in seq order (index = seq - 1)
+``audit:head``              ``"<seq>:<hash>"`` of the last sealed entry
+``audit:by:<field>:<v>``    sorted sets of seqs, for queries by kind, agent, session
+==========================  ===============================================
+
+Sealed lines are never rewritten or pruned here: the chain is the
+evidence (export it to archive it). What survives a Redis restart is what
+the server's persistence keeps (see docs/stores.md).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from klockwork.core.audit.backend import entry_from_line
+from klockwork.core.audit.chain import GENESIS_HASH, AuditEntry
+from klockwork.core.audit.encode import TEXT, encode_batch
+from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
+from klockwork.core.stores.base import JournalRow
+from klockwork.core.stores.redis.connection import RedisConnection
+
+__all__ = ["JOURNAL_LUA", "RedisAuditBackend", "journal_args"]
+
+#: Append journal rows (a Lua snippet other scripts may include): ``rows`` is
+#: a list of JSON texts ``[ts, kind, agent_id, session_id, data text]``;
+#: returns the seqs they were given. Gapless: a script that runs it either
+#: completes (every seq has its row) or was never applied.
+JOURNAL_LUA = """
+local function journal(seq_key, pending_key, rows)
+  local seqs = {}
+  for i = 1, #rows do
+    local seq = redis.call('INCR', seq_key)
+    redis.call('HSET', pending_key, seq, rows[i])
+    seqs[i] = seq
+  end
+  return seqs
+end
+"""
+
+_APPEND = (
+    JOURNAL_LUA
+    + """
+return journal(KEYS[1], KEYS[2], ARGV)
+"""
+)
+
+# KEYS: head, lines, pending, then one index key per (line, field) in order.
+# ARGV: expected head, new head, count n, then n lines, then n seqs, then for
+# each line the number of its index keys.
+_SEAL = """
+if (redis.call('GET', KEYS[1]) or '0:') ~= ARGV[1] then return 0 end
+local n = tonumber(ARGV[3])
+local k = 4
+for i = 1, n do
+  local line, seq = ARGV[3 + i], ARGV[3 + n + i]
+  redis.call('RPUSH', KEYS[2], line)
+  redis.call('HDEL', KEYS[3], seq)
+  for _ = 1, tonumber(ARGV[3 + 2 * n + i]) do
+    redis.call('ZADD', KEYS[k], seq, seq)
+    k = k + 1
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2])
+return n
+"""
+
+_EMPTY_HEAD = "0:"
+_READ_BATCH = 512
+
+
+def journal_args(rows: Sequence[JournalRow]) -> list[str]:
+    """The ``ARGV`` of :data:`JOURNAL_LUA`'s rows (a row's own seq is ignored: Redis assigns it)."""
+    return [json.dumps([r[1], r[2], r[3], r[4], r[5]]) for r in rows]
+
+
+def _head(raw: bytes | None) -> tuple[int, str]:
+    if not raw or raw == b"0:":
+        return 0, GENESIS_HASH
+    seq, _, digest = raw.decode().partition(":")
+    if not seq.isdigit() or len(digest) != 64:
+        raise AuditIntegrityError(f"the stored audit head is damaged: {raw[:80]!r}")
+    return int(seq), digest
+
+
+class RedisAuditBackend:
+    """An :class:`~klockwork.core.audit.backend.AuditBackend` on Redis, sealing a journal.
+
+    Thread-safe, shared by every process of a namespace. Appending a sealed
+    batch (:meth:`append`) is refused: on Redis every entry comes through
+    the journal (:meth:`journal` or a store script) and :meth:`seal_pending`.
+    """
+
+    def __init__(self, conn: RedisConnection) -> None:
+        self._conn = conn
+        key = conn.key
+        self._seq, self._pending = key("audit", "seq"), key("audit", "pending")
+        self._lines, self._head_key = key("audit", "lines"), key("audit", "head")
+        self._seal_lock = threading.Lock()  # one sealer per process at a time
+        self._closed = False
+
+    @property
+    def _client(self) -> Any:
+        # redis-py types replies as bytes | str; with decode_responses off they are bytes.
+        return self._conn.sync
+
+    def index_key(self, field: str, value: str) -> str:
+        """The sorted set of the seqs whose ``field`` is ``value``."""
+        return self._conn.key("audit", "by", field, value)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailableError(f"redis audit backend {self._conn.url} is closed")
+
+    # -- writing ------------------------------------------------------------------
+    def journal(self, rows: Sequence[JournalRow]) -> list[int]:
+        """Write entries unsealed, in one script of their own; return their seqs."""
+        self._check_open()
+        with self._conn.translated("record audit entries"):
+            seqs = self._conn.script(_APPEND)(
+                keys=[self._seq, self._pending], args=journal_args(rows)
+            )
+        return [int(s) for s in seqs]
+
+    def append(self, entries: Sequence[AuditEntry]) -> None:
+        """Refused: entries reach a Redis chain through the journal only."""
+        raise AuditIntegrityError(
+            "a Redis audit chain is written through its journal (seal_pending), not appended to"
+        )
+
+    def seal_pending(self, limit: int = 1024) -> int:
+        """Seal up to ``limit`` pending entries onto the chain, in seq order; return how many.
+
+        Any process may seal, any number of times: the result is the same
+        chain. Sealing loses a race to another sealer by re-reading the head.
+
+        Raises:
+            AuditIntegrityError: the stored head is damaged (nothing sealed).
+            StoreUnavailableError: Redis cannot answer.
+        """
+        self._check_open()
+        with self._seal_lock, self._conn.translated("seal audit entries"):
+            client = self._client
+            while True:
+                raw_head = client.get(self._head_key)
+                head_seq, head_hash = _head(raw_head)
+                wanted = list(range(head_seq + 1, head_seq + 1 + max(1, limit)))
+                found = client.hmget(self._pending, wanted)
+                rows: list[tuple[int, list[Any]]] = []
+                for seq, raw in zip(wanted, found, strict=True):
+                    if raw is None:
+                        break  # pending seqs are contiguous from the head
+                    rows.append((seq, json.loads(raw)))
+                if not rows:
+                    return 0
+                flat: list[Any] = []
+                for seq, (ts, kind, agent_id, session_id, data) in rows:
+                    flat += (seq, ts, kind, agent_id, session_id, data, TEXT)
+                sealed, seal = encode_batch(flat, head_hash)
+                keys = [self._head_key, self._lines, self._pending]
+                counts: list[int] = []
+                for _, (_, kind, agent_id, session_id, _) in rows:
+                    fields = [("kind", kind), ("agent", agent_id), ("session", session_id)]
+                    mine = [self.index_key(f, v) for f, v in fields if v is not None]
+                    keys += mine
+                    counts.append(len(mine))
+                expected = raw_head.decode() if raw_head else _EMPTY_HEAD
+                args: list[Any] = [expected, f"{rows[-1][0]}:{seal}", len(rows)]
+                args += [r[8] for r in sealed] + [seq for seq, _ in rows] + counts
+                if self._conn.script(_SEAL)(keys=keys, args=args):
+                    return len(rows)
+                # Another process sealed meanwhile: carry on from its head.
+
+    # -- reading ------------------------------------------------------------------
+    def lines(self, after_seq: int, limit: int) -> list[bytes]:
+        """See :meth:`~klockwork.core.audit.backend.AuditBackend.lines`."""
+        self._check_open()
+        if limit <= 0:
+            return []
+        with self._conn.translated("read audit lines"):
+            got: list[bytes] = self._client.lrange(
+                self._lines, max(0, after_seq), max(0, after_seq) + limit - 1
+            )
+        return got
+
+    def read(
+        self,
+        after_seq: int,
+        limit: int,
+        *,
+        kind: str | None = None,
+        agent_id: str | None = None,
+        session_id: str | None = None,
+        since: int | None = None,
+    ) -> list[AuditEntry]:
+        """See :meth:`~klockwork.core.audit.backend.AuditBackend.read`."""
+        self._check_open()
+        wanted = [("kind", kind), ("agent", agent_id), ("session", session_id)]
+        filters = [(f, v) for f, v in wanted if v is not None]
+        out: list[AuditEntry] = []
+        cursor = max(0, after_seq)
+        while len(out) < limit:
+            if filters:
+                seqs, lines = self._indexed(filters[0], cursor)
+            else:
+                lines = self.lines(cursor, _READ_BATCH)
+                seqs = list(range(cursor + 1, cursor + 1 + len(lines)))
+            if not lines:
+                break
+            for seq, line in zip(seqs, lines, strict=True):
+                cursor = seq
+                if line is None:
+                    continue
+                entry = entry_from_line(line)
+                if entry.seq != seq:
+                    raise AuditIntegrityError(f"the audit line at seq {seq} says seq {entry.seq}")
+                if (
+                    (kind is None or entry.kind == kind)
+                    and (agent_id is None or entry.agent_id == agent_id)
+                    and (session_id is None or entry.session_id == session_id)
+                    and (since is None or entry.ts >= since)
+                ):
+                    out.append(entry)
+                    if len(out) >= limit:
+                        break
+        return out
+
+    def _indexed(self, field: tuple[str, str], after: int) -> tuple[list[int], list[Any]]:
+        """The next seqs of one index after ``after``, with their lines."""
+        with self._conn.translated("query the audit trail"):
+            client = self._client
+            raw = client.zrangebyscore(
+                self.index_key(*field), f"({after}", "+inf", start=0, num=_READ_BATCH
+            )
+            seqs = [int(s) for s in raw]
+            if not seqs:
+                return [], []
+            pipe = client.pipeline(transaction=False)
+            for seq in seqs:
+                pipe.lindex(self._lines, seq - 1)
+            return seqs, pipe.execute()
+
+    def dropped(self) -> tuple[int, str] | None:
+        """None: a Redis chain keeps every entry (see ``AuditBackend.dropped``)."""
+        return None
+
+    def head(self) -> AuditEntry | None:
+        """The last sealed entry, or None."""
+        seq, _ = self.head_point()
+        if seq == 0:
+            return None
+        with self._conn.translated("read the audit head"):
+            line = self._client.lindex(self._lines, seq - 1)
+        if line is None:
+            raise AuditIntegrityError(f"the stored audit head names seq {seq}, which is missing")
+        try:
+            return entry_from_line(line)
+        except (ValueError, RecursionError) as exc:
+            raise AuditIntegrityError(f"the stored head is not an audit entry: {exc}") from None
+
+    def head_point(self) -> tuple[int, str]:
+        """The sealed head's (seq, hash); (0, genesis) when nothing is sealed."""
+        self._check_open()
+        with self._conn.translated("read the audit head"):
+            return _head(self._client.get(self._head_key))
+
+    def pending(self) -> int:
+        """How many entries wait to be sealed."""
+        self._check_open()
+        with self._conn.translated("count pending audit entries"):
+            count: int = self._client.hlen(self._pending)
+        return count
+
+    def first_column_mismatch(self) -> int | None:
+        """The first sealed seq missing from the query index its line names, or None.
+
+        Queries read the indexes; only the lines are covered by the chain, so
+        verification checks that no index hides an entry.
+        """
+        self._check_open()
+        after = 0
+        while True:
+            lines = self.lines(after, _READ_BATCH)
+            if not lines:
+                return None
+            with self._conn.translated("check the audit indexes"):
+                pipe = self._client.pipeline(transaction=False)
+                for line in lines:
+                    entry = entry_from_line(line)
+                    for field, value in (
+                        ("kind", entry.kind),
+                        ("agent", entry.agent_id),
+                        ("session", entry.session_id),
+                    ):
+                        if value is not None:
+                            pipe.zscore(self.index_key(field, value), entry.seq)
+                scores = iter(pipe.execute())
+            for line in lines:
+                entry = entry_from_line(line)
+                fields = (entry.kind, entry.agent_id, entry.session_id)
+                if any(next(scores) is None for v in fields if v is not None):
+                    return entry.seq
+            after += len(lines)
+
+    def close(self) -> None:
+        """Stop answering (the connection belongs to the store). Idempotent."""
+        self._closed = True

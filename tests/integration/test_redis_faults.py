@@ -598,14 +598,6 @@ def test_an_acked_message_is_not_redelivered_nor_a_published_one_lost_across_a_c
     assert not late, f"acked messages delivered again: {late[:10]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a subscriber blocked in bus.subscribe(wait_s=...) when Redis dies is not told: "
-    "the Pub/Sub listener (bus_wake.ChannelWakes) loses its connection but wakes no waiter, "
-    "and a waiter that heard wake-ups when it went to sleep naps its whole remaining wait "
-    "(bus/waiting.py _nap), so it raises StoreUnavailableError only when wait_s runs out "
-    "(20 s here) — a long wait hides an outage for that long.",
-)
 def test_a_subscriber_blocked_when_the_server_dies_is_told_promptly(
     server: RedisServer, engines: Callable[[str], Klockwork]
 ) -> None:
@@ -671,15 +663,6 @@ def test_a_subscriber_blocked_while_the_server_restarts_resumes(
     assert [d.message.id for d in got] == [sent.id]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bus_wake.ChannelWakes: when Redis is down at the listener's first retry, "
-    "_listen_on's _send('subscribe') fails and only logs 'the listener retries', but nothing "
-    "retries: the listener then waits on a PubSub with no subscription for good, so after the "
-    "server is back a publish from another engine no longer wakes a blocked subscriber (it "
-    "gets the message when its wait_s runs out: 6.7 s late here) and later waits on that "
-    "channel poll the version counter forever.",
-)
 def test_a_publish_after_a_restart_wakes_a_subscriber_blocked_across_it(
     server: RedisServer, engines: Callable[[str], Klockwork]
 ) -> None:

@@ -24,6 +24,23 @@ subscription (the first one, or again after a dropped connection), so each
 confirmation wakes that name's waiters; until it comes, :meth:`hears` is
 False for the name and waiters poll the version counter, as on any store
 shared by processes.
+
+**Losing Redis.** A waiter that went to sleep hearing wake-ups sleeps its
+whole wait unless someone wakes it, so the listener owns what happens when
+its connection drops:
+
+1. the connection fails (the server died, the network broke): every name
+   stops being heard at once (:meth:`hears` is False: new waits poll);
+2. the listener opens a new connection every :data:`_RETRY_S` and
+   subscribes to every name still wanted (waited on or idle), whatever
+   failed before: a subscription is never left to a retry that nothing
+   makes;
+3. if Redis is back within :data:`LOST_S` (a restart, a failover), the
+   confirmations wake the waiters, which ask again what was published
+   meanwhile: the outage cost them nothing;
+4. otherwise the listener wakes every waiter once: its next read fails
+   (:class:`~klockwork.StoreUnavailableError`), instead of the outage going
+   unnoticed until its wait runs out.
 """
 
 from __future__ import annotations
@@ -38,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from klockwork.core.stores.redis.connection import RedisConnection
 
-__all__ = ["IDLE_S", "ChannelWakes"]
+__all__ = ["IDLE_S", "LOST_S", "ChannelWakes"]
 
 _log = logging.getLogger(__name__)
 
@@ -48,6 +65,17 @@ IDLE_S = 30.0
 _LISTEN_S = 0.25
 #: Pause before subscribing again after Redis failed to answer.
 _RETRY_S = 0.2
+#: How long the listener tries to get Redis back before it wakes the waiters
+#: sleeping on its wake-ups. Shorter outages (a restart) pass unnoticed by
+#: them: nothing is published on a server that is down, and the
+#: resubscription wakes them for anything published meanwhile. Longer ones
+#: reach them through their next read, well within the socket timeout a
+#: command of theirs takes to fail.
+LOST_S = 2.0
+
+
+class _Lost(Exception):
+    """A (un)subscribe failed on the subscription in use: the listener starts again."""
 
 
 class ChannelWakes:
@@ -70,6 +98,7 @@ class ChannelWakes:
         self._idle: dict[str, float] = {}  # subscribed name nobody waits on -> since
         self._confirmed: set[str] = set()  # subscriptions the server confirmed
         self._pubsub: Any = None  # the subscription in use
+        self._broken = False  # a command on it failed: subscribe everything anew
         self._closed = threading.Event()
         # A forked child inherits this object but not its thread: it must poll.
         self._pid = os.getpid()
@@ -153,8 +182,8 @@ class ChannelWakes:
     def _send(self, command: str, names: list[str]) -> None:
         """(Un)subscribe ``names`` on the current subscription (under the lock).
 
-        A failure is left to the thread: it subscribes everything wanted
-        again on a new connection.
+        A failure marks the subscription broken: the listener thread then
+        starts again on a new connection and subscribes every name wanted.
         """
         pubsub = self._pubsub
         if not names or pubsub is None:
@@ -162,32 +191,72 @@ class ChannelWakes:
         try:
             getattr(pubsub, command)(*[self._prefix + name for name in names])
         except Exception:
-            _log.debug("bus wake-up %s failed; the listener retries", command, exc_info=True)
+            self._broken = True
+            _log.debug("bus wake-up %s failed; the listener starts again", command, exc_info=True)
 
     def _run(self) -> None:
+        lost_at: float | None = None  # when Redis stopped answering the listener
+        told = False  # the waiters were woken for this outage
         while not self._closed.is_set():
+            pubsub = None
             try:
-                self._listen_on(self._conn.sync.pubsub())  # type: ignore[no-untyped-call]
+                pubsub = self._conn.sync.pubsub()  # type: ignore[no-untyped-call]
+                self._subscribe_all(pubsub)
+                lost_at, told = None, False
+                self._listen_on(pubsub)
             except Exception:  # Redis unreachable, or the store closing under us
-                if not self._closed.is_set():
+                if self._closed.is_set():
+                    break
+                now = time.monotonic()
+                if lost_at is None:
+                    lost_at = now
                     _log.debug("bus wake-up listener lost Redis; subscribing again", exc_info=True)
-                    self._closed.wait(_RETRY_S)
+                elif not told and now - lost_at >= LOST_S:
+                    told = True
+                    self._tell_waiting()
             finally:
-                with self._lock:
-                    self._confirmed = set()
-                    pubsub, self._pubsub = self._pubsub, None
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except Exception:  # already broken: nothing to release
-                        _log.debug("closing the wake-up subscription failed", exc_info=True)
+                self._drop(pubsub)
+            self._closed.wait(_RETRY_S)
+
+    def _subscribe_all(self, pubsub: Any) -> None:
+        """Make ``pubsub`` the subscription in use, on every name wanted; raises if Redis fails.
+
+        Under the lock, so a name :meth:`listen` adds meanwhile is either in
+        this subscribe or sent on ``pubsub`` after it.
+        """
+        with self._lock:
+            self._pubsub, self._broken = pubsub, False
+            names = [self._prefix + name for name in (*self._waits, *self._idle)]
+            if names:
+                pubsub.subscribe(*names)
+
+    def _drop(self, pubsub: Any) -> None:
+        """Stop using ``pubsub``: nothing is heard until a new one is confirmed."""
+        with self._lock:
+            self._confirmed = set()
+            if self._pubsub is pubsub:
+                self._pubsub = None
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except Exception:  # already broken: nothing to release
+                _log.debug("closing the wake-up subscription failed", exc_info=True)
+
+    def _tell_waiting(self) -> None:
+        """Wake every waiter: Redis stayed down past LOST_S, and its next read says so."""
+        with self._lock:
+            names = list(self._waits)
+        _log.debug(
+            "bus wake-up listener: Redis still down after %ss; waking %d", LOST_S, len(names)
+        )
+        for name in names:
+            self.tell(name)
 
     def _listen_on(self, pubsub: Any) -> None:
-        with self._lock:
-            self._pubsub = pubsub
-            self._send("subscribe", [*self._waits, *self._idle])
         skip = len(self._prefix)
         while not self._closed.is_set():
+            if self._broken:
+                raise _Lost
             msg = pubsub.get_message(timeout=_LISTEN_S)
             if msg is not None:
                 kind, channel = msg.get("type"), msg.get("channel")
@@ -196,8 +265,7 @@ class ChannelWakes:
                     if msg.get("data") != self._own:
                         self.tell(name)
                 elif kind == "subscribe":
-                    # Redis confirmed it (again, after redis-py reconnected by
-                    # itself): what was published meanwhile was not heard.
+                    # Redis confirmed it: what was published before was not heard.
                     with self._lock:
                         self._confirmed = self._confirmed | {name}
                     self.tell(name)

@@ -123,20 +123,16 @@ def _close_open_engines() -> None:
 def audit_log_for(store: Store, clock: Clock, key: bytes | None) -> AuditLog:
     """The audit trail of an engine on ``store``.
 
-    On a durable store (SQLite) every decision's entry is written in the
-    decision's own transaction and sealed into the chain afterwards by
-    whichever process comes next (:class:`DurableAuditLog`; the chain lives
-    in the same file, table ``kw_audit``). In memory the log queues entries
+    On a durable store (SQLite, Redis) every decision's entry is written
+    with the decision and sealed into the chain afterwards by whichever
+    process comes next (:class:`DurableAuditLog`; the chain lives with the
+    store's state: table ``kw_audit``, Redis keys ``audit:*``). In memory the log queues entries
     in decision order and its writer thread seals them.
     """
     if store.durable_journal:
-        from klockwork.core.audit.durable import DurableAuditLog
-        from klockwork.core.audit.sqlite import SqliteAuditBackend
-        from klockwork.core.stores.sqlite import SqliteStore
+        from klockwork.core.audit.durable import DurableAuditLog, sealed_chain_for
 
-        assert isinstance(store, SqliteStore)
-        backend = SqliteAuditBackend(store.path, busy_timeout_ms=store.busy_timeout_ms)
-        return DurableAuditLog(backend, store=store, clock=clock, key=key)
+        return DurableAuditLog(sealed_chain_for(store), store=store, clock=clock, key=key)
     retain = store.audit_retain if isinstance(store, MemoryStore) else DEFAULT_AUDIT_RETAIN
     return AuditLog(MemoryAuditBackend(retain), clock=clock, key=key)
 

@@ -16,8 +16,8 @@ import redis
 
 from klockwork import AuditIntegrityError
 from klockwork.core.audit.encode import data_text
+from klockwork.core.audit.redis import RedisAuditBackend
 from klockwork.core.audit.verify import verify_lines
-from klockwork.core.stores.redis.audit import RedisAuditBackend
 from klockwork.core.stores.redis.connection import RedisConnection
 
 REDIS_URL = os.environ.get("KLOCKWORK_TEST_REDIS_URL", "")

@@ -33,17 +33,17 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
+from klockwork.core.audit.backend import AuditBackend
 from klockwork.core.audit.chain import GENESIS_HASH, Checkpoint, VerifyResult
 from klockwork.core.audit.encode import data_text
 from klockwork.core.audit.log import AuditLog
-from klockwork.core.audit.sqlite import SqliteAuditBackend
 from klockwork.core.clock import Clock
 from klockwork.core.errors import AuditIntegrityError, InvalidRequestError, StoreUnavailableError
 from klockwork.core.stores.base import JournalRow, Store
 
-__all__ = ["DurableAuditLog"]
+__all__ = ["DurableAuditLog", "SealedChain", "sealed_chain_for"]
 
 _log = logging.getLogger("klockwork")
 _IDLE_EXIT_S = 30.0
@@ -52,18 +52,54 @@ _SEAL_DELAY_S = 0.05
 _RETRY_S = 0.2
 
 
+class SealedChain(AuditBackend, Protocol):
+    """The chain of a durable journal: sealed by anyone, read by everyone.
+
+    :class:`~klockwork.core.audit.sqlite.SqliteAuditBackend` (the store's
+    file) and ``RedisAuditBackend`` (the store's namespace).
+    """
+
+    def seal_pending(self, limit: int = 1024) -> int:
+        """Seal up to ``limit`` pending entries, in seq order; how many were sealed."""
+
+    def head_point(self) -> tuple[int, str]:
+        """The sealed head's (seq, hash)."""
+
+    def pending(self) -> int:
+        """How many entries wait to be sealed."""
+
+    def first_column_mismatch(self) -> int | None:
+        """The first sealed seq that queries would misreport, or None."""
+
+
+def sealed_chain_for(store: Store) -> SealedChain:
+    """The sealed chain kept next to a durable store's state."""
+    from klockwork.core.stores.sqlite import SqliteStore
+
+    if isinstance(store, SqliteStore):
+        from klockwork.core.audit.sqlite import SqliteAuditBackend
+
+        return SqliteAuditBackend(store.path, busy_timeout_ms=store.busy_timeout_ms)
+    connection = getattr(store, "redis_connection", None)
+    if connection is not None:  # a RedisStore (imported only where redis is installed)
+        from klockwork.core.audit.redis import RedisAuditBackend
+
+        return RedisAuditBackend(connection)
+    raise InvalidRequestError("store", store, "keeps no durable audit journal")
+
+
 class DurableAuditLog(AuditLog):
     """``kw.audit`` over a store whose transactions write the audit entries themselves.
 
     Args:
-        backend: the sealed chain (``kw_audit``) in the store's file.
+        backend: the sealed chain next to the store's state (``store.sealed_audit()``).
         store: the store whose decisions write entries (it must keep a durable journal).
         clock, key: as for :class:`AuditLog`.
     """
 
     def __init__(
         self,
-        backend: SqliteAuditBackend,
+        backend: SealedChain,
         *,
         store: Store,
         clock: Clock | None = None,
@@ -77,7 +113,7 @@ class DurableAuditLog(AuditLog):
         self._sealer: threading.Thread | None = None
         self._sealer_stop = False
         super().__init__(backend, clock=clock, key=key)
-        self._sealed: SqliteAuditBackend = backend
+        self._sealed: SealedChain = backend
         store.journal = self
         self.committed()  # seal what earlier processes left pending
 
@@ -103,8 +139,16 @@ class DurableAuditLog(AuditLog):
         return data_text(data, how)
 
     def write(self, conn: Any, rows: Sequence[JournalRow]) -> bool:
-        """Write a transaction's entries in it, pending (the sealer chains them)."""
-        return self._sealed.write_in(conn, rows)
+        """Write a transaction's entries in it, pending (the sealer chains them).
+
+        For a SQL store, whose transaction ``conn`` is; other stores write
+        the rows in their own scripts.
+        """
+        write_in = getattr(self._sealed, "write_in", None)
+        if write_in is None:
+            raise TypeError(f"{type(self._sealed).__name__} takes no rows from a transaction")
+        written: bool = write_in(conn, rows)
+        return written
 
     def committed(self) -> None:
         """Entries were committed: have the sealer chain them (off the caller's thread)."""

@@ -38,24 +38,9 @@ from klockwork.core.audit.encode import TEXT, encode_batch
 from klockwork.core.errors import AuditIntegrityError, StoreUnavailableError
 from klockwork.core.stores.base import JournalRow
 from klockwork.core.stores.redis.connection import RedisConnection
+from klockwork.core.stores.redis.journal import JOURNAL_LUA, journal_args
 
-__all__ = ["JOURNAL_LUA", "RedisAuditBackend", "journal_args"]
-
-#: Append journal rows (a Lua snippet other scripts may include): ``rows`` is
-#: a list of JSON texts ``[ts, kind, agent_id, session_id, data text]``;
-#: returns the seqs they were given. Gapless: a script that runs it either
-#: completes (every seq has its row) or was never applied.
-JOURNAL_LUA = """
-local function journal(seq_key, pending_key, rows)
-  local seqs = {}
-  for i = 1, #rows do
-    local seq = redis.call('INCR', seq_key)
-    redis.call('HSET', pending_key, seq, rows[i])
-    seqs[i] = seq
-  end
-  return seqs
-end
-"""
+__all__ = ["RedisAuditBackend"]
 
 _APPEND = (
     JOURNAL_LUA
@@ -86,11 +71,6 @@ return n
 
 _EMPTY_HEAD = "0:"
 _READ_BATCH = 512
-
-
-def journal_args(rows: Sequence[JournalRow]) -> list[str]:
-    """The ``ARGV`` of :data:`JOURNAL_LUA`'s rows (a row's own seq is ignored: Redis assigns it)."""
-    return [json.dumps([r[1], r[2], r[3], r[4], r[5]]) for r in rows]
 
 
 def _head(raw: bytes | None) -> tuple[int, str]:

@@ -300,22 +300,12 @@ def test_the_async_twins_fail_closed_and_recover(
     assert fresh and not blocked
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DESIGN Durability ('a store that cannot answer truthfully (... file deleted or "
-    "replaced ...) raises StoreUnavailableError'): a Redis that comes back without its data "
-    "(restarted with no persistence, or the namespace flushed) is not noticed by an engine "
-    "that is open on it: it grants a lease held before the restart to another agent, with "
-    "fencing token 1 again (tokens go backwards, so fencing no longer protects the resource) "
-    "— the split brain the SQLite store now refuses for a deleted file. The warning at open "
-    "is the only guard today.",
-)
 def test_an_open_engine_notices_a_server_that_came_back_empty(
     tmp_path: Path, engines: Callable[[str], Klockwork]
 ) -> None:
     """A volatile server restarts (its data gone) under an engine holding a lease.
 
-    Proves (once it passes): the open engine does not hand the lost lease
+    Proves: the open engine does not hand the lost lease
     to someone else with a token that is not newer than the old holder's:
     it fails closed (StoreUnavailableError), refuses, or keeps tokens
     increasing.

@@ -33,6 +33,7 @@ else
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local NOW_TEXT = string.format('%.0f', NOW)
 local TOKEN = ARGV[4]
 local REQUEST_TTL_MS = {REQUEST_TTL_MS}
 -- Keep the reply under the request id (see the module docstring), return it.
@@ -80,25 +81,39 @@ local function retention(c, len, age)
   return len, age
 end
 
--- MemoryBus._append: a new entry {id, fields}, or the one its key holds.
-local function append(c, payload, key, visible_at)
-  local s = skey(c)
+-- A channel a script appends to: its number and newest seq, read once per
+-- channel per script (not per message: a batch of 100 paid 200 extra
+-- commands for them), kept in the table and stored back by save_channel.
+local function open_channel(c)
+  local last = redis.call('HGET', P .. 'm:' .. c, 'last')
+  return {c = c, n = channel_no(c), last = tonumber(last or '0'), s = skey(c), k = P .. 'k:' .. c}
+end
+
+-- Store back the newest seq of what append added (before trim reads it).
+local function save_channel(ch)
+  if ch.added then redis.call('HSET', P .. 'm:' .. ch.c, 'last', int(ch.last)) end
+end
+
+-- MemoryBus._append on an open channel: a new entry {id, fields}, or the
+-- one its key holds.
+local function append(ch, payload, key, visible_at)
   if key ~= '' then
-    local seq = redis.call('HGET', P .. 'k:' .. c, key)
+    local seq = redis.call('HGET', ch.k, key)
     if seq then
-      local held = redis.call('XRANGE', s, seq, seq)
+      local held = redis.call('XRANGE', ch.s, seq, seq)
       if held[1] then return held[1] end
     end
   end
-  local n = channel_no(c)
-  local seq = int(redis.call('HINCRBY', P .. 'm:' .. c, 'last', 1))
-  local fields = {'p', payload, 't', int(NOW), 'v', int(math.max(visible_at, NOW))}
+  ch.last, ch.added = ch.last + 1, true
+  local seq = int(ch.last)
+  local fields = {'p', payload, 't', NOW_TEXT, 'v', NOW_TEXT}
+  if visible_at > NOW then fields[6] = int(visible_at) end
   if key ~= '' then
     fields[7], fields[8] = 'k', key
-    redis.call('HSET', P .. 'k:' .. c, key, seq)
+    redis.call('HSET', ch.k, key, seq)
   end
-  local id = seq .. '-' .. n
-  redis.call('XADD', s, id, unpack(fields))
+  local id = seq .. '-' .. ch.n
+  redis.call('XADD', ch.s, id, unpack(fields))
   return {id, fields}
 end
 

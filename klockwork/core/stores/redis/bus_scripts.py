@@ -105,16 +105,19 @@ def _reader(body: str) -> str:
 #: only when a key returned a message published before with another).
 PUBLISH = _script(r"""
 local chans, items = cjson.decode(ARGV[5]), cjson.decode(ARGV[6])
+local open = {}
+for i, ch in ipairs(chans) do open[i] = open_channel(ch[1]) end
 local out = {}
 for i, item in ipairs(items) do
   local payload = ARGV[6 + i]
-  local m = append(chans[item[1]][1], payload, item[2], NOW + item[3])
+  local m = append(open[item[1]], payload, item[2], NOW + item[3])
   local f = m[2]
   local row = item[1] .. '\t' .. m[1] .. '\t' .. f[4] .. '\t' .. f[6]
   if f[2] ~= payload then row = row .. '\t' .. f[2] end
   out[i] = row
 end
-for _, ch in ipairs(chans) do
+for i, ch in ipairs(chans) do
+  save_channel(open[i])
   local age = ch[3]
   if age == cjson.null then age = nil end
   trim(ch[1], retention(ch[1], ch[2], age))
@@ -223,6 +226,7 @@ local delivered = #out - 1
 
 if #dead > 0 then
   local dc = c .. '.dead'
+  local letters = nil  -- opened by the first letter: no letter, no channel
   for _, p in ipairs(dead) do
     local id = p[1]
     local m = redis.call('XRANGE', s, id, id)[1]
@@ -237,11 +241,13 @@ if #dead > 0 then
         .. ',"visible_at":' .. f[6] .. '},"group":' .. cjson.encode(g) .. ',"attempts":'
         .. int(p[4]) .. ',"last_consumer":' .. cjson.encode(p[2]) .. ',"last_error":'
         .. (err and cjson.encode(err) or 'null') .. '}'
-      local letter = append(dc, body, g .. ':' .. id, NOW)
+      letters = letters or open_channel(dc)
+      local letter = append(letters, body, g .. ':' .. id, NOW)
       out[#out + 1] = line(letter[1], letter[2])
       kept[#kept + 1] = letter[1] .. '\tdead'
     end
   end
+  if letters then save_channel(letters) end
   trim(dc, retention(dc, tonumber(ARGV[12]), opt(ARGV[13])))
   wake(dc)
 end

@@ -226,24 +226,38 @@ class RedisBus(BusPrimitives):
                 keep = retention(item.channel)
                 chans.append([item.channel, keep.max_len, keep.max_age_ms])
             meta.append([at, item.key or "", item.visible_at - now_ms])
-        names = list(index)
-        payloads = [item.payload for item in items]
         args: list[str | bytes] = [_json(chans), _json(meta)]
-        args += payloads
+        args += [item.payload for item in items]
 
         def parse(raw: bytes) -> list[StoredMessage]:
+            lines = raw.split(b"\n")
+            head = lines[0].split(b"\t")
+            server_now = int(head[0])
+            numbers = [n.decode() for n in head[1::2]]
+            seqs = [int(seq) for seq in head[2::2]]  # the next new seq of each channel
             out = []
-            for line, payload in zip(_lines(raw), payloads, strict=True):
-                parts = line.split(b"\t", 4)
-                mid = parts[1].decode()
+            for item, (at, _, offset), line in zip(items, meta, lines[1:], strict=True):
+                if line:  # the message its key held
+                    parts = line.split(b"\t", 3)
+                    mid = parts[0].decode()
+                    payload = parts[3] if len(parts) > 3 else item.payload
+                    seq, published_at, visible_at = int(mid.partition("-")[0]), parts[1], parts[2]
+                    out.append(
+                        StoredMessage(
+                            mid, item.channel, seq, payload, int(published_at), int(visible_at)
+                        )
+                    )
+                    continue
+                seq = seqs[at - 1]
+                seqs[at - 1] = seq + 1
                 out.append(
                     StoredMessage(
-                        mid,
-                        names[int(parts[0]) - 1],
-                        int(mid.partition("-")[0]),
-                        parts[4] if len(parts) > 4 else payload,
-                        int(parts[2]),
-                        int(parts[3]),
+                        f"{seq}-{numbers[at - 1]}",
+                        item.channel,
+                        seq,
+                        item.payload,
+                        server_now,
+                        server_now + max(offset, 0),
                     )
                 )
             return out

@@ -229,10 +229,13 @@ local function plan_read(expired, count, maxd)
 end
 
 -- A message as one line of a reply: id, published_at, visible_at[, attempt],
--- payload (JSON text has no raw tab or newline, so neither splits it).
+-- payload (JSON text has no raw tab or newline, so neither splits it). One
+-- concatenation, no table: it runs for every message a read returns.
 local function line(id, f, attempt)
-  if attempt then return table.concat({id, f[4], f[6], attempt, f[2]}, '\t') end
-  return table.concat({id, f[4], f[6], f[2]}, '\t')
+  if attempt then
+    return id .. '\t' .. f[4] .. '\t' .. f[6] .. '\t' .. attempt .. '\t' .. f[2]
+  end
+  return id .. '\t' .. f[4] .. '\t' .. f[6] .. '\t' .. f[2]
 end
 
 local function sorted_keys(key)

@@ -100,21 +100,33 @@ def _reader(body: str) -> str:
 #: or null]; ARGV[6] the items, a JSON list of [channel index, key or "",
 #: visible_at - now]; ARGV[7...] their payloads. (Two arguments for the
 #: metadata of a whole batch: each argument costs the client more than
-#: the script.) Returns one line per item, '\n'-separated:
-#: channel index, id, published_at, visible_at[, payload] (the payload
-#: only when a key returned a message published before with another).
+#: the script.) Returns '\n'-separated lines: first now, then the number
+#: and the first new seq of each channel (tab-separated); then a line per
+#: item: empty for a new message (the next seq of its channel, published
+#: now, visible at max(now + offset, now): the client knows the rest), or
+#: id, published_at, visible_at[, payload] of the message its key held
+#: (the payload only when it differs). Building a full line per message
+#: cost the script more than its XADD.
 PUBLISH = _script(r"""
 local chans, items = cjson.decode(ARGV[5]), cjson.decode(ARGV[6])
-local open = {}
-for i, ch in ipairs(chans) do open[i] = open_channel(ch[1]) end
-local out = {}
+local open, head = {}, {NOW_TEXT}
+for i, ch in ipairs(chans) do
+  local o = open_channel(ch[1])
+  open[i] = o
+  head[#head + 1] = o.n .. '\t' .. int(o.last + 1)
+end
+local out = {table.concat(head, '\t')}
 for i, item in ipairs(items) do
-  local payload = ARGV[6 + i]
-  local m = append(open[item[1]], payload, item[2], NOW + item[3])
-  local f = m[2]
-  local row = item[1] .. '\t' .. m[1] .. '\t' .. f[4] .. '\t' .. f[6]
-  if f[2] ~= payload then row = row .. '\t' .. f[2] end
-  out[i] = row
+  local payload, ch = ARGV[6 + i], open[item[1]]
+  local before = ch.last
+  local m = append(ch, payload, item[2], NOW + item[3])
+  local row = ''
+  if ch.last == before then  -- its key held a message: sent whole
+    local f = m[2]
+    row = m[1] .. '\t' .. f[4] .. '\t' .. f[6]
+    if f[2] ~= payload then row = row .. '\t' .. f[2] end
+  end
+  out[i + 1] = row
 end
 for i, ch in ipairs(chans) do
   save_channel(open[i])

@@ -441,14 +441,6 @@ def test_a_server_killed_mid_audit_append_leaves_no_silent_gap(
     assert [i for i in seen if counts[i] != 1] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DESIGN Durability ('an entry exists only for a decision that committed'): on Redis "
-    "a gate's (or a vote's) audit entry is appended to the in-process log inside the record "
-    "transition, before RedisRecords.update_record sends its RECORD_CAS; when Redis fails "
-    "there the call raises StoreUnavailableError and nothing is stored, but the entry stays "
-    "(seen about one run in three under a random kill mid-loop).",
-)
 def test_a_gate_whose_write_never_reached_redis_leaves_no_audit_entry(
     server: RedisServer, engines: Callable[[str], Klockwork]
 ) -> None:
@@ -479,12 +471,6 @@ def test_a_gate_whose_write_never_reached_redis_leaves_no_audit_entry(
     assert [(e.kind, e.data.get("event_id")) for e in kw.audit.query().entries] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13, Audit: the audit trail on Redis is still the engine's in-process log "
-    "(RedisStore.durable_journal = False): an engine opened after the crash (another machine, "
-    "or the same agent restarted) sees none of the entries of decisions committed on Redis.",
-)
 def test_audit_entries_survive_a_server_crash_for_every_engine(
     server: RedisServer, engines: Callable[[str], Klockwork]
 ) -> None:

@@ -1,9 +1,28 @@
 """The audit journal on Redis: entries written in a decision's own script.
 
-Every store script that records audit entries includes :data:`JOURNAL_LUA`,
-so an entry and its decision are applied together or not at all; the
-sealer (:mod:`klockwork.core.audit.redis`) chains them later. The keys are
+Every store script that records audit entries journals them with its
+outcome (``finish`` in :data:`.lua.PRELUDE` runs :data:`JOURNAL_LUA`), so
+an entry and its decision are applied together or not at all; the sealer
+(:mod:`klockwork.core.audit.redis`) chains them later. The keys are
 ``audit:seq`` (the last seq handed out) and ``audit:pending`` (seq → row).
+
+Entries reach a script three ways:
+
+* **Leases.** The lease scripts build their entries themselves, in Lua
+  (:data:`ENTRY_LUA`): the canonical data text of ``lease.granted``,
+  ``lease.denied`` and ``lease.released/expired/revoked``, byte for byte
+  what the Python hooks write on the other stores (``encode._fast_text``,
+  ``Denied.__audit_json__``). The store only says whether to
+  (``lease_hooks`` set: the engine audits leases) and, for a grant after
+  waiting, how many tries it took and how long it waited.
+* **Records.** A record transition runs in Python inside a
+  :class:`~.journaling.RedisSection`, which collects the entries it
+  records; they travel with the record's compare-and-set and are written
+  only if it succeeds.
+* **Anything else** (``kw.audit.record``, a blocking acquire that gave up):
+  :meth:`~.journaling.RedisJournal.append_journal`, a script of their own.
+
+A row is the JSON text ``[ts, kind, agent_id, session_id, data text]``.
 """
 
 from __future__ import annotations
@@ -13,7 +32,7 @@ from collections.abc import Sequence
 
 from klockwork.core.stores.base import JournalRow
 
-__all__ = ["JOURNAL_LUA", "journal_args"]
+__all__ = ["ENTRY_LUA", "JOURNAL_LUA", "journal_args"]
 
 #: Append journal rows (a Lua snippet other scripts may include): ``rows`` is
 #: a list of JSON texts ``[ts, kind, agent_id, session_id, data text]``;
@@ -28,6 +47,70 @@ local function journal(seq_key, pending_key, rows)
     seqs[i] = seq
   end
   return seqs
+end
+"""
+
+#: The lease entries a script writes (included in every lease script, after
+#: PRELUDE, which declares ``NOW``, ``ENTRIES`` and ``AUDIT``). Each text is
+#: exactly the one Python's hooks produce (``encode._fast_text`` for granted
+#: and ended leases, ``Denied.__audit_json__`` for a refusal): keys sorted,
+#: no spaces, strings as :func:`json.encoder.encode_basestring` writes them.
+#: (Redis's ``cjson`` is no substitute: it escapes ``/``.)
+ENTRY_LUA = r"""
+-- json.encoder.encode_basestring: '"' and '\' escaped, \b \f \n \r \t short,
+-- every other byte below 0x20 as \u00xx; all else (UTF-8) as it is.
+local JSON_ESC = {['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f',
+                  ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t'}
+for c = 0, 31 do
+  local ch = string.char(c)
+  if not JSON_ESC[ch] then JSON_ESC[ch] = string.format('\\u%04x', c) end
+end
+local function jstr(s)
+  return '"' .. string.gsub(s, '[%z\1-\31"\\]', JSON_ESC) .. '"'
+end
+
+-- One journal row of this call, at its time: kind is a fixed ASCII name.
+local function entry(kind, agent, session, text)
+  ENTRIES[#ENTRIES + 1] = '[' .. string.format('%d', NOW) .. ',"' .. kind .. '",'
+    .. jstr(agent) .. ',' .. jstr(session) .. ',' .. jstr(text) .. ']'
+end
+
+-- An ended lease's data (LeaseRecord.__audit_data__): l as lua.LIB's load reads it.
+local function ended_text(l)
+  local reason = ''
+  if l.why and l.why ~= '' then reason = ',"reason":' .. jstr(l.why) end
+  return '{"fencing_token":' .. l.t .. ',"lease_id":' .. jstr(l.id) .. ',"predicate":"'
+    .. l.p .. '"' .. reason .. ',"resource":' .. jstr(l.k) .. '}'
+end
+
+-- A grant's data (Lease.__audit_data__); after waiting (attempts ~= '') also
+-- its tries and wait, as LeaseAudit.decided adds them (keys stay sorted).
+local function granted_text(id, k, p, token, expires, attempts, waited)
+  local body = '"expires_at":' .. string.format('%d', expires) .. ',"fencing_token":'
+    .. string.format('%d', token) .. ',"lease_id":' .. jstr(id) .. ',"predicate":"' .. p
+    .. '","resource":' .. jstr(k)
+  if attempts == '' then return '{' .. body .. '}' end
+  return '{"attempts":' .. attempts .. ',' .. body .. ',"waited_ms":' .. waited .. '}'
+end
+
+-- A refusal's data (Denied.__audit_json__): blockers are lease rows
+-- {id, agent, session, key, predicate, ...} or reservations {'R', agent,
+-- session, key, predicate, ...}, as judge returns them.
+local function denied_text(status, intents, blockers, wait)
+  local conflicts, wanted = {}, {}
+  for i, b in ipairs(blockers) do
+    local lease_id = 'null'
+    if b[1] ~= 'R' then lease_id = jstr(b[1]) end
+    conflicts[i] = '{"agent_id":' .. jstr(b[2]) .. ',"lease_id":' .. lease_id
+      .. ',"predicate":"' .. b[5] .. '","resource":' .. jstr(b[4]) .. ',"session_id":'
+      .. jstr(b[3]) .. '}'
+  end
+  for i, it in ipairs(intents) do wanted[i] = '[' .. jstr(it.k) .. ',"' .. it.p .. '"]' end
+  local wait_text = 'null'
+  if wait then wait_text = string.format('%d', wait) end
+  return '{"conflicts":[' .. table.concat(conflicts, ',') .. '],"intents":['
+    .. table.concat(wanted, ',') .. '],"verdict":"' .. status .. '","wait_time_ms":'
+    .. wait_text .. '}'
 end
 """
 

@@ -4,9 +4,13 @@
 its stored outcome and fixes the time; :data:`LIB` holds the functions the
 transitions share, each a Lua twin of the Python function it names
 (``rules.judge``, ``rules.ancestors``, ``MemoryStore._deactivate``, ...).
+``finish`` also writes the call's audit entries (:mod:`.journal`) with its
+outcome: both are applied, or neither.
 """
 
 from __future__ import annotations
+
+from klockwork.core.stores.redis.journal import ENTRY_LUA, JOURNAL_LUA
 
 __all__ = ["LIB", "PRELUDE", "REQUEST_TTL_MS"]
 
@@ -14,7 +18,8 @@ __all__ = ["LIB", "PRELUDE", "REQUEST_TTL_MS"]
 #: id: longer than the socket timeout plus a reconnect.
 REQUEST_TTL_MS = 15_000
 
-PRELUDE = f"""
+PRELUDE = (
+    """
 local P = ARGV[1]
 local RID = ARGV[2]
 local RETAIN = tonumber(ARGV[4])
@@ -30,16 +35,30 @@ else
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
--- Store the outcome under the request id (see the module docstring), return it.
+"""
+    + JOURNAL_LUA
+    + f"""
+-- This call's audit entries (journal rows, see journal.py), written by finish
+-- with its outcome; AUDIT: whether the lease transitions write theirs.
+local ENTRIES, AUDIT = {{}}, false
+-- Journal the entries, store the outcome under the request id (see the
+-- module docstring), return it. ``j``: the entries' seqs.
 local function finish(result)
+  if #ENTRIES > 0 then
+    result.j = journal(P .. 'audit:seq', P .. 'audit:pending', ENTRIES)
+  end
   local text = cjson.encode(result)
   if RID ~= '' then redis.call('SET', P .. 'req:' .. RID, text, 'PX', {REQUEST_TTL_MS}) end
   return text
 end
 """
+)
 
-#: Functions shared by the scripts; each mirrors the Python function named.
-LIB = r"""
+#: Functions shared by the scripts; each mirrors the Python function named
+#: (and the lease entries they write: :data:`.journal.ENTRY_LUA`).
+LIB = (
+    ENTRY_LUA
+    + r"""
 local function int(n) return string.format('%d', n) end
 
 -- Byte order of two strings (Python's str < on UTF-8 text), locale-free.
@@ -183,6 +202,8 @@ local function deactivate(l, state, why)
     redis.call('DEL', P .. 'l:' .. redis.call('LPOP', P .. 'retired'))
     if redis.call('ZCARD', P .. 'fence') > FENCE_LIMIT then prune_fences() end
   end
+  -- every end is audited (LeaseAudit.ended): lease.expired/released/revoked
+  if AUDIT then entry('lease.' .. string.lower(state), l.a, l.s, ended_text(l)) end
 end
 
 -- Leases of ``ids`` (a set's members) appended to ``out``.
@@ -264,3 +285,4 @@ local function judge(agent, session, prio, intents, candidates)
   return status, blockers, wait, expired
 end
 """
+)

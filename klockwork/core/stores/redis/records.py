@@ -8,14 +8,18 @@ once are served one after the other, each seeing the last::
 
     1. A locks approval v3 (pending, 0 votes of a quorum of 1) and reads it
     2. B finds it locked and waits (backing off from 0.5 ms to 20 ms)
-    3. A's transition: approved (audited); CAS(v3 -> v4) succeeds, unlocks
+    3. A's transition: approved (its entry approval.decided kept aside);
+       CAS(v3 -> v4) writes the record and the entry, unlocks
     4. B locks and reads v4 (approved by A): its transition says so
 
 Why a lock and not only the version CAS: transitions record audit entries
 as they decide (inside the atomic section, as the other stores run them),
 so a transition must run once per change, never again after losing a
-race. The version CAS still guards the write: a lock that expired under a
-transition slower than its lifetime fails closed instead of writing.
+race. The entries it records are collected (:class:`.journaling.RedisSection`)
+and sent with the CAS, which writes them only if it succeeds: a decision
+whose write never reached Redis leaves no entry. The version CAS still
+guards the write: a lock that expired under a transition slower than its
+lifetime fails closed instead of writing (record and entries alike).
 
 Retention: the settled records of each kind in ``RETAINED_KINDS`` beyond
 the newest ``retain_inactive`` are deleted in batches (the same rule as
@@ -38,6 +42,7 @@ from klockwork.core.stores.redis import scripts
 
 if TYPE_CHECKING:
     from klockwork.core.stores.redis.connection import RedisConnection
+    from klockwork.core.stores.redis.journaling import RedisSection
 
 __all__ = ["RedisRecords"]
 
@@ -95,6 +100,12 @@ class RedisRecords:
     def _new_ids(self, n: int) -> list[str]:
         raise NotImplementedError  # RedisStore's
 
+    if TYPE_CHECKING:  # RedisJournal's (a stub here would hide it: it comes later)
+
+        def _journal_section(self) -> RedisSection: ...
+
+        def _journaled(self, res: Any) -> None: ...
+
     def _lock(self, kind: str, key: str, token: str, doing: str) -> Any:
         """Take the record's lock (waiting for another holder) and read it: ``{v, b}``."""
         args = [kind, key, token, str(LOCK_MS)]
@@ -121,20 +132,26 @@ class RedisRecords:
         res = self._lock(kind, key, token, doing)
         version, body = res["v"], res["b"]
         try:
-            current = None if body is None else model.model_validate_json(body)
-            new, result = transition(current)
+            # The entries the transition records are kept for the CAS (below).
+            with self._journal_section() as section:
+                current = None if body is None else model.model_validate_json(body)
+                new, result = transition(current)
         except BaseException:
             self._call(scripts.RECORD_UNLOCK, [kind, key, token], doing, mutating=False)
             raise
-        if new is current:  # nothing to write
+        entries = section.rows
+        if new is current and not entries:  # nothing to write
             self._call(scripts.RECORD_UNLOCK, [kind, key, token], doing, mutating=False)
             return result
         args = [kind, key, version]
-        if new is None:
+        if new is current:  # only entries to write
+            args += ["keep", "", ""]
+        elif new is None:
             args += ["del", "", ""]
         else:
             args += ["put", record_status(new) or "", new.model_dump_json()]
-        res = self._call(scripts.RECORD_CAS, [*args, token], doing)
+        res = self._call(scripts.RECORD_CAS, [*args, token, *entries], doing)
+        self._journaled(res)
         if not res["ok"]:
             # Only if the lock expired under a transition slower than LOCK_MS:
             # running it again could record its effects twice, so fail closed.

@@ -35,6 +35,9 @@ and returns one JSON text (``cjson``), parsed by :mod:`.codec`.
     born               the namespace's incarnation: a random id set by the first
                        store to open it; a store grants only while it is the
                        one it saw at open (see BORN)
+    audit:seq          the last audit seq handed out; audit:pending: seq -> the
+                       journal row of an entry not sealed yet (see :mod:`.journal`;
+                       the sealed chain's keys are klockwork.core.audit.redis's)
 
 **Exactly once.** Each mutating call carries a request id (128 random bits
 drawn in Python). A script first looks for ``req:<id>``: if the call ran
@@ -62,6 +65,7 @@ __all__ = [
     "FENCE",
     "GET_LEASE",
     "HEARTBEAT",
+    "JOURNAL",
     "JUDGE",
     "LIST",
     "RECORD_CAS",
@@ -80,9 +84,12 @@ __all__ = [
 #: [9] clear reservation '1'/'0', then the intents (see ``read_intents``),
 #: each followed by the lease id it gets if granted (drawn in Python: Lua
 #: has no unguessable randomness, its math.random is seeded the same way),
-#: and last the namespace's incarnation the store saw at open (see BORN).
+#: then the namespace's incarnation the store saw at open (see BORN), and
+#: last what to audit (:mod:`.journal`): '' nothing, 'g' grants and expiries,
+#: 'a' refusals too (a blocking acquire's refused tries are not outcomes),
+#: then the tries and the wait (ms) of a grant after waiting ('' '' if not).
 #: Returns {st, now, granted, blockers, wait, expired}, {revoked = at} or
-#: {lost = true}.
+#: {lost = true} (with j, the seqs of its audit entries, if it wrote any).
 ACQUIRE = (
     PRELUDE
     + LIB
@@ -90,6 +97,8 @@ ACQUIRE = (
 local agent, session, ttl = ARGV[5], ARGV[6], tonumber(ARGV[7])
 local reserve = ARGV[8]
 local intents, last = read_intents(10, 1)
+local audit, attempts, waited = ARGV[last + 1], ARGV[last + 2], ARGV[last + 3]
+AUDIT = audit ~= ''
 if redis.call('GET', P .. 'born') ~= ARGV[last] then
   -- the namespace is not the one this store opened: it lost its data
   return finish({lost = true})
@@ -115,6 +124,9 @@ if status ~= 'GRANTED' then
     redis.call('HSET', P .. 'resv', field,
       cjson.encode({a = agent, s = session, pr = prio, u = NOW + tonumber(reserve), i = items}))
   end
+  if audit == 'a' then
+    entry('lease.denied', agent, session, denied_text(status, intents, blockers, wait))
+  end
   return finish({st = status, now = int(NOW), granted = {}, blockers = blockers,
                  wait = wait or cjson.null, expired = rows(expired)})
 end
@@ -136,6 +148,10 @@ for i, it in ipairs(intents) do
   redis.call('ZADD', P .. 'fencelex', 0, it.k)
   granted[i] = {id, agent, session, it.k, it.p, prio, int(token), int(NOW), int(expires),
                 ARGV[7], 'ACTIVE', cjson.null}
+  if AUDIT then
+    entry('lease.granted', agent, session,
+          granted_text(id, it.k, it.p, token, expires, attempts, waited))
+  end
 end
 if ARGV[9] == '1' then redis.call('HDEL', P .. 'resv', field) end
 return finish({st = 'GRANTED', now = int(NOW), granted = granted, blockers = {},
@@ -170,12 +186,14 @@ return finish({st = status, now = int(NOW), granted = {}, blockers = blockers,
 #: ARGV[5] lease id, [6] 'RELEASED' or 'REVOKED', [7] reason ('' none),
 #: [8] the calling store's token ('' none): an end publishes
 #: '<token> <resource>' on lease:wake, which wakes waiters in other processes
-#: (inside the script: the wake-up leaves once the end is committed).
+#: (inside the script: the wake-up leaves once the end is committed),
+#: [9] '1' to audit the end (see ``deactivate``), '' not.
 #: Returns {now, ended = row} | {now, expired = row} | {now} (not active).
 END = (
     PRELUDE
     + LIB
     + r"""
+AUDIT = ARGV[9] == '1'
 local l = load(ARGV[5])
 if not l or l.st ~= 'ACTIVE' then return finish({now = int(NOW)}) end
 if l.e <= NOW then
@@ -190,12 +208,14 @@ return finish({now = int(NOW), ended = row(l)})
 """
 )
 
-#: Renew (``Store.heartbeat``). ARGV[5] lease id, [6] ttl_ms ('' its own).
+#: Renew (``Store.heartbeat``). ARGV[5] lease id, [6] ttl_ms ('' its own),
+#: [7] '1' to audit an expiry it finds.
 #: Returns {now, ok = row} | {now, expired = row} | {now, ended = row} | {now}.
 HEARTBEAT = (
     PRELUDE
     + LIB
     + r"""
+AUDIT = ARGV[7] == '1'
 local l = load(ARGV[5])
 if not l then return finish({now = int(NOW)}) end
 if l.st == 'ACTIVE' and l.e <= NOW then
@@ -212,12 +232,13 @@ return finish({now = int(NOW), ok = row(l)})
 """
 )
 
-#: Read one lease, expiring it if due (``Store.get_lease``). ARGV[5] lease id.
-#: Returns {now, lease = row, expired = bool} or {now}.
+#: Read one lease, expiring it if due (``Store.get_lease``). ARGV[5] lease id,
+#: [6] '1' to audit the expiry. Returns {now, lease = row, expired = bool} or {now}.
 GET_LEASE = (
     PRELUDE
     + LIB
     + r"""
+AUDIT = ARGV[6] == '1'
 local l = load(ARGV[5])
 if not l then return finish({now = int(NOW)}) end
 local expired = false
@@ -230,11 +251,12 @@ return finish({now = int(NOW), lease = row(l), expired = expired})
 )
 
 #: Expire every ACTIVE lease past its expiry; drop stale reservations
-#: (``Store.sweep``). Returns {now, expired = rows}.
+#: (``Store.sweep``). ARGV[5] '1' to audit the expiries. Returns {now, expired = rows}.
 SWEEP = (
     PRELUDE
     + LIB
     + r"""
+AUDIT = ARGV[5] == '1'
 local due = {}
 load_all(redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', NOW), due)
 local expired = {}
@@ -378,7 +400,11 @@ return finish({})
 #: rec:<kind>:<key> hash v (version) s (status) b (body) n (creation seq);
 #: ridx:<kind> zset key by n (creation order); rst:<kind>:<status> the same,
 #: per status (list_records by status); rseq the creation counter.
-#: [11] the token of the record's lock (see RECORD_LOCK), released here.
+#: [11] the token of the record's lock (see RECORD_LOCK), released here,
+#: [12...] the audit entries the transition recorded (journal rows, see
+#: :mod:`.journal`): written only if the compare-and-set succeeds. 'keep'
+#: instead of 'put' writes the entries of a transition that left the record
+#: as it was (still under the version check).
 #: Returns {ok, count} (count: records of the kind, after a new one) or {ok = false}.
 RECORD_CAS = (
     PRELUDE
@@ -389,6 +415,8 @@ local lk = P .. 'rlock:' .. kind .. ':' .. key
 if redis.call('GET', lk) == ARGV[11] then redis.call('DEL', lk) end
 local cur = redis.call('HMGET', rk, 'v', 's', 'n')
 if (cur[1] or '0') ~= ARGV[7] then return finish({ok = false}) end
+for i = 12, #ARGV do ENTRIES[#ENTRIES + 1] = ARGV[i] end
+if ARGV[8] == 'keep' then return finish({ok = true, count = 0}) end
 if cur[2] and cur[2] ~= '' and cur[2] ~= ARGV[9] or ARGV[8] == 'del' then
   if cur[2] and cur[2] ~= '' then redis.call('ZREM', P .. 'rst:' .. kind .. ':' .. cur[2], key) end
 end
@@ -406,6 +434,16 @@ end
 if ARGV[9] ~= '' then redis.call('ZADD', P .. 'rst:' .. kind .. ':' .. ARGV[9], n, key) end
 redis.call('HSET', rk, 'v', tonumber(ARGV[7]) + 1, 's', ARGV[9], 'b', ARGV[10], 'n', n)
 return finish({ok = true, count = count})
+"""
+)
+
+#: Write audit entries of their own (``Store.append_journal``): ARGV[5...]
+#: journal rows. Returns {j = their seqs}.
+JOURNAL = (
+    PRELUDE
+    + r"""
+for i = 5, #ARGV do ENTRIES[#ENTRIES + 1] = ARGV[i] end
+return finish({})
 """
 )
 

@@ -22,10 +22,14 @@ ancestors) and handed to the script.
   Redis ran it is audited and given back, or it is marked done unrun.
 * **Persistence.** Opening warns (once per server) when Redis keeps
   nothing across a restart (no AOF, no RDB): leases would be forgotten.
-* **Audit.** ``durable_journal = False``: the engine keeps the audit trail
-  in process, and the store calls ``lease_hooks`` after each decision as
-  the memory store does. The durable Redis audit chain (entries appended in
-  the decision's script) is a follow-up of issue 13.
+* **Audit** (``durable_journal``): every decision's audit entries are
+  written by the decision's own script, so a decision a caller has seen
+  has its entries, and one that never reached Redis has none
+  (:mod:`.journal`). The lease scripts write the lease entries themselves
+  when the engine audits leases (``lease_hooks`` is set; the store never
+  calls the hooks); a record's entries travel with its compare-and-set.
+  Any process seals them into the one chain of the namespace
+  (:mod:`klockwork.core.audit.redis`).
 * **Waiters** in other processes learn of a release without polling: the
   release script publishes the resource on the namespace's ``lease:wake``
   channel and each store's listener thread (:class:`.lease_wake.LeaseWakeListener`,
@@ -87,6 +91,7 @@ from klockwork.core.stores.redis.codec import (
     rows,
 )
 from klockwork.core.stores.redis.connection import RedisConnection
+from klockwork.core.stores.redis.journaling import RedisJournal
 from klockwork.core.stores.redis.lease_wake import LeaseWakeups
 from klockwork.core.stores.redis.records import RedisRecords
 from klockwork.core.stores.redis.unknown import UnknownOutcomes
@@ -97,7 +102,7 @@ __all__ = ["RedisStore"]
 _DECIDE = "decide a lease request"
 
 
-class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, LeaseWakeups, Store):
+class RedisStore(RedisBus, RedisRecords, RedisJournal, UnknownOutcomes, LeaseWakeups, Store):
     """A store on one Redis server (or one Cluster shard per namespace), shared by machines.
 
     Args:
@@ -118,9 +123,8 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, LeaseWakeups, Store):
 
     cross_process = True
     blocking_io = True
-    # The Redis audit chain is a follow-up: the engine keeps its audit log in
-    # process, fed by lease_hooks as for the memory store.
-    durable_journal = False
+    # Audit entries are written by the decisions' scripts (see journal.py).
+    durable_journal = True
 
     def __init__(
         self, url: str, *, server_time: bool = True, retain_inactive: int = DEFAULT_RETAIN
@@ -140,6 +144,7 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, LeaseWakeups, Store):
         self._ids_lock = threading.Lock()
         self._closed = False
         self._init_unknown()
+        self._init_journal()
         self._init_lease_wakeups()
         #: The namespace incarnation this store opened (see scripts.BORN): it
         #: grants only there. None until learned (opened on a read-only replica).
@@ -164,6 +169,15 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, LeaseWakeups, Store):
 
     def __repr__(self) -> str:
         return f"RedisStore({self._conn.url!r})"
+
+    @property
+    def redis_connection(self) -> RedisConnection:
+        """The connection to the server (the audit chain's sealer and readers share it)."""
+        return self._conn
+
+    def _audit_flag(self) -> str:
+        """'1' when the scripts write lease entries: the engine audits leases."""
+        return "" if self.lease_hooks is None else "1"
 
     # -- plumbing: one call of a script, sync or async ------------------------------------
     def _new_ids(self, n: int) -> list[str]:
@@ -328,12 +342,23 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, LeaseWakeups, Store):
         if self._born is None:
             self._born = self._learn_born()  # a read-only replica still says so here
         args.append(self._born)
+        args += self._acquire_audit(request)
         return args
 
-    def _acquire_done(
-        self, request: AcquireRequest, res: Any
-    ) -> tuple[AcquireOutcome, BaseException | None]:
-        """Parse the acquire script's reply and record it (hooks); the error a hook raised."""
+    def _acquire_audit(self, request: AcquireRequest) -> list[str]:
+        """What the acquire script audits: as ``LeaseAudit.decided`` would (see ACQUIRE)."""
+        if self.lease_hooks is None:
+            return ["", "", ""]
+        tries = request.tries
+        if tries is None:  # a single try: its outcome, granted or refused
+            return ["a", "", ""]
+        if tries.count == 0 or self.clock is None:  # a blocking acquire's first try
+            return ["g", "", ""]
+        # A grant after waiting says how long (known now: the script takes no longer).
+        return ["g", str(tries.count + 1), str(tries.waited_ms(self.clock))]
+
+    def _acquire_done(self, request: AcquireRequest, res: Any) -> AcquireOutcome:
+        """Parse the acquire script's reply (its entries are written: wake the sealer)."""
         if "lost" in res:
             raise StoreUnavailableError(
                 f"redis store {self._conn.url} lost its data since it was opened (a restart "
@@ -350,19 +375,10 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, LeaseWakeups, Store):
                     revoked_at=int(res["revoked"]),
                 )
             )
-        outcome, expired, now = acquire_outcome(res)
-        failed: BaseException | None = None
-        hooks = self.lease_hooks
-        if hooks is not None:
-            if request.now_ms != now:  # the server's time decided: the audit says so
-                request = request._replace(now_ms=now)
-            self._hook_expired(expired, now)
-            try:
-                hooks.decided(request, outcome)
-            except BaseException as exc:  # nothing stays granted without its entry
-                failed = exc
+        outcome, expired, _ = acquire_outcome(res)
+        self._journaled(res)
         self._report_expired(expired)
-        return outcome, failed
+        return outcome
 
     def try_acquire(self, request: AcquireRequest) -> AcquireOutcome:
         rid = self._new_ids(1)[0]
@@ -372,12 +388,7 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, LeaseWakeups, Store):
         except StoreUnavailableError as exc:
             self._remember_unknown(rid, request, exc)  # Redis may still run it: see unknown.py
             raise
-        outcome, failed = self._acquire_done(request, res)
-        if failed is not None:
-            for rec in outcome.granted:  # take the grant back, unaudited (as memory's _undo)
-                self._call(scripts.END, [rec.lease_id, "RELEASED", "", ""], "undo a grant")
-            raise failed
-        return outcome
+        return self._acquire_done(request, res)
 
     async def atry_acquire(self, request: AcquireRequest) -> AcquireOutcome:
         rid = self._new_ids(1)[0]
@@ -387,53 +398,39 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, LeaseWakeups, Store):
         except StoreUnavailableError as exc:
             self._remember_unknown(rid, request, exc)
             raise
-        outcome, failed = self._acquire_done(request, res)
-        if failed is not None:
-            for rec in outcome.granted:
-                await self._acall(scripts.END, [rec.lease_id, "RELEASED", "", ""], "undo a grant")
-            raise failed
-        return outcome
+        return self._acquire_done(request, res)
 
     # -- release, revoke, heartbeat -------------------------------------------------------------
-    def _end_done(self, res: Any, kind: str) -> LeaseRecord | None:
-        now = int(res["now"])
+    def _end_done(self, res: Any) -> LeaseRecord | None:
+        self._journaled(res)  # the end (or the expiry it found) is audited by the script
         if "expired" in res:
-            rec = lease_record(res["expired"])
-            self._hook_expired([rec], now)
-            self._report_expired([rec])
+            self._report_expired([lease_record(res["expired"])])
             return None
         if "ended" not in res:
             return None
-        rec = lease_record(res["ended"])
-        if self.lease_hooks is not None:
-            self.lease_hooks.ended(kind, rec, now)
-        return rec
+        return lease_record(res["ended"])
 
     def release(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
-        args = [lease_id, "RELEASED", "", self._lease_token]
-        res = self._call(scripts.END, args, "release a lease", now_ms)
-        return self._end_done(res, "lease.released")
+        args = [lease_id, "RELEASED", "", self._lease_token, self._audit_flag()]
+        return self._end_done(self._call(scripts.END, args, "release a lease", now_ms))
 
     async def arelease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
-        args = [lease_id, "RELEASED", "", self._lease_token]
-        res = await self._acall(scripts.END, args, "release a lease", now_ms)
-        return self._end_done(res, "lease.released")
+        args = [lease_id, "RELEASED", "", self._lease_token, self._audit_flag()]
+        return self._end_done(await self._acall(scripts.END, args, "release a lease", now_ms))
 
     def revoke(self, lease_id: str, reason: str, now_ms: int) -> LeaseRecord | None:
-        args = [lease_id, "REVOKED", reason, self._lease_token]
-        res = self._call(scripts.END, args, "revoke a lease", now_ms)
-        return self._end_done(res, "lease.revoked")
+        args = [lease_id, "REVOKED", reason, self._lease_token, self._audit_flag()]
+        return self._end_done(self._call(scripts.END, args, "revoke a lease", now_ms))
 
     def _heartbeat_args(self, lease_id: str, ttl_ms: int | None) -> list[str]:
-        return [lease_id, "" if ttl_ms is None else str(ttl_ms)]
+        return [lease_id, "" if ttl_ms is None else str(ttl_ms), self._audit_flag()]
 
     def _heartbeat_done(self, lease_id: str, res: Any) -> LeaseRecord:
         if "ok" in res:
             return lease_record(res["ok"])
         if "expired" in res:
             rec = lease_record(res["expired"])
-            now = int(res["now"])
-            self._hook_expired([rec], now)
+            self._journaled(res)
             self._report_expired([rec])
             raise_unless_active(rec)
         if "ended" in res:
@@ -454,12 +451,13 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, LeaseWakeups, Store):
 
     # -- reads --------------------------------------------------------------------------------
     def get_lease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
-        res = self._call(scripts.GET_LEASE, [lease_id], "read a lease", now_ms)
+        args = [lease_id, self._audit_flag()]
+        res = self._call(scripts.GET_LEASE, args, "read a lease", now_ms)
         if "lease" not in res:
             return None
         rec = lease_record(res["lease"])
         if res["expired"]:
-            self._hook_expired([rec], int(res["now"]))
+            self._journaled(res)
             self._report_expired([rec])
         return rec
 
@@ -493,9 +491,9 @@ class RedisStore(RedisBus, RedisRecords, UnknownOutcomes, LeaseWakeups, Store):
         self._call(scripts.UNRESERVE, [agent_id, session_id], "drop a reservation")
 
     def sweep(self, now_ms: int) -> list[LeaseRecord]:
-        res = self._call(scripts.SWEEP, [], "sweep expired leases", now_ms)
+        res = self._call(scripts.SWEEP, [self._audit_flag()], "sweep expired leases", now_ms)
         expired = [lease_record(r) for r in rows(res["expired"])]
-        self._hook_expired(expired, int(res["now"]))
+        self._journaled(res)
         self._report_expired(expired)
         return expired
 

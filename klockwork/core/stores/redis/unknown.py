@@ -8,15 +8,15 @@ request: a frozen server runs what it had received when it resumes::
     1. try_acquire sends ACQUIRE (request id R); the server is frozen
     2. the reply never comes, nor that of the retry: StoreUnavailableError
     3. the server resumes and runs ACQUIRE: a lease is ACTIVE on Redis
-       that its caller never saw, and the audit trail (fed by replies) never
-       heard of
+       that its caller never saw (audited: the script wrote its entry)
 
 So the store remembers R and, at its next call (or from a thread every
 ``RETRY_S``, until Redis answers), asks the server what became of it (:data:`.scripts.RESOLVE`):
-either R ran, and its stored outcome comes back — a grant is then recorded
-(``lease_hooks``) and released at once, since nobody holds it — or R did
-not run, and R is marked done for an hour, so that it changes nothing if it
-arrives later. Either way no grant stays on Redis without its audit entry.
+either R ran, and its stored outcome comes back — a grant is then released
+at once, since nobody holds it (the release script audits that too) — or R
+did not run, and R is marked done for an hour, so that it changes nothing
+if it arrives later. Either way no grant stays held by nobody, and every
+grant Redis made has its audit entry.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from klockwork.core.model import VerdictStatus
-from klockwork.core.stores.base import AcquireRequest, LeaseHooks
+from klockwork.core.stores.base import AcquireRequest
 from klockwork.core.stores.redis import scripts
 from klockwork.core.stores.redis.codec import acquire_outcome, lease_record
 
@@ -53,14 +53,13 @@ class UnknownOutcomes:
     _closed: bool
     _lease_token: str
     _prefix: str
-    lease_hooks: LeaseHooks | None
 
     def _init_unknown(self) -> None:
         self._unknown: list[tuple[str, AcquireRequest]] = []
         self._unknown_lock = threading.Lock()
         # Held while a resolution runs: a call waits for it (it must not see a
         # grant that is about to be given back), see _check_unknown. Reentrant:
-        # what the hooks of a resolution call may call the store again.
+        # the expiry listener a resolution calls may call the store again.
         self._resolve_lock = threading.RLock()
         #: True while a resolution runs (calls then wait for it).
         self.resolving = False
@@ -77,7 +76,9 @@ class UnknownOutcomes:
 
         def _raw_list(self, source: str, argv: list[str]) -> list[Any]: ...
 
-        def _hook_expired(self, records: Sequence[LeaseRecord], now_ms: int) -> None: ...
+        def _journaled(self, res: Any) -> None: ...
+
+        def _audit_flag(self) -> str: ...
 
         def _report_expired(self, records: Sequence[LeaseRecord]) -> None: ...
 
@@ -137,29 +138,25 @@ class UnknownOutcomes:
             for (_, request), res in zip(batch, outcomes, strict=True):
                 try:
                     self._settle(request, res)
-                except Exception:  # a hook failed: logged, never tried twice
-                    _log.exception("could not record a lost lease request's outcome")
+                except Exception:  # a listener failed: logged, never tried twice
+                    _log.exception("could not settle a lost lease request's outcome")
 
     def _settle(self, request: AcquireRequest, res: Any) -> None:
-        """Record what a request whose caller never heard did, and undo its grant."""
+        """Give back the grant of a request whose caller never heard (its script audited it)."""
         if "abandoned" in res or "revoked" in res or "lost" in res:
             return  # it changed nothing
         outcome, expired, now = acquire_outcome(res)
-        self._hook_expired(expired, now)
+        self._journaled(res)
         self._report_expired(expired)
         if outcome.status is not VerdictStatus.GRANTED:
-            return  # a refusal nobody saw: nothing to record (its reservation expires)
-        hooks = self.lease_hooks
-        if hooks is not None:  # it committed: it is audited
-            hooks.decided(request._replace(now_ms=now), outcome)
+            return  # a refusal nobody saw (its reservation expires)
         try:
-            for rec in outcome.granted:  # and given back: nobody holds it
-                args = [rec.lease_id, "RELEASED", "", self._lease_token]
+            for rec in outcome.granted:  # given back: nobody holds it
+                args = [rec.lease_id, "RELEASED", "", self._lease_token, self._audit_flag()]
                 ended = self._raw(scripts.END, self._argv(args, now, True))
+                self._journaled(ended)  # the release (or expiry) is audited by the script
                 if "expired" in ended:
-                    self._hook_expired([lease_record(ended["expired"])], int(ended["now"]))
-                elif "ended" in ended and hooks is not None:
-                    hooks.ended("lease.released", lease_record(ended["ended"]), int(ended["now"]))
+                    self._report_expired([lease_record(ended["expired"])])
                 self._lease_wake(rec.resource)  # this process's waiters (Pub/Sub skips ours)
-        except Exception:  # audited already: left to expire at its TTL, never recorded twice
+        except Exception:  # left to expire at its TTL (the expiry is audited then)
             _log.warning("could not give back a lease granted to a lost request", exc_info=True)

@@ -40,7 +40,12 @@ its connection drops:
    meanwhile: the outage cost them nothing;
 4. otherwise the listener wakes every waiter once: its next read fails
    (:class:`~klockwork.StoreUnavailableError`), instead of the outage going
-   unnoticed until its wait runs out.
+   unnoticed until its wait runs out (a waiter Redis still answers polls
+   until the subscription is back).
+
+A server that stops answering but keeps the connection open (frozen, or
+a network that drops packets) is not noticed here: the listener's socket
+stays silent, and its waiters learn of it when their wait ends.
 """
 
 from __future__ import annotations

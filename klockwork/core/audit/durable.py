@@ -50,6 +50,8 @@ _IDLE_EXIT_S = 30.0
 #: How long the sealer lets commits gather before sealing them in one transaction.
 _SEAL_DELAY_S = 0.05
 _RETRY_S = 0.2
+#: How many entries the sealer thread seals per call.
+_SEAL_BATCH = 1024
 
 
 class SealedChain(AuditBackend, Protocol):
@@ -176,7 +178,10 @@ class DurableAuditLog(AuditLog):
                 return
             self._seal_wanted.clear()
             try:
-                while self._sealed.seal_pending():
+                # Full batches at once; a partial one means it caught up: what
+                # was committed meanwhile gathers for the next round (sealing
+                # each trickle at once would cost a few round trips per entry).
+                while self._sealed.seal_pending(_SEAL_BATCH) >= _SEAL_BATCH:
                     pass
                 reported = None
             except Exception as exc:  # the entries are durable: try again later

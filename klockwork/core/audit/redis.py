@@ -55,11 +55,11 @@ return journal(KEYS[1], KEYS[2], ARGV)
 _SEAL = """
 if (redis.call('GET', KEYS[1]) or '0:') ~= ARGV[1] then return 0 end
 local n = tonumber(ARGV[3])
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 4, 3 + n))
+redis.call('HDEL', KEYS[3], unpack(ARGV, 4 + n, 3 + 2 * n))
 local k = 4
 for i = 1, n do
-  local line, seq = ARGV[3 + i], ARGV[3 + n + i]
-  redis.call('RPUSH', KEYS[2], line)
-  redis.call('HDEL', KEYS[3], seq)
+  local seq = ARGV[3 + n + i]
   for _ = 1, tonumber(ARGV[3 + 2 * n + i]) do
     redis.call('ZADD', KEYS[k], seq, seq)
     k = k + 1
@@ -70,6 +70,9 @@ return n
 """
 
 _EMPTY_HEAD = "0:"
+#: The most entries one seal takes (its script unpacks them as arguments,
+#: and Lua's stack holds some 8 000).
+_MAX_BATCH = 4096
 _READ_BATCH = 512
 
 
@@ -141,9 +144,14 @@ class RedisAuditBackend:
         with self._seal_lock, self._conn.translated("seal audit entries"):
             client = self._client
             while True:
-                raw_head = client.get(self._head_key)
+                # The head and the last seq handed out in one round trip: only
+                # the seqs between are asked for (an idle check costs one call).
+                raw_head, raw_last = client.mget(self._head_key, self._seq)
                 head_seq, head_hash = _head(raw_head)
-                wanted = list(range(head_seq + 1, head_seq + 1 + max(1, limit)))
+                last = min(int(raw_last or 0), head_seq + max(1, min(limit, _MAX_BATCH)))
+                if last <= head_seq:
+                    return 0
+                wanted = list(range(head_seq + 1, last + 1))
                 found = client.hmget(self._pending, wanted)
                 rows: list[tuple[int, list[Any]]] = []
                 for seq, raw in zip(wanted, found, strict=True):

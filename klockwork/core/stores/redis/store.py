@@ -520,9 +520,9 @@ def _warn_if_volatile(conn: RedisConnection) -> None:
 
     With neither AOF nor RDB snapshots, a restart forgets every lease (a
     holder's lease vanishes and someone else is granted the resource),
-    approval and message. A server that does not let us read its
-    configuration (``CONFIG`` renamed, as on managed services) is not
-    second-guessed.
+    approval, message and the audit chain. A server that does not let us
+    read its configuration (``CONFIG`` renamed, as on managed services) is
+    not second-guessed.
     """
     import redis
 
@@ -537,8 +537,8 @@ def _warn_if_volatile(conn: RedisConnection) -> None:
     _VOLATILE_WARNED.add(where)
     warnings.warn(
         f"redis store {where}: the server runs without persistence (appendonly no, "
-        "save ''): a restart loses every lease, approval and bus message, and a holder's "
-        "lease may then be granted to another agent. Turn on AOF (appendonly yes, "
+        "save ''): a restart loses every lease, approval, bus message and audit entry, "
+        "and a holder's lease may then be granted to another agent. Turn on AOF (appendonly yes, "
         "appendfsync everysec or always) on a server klockwork relies on.",
         KlockworkWarning,
         stacklevel=3,

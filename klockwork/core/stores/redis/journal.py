@@ -28,6 +28,7 @@ A row is the JSON text ``[ts, kind, agent_id, session_id, data text]``.
 from __future__ import annotations
 
 import json
+import json.encoder
 from collections.abc import Sequence
 
 from klockwork.core.stores.base import JournalRow
@@ -37,18 +38,45 @@ __all__ = ["ENTRY_LUA", "JOURNAL_LUA", "journal_args"]
 #: Append journal rows (a Lua snippet other scripts may include): ``rows`` is
 #: a list of JSON texts ``[ts, kind, agent_id, session_id, data text]``;
 #: returns the seqs they were given. Gapless: a script that runs it either
-#: completes (every seq has its row) or was never applied.
+#: completes (every seq has its row) or was never applied. Two calls for
+#: any number of rows (up to 1 000; then one HSET per 1 000 more).
 JOURNAL_LUA = """
 local function journal(seq_key, pending_key, rows)
+  local n = #rows
+  local first = redis.call('INCRBY', seq_key, n) - n
   local seqs = {}
-  for i = 1, #rows do
-    local seq = redis.call('INCR', seq_key)
-    redis.call('HSET', pending_key, seq, rows[i])
-    seqs[i] = seq
+  for from = 1, n, 1000 do
+    local fields = {}
+    for i = from, math.min(from + 999, n) do
+      seqs[i] = first + i
+      fields[#fields + 1] = first + i
+      fields[#fields + 1] = rows[i]
+    end
+    redis.call('HSET', pending_key, unpack(fields))
   end
   return seqs
 end
 """
+
+
+def _lua_text(text: str) -> str:
+    """``text`` as a Lua string literal: printable ASCII as it is, any other byte as ``\\ddd``."""
+    return (
+        "'"
+        + "".join(ch if " " <= ch <= "~" and ch not in "'\\" else f"\\{ord(ch):03d}" for ch in text)
+        + "'"
+    )
+
+
+#: Python's own escapes (``json.encoder.ESCAPE_DCT``, which ``encode_basestring``
+#: applies: every character below 0x20, ``"`` and ``\\``) as a Lua table constructor.
+_ESCAPES = (
+    "{"
+    + ", ".join(
+        f"[{_lua_text(k)}] = {_lua_text(v)}" for k, v in sorted(json.encoder.ESCAPE_DCT.items())
+    )
+    + "}"
+)
 
 #: The lease entries a script writes (included in every lease script, after
 #: PRELUDE, which declares ``NOW``, ``ENTRIES`` and ``AUDIT``). Each text is
@@ -56,17 +84,22 @@ end
 #: and ended leases, ``Denied.__audit_json__`` for a refusal): keys sorted,
 #: no spaces, strings as :func:`json.encoder.encode_basestring` writes them.
 #: (Redis's ``cjson`` is no substitute: it escapes ``/``.)
-ENTRY_LUA = r"""
+ENTRY_LUA = (
+    r"""
 -- json.encoder.encode_basestring: '"' and '\' escaped, \b \f \n \r \t short,
--- every other byte below 0x20 as \u00xx; all else (UTF-8) as it is.
-local JSON_ESC = {['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f',
-                  ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t'}
-for c = 0, 31 do
-  local ch = string.char(c)
-  if not JSON_ESC[ch] then JSON_ESC[ch] = string.format('\\u%04x', c) end
-end
+-- every other byte below 0x20 as \u00xx; all else (UTF-8) as it is. Quotes
+-- and backslashes by a pattern; the table of the rest (Python's own, see
+-- _ESCAPES) is built only for a text with a control character: every call
+-- of a script runs this library, and a table per call would cost more.
 local function jstr(s)
-  return '"' .. string.gsub(s, '[%z\1-\31"\\]', JSON_ESC) .. '"'
+  if not string.find(s, '[%z\1-\31"\\]') then return '"' .. s .. '"' end
+  s = string.gsub(s, '["\\]', '\\%0')
+  if string.find(s, '[%z\1-\31]') then
+    s = string.gsub(s, '[%z\1-\31]', """
+    + _ESCAPES
+    + r""")
+  end
+  return '"' .. s .. '"'
 end
 
 -- One journal row of this call, at its time: kind is a fixed ASCII name.
@@ -113,6 +146,7 @@ local function denied_text(status, intents, blockers, wait)
     .. wait_text .. '}'
 end
 """
+)
 
 
 def journal_args(rows: Sequence[JournalRow]) -> list[str]:

@@ -457,8 +457,9 @@ def bench_leases(
             "redis-py Lock(timeout=30).acquire(blocking=False) + release(), same server",
             f"≤ {LOCK_RATIO}x",
             LOCK_RATIO,
-            note=f"{pinned}; audited = two entries (granted, released) in the engine's "
-            "in-process audit log, sealed inside the batch (kw.audit.flush() timed); "
+            note=f"{pinned}; audited = two entries (granted, released) written by the lease "
+            "scripts with each decision, sealed into the namespace's chain by the engine's "
+            "sealer thread and at the end of each batch by kw.audit.flush() (timed); "
             f"commands per cycle: klockwork {rt['one']}, redis-py Lock {rt['lock']}",
         ),
         Row(

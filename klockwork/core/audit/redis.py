@@ -49,30 +49,36 @@ return journal(KEYS[1], KEYS[2], ARGV)
 """
 )
 
-# KEYS: head, lines, pending, then one index key per (line, field) in order.
-# ARGV: expected head, new head, count n, then n lines, then n seqs, then for
-# each line the number of its index keys.
+# KEYS: head, lines, pending, then the index keys of the batch's entries.
+# ARGV: expected head, new head, count n, first seq, then the n lines, then
+# for each index key: how many of the batch's seqs it takes, and those seqs.
+# One call per key, not per entry: a batch's entries share most of them.
 _SEAL = """
 if (redis.call('GET', KEYS[1]) or '0:') ~= ARGV[1] then return 0 end
-local n = tonumber(ARGV[3])
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 4, 3 + n))
-redis.call('HDEL', KEYS[3], unpack(ARGV, 4 + n, 3 + 2 * n))
-local k = 4
-for i = 1, n do
-  local seq = ARGV[3 + n + i]
-  for _ = 1, tonumber(ARGV[3 + 2 * n + i]) do
-    redis.call('ZADD', KEYS[k], seq, seq)
-    k = k + 1
+local n, first = tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 5, 4 + n))
+local seqs = {}
+for i = 1, n do seqs[i] = first + i - 1 end
+redis.call('HDEL', KEYS[3], unpack(seqs))
+local a = 5 + n
+for k = 4, #KEYS do
+  local count = tonumber(ARGV[a])
+  local members = {}
+  for i = 1, count do
+    members[2 * i - 1] = ARGV[a + i]
+    members[2 * i] = ARGV[a + i]
   end
+  redis.call('ZADD', KEYS[k], unpack(members))
+  a = a + count + 1
 end
 redis.call('SET', KEYS[1], ARGV[2])
 return n
 """
 
 _EMPTY_HEAD = "0:"
-#: The most entries one seal takes (its script unpacks them as arguments,
-#: and Lua's stack holds some 8 000).
-_MAX_BATCH = 4096
+#: The most entries one seal takes (its script unpacks an index's seqs as
+#: score-member pairs, and Lua's stack holds some 8 000 values).
+_MAX_BATCH = 2048
 _READ_BATCH = 512
 
 
@@ -164,16 +170,19 @@ class RedisAuditBackend:
                 for seq, (ts, kind, agent_id, session_id, data) in rows:
                     flat += (seq, ts, kind, agent_id, session_id, data, TEXT)
                 sealed, seal = encode_batch(flat, head_hash)
+                indexes: dict[tuple[str, str], list[int]] = {}
+                for seq, (_, kind, agent_id, session_id, _) in rows:
+                    for field in (("kind", kind), ("agent", agent_id), ("session", session_id)):
+                        if field[1] is not None:
+                            indexes.setdefault(field, []).append(seq)
                 keys = [self._head_key, self._lines, self._pending]
-                counts: list[int] = []
-                for _, (_, kind, agent_id, session_id, _) in rows:
-                    fields = [("kind", kind), ("agent", agent_id), ("session", session_id)]
-                    mine = [self.index_key(f, v) for f, v in fields if v is not None]
-                    keys += mine
-                    counts.append(len(mine))
+                keys += [self.index_key(*field) for field in indexes]
                 expected = raw_head.decode() if raw_head else _EMPTY_HEAD
-                args: list[Any] = [expected, f"{rows[-1][0]}:{seal}", len(rows)]
-                args += [r[8] for r in sealed] + [seq for seq, _ in rows] + counts
+                args: list[Any] = [expected, f"{rows[-1][0]}:{seal}", len(rows), rows[0][0]]
+                args += [r[8] for r in sealed]
+                for seqs in indexes.values():
+                    args.append(len(seqs))
+                    args += seqs
                 if self._conn.script(_SEAL)(keys=keys, args=args):
                     return len(rows)
                 # Another process sealed meanwhile: carry on from its head.

@@ -34,7 +34,7 @@ from klockwork.core.leases.acquiring import Tries
 from klockwork.core.leases.rules import parse_intents
 from klockwork.core.stores.base import AcquireRequest
 from klockwork.core.stores.redis.connection import RedisConnection
-from klockwork.core.stores.redis.journal import ENTRY_LUA
+from klockwork.core.stores.redis.journal import ENTRY_LUA, journal_args
 
 REDIS_URL = os.environ.get("KLOCKWORK_TEST_REDIS_URL", "")
 T0 = 1_000_000
@@ -136,6 +136,37 @@ def test_a_damaged_head_seals_nothing(url: str) -> None:
     with pytest.raises(AuditIntegrityError):
         backend.seal_pending()
     assert backend.pending() == 1
+    conn.close()
+
+
+def test_a_sealer_never_seals_rows_that_changed_after_it_read_them(url: str) -> None:
+    """A restart lost pending rows and their seqs were handed out again while a
+    sealer held the old rows: it seals what is pending now, not what it read."""
+    conn = RedisConnection(url)
+    backend = RedisAuditBackend(conn)
+    backend.journal(rows(3))
+    real, replaced = conn.script, []
+
+    def script(source: str) -> object:
+        found = real(source)
+        if "sha1hex" not in source or replaced:
+            return found
+
+        def run(**kwargs: object) -> object:
+            (newer,) = journal_args(rows(1, agent="after-restart"))
+            conn.sync.hset(backend._pending, 2, newer)  # seq 2 given to another entry
+            replaced.append(True)
+            return found(**kwargs)
+
+        return run
+
+    conn.script = script  # type: ignore[method-assign]
+    try:
+        assert backend.seal_pending() == 3
+    finally:
+        del conn.script
+    assert replaced and verify_lines(backend.lines(0, 10)).valid
+    assert [e.agent_id for e in backend.read(0, 10)] == ["a1", "after-restart", "a1"]
     conn.close()
 
 

@@ -27,6 +27,7 @@ the server's persistence keeps (see docs/stores.md).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Sequence
@@ -50,17 +51,23 @@ return journal(KEYS[1], KEYS[2], ARGV)
 )
 
 # KEYS: head, lines, pending, then the index keys of the batch's entries.
-# ARGV: expected head, new head, count n, first seq, then the n lines, then
-# for each index key: how many of the batch's seqs it takes, and those seqs.
-# One call per key, not per entry: a batch's entries share most of them.
+# ARGV: expected head, new head, count n, first seq, the SHA-1 of the pending
+# rows hashed (joined by newlines), then the n lines, then for each index
+# key: how many of the batch's seqs it takes, and those seqs. One call per
+# key, not per entry: a batch's entries share most of them.
+# Returns n, 0 if the head moved, -1 if the pending rows are not the ones
+# hashed (a restart lost them and seqs were handed out again): read again.
 _SEAL = """
 if (redis.call('GET', KEYS[1]) or '0:') ~= ARGV[1] then return 0 end
 local n, first = tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 5, 4 + n))
 local seqs = {}
 for i = 1, n do seqs[i] = first + i - 1 end
+local rows = redis.call('HMGET', KEYS[3], unpack(seqs))
+for i = 1, n do if not rows[i] then return -1 end end
+if redis.sha1hex(table.concat(rows, '\\n')) ~= ARGV[5] then return -1 end
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 6, 5 + n))
 redis.call('HDEL', KEYS[3], unpack(seqs))
-local a = 5 + n
+local a = 6 + n
 for k = 4, #KEYS do
   local count = tonumber(ARGV[a])
   local members = {}
@@ -160,10 +167,12 @@ class RedisAuditBackend:
                 wanted = list(range(head_seq + 1, last + 1))
                 found = client.hmget(self._pending, wanted)
                 rows: list[tuple[int, list[Any]]] = []
+                raws: list[bytes] = []
                 for seq, raw in zip(wanted, found, strict=True):
                     if raw is None:
                         break  # pending seqs are contiguous from the head
                     rows.append((seq, json.loads(raw)))
+                    raws.append(raw)
                 if not rows:
                     return 0
                 flat: list[Any] = []
@@ -178,14 +187,18 @@ class RedisAuditBackend:
                 keys = [self._head_key, self._lines, self._pending]
                 keys += [self.index_key(*field) for field in indexes]
                 expected = raw_head.decode() if raw_head else _EMPTY_HEAD
+                # The rows' digest: the script seals only the rows hashed here.
+                digest = hashlib.sha1(b"\n".join(raws), usedforsecurity=False).hexdigest()
                 args: list[Any] = [expected, f"{rows[-1][0]}:{seal}", len(rows), rows[0][0]]
+                args.append(digest)
                 args += [r[8] for r in sealed]
                 for seqs in indexes.values():
                     args.append(len(seqs))
                     args += seqs
-                if self._conn.script(_SEAL)(keys=keys, args=args):
+                if self._conn.script(_SEAL)(keys=keys, args=args) > 0:
                     return len(rows)
-                # Another process sealed meanwhile: carry on from its head.
+                # Another process sealed meanwhile (carry on from its head), or
+                # the rows changed under us (a restart): read them again.
 
     # -- reading ------------------------------------------------------------------
     def lines(self, after_seq: int, limit: int) -> list[bytes]:

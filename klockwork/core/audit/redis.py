@@ -148,11 +148,15 @@ class RedisAuditBackend:
 
         Any process may seal, any number of times: the result is the same
         chain. Sealing loses a race to another sealer by re-reading the head.
+        On a read-only replica nothing is sealed (0): the primary's
+        processes seal, and the replica serves the chain as replicated.
 
         Raises:
             AuditIntegrityError: the stored head is damaged (nothing sealed).
             StoreUnavailableError: Redis cannot answer.
         """
+        import redis
+
         self._check_open()
         with self._seal_lock, self._conn.translated("seal audit entries"):
             client = self._client
@@ -195,7 +199,13 @@ class RedisAuditBackend:
                 for seqs in indexes.values():
                     args.append(len(seqs))
                     args += seqs
-                if self._conn.script(_SEAL)(keys=keys, args=args) > 0:
+                try:
+                    done = self._conn.script(_SEAL)(keys=keys, args=args)
+                except redis.ReadOnlyError:
+                    # A replica seals nothing: its primary's processes do, and
+                    # readers here see the chain as far as they sealed it.
+                    return 0
+                if done > 0:
                     return len(rows)
                 # Another process sealed meanwhile (carry on from its head), or
                 # the rows changed under us (a restart): read them again.

@@ -1,12 +1,14 @@
 """The audit trail of a durable store: entries committed with their decisions, sealed after.
 
-On a store that keeps state across crashes (SQLite), "the decision
+On a store that keeps state across crashes (SQLite, Redis), "the decision
 committed" must mean "its audit entry committed too". So the entry is not
 queued in memory: it is written by the decision's own transaction —
 canonical data text and final ``seq``, no hash yet — into the store's
-``kw_audit_pending`` table (:meth:`~klockwork.core.stores.base.Store.journal_section`).
-Hashing stays off the caller's thread: a *sealer* chains pending entries
-into ``kw_audit`` in seq order, many per transaction, exactly as
+``kw_audit_pending`` table (:meth:`~klockwork.core.stores.base.Store.journal_section`);
+on Redis, by the decision's own script into ``audit:pending``
+(:mod:`klockwork.core.stores.redis.journal`). Hashing stays off the
+caller's thread: a *sealer* chains pending entries into ``kw_audit`` (on
+Redis ``audit:lines``) in seq order, many at a time, exactly as
 :mod:`klockwork.core.audit.chain` specifies.
 
 Timeline of the guarantees, with two processes A and B on one file::

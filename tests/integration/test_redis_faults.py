@@ -114,9 +114,9 @@ def assert_failed_closed(calls: list[Call], bound_s: float) -> None:
 # -- leases --------------------------------------------------------------------------------
 @dataclass
 class Looper:
-    """A thread acquiring one new resource after another until stopped."""
+    """A thread calling ``call(i)`` for i = 1, 2, ... until stopped, timing each call."""
 
-    kw: Klockwork
+    call: Callable[[int], Any]
     calls: list[Call] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -124,13 +124,21 @@ class Looper:
         i = 0
         while not self.stop.is_set():
             i += 1
-            resource = f"FILE:/loop/{i}"
-            acquire = self.kw.leases.try_acquire
-            self.calls.append(
-                timed(partial(acquire, "looper", "s", (resource, "MUTATES"), 120_000))
-            )
+            self.calls.append(timed(partial(self.call, i)))
             if self.calls[-1].error is not None:
                 time.sleep(0.005)  # down: keep asking, without spinning a CPU
+
+
+def acquiring(kw: Klockwork) -> Looper:
+    """A looper acquiring one new resource after another."""
+    return Looper(
+        lambda i: kw.leases.try_acquire("looper", "s", (f"FILE:/loop/{i}", "MUTATES"), 120_000)
+    )
+
+
+def gating(kw: Klockwork) -> Looper:
+    """A looper executing gates (each one audit entry)."""
+    return Looper(lambda i: kw.gates.execute("gater", "read", {"n": i}))
 
 
 def test_a_server_killed_mid_acquire_fails_closed_and_never_grants_twice(
@@ -150,7 +158,7 @@ def test_a_server_killed_mid_acquire_fails_closed_and_never_grants_twice(
     kw, other = engines(url), engines(url)
     held = kw.leases.try_acquire("holder", "s", ("FILE:/held", "MUTATES"), 120_000)
     assert held.granted
-    looper = Looper(kw)
+    looper = acquiring(kw)
     thread = threading.Thread(target=looper.run, daemon=True)
     thread.start()
     try:
@@ -366,27 +374,10 @@ def test_votes_while_the_server_is_down_fail_closed_and_count_once_after(
 
 
 # -- the audit trail -------------------------------------------------------------------------
-@dataclass
-class Gater:
-    """A thread executing gates in a loop (each one audit entry) until stopped."""
-
-    kw: Klockwork
-    calls: list[Call] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        i = 0
-        while not self.stop.is_set():
-            i += 1
-            self.calls.append(timed(partial(self.kw.gates.execute, "gater", "read", {"n": i})))
-            if self.calls[-1].error is not None:
-                time.sleep(0.005)
-
-
 def _killed_mid_gates(server: RedisServer, kw: Klockwork) -> list[str]:
     """Gate executes in a loop while the server is killed and restarted; the ids seen executed."""
     kw.policies.add(Policy(name="ok", action="read", effect=Effect.ALLOW))
-    gater = Gater(kw)
+    gater = gating(kw)
     thread = threading.Thread(target=gater.run, daemon=True)
     thread.start()
     try:

@@ -149,6 +149,10 @@ AUDIT_KINDS: frozenset[str] = frozenset(
         "chain.start",
         "chain.end",
         "llm.end",
+        # klockwork serve: API keys made and revoked, requests refused.
+        "key.created",
+        "key.revoked",
+        "access.denied",
     ]
 )
 #: ``prev_hash`` of the first entry.

@@ -1,0 +1,168 @@
+"""Who is asking: a request's identity comes from its API key, never from its body.
+
+A key is presented as ``Authorization: Bearer kw_...`` (or ``X-API-Key``),
+or, in the inbox, by the signed session cookie made at sign-in. Every
+refusal (no key, an unknown or revoked key, a role that may not do this)
+is answered 401/403 and recorded in the audit trail as ``access.denied``.
+
+Failed sign-ins are rate limited per client address: after
+``max_failures`` within ``window_s`` the address gets 429 (with
+``Retry-After``) for the rest of the window, whatever key it sends, so a
+key cannot be guessed by trying many.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+
+from klockwork.core.engine import Klockwork
+from klockwork.server.errors import ApiError
+from klockwork.server.keys import ApiKey, ApiKeys, Role
+
+__all__ = ["FailureLimiter", "Gatekeeper"]
+
+
+class FailureLimiter:
+    """Counts failed authentications per client address in a sliding window."""
+
+    def __init__(self, max_failures: int = 10, window_s: float = 60.0) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> deque[float]:
+        times = self._failures.setdefault(client, deque())
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        return times
+
+    def blocked_for(self, client: str) -> float:
+        """Seconds until ``client`` may try again (0: it may now)."""
+        now = time.monotonic()
+        with self._lock:
+            times = self._recent(client, now)
+            if len(times) < self.max_failures:
+                if not times:
+                    self._failures.pop(client, None)
+                return 0.0
+            return max(0.0, times[-self.max_failures] + self.window_s - now)
+
+    def failed(self, client: str) -> bool:
+        """Count one failure; True when this one reached the limit."""
+        now = time.monotonic()
+        with self._lock:
+            times = self._recent(client, now)
+            times.append(now)
+            if len(self._failures) > 100_000:  # bounded: forget the quietest addresses
+                for quiet in [c for c, t in self._failures.items() if len(t) <= 1][:50_000]:
+                    del self._failures[quiet]
+            return len(times) == self.max_failures
+
+
+def client_of(request: Request) -> str:
+    """The client's address (the socket's peer: no forwarded header is trusted)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
+def presented_key(request: Request) -> str | None:
+    """The key a request presents in its headers, if any."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return request.headers.get("x-api-key")
+
+
+class Gatekeeper:
+    """Authenticates requests and checks roles, auditing every refusal."""
+
+    def __init__(self, kw: Klockwork, keys: ApiKeys, limiter: FailureLimiter) -> None:
+        self._kw = kw
+        self.keys = keys
+        self.limiter = limiter
+        #: Set by the inbox: the key a session cookie stands for, if any.
+        self.session_key: Callable[[Request], ApiKey | None] = lambda request: None
+
+    def refuse(
+        self,
+        request: Request,
+        status: int,
+        type: str,
+        message: str,
+        key: ApiKey | None = None,
+        **extra: Any,
+    ) -> ApiError:
+        """Audit a refusal as ``access.denied`` and return the error to raise."""
+        data = {
+            "reason": type,
+            "method": request.method,
+            "path": request.url.path,
+            "client": client_of(request),
+            **extra,
+        }
+        if key is not None:
+            data.update(key_id=key.key_id, principal=key.principal, role=key.role)
+        # The principal is who asked, when known; it is not an agent id for a person.
+        agent = key.principal if key is not None and key.role == "agent" else None
+        self._kw.audit.record("access.denied", agent, None, data)
+        return ApiError(status, type, message)
+
+    def authenticate(self, request: Request) -> ApiKey:
+        """The active key of ``request``; raises 401 (or 429 when rate limited)."""
+        client = client_of(request)
+        wait = self.limiter.blocked_for(client)
+        if wait > 0:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many failed sign-ins from {client}; try again in {int(wait) + 1} s",
+                headers={"Retry-After": str(int(wait) + 1)},
+            )
+        presented = presented_key(request)
+        key = self.keys.authenticate(presented) if presented is not None else None
+        if key is None and presented is None:
+            # A session cookie signs in reads only: a cookie travels with
+            # requests other sites make, so it never authorises a change
+            # through /v1 (the inbox's forms carry a CSRF token instead).
+            safe = request.method in ("GET", "HEAD")
+            key = self.session_key(request) if safe else None
+            if key is None:
+                raise self.refuse(request, 401, "unauthenticated", "an API key is required")
+        if key is None:
+            limited = self.limiter.failed(client)
+            raise self.refuse(
+                request,
+                401,
+                "unauthenticated",
+                "unknown or revoked API key",
+                rate_limited=limited,
+            )
+        return key
+
+    def require(self, *roles: Role) -> Callable[[Request], ApiKey]:
+        """A FastAPI dependency: the request's key, if its role is one of ``roles``."""
+        allowed = frozenset(roles)
+
+        def dependency(request: Request) -> ApiKey:
+            key = self.authenticate(request)
+            if key.role not in allowed:
+                raise self.refuse(
+                    request,
+                    403,
+                    "forbidden",
+                    f"the {key.role} key may not do this (needs {' or '.join(roles)})",
+                    key,
+                )
+            request.state.key = key
+            return key
+
+        dependency.__name__ = f"require_{'_'.join(roles)}"
+        return dependency

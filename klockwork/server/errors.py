@@ -1,0 +1,132 @@
+"""Every refusal of the API as one JSON shape, with the status a client can act on.
+
+``{"error": {"type": ..., "message": ..., "argument": ...}}``: ``type`` is
+stable (a client branches on it), ``message`` is for people, ``argument``
+names the offending input when there is one. The engine's typed errors map
+one to one; nothing the engine raises on purpose becomes a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from klockwork.core.errors import (
+    ApprovalNotFoundError,
+    ApprovalTimeoutError,
+    CapabilityError,
+    InvalidRequestError,
+    KlockworkError,
+    LeaseExpiredError,
+    LeaseNotFoundError,
+    LeaseRevokedError,
+    LeaseTimeoutError,
+    NotAnApproverError,
+    StoreUnavailableError,
+)
+from klockwork.core.governance.approvals import ApprovalClosedError
+
+__all__ = ["ApiError", "ErrorBody", "ErrorDetail", "install_handlers"]
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable ``type``, a sentence, and the argument at fault."""
+
+    type: str
+    message: str
+    argument: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx/5xx answer of the API."""
+
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """A refusal raised by a route: ``status`` and the :class:`ErrorDetail` fields."""
+
+    def __init__(
+        self,
+        status: int,
+        type: str,
+        message: str,
+        argument: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.status = status
+        self.detail = ErrorDetail(type=type, message=message, argument=argument)
+        self.headers = headers
+        super().__init__(message)
+
+
+#: The engine's errors, most specific first: (class, status, type).
+_MAPPING: tuple[tuple[type[Exception], int, str], ...] = (
+    (ApprovalClosedError, 409, "approval_closed"),
+    (InvalidRequestError, 422, "invalid_request"),
+    (StoreUnavailableError, 503, "store_unavailable"),
+    (NotAnApproverError, 403, "not_an_approver"),
+    (CapabilityError, 403, "capability"),
+    (ApprovalNotFoundError, 404, "approval_not_found"),
+    (ApprovalTimeoutError, 408, "approval_timeout"),
+    (LeaseNotFoundError, 404, "lease_not_found"),
+    (LeaseExpiredError, 410, "lease_expired"),
+    (LeaseRevokedError, 410, "lease_revoked"),
+    (LeaseTimeoutError, 409, "lease_timeout"),
+    (KlockworkError, 409, "refused"),
+)
+
+
+def _answer(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> Any:
+    body = ErrorBody(error=detail).model_dump(mode="json")
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def engine_error(exc: Exception) -> ApiError:
+    """The :class:`ApiError` an engine error stands for."""
+    for cls, status, kind in _MAPPING:
+        if isinstance(exc, cls):
+            argument = exc.argument if isinstance(exc, InvalidRequestError) else None
+            return ApiError(status, kind, str(exc), argument)
+    return ApiError(500, "internal", "internal error")  # pragma: no cover - not an engine error
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Answer every refusal with an :class:`ErrorBody`."""
+
+    async def api_error(request: Request, exc: Exception) -> Any:
+        assert isinstance(exc, ApiError)
+        return _answer(exc.status, exc.detail, exc.headers)
+
+    async def klockwork_error(request: Request, exc: Exception) -> Any:
+        error = engine_error(exc)
+        return _answer(error.status, error.detail)
+
+    async def validation_error(request: Request, exc: Exception) -> Any:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        where = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        argument = ".".join(where) or None
+        message = first.get("msg", "invalid request")
+        if argument:
+            message = f"invalid {argument}: {message}"
+        return _answer(422, ErrorDetail(type="invalid_request", message=message, argument=argument))
+
+    async def http_error(request: Request, exc: Exception) -> Any:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+        return _answer(
+            exc.status_code,
+            ErrorDetail(type=kind, message=str(exc.detail)),
+            dict(exc.headers or {}),
+        )
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(KlockworkError, klockwork_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)

@@ -12,8 +12,10 @@ How each kind of fenced block is checked (the fence's language says which):
   (``kw.db`` with pending approvals, ``$APPROVAL_ID`` and ``$APPROVAL_ID_2``
   naming two of them) and an exported trail (``audit.jsonl``, with the
   checkpoint ``head.json``): the placeholders a reader fills in by hand.
-  ``make <target>`` lines are dry runs (``make -n``: the target exists; the
-  targets themselves are what CI runs), a benchmark command is checked
+  ``klockwork serve`` lines start the server on a free port, wait for it to
+  answer ``/v1/health`` and stop it with Ctrl-C; ``make <target>`` lines
+  are dry runs (``make -n``: the target exists; the targets themselves are
+  what CI runs), a benchmark command is checked
   against its ``--help`` (the script exists and takes those flags), and
   ``--follow`` gets Ctrl-C after two seconds;
 * ``text`` — not code (a file tree, a table of output): declared as such.
@@ -185,6 +187,25 @@ def _prepare_store(cwd: Path) -> dict[str, str]:
 
 _PRELUDE = """
 __kw_make() { make -n -C "$KW_ROOT" "$@" >/dev/null; }
+# `klockwork serve ...` runs until stopped: start it on a free port, wait
+# until it answers /v1/health, then stop it with Ctrl-C (it must exit 0).
+__kw_serve() {
+  local port; port=$("$KW_PYTHON" -c 'import socket; s = socket.socket()
+s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  klockwork serve "$@" --port "$port" 2>serve.err &
+  local pid=$!
+  "$KW_PYTHON" -c '
+import sys, time, urllib.request
+for _ in range(200):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v1/health", timeout=1).read()
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.1)
+sys.exit("klockwork serve did not answer /v1/health")' "$port" ||
+    { kill "$pid"; cat serve.err >&2; return 1; }
+  kill -INT "$pid"; wait "$pid"
+}
 __kw_bench() {
   local script=$1; shift
   local help; help=$("$KW_PYTHON" "$KW_ROOT/$script" --help)
@@ -204,6 +225,8 @@ def _shell_line(line: str) -> str:
         return "__kw_make " + " ".join(words[1:])
     if words[0].endswith("python") and len(words) > 1 and words[1].startswith("benchmarks/"):
         return "__kw_bench " + " ".join(shlex.quote(w) for w in words[1:])
+    if words[:2] == ["klockwork", "serve"]:
+        return "__kw_serve " + " ".join(shlex.quote(w) for w in words[2:] if w != "&")
     if words[0] == "klockwork" and ("--follow" in words or "-f" in words):
         return "timeout --preserve-status -s INT 2 " + line
     return line

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -29,16 +29,28 @@ __all__ = ["FailureLimiter", "Gatekeeper"]
 
 
 class FailureLimiter:
-    """Counts failed authentications per client address in a sliding window."""
+    """Counts failed authentications per client address in a sliding window.
 
-    def __init__(self, max_failures: int = 10, window_s: float = 60.0) -> None:
+    Memory is bounded: at most ``max_clients`` addresses are tracked; past
+    that, the address whose last failure is oldest is forgotten first (O(1)
+    per failure, so a flood from many addresses cannot make each failure
+    scan the table).
+    """
+
+    def __init__(
+        self, max_failures: int = 10, window_s: float = 60.0, max_clients: int = 100_000
+    ) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
-        self._failures: dict[str, deque[float]] = {}
+        self.max_clients = max_clients
+        # Least recently failed first: eviction pops from the front.
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def _recent(self, client: str, now: float) -> deque[float]:
-        times = self._failures.setdefault(client, deque())
+        times = self._failures.get(client)
+        if times is None:
+            times = self._failures[client] = deque(maxlen=self.max_failures)
         while times and times[0] <= now - self.window_s:
             times.popleft()
         return times
@@ -47,23 +59,28 @@ class FailureLimiter:
         """Seconds until ``client`` may try again (0: it may now)."""
         now = time.monotonic()
         with self._lock:
+            if client not in self._failures:
+                return 0.0
             times = self._recent(client, now)
             if len(times) < self.max_failures:
                 if not times:
-                    self._failures.pop(client, None)
+                    del self._failures[client]
                 return 0.0
-            return max(0.0, times[-self.max_failures] + self.window_s - now)
+            return max(0.0, times[0] + self.window_s - now)
 
-    def failed(self, client: str) -> bool:
-        """Count one failure; True when this one reached the limit."""
+    def failed(self, client: str) -> int:
+        """Count one failure; returns how many ``client`` made within the window.
+
+        The count saturates at ``max_failures`` (only the newest are kept).
+        """
         now = time.monotonic()
         with self._lock:
             times = self._recent(client, now)
             times.append(now)
-            if len(self._failures) > 100_000:  # bounded: forget the quietest addresses
-                for quiet in [c for c, t in self._failures.items() if len(t) <= 1][:50_000]:
-                    del self._failures[quiet]
-            return len(times) == self.max_failures
+            self._failures.move_to_end(client)
+            while len(self._failures) > self.max_clients:
+                self._failures.popitem(last=False)
+            return len(times)
 
 
 def client_of(request: Request) -> str:
@@ -88,6 +105,8 @@ class Gatekeeper:
         self._kw = kw
         self.keys = keys
         self.limiter = limiter
+        # Counts key-less refusals only to bound their audit entries (never 429).
+        self._keyless = FailureLimiter(limiter.max_failures + 1, limiter.window_s)
         #: Set by the inbox: the key a session cookie stands for, if any.
         self.session_key: Callable[[Request], ApiKey | None] = lambda request: None
 
@@ -135,9 +154,9 @@ class Gatekeeper:
             safe = request.method in ("GET", "HEAD")
             key = self.session_key(request) if safe else None
             if key is None:
-                raise self.refuse(request, 401, "unauthenticated", "an API key is required")
+                raise self.refuse_keyless(request, client)
         if key is None:
-            limited = self.limiter.failed(client)
+            limited = self.limiter.failed(client) >= self.limiter.max_failures
             raise self.refuse(
                 request,
                 401,
@@ -146,6 +165,21 @@ class Gatekeeper:
                 rate_limited=limited,
             )
         return key
+
+    def refuse_keyless(self, request: Request, client: str) -> ApiError:
+        """401 for a request with no key; audited up to the limiter's rate per address.
+
+        A request without a key is not a guess (it is not counted towards
+        429), but each would add an entry to the trail: past
+        ``max_failures`` within the window an address's key-less refusals
+        are answered without an entry each (the last entry says so), so
+        anonymous traffic cannot grow the audit trail without bound.
+        """
+        seen, audited = self._keyless.failed(client), self.limiter.max_failures
+        if seen > audited:
+            return ApiError(401, "unauthenticated", "an API key is required")
+        extra: dict[str, Any] = {"audit_paused": True} if seen == audited else {}
+        return self.refuse(request, 401, "unauthenticated", "an API key is required", **extra)
 
     def require(self, *roles: Role) -> Callable[[Request], ApiKey]:
         """A FastAPI dependency: the request's key, if its role is one of ``roles``."""

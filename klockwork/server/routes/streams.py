@@ -19,8 +19,10 @@ starts with what comes next.
   group is never read and stays, like any group, after the server stops.
 * ``GET /v1/audit/stream``: audit entries (``data`` as ``GET /v1/audit``
   returns them, ``id`` their seq). A decision of this process wakes the
-  stream at once; other processes' entries are found by asking every
-  :data:`POLL_S`.
+  stream at once (an engine listener: while one is open, each decision
+  also builds its event); other processes' entries, and entries no event
+  announces (``access.denied``, ``key.created``), are found by asking
+  every :data:`POLL_S`.
 
 The first line of a stream, ``retry: 3000``, is sent once the stream
 follows: nothing that happens after it is missed. The loops ask the store

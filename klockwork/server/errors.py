@@ -119,6 +119,9 @@ def install_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Any:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:  # a body FastAPI could not parse (not JSON, not UTF-8)
+            detail = ErrorDetail(type="invalid_request", message=str(exc.detail), argument="body")
+            return _answer(422, detail)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
         return _answer(
             exc.status_code,

@@ -159,6 +159,27 @@ def test_a_long_poll_that_runs_out_answers_the_pending_gate(client: TestClient, 
         assert bad.status_code == 422 and bad.json()["error"]["argument"] == "wait_s"
 
 
+def test_a_long_poll_ends_when_the_approval_expires(
+    kw: Klockwork, client: TestClient, keys: Keys
+) -> None:
+    kw.policies.add(
+        {
+            "name": "hotfix",
+            "action": "hotfix.*",
+            "effect": "require_approval",
+            "approval_timeout_s": 0.3,
+        }
+    )
+    event = _execute(client, keys.agent, "hotfix.prod")["result"]["audit_event_id"]
+    started = time.monotonic()
+    answer = client.get(f"/v1/gates/{event}", headers=bearer(keys.agent), params={"wait_s": 10})
+    assert time.monotonic() - started < 5  # the deadline, not wait_s, ended it
+    body = answer.json()
+    assert body["result"]["status"] == "denied" and body["pending"] is False
+    assert body["result"]["denial_reason"] == "APPROVAL_EXPIRED"
+    assert body["approval"]["status"] == "expired"
+
+
 def test_an_edit_shows_on_the_gate_it_replaced(client: TestClient, keys: Keys) -> None:
     asked = _execute(client, keys.agent, "deploy.prod", metadata={"version": "1.2"})
     edited = client.post(

@@ -93,12 +93,15 @@ class Decisions:
             raise ApiError(404, "approval_not_found", f"no approval {approval_id!r}", "approval_id")
         return approval
 
-    def check_may_decide(self, request: Request, approval: Approval, key: ApiKey) -> None:
-        """Refuse (403, audited) the person who runs the agent that asked."""
+    def runs_the_agent(self, approval: Approval, key: ApiKey) -> bool:
+        """True when the principal of ``key`` runs the agent that asked (or its root agent)."""
         keys = self._server.keys
         root = approval.requester.split("/", 1)[0]
-        owners = keys.owners_of(approval.requester) | keys.owners_of(root)
-        if key.principal in owners:
+        return key.principal in keys.owners_of(approval.requester) | keys.owners_of(root)
+
+    def check_may_decide(self, request: Request, approval: Approval, key: ApiKey) -> None:
+        """Refuse (403, audited) the person who runs the agent that asked."""
+        if self.runs_the_agent(approval, key):
             raise self._server.gatekeeper.refuse(
                 request,
                 403,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
+import threading
+import time
 
 import httpx
 import pytest
+import uvicorn
 from api_support import Keys
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -17,6 +21,33 @@ from klockwork.server.errors import ApiError
 from klockwork.server.inbox import Inbox
 from klockwork.server.inbox.events import Fingerprint, changed_sections, fingerprint
 from klockwork.server.inbox.forms import edited_arguments
+
+
+class LiveServer:
+    """uvicorn serving ``app`` on a free loopback port, in a thread (used as a context)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        # Live streams end when their clients leave: nothing keeps the server up.
+        assert not self.thread.is_alive(), "uvicorn did not stop"
+
 
 _CSRF = re.compile(r'name="csrf" value="([^"]*)"')
 
@@ -363,3 +394,18 @@ def test_the_stream_names_the_sections_that_changed(kw: Klockwork, app: FastAPI)
     kw.leases.acquire("merger", "s1", ("FILE:/a", "MUTATES"), 60_000)
     assert "leases" in changed_sections(after, fingerprint(inbox))
     assert changed_sections(after, after) == [] and isinstance(after, Fingerprint)
+
+
+def test_the_live_stream_wakes_the_page_when_something_changes(
+    kw: Klockwork, app: FastAPI, keys: Keys
+) -> None:
+    with LiveServer(app) as base, httpx.Client(base_url=base, timeout=10) as browser:
+        form = browser.get("/")
+        browser.post("/signin", data={"csrf": _token(form), "api_key": keys.approver})
+        with browser.stream("GET", "/inbox/events") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            events = (line for line in stream.iter_lines() if line.startswith("data: "))
+            assert json.loads(next(events)[6:]) == {"sections": []}  # ready
+            _pending(kw)
+            changed = json.loads(next(events)[6:])["sections"]
+            assert "pending" in changed and "audit" in changed

@@ -19,16 +19,14 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from klockwork import Klockwork
 from klockwork.server import create_app
+from server.test_inbox import LiveServer
 
 CHROMIUM = "/usr/bin/chromium"
 INSTALL = "apt-get install chromium chromium-driver"
@@ -78,34 +76,6 @@ while True:
     break
 kw.close()
 """
-
-
-class LiveServer:
-    """uvicorn serving ``app`` on a free loopback port, in a thread."""
-
-    def __init__(self, app: object) -> None:
-        config = uvicorn.Config(
-            app,  # type: ignore[arg-type]
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            timeout_graceful_shutdown=2,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ when the client goes away (checked on every tick) or the session ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -95,8 +96,12 @@ def add_events(api: APIRouter, inbox: Inbox) -> None:
         wake = asyncio.Event()
 
         def listener(event: GovernanceEvent) -> None:
-            # Runs on the deciding thread: only hand the news to the loop.
-            loop.call_soon_threadsafe(wake.set)
+            # Runs on the deciding thread: only hand the news to the loop, once
+            # per wake (a burst of decisions is one refetch), and never fail
+            # the decision if the loop has just closed.
+            if not wake.is_set():
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(wake.set)
 
         async def stream() -> AsyncIterator[bytes]:
             remove = kw.add_listener(listener)

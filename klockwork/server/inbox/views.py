@@ -82,14 +82,12 @@ class Views:
         view = self._inbox.decisions.view(approval)
         plain, nested = fields_of(approval.metadata)
         voted = next((d for d in approval.decisions if d.approver == key.principal), None)
-        root = approval.requester.split("/", 1)[0]
-        keys = self._inbox.server.keys
         why_not = ""
         if approval.status is not ApprovalStatus.PENDING:
             why_not = f"already {approval.status.value}"
         elif voted is not None:
             why_not = "you have voted on it"
-        elif key.principal in keys.owners_of(approval.requester) | keys.owners_of(root):
+        elif self._inbox.decisions.runs_the_agent(approval, key):
             why_not = f"you run {approval.requester}, the agent that asked: someone else decides"
         elif not is_eligible(approval, key.principal):
             why_not = "the policy does not name you among its approvers"

@@ -409,3 +409,21 @@ def test_the_live_stream_wakes_the_page_when_something_changes(
             _pending(kw)
             changed = json.loads(next(events)[6:])["sections"]
             assert "pending" in changed and "audit" in changed
+
+
+def test_forged_odd_or_expired_cookies_sign_nobody_in(kw: Klockwork, keys: Keys) -> None:
+    app = create_app(kw, ServerSettings(session_ttl_s=1.0))
+    _, secret = app.state.server.keys.create("bob", "approver")
+    with TestClient(app) as client:
+        _signed_in(client, secret)
+        good = client.cookies["kw_session"]
+        key_id, expires, nonce, mac = good.split(".")
+        forged = f"{key_id}.{int(expires) + 10**9}.{nonce}.{mac}"  # a longer session
+        time.sleep(1.05)  # the genuine cookie has expired by now
+        for cookie in (forged, "é.1.2.3", "1.2.3.é", "x", "." * 600, good):
+            # Raw bytes: a browser may send what httpx would refuse to encode.
+            headers = [(b"cookie", f"kw_session={cookie}".encode("latin-1"))]
+            with TestClient(app) as other:
+                page = other.get("/", headers=headers)
+                assert page.status_code == 200 and 'name="api_key"' in page.text, cookie
+                assert other.get("/v1/approvals", headers=headers).status_code == 401

@@ -150,8 +150,8 @@ def add_forms(api: APIRouter, inbox: Inbox) -> None:
         key = inbox.signed_in(request)
         if key is None:
             # Audited as any key-less request: bounded per address.
-            refused = gatekeeper.refuse_keyless(request, client_of(request))
-            refused.detail.message = "you are signed out: sign in again"
+            gatekeeper.refuse_keyless(request, client_of(request))
+            refused = ApiError(401, "unauthenticated", "you are signed out: sign in again")
             return inbox.renderer.error(request, refused, None)
 
         def checked() -> Response:

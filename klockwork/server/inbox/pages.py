@@ -9,7 +9,7 @@ the page shows the same.
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
 
 from klockwork.server.inbox.base import Inbox
 from klockwork.server.inbox.session import SESSION_COOKIE
@@ -85,6 +85,11 @@ def add_pages(api: APIRouter, inbox: Inbox) -> None:
     def audit_page(request: Request) -> Response:
         """The newest audit entries, and a button to verify the chain."""
         return show(request, "/audit")
+
+    @api.get("/signin")
+    def signin_form(request: Request) -> Response:
+        """The sign-in form lives at ``/`` (a bookmark of the form's target lands there)."""
+        return RedirectResponse("/", status_code=303)
 
     @api.get("/inbox/partials/{section}")
     def partial(section: str, request: Request) -> Response:

@@ -69,7 +69,7 @@ class Sessions:
         if not cookie or len(cookie) > 512:
             return None
         payload, _, mac = cookie.rpartition(".")
-        if not hmac.compare_digest(mac, self._mac("session", payload)):
+        if not hmac.compare_digest(mac.encode(), self._mac("session", payload).encode()):
             return None
         parts = payload.split(".")
         if len(parts) != 3 or not parts[1].isdigit():
@@ -200,7 +200,7 @@ class Sessions:
         if not cookie or len(cookie) > 4096:
             return None
         payload, _, mac = cookie.rpartition(".")
-        if not hmac.compare_digest(mac, self._mac("notice", payload)):
+        if not hmac.compare_digest(mac.encode(), self._mac("notice", payload).encode()):
             return None
         try:
             raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))

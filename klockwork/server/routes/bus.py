@@ -35,6 +35,7 @@ from klockwork.core.validation import MAX_KEY_CHARS, MAX_TEXT_CHARS
 from klockwork.server.context import Server
 from klockwork.server.errors import ErrorBody
 from klockwork.server.keys import ApiKey
+from klockwork.server.routes.leases import unless_disconnected
 
 __all__ = ["Ack", "Acked", "Nack", "Nacked", "Publish", "SubscribeBase", "consumer_of", "router"]
 
@@ -167,11 +168,14 @@ def router(server: Server) -> APIRouter:
         The group is created (start ``new``) on first use. An agent key's
         consumer is named after it (``builder:worker-1``). Ack what was
         processed: the rest comes back after the group's visibility timeout.
+        A client that hangs up while waiting takes nothing.
         """
         refuse_events(request, key, channel, publishing=False)
         consumer = consumer_of(key, body.consumer)
-        # The async twin waits without holding a worker thread or the loop.
-        return await bus.asubscribe(channel, body.group, consumer, body.max_messages, body.wait_s)
+        # The async twin waits without holding a worker thread or the loop;
+        # cancelled when the client leaves, it hands back what it took.
+        reading = bus.asubscribe(channel, body.group, consumer, body.max_messages, body.wait_s)
+        return await unless_disconnected(request, reading)
 
     # The body's bound on wait_s is this server's setting, so its model is
     # made here; FastAPI reads the annotation, which a local name under

@@ -12,12 +12,16 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -26,6 +30,7 @@ from support import ROOT
 from klockwork import ApprovalStatus, Klockwork, Policy
 from klockwork.cli import INVALID, OK, UNAVAILABLE, USAGE, main
 from klockwork.cli import serve as serve_command
+from klockwork.cli.remote import Remote
 from klockwork.cli.support import is_loopback
 
 pytestmark = pytest.mark.slow
@@ -380,3 +385,125 @@ def test_serve_loads_policies_that_the_api_then_applies(tmp_path: Path) -> None:
 )
 def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+Answer = tuple[int, dict[str, str], bytes]
+
+
+# -- the CLI's HTTP client against a stand-in server (what a real one rarely answers) ----
+class _Canned(BaseHTTPRequestHandler):
+    """Answers each path with the (status, headers, body) the test put in ``answers``."""
+
+    answers: ClassVar[dict[str, Answer]] = {}
+    seen: ClassVar[list[tuple[str, str, str | None]]] = []
+
+    def _answer(self) -> None:
+        path = self.path.split("?", 1)[0]
+        self.seen.append((self.command, self.path, self.headers.get("Authorization")))
+        status, headers, body = self.answers.get(path, (404, {}, b'{"error": {"type": "x"}}'))
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:  # quiet
+        pass
+
+
+@pytest.fixture
+def canned() -> Iterator[tuple[str, type[_Canned]]]:
+    class Handler(_Canned):
+        answers: ClassVar[dict[str, Answer]] = {}
+        seen: ClassVar[list[tuple[str, str, str | None]]] = []
+
+    stand_in = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=stand_in.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{stand_in.server_address[1]}", Handler
+    stand_in.shutdown()
+    stand_in.server_close()
+
+
+def _error(status: int, kind: str, argument: str | None = None) -> Answer:
+    body = {"error": {"type": kind, "message": f"said {kind}", "argument": argument}}
+    return status, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "said"),
+    [
+        (_error(401, "unauthenticated"), INVALID, "refused (401 unauthenticated): said"),
+        (_error(403, "forbidden"), INVALID, "refused (403 forbidden)"),
+        (_error(409, "approval_closed"), INVALID, "refused (409"),
+        (_error(429, "rate_limited"), INVALID, "refused (429"),
+        (_error(422, "invalid_request", "verdict"), INVALID, "said invalid_request"),
+        (_error(422, "invalid_request", "status"), USAGE, "said invalid_request"),
+        (_error(404, "approval_not_found"), USAGE, "said approval_not_found"),
+        (_error(404, "not_found"), USAGE, "is --server a klockwork server"),
+        (_error(503, "store_unavailable"), UNAVAILABLE, "could not answer (503"),
+        ((500, {}, b"Internal Server Error"), UNAVAILABLE, "Internal Server Error"),
+        ((200, {}, b"<html>a login page</html>"), UNAVAILABLE, "not JSON"),
+        ((200, {}, b'{"not": "a list"}'), UNAVAILABLE, "not a list of approvals"),
+        ((302, {"Location": "http://127.0.0.2:9/v1/approvals"}, b""), USAGE, "redirects to"),
+    ],
+)
+def test_the_server_answers_map_to_exit_codes(
+    canned: tuple[str, type[_Canned]],
+    here: Here,
+    answer: Answer,
+    code: int,
+    said: str,
+) -> None:
+    base, handler = canned
+    handler.answers["/v1/approvals"] = answer
+    done = here("approvals", "list", "--server", base + "/", "--api-key", "kw_secret")
+    assert done.returncode == code, done.stderr
+    assert said in done.stderr
+    # Asked once, with the key as a bearer token; a redirect is not followed.
+    assert handler.seen == [("GET", "/v1/approvals?status=pending", "Bearer kw_secret")]
+
+
+def test_which_of_server_and_store_a_command_uses(
+    canned: tuple[str, type[_Canned]], here: Here, tmp_path: Path
+) -> None:
+    base, handler = canned
+    handler.answers["/v1/leases"] = (200, {}, b"[]")
+    url = f"sqlite:///{tmp_path}/kw.db"
+    Klockwork.open(url).close()
+    # Both in the environment: the server (it only ever means the command line).
+    done = here("leases", KLOCKWORK_SERVER=base, KLOCKWORK_URL=url, KLOCKWORK_API_KEY="kw_k")
+    assert done.returncode == OK and "no active leases" in done.stdout
+    assert handler.seen == [("GET", "/v1/leases", "Bearer kw_k")]
+    # An explicit --url wins over $KLOCKWORK_SERVER: the store, and no request.
+    done = here("leases", "--url", url, KLOCKWORK_SERVER=base)
+    assert done.returncode == OK and len(handler.seen) == 1
+    # Filters travel as the API's query parameters.
+    done = here("leases", "--agent", "a1", "--resource", "FILE:/x", "--server", base,
+                KLOCKWORK_API_KEY="kw_k")  # fmt: skip
+    assert done.returncode == OK
+    assert handler.seen[-1][1] == "/v1/leases?agent_id=a1&resource=FILE%3A%2Fx"
+
+
+def test_a_server_that_is_not_there_or_not_http_is_refused(here: Here) -> None:
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = here("leases", "--server", f"http://127.0.0.1:{port}", KLOCKWORK_API_KEY="kw_k")
+    assert done.returncode == UNAVAILABLE and "did not answer" in done.stderr
+    for bad in ("127.0.0.1:8765", "ftp://127.0.0.1/", "http://"):
+        done = here("leases", "--server", bad, KLOCKWORK_API_KEY="kw_k")
+        assert done.returncode == USAGE and "--server takes" in done.stderr
+
+
+def test_a_key_sent_in_clear_text_off_this_machine_is_warned_about(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    Remote("http://approvals.example.com:8765", "kw_k")  # no request is made
+    assert "clear text" in capsys.readouterr().err
+    Remote("https://approvals.example.com", "kw_k")
+    Remote("http://127.0.0.1:8765", "kw_k")
+    assert capsys.readouterr().err == ""

@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
                     kw.policies.load(args.policies)
                 except InvalidRequestError as exc:
                     fail(USAGE, str(exc))
-            _check_keys(kw, args.host, url)
+            public = not is_loopback(args.host)
+            if public:
+                _require_a_key(kw, args.host, url)  # before anything listens
             sock = _bind(args.host, args.port)
             address = _address(sock)
             print(
@@ -133,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
                 f"klockwork: the approvals inbox: {address}/  (Ctrl-C stops the server)",
                 flush=True,
             )
+            if not public:
+                _first_key(kw)  # after the bind: no key is made for a server that cannot run
             settings = ServerSettings(secure_cookies=args.secure_cookies)
             _serve(uvicorn, create_app(kw, settings), sock, args.log_level)
     except (KeyboardInterrupt, _Stopped):
@@ -152,14 +156,20 @@ def _open(url: str, audit_key: str | None) -> Klockwork:
         fail(UNAVAILABLE, str(exc))
 
 
-def _check_keys(kw: Klockwork, host: str, url: str) -> None:
-    """Refuse a public bind without keys; on loopback, make the first admin key."""
+def _require_a_key(kw: Klockwork, host: str, url: str) -> None:
+    """Refuse a public bind while no key can sign in."""
+    try:
+        if ApiKeys(kw).any_active():
+            return
+    except StoreUnavailableError as exc:
+        fail(UNAVAILABLE, str(exc))
+    _refuse_public(host, url)
+
+
+def _first_key(kw: Klockwork) -> None:
+    """On a store that never had a key, make one admin key and print it once (stderr)."""
     keys = ApiKeys(kw)
     try:
-        if not is_loopback(host):
-            if not keys.any_active():
-                _refuse_public(host, url)
-            return
         if keys.list(include_revoked=True):
             return
         _, secret = keys.create("admin", "admin", label="made by klockwork serve (first start)")

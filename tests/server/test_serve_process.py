@@ -32,6 +32,7 @@ from klockwork.cli import INVALID, OK, UNAVAILABLE, USAGE, main
 from klockwork.cli import serve as serve_command
 from klockwork.cli.remote import Remote
 from klockwork.cli.support import is_loopback
+from klockwork.server.keys import ApiKeys
 
 pytestmark = pytest.mark.slow
 
@@ -324,6 +325,20 @@ def test_a_public_bind_is_refused_by_a_real_process_too(tmp_path: Path) -> None:
     assert done.returncode == USAGE
     assert "refusing to listen on 0.0.0.0" in done.stderr
     assert "klockwork keys create" in done.stderr
+
+
+def test_an_address_in_use_is_unavailable_and_makes_no_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/kw.db"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--url", url, "--port", port]) == UNAVAILABLE
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    with Klockwork.open(url) as kw:
+        assert ApiKeys(kw).list(include_revoked=True) == []
 
 
 def test_bad_serve_input_is_a_usage_error(

@@ -17,7 +17,7 @@
     klockwork bus groups [CHANNEL] [--json] [--url URL]
     klockwork bus channels [--json] [--url URL]
     klockwork serve --url URL [--host 127.0.0.1] [--port 8765] [--policies FILE]
-                    [--audit-key-env VAR] [--secure-cookies]
+                    [--audit-key-env VAR] [--secure-cookies] [--log-level LEVEL]
     klockwork keys create PRINCIPAL --role agent|approver|admin [--owner PERSON]
                           [--label TEXT] [--url URL] [--json]
     klockwork keys list [--all] [--json] [--url URL]
@@ -36,8 +36,9 @@ Exit codes a script can rely on:
        not decide this approval (the requester, a delegate of it, not among
        the policy's approvers, or already voted the other way); the approval
        is already decided or expired; with ``--server``, the server refused
-       the key (401 unknown or revoked, 403 its role may not, 409, 429 too
-       many failed sign-ins). Why is printed on stderr.
+       (401 an unknown or revoked key, 403 its role may not, 409 already
+       decided, 410 a lease that ended, 429 too many failed sign-ins). Why
+       is printed on stderr.
     2  bad usage or input: unknown option, unreadable file, no approver
        (``--approver`` or ``$KLOCKWORK_APPROVER``), an unknown approval id,
        no store URL (``--url`` or ``$KLOCKWORK_URL``), ``memory://`` or a

@@ -85,6 +85,14 @@
     });
     source.onerror = function () {
       if (badge) { badge.classList.add("off"); badge.textContent = "reconnecting"; }
+      if (source.readyState !== EventSource.CLOSED) return;  // the browser retries by itself
+      // Refused (e.g. the server restarted and the session ended): signed out, or try later.
+      fetch("/inbox/partials/pending", { credentials: "same-origin" })
+        .then(function (r) {
+          if (r.status === 401) window.location.assign("/");
+          else window.setTimeout(live, 5000);
+        })
+        .catch(function () { window.setTimeout(live, 5000); });
     };
   }
 

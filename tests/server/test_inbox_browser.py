@@ -113,6 +113,9 @@ def test_an_approver_edits_and_approves_in_the_browser_and_the_agent_goes_on(
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.set_default_timeout(30_000)
+            problems: list[str] = []  # script errors, CSP violations, failed loads
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
             page.goto(base + "/")
             page.get_by_label("API key").fill(approver_key)
             page.get_by_role("button", name="Sign in").click()
@@ -152,6 +155,7 @@ def test_an_approver_edits_and_approves_in_the_browser_and_the_agent_goes_on(
             page.get_by_text("You approved deploy.prod").wait_for()
 
             out, err = agent.communicate(timeout=60)
+            assert problems == []
         finally:
             browser.close()
             if agent is not None and agent.poll() is None:

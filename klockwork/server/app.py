@@ -23,6 +23,10 @@ def create_app(kw: Klockwork, settings: ServerSettings | None = None) -> FastAPI
     """
     server = Server(kw, settings or ServerSettings())
     app = FastAPI(
+        # FastAPI's /docs and /redoc pages load their scripts from a CDN: a
+        # server that fetches nothing from the internet serves the schema only.
+        docs_url=None,
+        redoc_url=None,
         title="klockwork",
         version=API_VERSION,
         summary="Leases, gates, approvals, the audit trail and the bus over HTTP.",

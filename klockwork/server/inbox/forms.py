@@ -68,10 +68,12 @@ def _plain_value(field: ArgumentField, raw: str) -> Any:
             return json.loads(text)
         except ValueError:
             return raw  # a word typed where nothing was: text
+    whole = isinstance(field.value, int)
     try:
-        number = int(text) if isinstance(field.value, int) else float(text)
+        number = int(text) if whole else float(text)
     except ValueError:
-        raise _invalid(field.name, f"{field.name}: {raw!r} is not a number") from None
+        kind = "a whole number" if whole else "a number"
+        raise _invalid(field.name, f"{field.name}: {raw!r} is not {kind}") from None
     if isinstance(number, float) and not math.isfinite(number):
         raise _invalid(field.name, f"{field.name}: {raw!r} is not a finite number")
     return number

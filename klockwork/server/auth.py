@@ -5,7 +5,7 @@ or, in the inbox, by the signed session cookie made at sign-in. Every
 refusal (no key, an unknown or revoked key, a role that may not do this)
 is answered 401/403 and recorded in the audit trail as ``access.denied``.
 
-Failed sign-ins are rate limited per client address: after
+Failed sign-ins are rate limited per client address (per /64 for IPv6): after
 ``max_failures`` within ``window_s`` the address gets 429 (with
 ``Retry-After``) for the rest of the window, whatever key it sends, so a
 key cannot be guessed by trying many.
@@ -13,6 +13,7 @@ key cannot be guessed by trying many.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections import OrderedDict, deque
@@ -47,6 +48,23 @@ class FailureLimiter:
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
         self._lock = threading.Lock()
 
+    @staticmethod
+    def bucket(client: str) -> str:
+        """What failures are counted under: the address, or its /64 for IPv6.
+
+        One IPv6 host usually holds a whole /64: counting each address
+        apart would give it 2**64 fresh budgets.
+        """
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return client
+        if isinstance(address, ipaddress.IPv6Address):
+            if address.ipv4_mapped is not None:
+                return str(address.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{address}/64", strict=False))
+        return str(address)
+
     def _recent(self, client: str, now: float) -> deque[float]:
         times = self._failures.get(client)
         if times is None:
@@ -57,7 +75,7 @@ class FailureLimiter:
 
     def blocked_for(self, client: str) -> float:
         """Seconds until ``client`` may try again (0: it may now)."""
-        now = time.monotonic()
+        client, now = self.bucket(client), time.monotonic()
         with self._lock:
             if client not in self._failures:
                 return 0.0
@@ -73,7 +91,7 @@ class FailureLimiter:
 
         The count saturates at ``max_failures`` (only the newest are kept).
         """
-        now = time.monotonic()
+        client, now = self.bucket(client), time.monotonic()
         with self._lock:
             times = self._recent(client, now)
             times.append(now)

@@ -129,7 +129,12 @@ def install_handlers(app: FastAPI) -> None:
             dict(exc.headers or {}),
         )
 
+    async def internal_error(request: Request, exc: Exception) -> Any:
+        # A bug, not a refusal: the error shape, and nothing of the exception.
+        return _answer(500, ErrorDetail(type="internal", message="internal error"))
+
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(KlockworkError, klockwork_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict
 
 from klockwork.core.engine import Klockwork
 from klockwork.core.errors import InvalidRequestError
-from klockwork.core.validation import check_identity
+from klockwork.core.validation import check_identity, same_identity
 
 __all__ = ["ROLES", "ApiKey", "ApiKeys", "KeyInfo", "Role"]
 
@@ -189,6 +189,21 @@ class ApiKeys:
             for k in self.list(include_revoked=True)
             if k.role == "agent" and k.principal == agent_id and k.owner is not None
         }
+
+    def runs(self, principal: str, agent_id: str) -> bool:
+        """True when ``principal`` owns ``agent_id`` or the root agent it was delegated from.
+
+        Compared as the engine compares who approves (:func:`same_identity`,
+        ignoring case): ``"Alice"`` runs what ``"alice"`` runs.
+        """
+        root = agent_id.split("/", 1)[0]
+        return any(
+            k.role == "agent"
+            and k.owner is not None
+            and (same_identity(k.principal, agent_id) or same_identity(k.principal, root))
+            and same_identity(k.owner, principal)
+            for k in self.list(include_revoked=True)
+        )
 
     def any_active(self) -> bool:
         """True when at least one key can sign in (``serve`` checks it before a public bind)."""

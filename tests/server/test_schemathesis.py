@@ -20,6 +20,7 @@ import pytest
 import schemathesis
 from api_support import Keys, bearer
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -98,6 +99,7 @@ def _fuzz(app: FastAPI, key: str, operation: str, mode: GenerationMode) -> None:
         max_examples=EXAMPLES,
         deadline=None,
         database=None,
+        derandomize=True,
         suppress_health_check=list(HealthCheck),
     )
     def run(case: Any) -> None:
@@ -124,3 +126,33 @@ def test_an_admin_key(fuzzed: tuple[FastAPI, Keys], operation: str, mode: Genera
 def test_an_agent_key(fuzzed: tuple[FastAPI, Keys], operation: str) -> None:
     app, keys = fuzzed
     _fuzz(app, keys.agent, operation, GenerationMode.POSITIVE)
+
+
+_INTENTS = [{"resource": "FILE:/a", "predicate": "MUTATES"}]
+#: A valid body of each operation with integer fields, and one such field.
+INTEGER_FIELDS = [
+    ("/v1/leases", {"session_id": "s", "intents": _INTENTS}, "ttl_ms"),
+    ("/v1/audit/verify", {"ts": 1, "seq": 0, "hash": "0" * 64}, "seq"),
+    ("/v1/bus/jobs/publish", {"payload": {}}, "deliver_at"),
+]  # fmt: skip
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the route bodies validate in pydantic's lax mode: true is taken for 1 "
+    "(ttl_ms true: a lease of 1 ms) and '5' for 5; Field(strict=True) on the number fields "
+    "refuses both (a strict model would refuse enum values too)",
+)
+@pytest.mark.parametrize(
+    ("path", "body", "field"), INTEGER_FIELDS, ids=[p for p, _, _ in INTEGER_FIELDS]
+)
+def test_a_boolean_is_no_integer(
+    fuzzed: tuple[FastAPI, Keys], path: str, body: dict[str, Any], field: str
+) -> None:
+    app, keys = fuzzed
+    with TestClient(app) as client:
+        assert client.post(path, headers=bearer(keys.admin), json=body).status_code == 200
+        for wrong in (True, "5"):
+            answer = client.post(path, headers=bearer(keys.admin), json={**body, field: wrong})
+            assert answer.status_code == 422, (field, wrong, answer.text)
+            assert answer.json()["error"]["argument"] == field

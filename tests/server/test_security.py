@@ -250,8 +250,8 @@ def test_the_requester_with_an_approver_key_of_its_own_name_is_refused(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="decisions.check_may_decide compares the owner exactly (key.principal in owners); "
-    "the engine counts 'Alice' as 'alice' (validation.same_identity)",
+    reason="decisions.runs_the_agent compares the owner exactly (key.principal in owners); "
+    "the engine counts 'Alice' as 'alice' (validation.same_identity); keys.runs() does not",
 )
 def test_the_owner_under_another_case_is_refused_too(
     app: FastAPI, kw: Klockwork, client: TestClient, keys: Keys
@@ -454,3 +454,41 @@ def test_a_presented_key_is_compared_in_constant_time(
     assert client.get("/v1/whoami", headers=bearer(f"kw_{key_id}_{'D' * 43}")).status_code == 401
     assert len(compared) == 2
     assert all(len(a) == len(b) == 64 for a, b in compared)  # digests, not the keys
+
+
+def test_an_ipv6_host_is_limited_by_its_64_not_per_address(kw: Klockwork, strict: FastAPI) -> None:
+    _, approver = _strict_keys(strict)
+    for n in range(3):  # three addresses of one /64: one budget
+        guesser = TestClient(strict, client=(f"2001:db8:1:2::{n + 1:x}", 4000))
+        _refused(guesser.get("/v1/whoami", headers=bearer(FAKE_KEY)), 401, "unauthenticated")
+    same_64 = TestClient(strict, client=("2001:db8:1:2:ffff::9", 4000))
+    _refused(same_64.get("/v1/whoami", headers=bearer(approver)), 429, "rate_limited")
+    other_64 = TestClient(strict, client=("2001:db8:1:3::1", 4000))
+    assert other_64.get("/v1/whoami", headers=bearer(approver)).status_code == 200
+    mapped = TestClient(strict, client=("::ffff:203.0.113.30", 4000))
+    plain = TestClient(strict, client=("203.0.113.30", 4000))
+    for _ in range(3):
+        mapped.get("/v1/whoami", headers=bearer(FAKE_KEY))
+    _refused(plain.get("/v1/whoami", headers=bearer(approver)), 429, "rate_limited")
+
+
+def test_a_bug_answers_the_error_body_and_nothing_of_the_exception(app: FastAPI) -> None:
+    def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    app.add_api_route("/v1/boom", boom)
+    answer = TestClient(app, raise_server_exceptions=False).get("/v1/boom")
+    assert answer.status_code == 500
+    assert answer.json() == {
+        "error": {"type": "internal", "message": "internal error", "argument": None}
+    }
+
+
+def test_the_keys_say_who_runs_an_agent_ignoring_case_and_delegation(
+    app: FastAPI, keys: Keys
+) -> None:
+    made = app.state.server.keys
+    assert made.runs("alice", "builder") and made.runs("ALICE", "builder")
+    assert made.runs("Alice", "Builder/worker-1") and made.runs("alice", "builder/a/b")
+    assert not made.runs("bob", "builder") and not made.runs("alice", "reviewer")
+    assert not made.runs("alice", "builders") and not made.runs("alic", "builder")

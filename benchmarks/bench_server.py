@@ -58,6 +58,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from resource import RUSAGE_SELF, getrusage, struct_rusage
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -361,6 +362,19 @@ def report(args: argparse.Namespace, results: Results, elapsed: float) -> dict[s
     }
 
 
+def _cpu_of(usage: struct_rusage) -> float:
+    return usage.ru_utime + usage.ru_stime
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds process ``pid`` used so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Loopback load test of klockwork serve: lease acquire/release and gate "
@@ -391,13 +405,21 @@ def main(argv: list[str] | None = None) -> int:
         keys = _prepare(db, args.clients)
         print(f"starting klockwork serve over {db} ...", file=sys.stderr)
         server, base = _start(db, policies)
+        server_before, own = _proc_cpu(server.pid), _cpu_of(getrusage(RUSAGE_SELF))
         try:
             results, elapsed = asyncio.run(_load(args, base, keys))
+            server_cpu = _proc_cpu(server.pid) - server_before
         finally:
             stderr = _stop(server)
         if server.returncode != 0:
             print(f"the server exited {server.returncode}:\n{stderr[-2000:]}", file=sys.stderr)
         out = report(args, results, elapsed)
+        client_cpu = _cpu_of(getrusage(RUSAGE_SELF)) - own
+        print(
+            f"CPU (user+sys) during the load: server {server_cpu:.1f} s, clients "
+            f"{client_cpu:.1f} s, over {elapsed:.1f} s on {os.cpu_count()} CPUs"
+        )
+        out.update(server_cpu_s=server_cpu, client_cpu_s=client_cpu, cpus=os.cpu_count())
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from klockwork.core.errors import (
     ApprovalNotFoundError,
@@ -31,7 +32,17 @@ from klockwork.core.errors import (
 )
 from klockwork.core.governance.approvals import ApprovalClosedError
 
-__all__ = ["ApiError", "ErrorBody", "ErrorDetail", "install_handlers"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "ApiError",
+    "BodyLimit",
+    "ErrorBody",
+    "ErrorDetail",
+    "install_handlers",
+]
+
+#: The largest request body read (a bus payload is at most 1 MiB of JSON).
+MAX_BODY_BYTES = 8 << 20
 
 
 class ErrorDetail(BaseModel):
@@ -96,8 +107,46 @@ def engine_error(exc: Exception) -> ApiError:
     return ApiError(500, "internal", "internal error")  # pragma: no cover - not an engine error
 
 
+class BodyLimit:
+    """Refuse a request body over ``max_bytes`` (413) before it is read into memory.
+
+    FastAPI reads a body before the route's dependencies run, so without
+    this anyone, with no key, could make the server hold any size of body.
+    A declared ``Content-Length`` over the limit is answered at once; a
+    chunked body is cut off once it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> StarletteHTTPException:
+        return StarletteHTTPException(413, f"the body is larger than {self.max_bytes} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                detail = ErrorDetail(type="too_large", message=self._too_large().detail)
+                await _answer(413, detail, {"Connection": "close"})(scope, receive, send)
+                return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise self._too_large()  # FastAPI lets an HTTPException through
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def install_handlers(app: FastAPI) -> None:
-    """Answer every refusal with an :class:`ErrorBody`."""
+    """Answer every refusal with an :class:`ErrorBody`; refuse a body over ``MAX_BODY_BYTES``."""
 
     async def api_error(request: Request, exc: Exception) -> Any:
         assert isinstance(exc, ApiError)
@@ -122,7 +171,8 @@ def install_handlers(app: FastAPI) -> None:
         if exc.status_code == 400:  # a body FastAPI could not parse (not JSON, not UTF-8)
             detail = ErrorDetail(type="invalid_request", message=str(exc.detail), argument="body")
             return _answer(422, detail)
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+        kinds = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        kind = kinds.get(exc.status_code, "http")
         return _answer(
             exc.status_code,
             ErrorDetail(type=kind, message=str(exc.detail)),
@@ -138,3 +188,4 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
+    app.add_middleware(BodyLimit)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from klockwork import Klockwork
 from klockwork.server import ServerSettings, create_app
 from klockwork.server import keys as keys_module
 from klockwork.server.auth import FailureLimiter
+from klockwork.server.errors import MAX_BODY_BYTES
 from klockwork.server.keys import ApiKey
 
 FAKE_KEY = "kw_0123456789abcdef_" + "A" * 43  # well formed, never created
@@ -492,3 +494,33 @@ def test_the_keys_say_who_runs_an_agent_ignoring_case_and_delegation(
     assert made.runs("Alice", "Builder/worker-1") and made.runs("alice", "builder/a/b")
     assert not made.runs("bob", "builder") and not made.runs("alice", "reviewer")
     assert not made.runs("alice", "builders") and not made.runs("alic", "builder")
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(
+    kw: Klockwork, client: TestClient, keys: Keys
+) -> None:
+    huge = b'{"principal": "' + b"a" * (MAX_BODY_BYTES + 1) + b'", "role": "admin"}'
+    for headers in ({}, bearer(keys.admin)):
+        answer = client.post(
+            "/v1/keys", content=huge, headers={**headers, "Content-Type": "application/json"}
+        )
+        _refused(answer, 413, "too_large")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: cut off once past the limit
+        yield b'{"principal": "'
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b"a" * 65536
+        yield b'", "role": "admin"}'
+
+    chunked = client.post(
+        "/v1/keys",
+        content=chunks(),
+        headers={**bearer(keys.admin), "Content-Type": "application/json"},
+    )
+    _refused(chunked, 413, "too_large")
+    assert [k.principal for k in kw.store.list_records("apikey", ApiKey)].count("a") == 0
+    # A body under the limit is read as usual.
+    ok = client.post(
+        "/v1/keys", headers=bearer(keys.admin), json={"principal": "p", "role": "agent"}
+    )
+    assert ok.status_code == 201

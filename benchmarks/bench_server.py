@@ -126,10 +126,12 @@ class Board:
             del self.holder[hold.resource]
 
 
-def _error(results: Results, what: str, answer: httpx.Response | None, exc: Any = None) -> None:
+def _error(
+    results: Results, what: str, answer: httpx.Response | None, exc: Any = None, took: float = 0.0
+) -> None:
     if len(results.errors) < 20:
         detail = f"{answer.status_code} {answer.text[:300]}" if answer is not None else repr(exc)
-        results.errors.append(f"{what}: {detail}")
+        results.errors.append(f"{what} (after {took * 1e3:.0f} ms): {detail}")
     results.outcomes[f"{what} error"] += 1
 
 
@@ -183,14 +185,14 @@ async def _lease_cycle(
         results.outcomes["acquire timed out (409 lease_timeout)"] += 1
         return
     if answer.status_code != 200:
-        _error(results, "acquire", answer)
+        _error(results, "acquire", answer, took=got - started)
         return
     verdict = answer.json()
     if verdict["status"] in ("WAIT", "DIE"):
         results.outcomes[f"acquire {verdict['status']}"] += 1
         return
     if verdict["status"] != "GRANTED" or len(verdict["leases"]) != 1:
-        _error(results, "acquire", answer)
+        _error(results, "acquire", answer, took=got - started)
         return
     results.outcomes["acquire GRANTED"] += 1
     lease = verdict["leases"][0]
@@ -204,9 +206,10 @@ async def _lease_cycle(
     hold.releasing = time.monotonic()
     results.holds.append(hold)
     answer = await http.post(f"/v1/leases/{hold.lease_id}/release")
-    results.latencies["release"].append(time.monotonic() - hold.releasing)
+    took = time.monotonic() - hold.releasing
+    results.latencies["release"].append(took)
     if answer.status_code != 200 or answer.json() != {"released": True}:
-        _error(results, "release", answer)  # released: false = the lease lapsed
+        _error(results, "release", answer, took=took)  # released: false = the lease lapsed
     else:
         results.outcomes["release released"] += 1
 
@@ -216,9 +219,10 @@ async def _gate(http: httpx.AsyncClient, n: int, i: int, results: Results) -> No
     answer = await http.post(
         "/v1/gates/execute", json={"action": "bench.step", "metadata": {"client": n, "i": i}}
     )
-    results.latencies["gate"].append(time.monotonic() - started)
+    took = time.monotonic() - started
+    results.latencies["gate"].append(took)
     if answer.status_code != 200 or answer.json()["result"]["status"] != "executed":
-        _error(results, "gate", answer)
+        _error(results, "gate", answer, took=took)
     else:
         results.outcomes["gate executed"] += 1
 

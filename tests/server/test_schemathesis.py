@@ -49,7 +49,7 @@ def _operations() -> list[str]:
     for path, methods in paths.items():
         for method, spec in methods.items():
             content = spec.get("responses", {}).get("200", {}).get("content", {})
-            if "text/event-stream" in content or "/streams" in path:
+            if "text/event-stream" in content or path.endswith("/stream"):
                 continue
             found.append(f"{method.upper()} {path}")
     return found

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -524,3 +525,27 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(
         "/v1/keys", headers=bearer(keys.admin), json={"principal": "p", "role": "agent"}
     )
     assert ok.status_code == 201
+
+
+def test_every_operation_but_health_needs_a_key(
+    app: FastAPI, kw: Klockwork, client: TestClient
+) -> None:
+    """Over the whole schema (new routes too), the streams included: 401 and audited."""
+    operations = [
+        (method.upper(), path)
+        for path, methods in app.openapi()["paths"].items()
+        for method in methods
+        if path != "/v1/health"
+    ]
+    assert len(operations) >= 30
+    for method, path in operations:
+        url = re.sub(r"\{[^}]+\}", "x", path)
+        with client.stream(method, url, json={}) as answer:  # a stream answers 401 at once
+            assert answer.status_code == 401, (method, path)
+            answer.read()
+            assert answer.json()["error"]["type"] == "unauthenticated", (method, path)
+    # Audited, up to max_failures (10) per window per address, the last saying so.
+    audited = _denials(kw)
+    assert len(audited) == 10 and audited[-1]["audit_paused"] is True
+    sent = [(method, re.sub(r"\{[^}]+\}", "x", path)) for method, path in operations]
+    assert [(d["method"], d["path"]) for d in audited] == sent[:10]

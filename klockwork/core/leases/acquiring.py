@@ -42,7 +42,7 @@ _log = logging.getLogger("klockwork")
 if TYPE_CHECKING:
     from klockwork.core.leases.manager import LeaseManager
 
-__all__ = ["AcquireFlow", "Tries"]
+__all__ = ["AcquireFlow", "Tries", "busy_until_deadline"]
 
 _POLL_MIN_S = 0.001
 _POLL_MAX_S = 0.05
@@ -239,6 +239,19 @@ class AcquireFlow:
             if self.reserved:
                 with _reservation_left_to_expire():
                     await manager._store.aunreserve(self.request.agent_id, self.request.session_id)
+
+
+def busy_until_deadline(request: AcquireRequest, error: StoreUnavailableError) -> Verdict:
+    """The verdict of a *first* try the store could not decide before the caller's deadline.
+
+    Another process held the store's write lock until after the caller's
+    ``timeout_s`` ran out: like a refused retry (see
+    :func:`_raise_unless_past_deadline`), that is a timeout, not an outage,
+    so the flow gives up at once with a ``WAIT`` naming no holder (none is
+    known). Before the deadline the error is the store's: re-raised.
+    """
+    _raise_unless_past_deadline(request, error)
+    return Verdict(status=VerdictStatus.WAIT)
 
 
 def _raise_unless_past_deadline(request: AcquireRequest, error: StoreUnavailableError) -> None:

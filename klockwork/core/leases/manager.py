@@ -26,7 +26,7 @@ from klockwork.core.errors import (
     StoreUnavailableError,
 )
 from klockwork.core.events import EventHub
-from klockwork.core.leases.acquiring import AcquireFlow, Tries
+from klockwork.core.leases.acquiring import AcquireFlow, Tries, busy_until_deadline
 from klockwork.core.leases.holding import AsyncHolding, HeldLeases, Holding
 from klockwork.core.leases.renewer import Renewer
 from klockwork.core.leases.rules import (
@@ -271,7 +271,11 @@ class LeaseManager:
             tries=Tries(self._clock),
             deadline=None if timeout_s is None else time.monotonic() + timeout_s,
         )
-        verdict = self._verdict(request, self._store.try_acquire(request))
+        try:
+            outcome = self._store.try_acquire(request)
+        except StoreUnavailableError as exc:  # busy past the caller's deadline: time is up
+            return AcquireFlow(self, request, busy_until_deadline(request, exc), 0).block()
+        verdict = self._verdict(request, outcome)
         if verdict.status is _GRANTED:
             return verdict
         return AcquireFlow(self, request, verdict, timeout_s).block()
@@ -294,7 +298,11 @@ class LeaseManager:
             tries=Tries(self._clock),
             deadline=None if timeout_s is None else time.monotonic() + timeout_s,
         )
-        verdict = self._verdict(request, await self._atry(request))
+        try:
+            outcome = await self._atry(request)
+        except StoreUnavailableError as exc:
+            return await AcquireFlow(self, request, busy_until_deadline(request, exc), 0).ablock()
+        verdict = self._verdict(request, outcome)
         if verdict.status is _GRANTED:
             return verdict
         return await AcquireFlow(self, request, verdict, timeout_s).ablock()

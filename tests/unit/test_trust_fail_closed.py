@@ -297,3 +297,53 @@ def test_short_lived_threads_leave_a_bounded_number_of_open_files(
     grown = _open_fds() - before
     assert grown <= 40, f"{grown} more open fds after 300 short-lived threads"
     assert len(kw.leases.list()) == 1
+
+
+def test_the_threads_of_one_process_take_turns_without_failing(
+    db: Path, engines: list[Klockwork]
+) -> None:
+    """Sixteen writer threads of one engine: every try is decided, none fails as busy."""
+    kw = _open(db, engines)
+    errors: list[BaseException] = []
+    granted: list[int] = []
+
+    def writer(i: int) -> None:
+        try:
+            for n in range(40):
+                verdict = kw.leases.try_acquire(f"agent-{i}", "s", (f"FILE:/t/{i}/{n}", "MUTATES"))
+                assert verdict.granted
+                kw.leases.release(verdict.lease.lease_id)
+                granted.append(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(granted) == 16 * 40
+
+
+def test_a_writer_turn_not_given_in_time_fails_closed(db: Path, engines: list[Klockwork]) -> None:
+    kw = _open(db, engines, busy_timeout_ms=1_000)
+    turns = kw.store._writers  # type: ignore[attr-defined]
+    held, done = threading.Event(), threading.Event()
+
+    def hog() -> None:
+        with turns.turn("hold the turn", None):
+            held.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=hog)
+    thread.start()
+    assert held.wait(10)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailableError, match="other writers"):
+            kw.leases.try_acquire("agent-a", "s", (R, "MUTATES"), ttl_ms=5_000)
+    finally:
+        done.set()
+        thread.join(10)
+    assert time.monotonic() - started < 5  # bounded by the store's busy timeout (1 s)
+    assert kw.leases.list(agent_id="agent-a") == []

@@ -65,6 +65,7 @@ from klockwork.core.stores.sqlite_io import (
     ConnectionPool,
     FileGuard,
     Section,
+    WriterTurns,
     begin_immediate,
     fence_floor,
     prune_leases,
@@ -135,6 +136,7 @@ class SqliteStore(SqliteBus, Store):
         #: How long a transaction waits for another process's write lock (ms).
         self.busy_timeout_ms = check_int(busy_timeout_ms, "busy_timeout_ms", high=3_600_000)
         self._local = threading.local()  # the transaction this thread runs, if any
+        self._writers = WriterTurns(self.path, busy_timeout_ms)
         FileGuard.refuse_empty(self.path)
         self._pool = ConnectionPool(self.path, busy_timeout_ms)
         with self._translated("create its schema"), self._pool.connection() as conn:
@@ -156,12 +158,16 @@ class SqliteStore(SqliteBus, Store):
         :meth:`journal_section`) are written in it: committed with the
         decision, or rolled back with it.
         """
-        with self._translated(doing), self._pool.connection() as conn:
-            local = self._local
-            if getattr(local, "section", None) is not None:
-                raise RuntimeError("klockwork: nested store transactions")  # a bug, not input
-            if deadline is None:
-                deadline = getattr(local, "deadline", None)
+        local = self._local
+        if getattr(local, "section", None) is not None:
+            raise RuntimeError("klockwork: nested store transactions")  # a bug, not input
+        if deadline is None:
+            deadline = getattr(local, "deadline", None)
+        with (
+            self._translated(doing),
+            self._writers.turn(doing, deadline),
+            self._pool.connection() as conn,
+        ):
             begin_immediate(conn, self.busy_timeout_ms, deadline)
             section = local.section = Section(conn, self.journal)
             try:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from klockwork.core.audit.records import Denied, granted_data
+from klockwork.core.audit.records import Denied
 from klockwork.core.clock import Clock
 from klockwork.core.errors import (
     LeaseNotFoundError,
@@ -27,6 +27,7 @@ from klockwork.core.errors import (
 )
 from klockwork.core.events import EventHub
 from klockwork.core.leases.acquiring import AcquireFlow, Tries, busy_until_deadline
+from klockwork.core.leases.auditing import LeaseAudit
 from klockwork.core.leases.holding import AsyncHolding, HeldLeases, Holding
 from klockwork.core.leases.renewer import Renewer
 from klockwork.core.leases.rules import (
@@ -264,21 +265,13 @@ class LeaseManager:
             EventLoopBlockedError: it would have to wait on a running event
                 loop's thread — use :meth:`aacquire` there.
         """
-        request = self._request(agent_id, session_id, intents, ttl_ms)
-        check_timeout(timeout_s)
-        # Fast path: most requests are granted at once; build no retry machinery.
-        request = request._replace(
-            tries=Tries(self._clock),
-            deadline=None if timeout_s is None else time.monotonic() + timeout_s,
-        )
+        request = self._blocking(agent_id, session_id, intents, ttl_ms, timeout_s)
         try:
-            outcome = self._store.try_acquire(request)
-        except StoreUnavailableError as exc:  # busy past the caller's deadline: time is up
-            return AcquireFlow(self, request, busy_until_deadline(request, exc), 0).block()
-        verdict = self._verdict(request, outcome)
-        if verdict.status is _GRANTED:
-            return verdict
-        return AcquireFlow(self, request, verdict, timeout_s).block()
+            first: AcquireOutcome | StoreUnavailableError = self._store.try_acquire(request)
+        except StoreUnavailableError as exc:
+            first = exc
+        then = self._after_first(request, first, timeout_s)
+        return then if isinstance(then, Verdict) else then.block()
 
     async def aacquire(
         self,
@@ -292,20 +285,36 @@ class LeaseManager:
 
         Cancelling the task withdraws the request (and its reservation).
         """
+        request = self._blocking(agent_id, session_id, intents, ttl_ms, timeout_s)
+        try:
+            first: AcquireOutcome | StoreUnavailableError = await self._atry(request)
+        except StoreUnavailableError as exc:
+            first = exc
+        then = self._after_first(request, first, timeout_s)
+        return then if isinstance(then, Verdict) else await then.ablock()
+
+    def _blocking(
+        self, agent_id: str, session_id: str, intents: Any, ttl_ms: int, timeout_s: float | None
+    ) -> AcquireRequest:
+        """A blocking acquire's request: it counts its tries and knows its deadline."""
         request = self._request(agent_id, session_id, intents, ttl_ms)
         check_timeout(timeout_s)
-        request = request._replace(
-            tries=Tries(self._clock),
-            deadline=None if timeout_s is None else time.monotonic() + timeout_s,
-        )
-        try:
-            outcome = await self._atry(request)
-        except StoreUnavailableError as exc:
-            return await AcquireFlow(self, request, busy_until_deadline(request, exc), 0).ablock()
-        verdict = self._verdict(request, outcome)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        return request._replace(tries=Tries(self._clock), deadline=deadline)
+
+    def _after_first(
+        self,
+        request: AcquireRequest,
+        first: AcquireOutcome | StoreUnavailableError,
+        timeout_s: float | None,
+    ) -> Verdict | AcquireFlow:
+        """The verdict of a first try that was granted (most are), else the flow that waits."""
+        if isinstance(first, StoreUnavailableError):  # busy past the caller's deadline
+            return AcquireFlow(self, request, busy_until_deadline(request, first), 0)
+        verdict = self._verdict(request, first)
         if verdict.status is _GRANTED:
             return verdict
-        return await AcquireFlow(self, request, verdict, timeout_s).ablock()
+        return AcquireFlow(self, request, verdict, timeout_s)
 
     # -- holding ----------------------------------------------------------------
     def hold(
@@ -537,47 +546,6 @@ def _conflict(blocker: LeaseRecord | Reservation) -> Conflict:
             "lease_id": blocker.lease_id if isinstance(blocker, LeaseRecord) else None,
         },
     )
-
-
-class LeaseAudit:
-    """Records lease decisions *inside* the store's atomic section (:class:`LeaseHooks`).
-
-    A grant, a refusal and the end of a lease are stored with the decision:
-    a durable store commits both or neither, and the in-memory store takes
-    back a grant whose entry could not be recorded. A blocking acquire's
-    refused tries are not outcomes (only its grant, or its one refusal when
-    it gives up, is recorded); a grant after retries records how many tries
-    it took and how long it waited.
-    """
-
-    __slots__ = ("_audit", "_clock")
-
-    def __init__(self, audit: AuditLog, clock: Clock) -> None:
-        self._audit = audit
-        self._clock = clock
-
-    def decided(self, request: AcquireRequest, outcome: AcquireOutcome) -> None:
-        audit = self._audit
-        tries = request.tries
-        if outcome.status is _GRANTED:
-            if tries is None or tries.count == 0:  # granted at once: the fast path
-                for rec in outcome.granted:
-                    audit.record_grant(rec, request.now_ms)
-                return
-            waited = tries.waited_ms(self._clock)
-            for rec in outcome.granted:
-                data = granted_data(rec, rec.expires_at)
-                data["attempts"] = tries.count + 1
-                data["waited_ms"] = waited
-                audit.record("lease.granted", rec.agent_id, rec.session_id, data, ts=request.now_ms)
-        elif tries is None:
-            denied = Denied(outcome.status, outcome.blockers, outcome.wait_time_ms, request.intents)
-            audit.record(
-                "lease.denied", request.agent_id, request.session_id, denied, ts=request.now_ms
-            )
-
-    def ended(self, kind: str, rec: LeaseRecord, now_ms: int) -> None:
-        self._audit.record_end(kind, rec, now_ms)
 
 
 def _nothing() -> None:

@@ -163,11 +163,8 @@ class SqliteStore(SqliteBus, Store):
             raise RuntimeError("klockwork: nested store transactions")  # a bug, not input
         if deadline is None:
             deadline = getattr(local, "deadline", None)
-        with (
-            self._translated(doing),
-            self._writers.turn(doing, deadline),
-            self._pool.connection() as conn,
-        ):
+        turn = self._writers.turn(doing, deadline)  # this process's writers queue here
+        with self._translated(doing), turn, self._pool.connection() as conn:
             begin_immediate(conn, self.busy_timeout_ms, deadline)
             section = local.section = Section(conn, self.journal)
             try:

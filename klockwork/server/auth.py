@@ -135,9 +135,15 @@ class Gatekeeper:
         type: str,
         message: str,
         key: ApiKey | None = None,
+        *,
+        argument: str | None = None,
         **extra: Any,
     ) -> ApiError:
-        """Audit a refusal as ``access.denied`` and return the error to raise."""
+        """Audit a refusal as ``access.denied`` and return the error to raise.
+
+        ``extra`` goes into the audit entry's data (never into the answer);
+        ``argument`` names the offending input in the answer.
+        """
         data = {
             "reason": type,
             "method": request.method,
@@ -150,7 +156,7 @@ class Gatekeeper:
         # The principal is who asked, when known; it is not an agent id for a person.
         agent = key.principal if key is not None and key.role == "agent" else None
         self._kw.audit.record("access.denied", agent, None, data)
-        return ApiError(status, type, message)
+        return ApiError(status, type, message, argument)
 
     def authenticate(self, request: Request) -> ApiKey:
         """The active key of ``request``; raises 401 (or 429 when rate limited)."""

@@ -83,21 +83,34 @@ class Decisions:
         """An agent key sees only what its agent asked for; people see everything."""
         return key.role != "agent" or approval.requester == key.principal
 
-    def fetch(self, approval_id: str, key: ApiKey) -> Approval:
-        """The approval ``key`` may see; raises 404 otherwise (another agent's: not found)."""
+    def fetch(self, request: Request, approval_id: str, key: ApiKey) -> Approval:
+        """The approval ``key`` may see; raises 404 otherwise.
+
+        Another agent's approval is answered exactly as an unknown one (its
+        existence is not told), but that refusal is audited.
+        """
         try:
             approval = self._kw.approvals.get(approval_id)
         except ApprovalNotFoundError:
             approval = None
-        if approval is None or not self.visible(approval, key):
-            raise ApiError(404, "approval_not_found", f"no approval {approval_id!r}", "approval_id")
+        message = f"no approval {approval_id!r}"
+        if approval is None:
+            raise ApiError(404, "approval_not_found", message, "approval_id")
+        if not self.visible(approval, key):
+            raise self._server.gatekeeper.refuse(
+                request,
+                404,
+                "approval_not_found",
+                message,
+                key,
+                argument="approval_id",
+                approval_id=approval_id,
+            )
         return approval
 
     def runs_the_agent(self, approval: Approval, key: ApiKey) -> bool:
         """True when the principal of ``key`` runs the agent that asked (or its root agent)."""
-        keys = self._server.keys
-        root = approval.requester.split("/", 1)[0]
-        return key.principal in keys.owners_of(approval.requester) | keys.owners_of(root)
+        return self._server.keys.runs(key.principal, approval.requester)
 
     def check_may_decide(self, request: Request, approval: Approval, key: ApiKey) -> None:
         """Refuse (403, audited) the person who runs the agent that asked."""
@@ -129,7 +142,7 @@ class Decisions:
             ApprovalClosedError: already decided or expired (409).
         """
         kw = self._kw
-        approval = self.fetch(approval_id, key)
+        approval = self.fetch(request, approval_id, key)
         self.check_may_decide(request, approval, key)
         try:
             if verdict == "approve":
@@ -161,7 +174,7 @@ class Decisions:
             InvalidRequestError: arguments that are not a JSON object (422).
         """
         kw = self._kw
-        approval = self.fetch(approval_id, key)
+        approval = self.fetch(request, approval_id, key)
         self.check_may_decide(request, approval, key)
         if approval.audit_event_id is None:
             raise ApiError(409, "not_editable", "this approval was not asked for by a gate")

@@ -178,18 +178,6 @@ class ApiKeys:
             return None
         return record if record.status == "active" else None
 
-    def owners_of(self, agent_id: str) -> set[str]:
-        """Who runs ``agent_id``: the owners its agent keys name, revoked ones too.
-
-        A revoked key's owner still ran the agent when it asked: rotating or
-        revoking the key does not let its owner approve what it asked for.
-        """
-        return {
-            k.owner
-            for k in self.list(include_revoked=True)
-            if k.role == "agent" and k.principal == agent_id and k.owner is not None
-        }
-
     def runs(self, principal: str, agent_id: str) -> bool:
         """True when ``principal`` owns ``agent_id`` or the root agent it was delegated from.
 

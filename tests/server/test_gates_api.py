@@ -203,6 +203,10 @@ def test_a_key_reads_and_reports_only_its_own_gate_events(
     unknown = client.get("/v1/gates/act_nope", headers=bearer(keys.other_agent))
     assert theirs.status_code == unknown.status_code == 404
     assert theirs.json()["error"]["type"] == unknown.json()["error"]["type"] == "gate_not_found"
+    assert theirs.json()["error"]["argument"] == unknown.json()["error"]["argument"]
+    # ... but asking for another agent's is audited (an unknown one is not).
+    asked = [e.data["path"] for e in kw.audit.query(kind="access.denied").entries]
+    assert asked == [f"/v1/gates/{event}"]
     path = f"/v1/gates/{event}/report"
     refused = client.post(path, headers=bearer(keys.other_agent), json={"status": "failure"})
     assert refused.status_code == 404

@@ -143,12 +143,6 @@ INTEGER_FIELDS = [
 ]  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the route bodies validate in pydantic's lax mode: true is taken for 1 "
-    "(ttl_ms true: a lease of 1 ms) and '5' for 5; Field(strict=True) on the number fields "
-    "refuses both (a strict model would refuse enum values too)",
-)
 @pytest.mark.parametrize(
     ("path", "body", "field"), INTEGER_FIELDS, ids=[p for p, _, _ in INTEGER_FIELDS]
 )

@@ -197,11 +197,6 @@ def test_an_agent_key_does_not_see_another_agents_approval(
     assert theirs not in [a["approval_id"] for a in listed]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="decisions.Decisions.fetch answers another agent's approval 404 (right: its existence "
-    "is not told) but records nothing: gatekeeper.refuse(request, 404, ...) would audit it",
-)
 def test_reading_another_agents_approval_is_audited(
     kw: Klockwork, client: TestClient, keys: Keys
 ) -> None:
@@ -266,11 +261,6 @@ def test_the_requester_with_an_approver_key_of_its_own_name_is_refused(
     assert kw.approvals.get(approval_id).decisions == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="decisions.runs_the_agent compares the owner exactly (key.principal in owners); "
-    "the engine counts 'Alice' as 'alice' (validation.same_identity); keys.runs() does not",
-)
 def test_the_owner_under_another_case_is_refused_too(
     app: FastAPI, kw: Klockwork, client: TestClient, keys: Keys
 ) -> None:

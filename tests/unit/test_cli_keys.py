@@ -64,7 +64,7 @@ def test_create_json_and_an_agent_key_with_its_owner(
     with kw:
         found = keys.authenticate(made["api_key"])
         assert found is not None and found.key_id == made["key"]["key_id"]
-        assert keys.owners_of("builder") == {"alice"}
+        assert keys.runs("alice", "builder") and not keys.runs("bob", "builder")
 
     assert main(["keys", "list", "--url", url, "--json"]) == OK
     (listed,) = json.loads(capsys.readouterr().out)

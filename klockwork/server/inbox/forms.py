@@ -252,7 +252,7 @@ def add_forms(api: APIRouter, inbox: Inbox) -> None:
         """Replace the arguments, as the signed-in person; the policies judge the edit again."""
 
         def work(key: ApiKey) -> Response:
-            approval = decisions.fetch(approval_id, key)
+            approval = decisions.fetch(request, approval_id, key)
             arguments = edited_arguments(approval.metadata, form)
             if arguments == approval.metadata:
                 raise _invalid("arguments", "nothing was changed: approve or reject it instead")

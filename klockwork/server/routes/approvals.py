@@ -73,9 +73,9 @@ def router(server: Server) -> APIRouter:
         return [view(a) for a in found if decisions.visible(a, key)]
 
     @api.get("/{approval_id}")
-    def get_approval(approval_id: str, key: ApiKey = reader) -> ApprovalView:
+    def get_approval(approval_id: str, request: Request, key: ApiKey = reader) -> ApprovalView:
         """One approval, with the conditions that sent it to a human."""
-        return view(decisions.fetch(approval_id, key))
+        return view(decisions.fetch(request, approval_id, key))
 
     @api.post("/{approval_id}/approve")
     def approve(

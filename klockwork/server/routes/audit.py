@@ -34,9 +34,9 @@ _HASH = r"^[0-9a-f]{64}$"
 class CheckpointBody(BaseModel):
     """A checkpoint to verify against, as ``POST /v1/audit/checkpoint`` returned it."""
 
-    seq: int = Field(ge=0, le=INT64_MAX)
+    seq: int = Field(strict=True, ge=0, le=INT64_MAX)
     hash: str = Field(pattern=_HASH)
-    ts: int = Field(ge=0, le=INT64_MAX)
+    ts: int = Field(strict=True, ge=0, le=INT64_MAX)
     signature: str | None = Field(default=None, pattern=_HASH)
 
     def checkpoint(self) -> Checkpoint:

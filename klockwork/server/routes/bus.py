@@ -69,7 +69,11 @@ class Publish(BaseModel):
         description="publishing this key again on the channel returns the original message",
     )
     deliver_at: int | None = Field(
-        default=None, ge=0, lt=2**53, description="epoch ms: hidden from readers until then"
+        default=None,
+        strict=True,
+        ge=0,
+        lt=2**53,
+        description="epoch ms: hidden from readers until then",
     )
 
 
@@ -78,7 +82,7 @@ class SubscribeBase(BaseModel):
 
     group: str = _group()
     consumer: str = Field(min_length=1, max_length=64, pattern=_CONSUMER)
-    max_messages: int = Field(default=10, ge=1, le=MAX_BATCH)
+    max_messages: int = Field(default=10, strict=True, ge=1, le=MAX_BATCH)
     wait_s: float = Field(default=0.0, ge=0.0)
 
 

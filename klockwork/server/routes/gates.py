@@ -9,7 +9,7 @@ the approval's decision applied once made; with ``wait_s`` it long-polls
 until the approval is decided or expires (never blocking the event loop).
 
 A key sees and reports only its own gate events: another agent's answer
-404 as if they did not exist (a report on one is audited as ``access.denied``).
+404 as if they did not exist (and audited as ``access.denied``).
 """
 
 from __future__ import annotations
@@ -132,16 +132,30 @@ def router(server: Server) -> APIRouter:
             404, "gate_not_found", f"no gate event {audit_event_id!r}", "audit_event_id"
         )
 
-    def own_record(audit_event_id: str, key: ApiKey) -> GateRecord | None:
+    def own_record(request: Request, audit_event_id: str, key: ApiKey) -> GateRecord:
+        """One of the key's gate events; another agent's is answered as an unknown one.
+
+        (Asking for another agent's is audited; what the caller sees is the same.)
+        """
         check_key(audit_event_id, "audit_event_id")
         record = kw.gates.get(audit_event_id)
-        return record if record is not None and record.agent_id == key.principal else None
-
-    def answer_of(audit_event_id: str, key: ApiKey) -> GateAnswer:
-        """The gate's answer now (its approval's decision applied, audited once)."""
-        record = own_record(audit_event_id, key)
-        if record is None:  # another agent's: as if it did not exist
+        if record is not None and record.agent_id != key.principal:
+            raise gatekeeper.refuse(
+                request,
+                404,
+                "gate_not_found",
+                f"no gate event {audit_event_id!r}",
+                key,
+                argument="audit_event_id",
+                audit_event_id=audit_event_id,
+            )
+        if record is None:
             raise missing(audit_event_id)
+        return record
+
+    def answer_of(request: Request, audit_event_id: str, key: ApiKey) -> GateAnswer:
+        """The gate's answer now (its approval's decision applied, audited once)."""
+        record = own_record(request, audit_event_id, key)
         # What kw.gates.ask answers for a stored gate, without an event_id to ask with.
         result = kw.gates._settled(record)
         approval = kw.approvals.get(result.approval_id) if result.approval_id else None
@@ -183,12 +197,12 @@ def router(server: Server) -> APIRouter:
     ) -> GateView:
         """One of the key's gate events, long-polling its approval for up to ``wait_s``."""
         check_wait(wait_s, max_wait_s)
-        answer = await kw.store.run_io(answer_of, audit_event_id, key)
+        answer = await kw.store.run_io(answer_of, request, audit_event_id, key)
         if wait_s > 0 and answer.pending and answer.approval is not None:
             with contextlib.suppress(ApprovalTimeoutError):  # still pending: answer so
                 decided = kw.approvals.await_(answer.approval.approval_id, wait_s)
                 await unless_disconnected(request, decided)
-            answer = await kw.store.run_io(answer_of, audit_event_id, key)
+            answer = await kw.store.run_io(answer_of, request, audit_event_id, key)
         return _view(answer)
 
     @api.post("/{audit_event_id}/report", responses=not_found)
@@ -196,18 +210,7 @@ def router(server: Server) -> APIRouter:
         audit_event_id: str, body: GateReport, request: Request, key: ApiKey = actor
     ) -> ReportOutcome:
         """Report how one of the key's executed actions went (once; a repeat records nothing)."""
-        if own_record(audit_event_id, key) is None:
-            if kw.gates.get(audit_event_id) is not None:
-                # Another agent's: audited, then answered exactly as an unknown one.
-                gatekeeper.refuse(
-                    request,
-                    404,
-                    "gate_not_found",
-                    f"{audit_event_id!r} is another agent's gate event",
-                    key,
-                    audit_event_id=audit_event_id,
-                )
-            raise missing(audit_event_id)
+        own_record(request, audit_event_id, key)
         return ReportOutcome(recorded=kw.gates.report(audit_event_id, body.status, body.message))
 
     return api

@@ -72,7 +72,7 @@ class LeaseRequest(BaseModel):
 
     session_id: str = Field(min_length=1, max_length=MAX_IDENTITY_CHARS)
     intents: list[LeaseIntent] = Field(min_length=1, max_length=MAX_INTENTS)
-    ttl_ms: int = Field(default=DEFAULT_TTL_MS, gt=0, le=MAX_TTL_MS)
+    ttl_ms: int = Field(default=DEFAULT_TTL_MS, strict=True, gt=0, le=MAX_TTL_MS)
     wait_s: float = Field(
         default=0.0,
         ge=0,
@@ -84,7 +84,7 @@ class LeaseRequest(BaseModel):
 class LeaseRenewal(BaseModel):
     """A heartbeat: the new TTL from now (the lease's own TTL when null)."""
 
-    ttl_ms: int | None = Field(default=None, gt=0, le=MAX_TTL_MS)
+    ttl_ms: int | None = Field(default=None, strict=True, gt=0, le=MAX_TTL_MS)
 
 
 class LeaseRevocation(BaseModel):

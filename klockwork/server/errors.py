@@ -59,6 +59,16 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+#: What any authenticated route may answer: no key, a wrong role, bad input,
+#: too many failed sign-ins, a store that cannot answer.
+COMMON_REFUSALS = (401, 403, 422, 429, 503)
+
+
+def refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI ``responses`` of refusals with these status codes (all an :class:`ErrorBody`)."""
+    return {code: {"model": ErrorBody} for code in codes}
+
+
 class ApiError(Exception):
     """A refusal raised by a route: ``status`` and the :class:`ErrorDetail` fields."""
 

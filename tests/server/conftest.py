@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from api_support import Keys
+from api_support import Keys, make_keys
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -30,15 +30,7 @@ def app(kw: Klockwork) -> FastAPI:
 
 @pytest.fixture
 def keys(app: FastAPI) -> Keys:
-    made = app.state.server.keys
-    return Keys(
-        admin=made.create("root", "admin")[1],
-        approver=made.create("bob", "approver")[1],
-        other_approver=made.create("carol", "approver")[1],
-        agent=made.create("builder", "agent", owner="alice")[1],
-        other_agent=made.create("reviewer", "agent")[1],
-        alice=made.create("alice", "approver")[1],
-    )
+    return make_keys(app.state.server.keys)
 
 
 @pytest.fixture

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
-from typing import Any
 
 import httpx
 import pytest
-from api_support import Keys, bearer
+from api_support import HangingUpClient, Keys, bearer
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -114,40 +112,11 @@ async def test_a_subscriber_that_hangs_up_while_waiting_takes_nothing(
     kw: Klockwork, app: FastAPI, keys: Keys
 ) -> None:
     kw.bus.create_group("jobs", "workers")
-    body = json.dumps({"group": "workers", "consumer": "w1", "wait_s": 10}).encode()
-    incoming: list[dict[str, Any]] = [{"type": "http.request", "body": body}]
-    hung_up = asyncio.Event()
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        if incoming:
-            return incoming.pop(0)
-        await hung_up.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/bus/jobs/subscribe",
-        "raw_path": b"/v1/bus/jobs/subscribe",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"authorization", f"Bearer {keys.agent}".encode()),
-            (b"content-type", b"application/json"),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
-    call = asyncio.ensure_future(app(scope, receive, send))
+    ask = {"group": "workers", "consumer": "w1", "wait_s": 10}
+    client = HangingUpClient(app, "/v1/bus/jobs/subscribe", ask, keys.agent)
+    call = client.start()
     await asyncio.sleep(0.2)
-    hung_up.set()
+    client.hang_up()
     await asyncio.wait_for(call, 5)  # it stopped waiting: no 10 s
     kw.bus.publish("jobs", {"job": "after"})
     [delivery] = await kw.bus.asubscribe("jobs", "workers", "w2")

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from api_support import Keys, bearer
+from api_support import HangingUpClient, Keys, bearer
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -237,47 +237,16 @@ async def test_a_client_that_leaves_withdraws_its_blocking_acquire(
     kw: Klockwork, app: FastAPI, keys: Keys, ages: None
 ) -> None:
     holder = kw.leases.try_acquire("builder", "s1", ("FILE:/src/app.py", "MUTATES"))
-    body = json.dumps(_ask(wait_s=20)).encode()
-    leave = asyncio.Event()
-    sent: list[dict[str, Any]] = []
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await leave.wait()  # the client is connected until it leaves
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/leases",
-        "raw_path": b"/v1/leases",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"authorization", f"Bearer {keys.other_agent}".encode()),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8765),
-    }
-    request = asyncio.ensure_future(app(scope, receive, send))
+    client = HangingUpClient(app, "/v1/leases", _ask(wait_s=20), keys.other_agent)
+    request = client.start()
     deadline = time.monotonic() + 5
     while kw.leases.waiting == 0:
         assert time.monotonic() < deadline and not request.done()
         await asyncio.sleep(0.005)
-    leave.set()
+    client.hang_up()
     await asyncio.wait_for(request, 5)
     assert kw.leases.waiting == 0  # withdrawn, with its reservation
-    assert sent[0]["status"] == 499
+    assert client.sent[0]["status"] == 499
     # Released now, nobody is granted the lease the gone client asked for.
     assert kw.leases.release(holder.leases[0].lease_id)
     assert kw.leases.list() == []

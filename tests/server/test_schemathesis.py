@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import schemathesis
-from api_support import Keys, bearer
+from api_support import Keys, bearer, make_keys
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -72,15 +72,7 @@ def test_the_schema_has_the_operations_of_every_part() -> None:
 @pytest.fixture
 def fuzzed(kw: Klockwork) -> Iterator[tuple[FastAPI, Keys]]:
     app = create_app(kw, ServerSettings(max_wait_s=0.2, max_failures=10**9))
-    made = app.state.server.keys
-    keys = Keys(
-        admin=made.create("root", "admin")[1],
-        approver=made.create("bob", "approver")[1],
-        other_approver=made.create("carol", "approver")[1],
-        agent=made.create("builder", "agent", owner="alice")[1],
-        other_agent=made.create("reviewer", "agent")[1],
-        alice=made.create("alice", "approver")[1],
-    )
+    keys = make_keys(app.state.server.keys)
     # Something to find: a pending approval, a lease, a gate event.
     kw.gates.execute("builder", "deploy.prod", {"version": "1"})
     kw.leases.acquire("reviewer", "s0", [("FILE:/repo/main", "MUTATES")])

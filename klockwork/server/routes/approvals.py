@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from klockwork.core.governance.outcomes import ActionResult
 from klockwork.server.context import Server
 from klockwork.server.decisions import ApprovalView, Decisions
-from klockwork.server.errors import ErrorBody
+from klockwork.server.errors import COMMON_REFUSALS, refusals
 from klockwork.server.keys import ApiKey
 
 __all__ = ["ApprovalView", "EditOutcome", "router"]
@@ -56,7 +56,7 @@ def router(server: Server) -> APIRouter:
     api = APIRouter(
         prefix="/v1/approvals",
         tags=["approvals"],
-        responses={code: {"model": ErrorBody} for code in (401, 403, 404, 409, 422, 429, 503)},
+        responses=refusals(*COMMON_REFUSALS, 404, 409),
     )
     kw = server.kw
     decisions = Decisions(server)

@@ -21,7 +21,7 @@ from klockwork.core.audit.chain import AUDIT_KINDS, Checkpoint, VerifyResult
 from klockwork.core.audit.paging import MAX_QUERY_LIMIT, AuditPage
 from klockwork.core.validation import INT64_MAX, MAX_KEY_CHARS
 from klockwork.server.context import Server
-from klockwork.server.errors import ErrorBody
+from klockwork.server.errors import COMMON_REFUSALS, refusals
 from klockwork.server.keys import ApiKey
 
 __all__ = ["CheckpointBody", "router"]
@@ -57,7 +57,7 @@ def router(server: Server) -> APIRouter:
     api = APIRouter(
         prefix="/v1/audit",
         tags=["audit"],
-        responses={code: {"model": ErrorBody} for code in (401, 403, 422, 429, 503)},
+        responses=refusals(*COMMON_REFUSALS),
     )
     audit = server.kw.audit
     reader = Depends(server.gatekeeper.require("approver", "admin"))

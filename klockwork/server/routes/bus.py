@@ -33,7 +33,7 @@ from klockwork.core.bus.model import (
 )
 from klockwork.core.validation import MAX_KEY_CHARS, MAX_TEXT_CHARS
 from klockwork.server.context import Server
-from klockwork.server.errors import ErrorBody
+from klockwork.server.errors import COMMON_REFUSALS, refusals
 from klockwork.server.keys import ApiKey
 from klockwork.server.routes.leases import unless_disconnected
 
@@ -134,7 +134,7 @@ def router(server: Server) -> APIRouter:
     api = APIRouter(
         prefix="/v1/bus",
         tags=["bus"],
-        responses={code: {"model": ErrorBody} for code in (401, 403, 422, 429, 503)},
+        responses=refusals(*COMMON_REFUSALS),
     )
     bus = server.kw.bus
     gatekeeper = server.gatekeeper

@@ -35,7 +35,7 @@ from klockwork.core.validation import (
     check_key,
 )
 from klockwork.server.context import Server
-from klockwork.server.errors import ApiError, ErrorBody
+from klockwork.server.errors import COMMON_REFUSALS, ApiError, refusals
 from klockwork.server.keys import ApiKey
 from klockwork.server.routes.leases import check_wait, unless_disconnected
 
@@ -119,13 +119,13 @@ def router(server: Server) -> APIRouter:
     api = APIRouter(
         prefix="/v1/gates",
         tags=["gates"],
-        responses={code: {"model": ErrorBody} for code in (401, 403, 422, 429, 503)},
+        responses=refusals(*COMMON_REFUSALS),
     )
     kw = server.kw
     gatekeeper = server.gatekeeper
     max_wait_s = server.settings.max_wait_s
     actor = Depends(gatekeeper.require("agent", "admin"))
-    not_found: dict[int | str, dict[str, object]] = {404: {"model": ErrorBody}}
+    not_found = refusals(404)
 
     def missing(audit_event_id: str) -> ApiError:
         return ApiError(

@@ -27,7 +27,7 @@ from klockwork.core.leases.manager import DEFAULT_TTL_MS
 from klockwork.core.model import Lease, Predicate, Verdict
 from klockwork.core.validation import INT64_MAX, MAX_IDENTITY_CHARS, MAX_KEY_CHARS, MAX_TTL_MS
 from klockwork.server.context import Server
-from klockwork.server.errors import ApiError, ErrorBody
+from klockwork.server.errors import COMMON_REFUSALS, ApiError, refusals
 from klockwork.server.keys import ApiKey
 
 __all__ = [
@@ -165,7 +165,7 @@ def router(server: Server) -> APIRouter:
     api = APIRouter(
         prefix="/v1",
         tags=["leases"],
-        responses={code: {"model": ErrorBody} for code in (401, 403, 422, 429, 503)},
+        responses=refusals(*COMMON_REFUSALS),
     )
     kw = server.kw
     gatekeeper = server.gatekeeper
@@ -173,8 +173,8 @@ def router(server: Server) -> APIRouter:
     actor = Depends(gatekeeper.require("agent", "admin"))
     reader = Depends(gatekeeper.require("agent", "approver", "admin"))
     admin = Depends(gatekeeper.require("admin"))
-    not_found: dict[int | str, dict[str, object]] = {404: {"model": ErrorBody}}
-    ended: dict[int | str, dict[str, object]] = {**not_found, 410: {"model": ErrorBody}}
+    not_found = refusals(404)
+    ended = refusals(404, 410)
 
     def existing(lease_id: str) -> Lease:
         lease = kw.leases.get(lease_id)
@@ -198,7 +198,7 @@ def router(server: Server) -> APIRouter:
 
     @api.post(
         "/leases",
-        responses={409: {"model": ErrorBody}},
+        responses=refusals(409),
         description=(
             "Acquire as the key's agent. `wait_s` 0: one try, answered with the verdict "
             "(GRANTED, WAIT or DIE). `wait_s` > 0: wait until granted or answer 409 "
@@ -254,7 +254,7 @@ def router(server: Server) -> APIRouter:
         existing(lease_id)
         return RevokeOutcome(revoked=kw.leases.revoke(lease_id, body.reason))
 
-    @api.get("/fencing/check", responses={409: {"model": ErrorBody}})
+    @api.get("/fencing/check", responses=refusals(409))
     def check_fencing(
         resource: str = Query(min_length=1, max_length=MAX_RESOURCE_CHARS),
         token: int = Query(ge=0, le=INT64_MAX),

@@ -49,7 +49,7 @@ from klockwork.core.audit.paging import encode_cursor
 from klockwork.core.bus.model import EVENTS_CHANNEL
 from klockwork.core.validation import INT64_MAX, MAX_KEY_CHARS
 from klockwork.server.context import Server
-from klockwork.server.errors import ErrorBody
+from klockwork.server.errors import COMMON_REFUSALS, refusals
 from klockwork.server.keys import ApiKey
 
 __all__ = ["FOLLOWER_GROUP", "HEARTBEAT_S", "POLL_S", "Frame", "Wakeup", "router", "sse"]
@@ -151,7 +151,7 @@ def router(server: Server) -> APIRouter:
     api = APIRouter(
         prefix="/v1",
         tags=["streams"],
-        responses={code: {"model": ErrorBody} for code in (401, 403, 422, 429, 503)},
+        responses=refusals(*COMMON_REFUSALS),
     )
     kw = server.kw
     watcher = Depends(server.gatekeeper.require("approver", "admin"))

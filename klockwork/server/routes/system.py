@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from klockwork.core.errors import StoreUnavailableError
 from klockwork.server.context import Server
-from klockwork.server.errors import ApiError, ErrorBody
+from klockwork.server.errors import COMMON_REFUSALS, ApiError, refusals
 from klockwork.server.keys import ApiKey, KeyInfo, Role
 
 __all__ = ["CreatedKey", "Health", "KeyRequest", "router"]
@@ -44,9 +44,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - run from a source tree
     _VERSION = "unknown"
 
-ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorBody} for code in (401, 403, 422, 429, 503)
-}
+ERRORS = refusals(*COMMON_REFUSALS)
 
 
 def router(server: Server) -> APIRouter:
@@ -83,7 +81,7 @@ def router(server: Server) -> APIRouter:
         )
         return CreatedKey(api_key=secret, key=record.public())
 
-    @api.delete("/keys/{key_id}", tags=["keys"], responses={404: {"model": ErrorBody}})
+    @api.delete("/keys/{key_id}", tags=["keys"], responses=refusals(404))
     def revoke_key(key_id: str, _: ApiKey = admin) -> KeyInfo:
         """Revoke a key: refused from the next request on (idempotent)."""
         if server.keys.get(key_id) is None:

@@ -435,3 +435,20 @@ def test_a_gate_the_audit_cannot_record_is_not_stored_as_executed() -> None:
     for _ in range(2):  # a retry with the same event_id must fail the same way
         with pytest.raises(StoreUnavailableError):
             kw.gates.gate("a", "tool.run", event_id="e-1")
+
+
+def test_outcome_tells_how_a_stored_gate_ended(engine: Engine) -> None:
+    kw = engine()
+    kw.policies.add(Policy(name="ask", action="deploy.*", effect="require_approval"))
+    asked = kw.gates.execute("a1", "deploy.prod", {"v": 1})
+    assert asked.audit_event_id is not None and asked.approval_id is not None
+    pending = kw.gates.outcome(asked.audit_event_id)
+    assert pending is not None and pending.pending and pending.result.status == "requested"
+    kw.approvals.approve(asked.approval_id, "bob")
+    done = kw.gates.outcome(asked.audit_event_id)
+    again = kw.gates.outcome(asked.audit_event_id)
+    assert done is not None and again is not None
+    assert done.result.status == again.result.status == "executed" and not done.pending
+    # Settled once: one action.executed entry, however often it is read.
+    assert [e.kind for e in entries(kw, "action.executed")] == ["action.executed"]
+    assert kw.gates.outcome("act_unknown") is None

@@ -494,6 +494,17 @@ class Gates:
         """The stored gate record of ``audit_event_id``, or None."""
         return self._store.get_record(GATE, audit_event_id, GateRecord)
 
+    def outcome(self, audit_event_id: str) -> GateAnswer | None:
+        """A stored gate's answer now, as :meth:`ask` gives it (None: no such gate).
+
+        Its approval's decision is applied once made (and audited once), so
+        an edge that kept only the gate's id learns how it ended.
+        """
+        record = self.get(audit_event_id)
+        if record is None:
+            return None
+        return self._answer_for(record.action, self._settled(record), record.replaced_by)
+
     # -- outcomes and the breaker -----------------------------------------------------
     def report(self, audit_event_id: str, status: str, message: str = "") -> bool:
         """Report how an executed action went: ``success``, ``failure`` or ``partial``.

@@ -62,6 +62,7 @@ from klockwork.core.model import (
     Predicate,
     Verdict,
     VerdictStatus,
+    Waiter,
 )
 from klockwork.core.stores import MemoryStore, SqliteStore, Store
 
@@ -130,6 +131,7 @@ __all__ = [
     "SystemClock",
     "Verdict",
     "VerdictStatus",
+    "Waiter",
     "VerifyResult",
     "__version__",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "Reservation",
     "Verdict",
     "VerdictStatus",
+    "Waiter",
 ]
 
 
@@ -159,6 +160,23 @@ class Conflict(BaseModel):
     resource: str
     predicate: Predicate
     lease_id: str | None
+
+
+class Waiter(BaseModel):
+    """An agent blocked in ``acquire``, holding its place in line (its reservation).
+
+    ``until`` (epoch ms) is when the place lapses unless the waiter keeps
+    it: one waiting in another process renews it every moment it waits; an
+    agent that crashed while waiting drops out of line by then.
+    """
+
+    model_config = _FROZEN
+    agent_id: str
+    session_id: str
+    resource: str
+    predicate: Predicate
+    priority: int
+    until: int
 
 
 class Verdict(BaseModel):
@@ -331,3 +349,14 @@ class Reservation:
         self.predicate = predicate
         self.priority = priority
         self.expires_at = expires_at
+
+    def waiter(self) -> Waiter:
+        """The public view of this place in line."""
+        return Waiter(
+            agent_id=self.agent_id,
+            session_id=self.session_id,
+            resource=self.resource,
+            predicate=self.predicate,
+            priority=self.priority,
+            until=self.expires_at,
+        )

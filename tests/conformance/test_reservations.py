@@ -129,3 +129,24 @@ async def test_a_younger_newcomer_never_barges_past_an_older_agent_backing_off(
             await api.release(lease.lease_id)
         api.clock.advance(1000)
         assert (await asyncio.wait_for(second, 15)).granted
+
+
+async def test_the_waiters_are_listed_while_they_wait(api: Api) -> None:
+    holder = await _setup(api)
+    assert api.kw.leases.waiters() == []
+    waiter = asyncio.create_task(api.acquire("old", "s", ("FILE:/r", "MUTATES")))
+    await api.until_sleeping()
+    [line] = api.kw.leases.waiters()
+    assert (line.agent_id, line.session_id, line.resource, line.predicate.value, line.priority) == (
+        "old",
+        "s",
+        "FILE:/r",
+        "MUTATES",
+        1,
+    )
+    assert line.until > api.clock.now_ms()
+    assert api.kw.leases.waiters("FILE:/r/sub") == [line]  # overlapping: a path inside
+    assert api.kw.leases.waiters("FILE:/other") == []
+    assert await api.release(holder)
+    await asyncio.wait_for(waiter, 15)
+    assert api.kw.leases.waiters() == []  # served: out of line

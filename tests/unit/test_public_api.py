@@ -68,6 +68,7 @@ EXPECTED = [
     "Verdict",
     "VerdictStatus",
     "VerifyResult",
+    "Waiter",
     "__version__",
 ]
 

@@ -33,6 +33,7 @@ from klockwork.core.leases.renewer import Renewer
 from klockwork.core.leases.rules import (
     ParsedIntent,
     normalize_resource,
+    overlaps,
     parse_intents,
     validate_ttl,
 )
@@ -45,6 +46,7 @@ from klockwork.core.model import (
     Reservation,
     Verdict,
     VerdictStatus,
+    Waiter,
     _build,
 )
 from klockwork.core.notify import Signals
@@ -412,6 +414,21 @@ class LeaseManager:
         key = None if resource is None else _resource_intent(resource)
         records = self._store.list_leases(agent_id, key, self._clock.now_ms())
         return [r.snapshot() for r in records]
+
+    def waiters(self, resource: str | None = None) -> builtins.list[Waiter]:
+        """Agents blocked in ``acquire`` (any process), each intent it waits for, oldest first.
+
+        A blocking acquire that was refused (waiting after WAIT, or backing
+        off after DIE) holds its place in line (a reservation) until it is
+        granted or gives up. ``resource`` keeps those overlapping it (a
+        directory and the files in it).
+        """
+        key = None if resource is None else _resource_intent(resource)
+        found = self._store.list_reservations(self._clock.now_ms())
+        if key is not None:
+            found = [r for r in found if overlaps(r.resource, key.key)]
+        found.sort(key=lambda r: (r.priority, r.agent_id, r.session_id, r.resource))
+        return [r.waiter() for r in found]
 
     def validate(self, lease_id: str) -> Lease:
         """Return the lease if it is still active.

@@ -394,6 +394,10 @@ class Store(BusPrimitives):
         """Active leases, optionally of one agent and/or overlapping one key."""
         raise NotImplementedError
 
+    def list_reservations(self, now_ms: int) -> list[Reservation]:
+        """Live reservations: the places in line of agents blocked in ``acquire``."""
+        raise NotImplementedError
+
     def fence_state(self, intent: ParsedIntent, token: int, now_ms: int) -> FenceState:
         """Newest token granted on the key or its ancestors, and whether ``token`` is active."""
         raise NotImplementedError
@@ -500,6 +504,9 @@ class Store(BusPrimitives):
         self, agent_id: str | None, resource: ParsedIntent | None, now_ms: int
     ) -> list[LeaseRecord]:
         return await self.run_io(self.list_leases, agent_id, resource, now_ms)
+
+    async def alist_reservations(self, now_ms: int) -> list[Reservation]:
+        return await self.run_io(self.list_reservations, now_ms)
 
     async def afence_state(self, intent: ParsedIntent, token: int, now_ms: int) -> FenceState:
         return await self.run_io(self.fence_state, intent, token, now_ms)

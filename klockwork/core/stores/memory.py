@@ -425,6 +425,10 @@ class MemoryStore(MemoryBus, Store):
             key=lambda r: r.fencing_token,
         )
 
+    def list_reservations(self, now_ms: int) -> list[Reservation]:
+        with self._lock:
+            return [r for rs in self._reservations.values() for r in rs if r.expires_at > now_ms]
+
     def fence_state(self, intent: ParsedIntent, token: int, now_ms: int) -> FenceState:
         with self._lock:
             fence = self._fence

@@ -32,7 +32,7 @@ from klockwork.core.errors import (
     InvalidRequestError,
     LeaseNotFoundError,
 )
-from klockwork.core.leases.rules import ParsedIntent, descendant_range, judge, overlaps
+from klockwork.core.leases.rules import ParsedIntent, descendant_range, judge
 from klockwork.core.model import (
     AgentInfo,
     LeaseRecord,
@@ -70,6 +70,7 @@ from klockwork.core.stores.sqlite_io import (
     fence_floor,
     prune_leases,
     prune_records,
+    read_reservations,
     translated,
 )
 from klockwork.core.validation import check_int, check_path
@@ -299,7 +300,7 @@ class SqliteStore(SqliteBus, Store):
                                   revoked_at=row[1])
                     )  # fmt: skip
             candidates = [self._overlapping(conn, i) for i in request.intents]
-            reservations = self._reservations(conn, request.intents, now)
+            reservations = read_reservations(conn, now, request.intents)
             j = judge(
                 agent_id, session_id, priority, request.intents, candidates, reservations, now
             )
@@ -391,21 +392,6 @@ class SqliteStore(SqliteBus, Store):
         return [_record(r) for r in conn.execute(sql, args)]
 
     @staticmethod
-    def _reservations(
-        conn: sqlite3.Connection, intents: Sequence[ParsedIntent], now_ms: int
-    ) -> list[Reservation]:
-        rows = conn.execute(
-            "SELECT agent_id, session_id, resource, predicate, priority, expires_at "
-            "FROM kw_reservations WHERE expires_at > ?",
-            (now_ms,),
-        ).fetchall()
-        return [
-            Reservation(r[0], r[1], r[2], _PREDICATE[r[3]], r[4], r[5])
-            for r in rows
-            if any(overlaps(r[2], i.key) for i in intents)
-        ]
-
-    @staticmethod
     def _unreserve(conn: sqlite3.Connection, agent_id: str, session_id: str) -> None:
         conn.execute(
             "DELETE FROM kw_reservations WHERE agent_id = ? AND session_id = ?",
@@ -494,6 +480,10 @@ class SqliteStore(SqliteBus, Store):
             ),
             key=lambda r: r.fencing_token,
         )
+
+    def list_reservations(self, now_ms: int) -> list[Reservation]:
+        with self._translated("list the waiters"), self._pool.connection() as conn:
+            return read_reservations(conn, now_ms)
 
     def fence_state(self, intent: ParsedIntent, token: int, now_ms: int) -> FenceState:
         keys = (intent.key, *intent.ancestors)

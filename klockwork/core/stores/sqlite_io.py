@@ -15,14 +15,15 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from klockwork.core.errors import KlockworkError, StoreUnavailableError
-from klockwork.core.leases.rules import ancestors
+from klockwork.core.leases.rules import ParsedIntent, ancestors, overlaps
+from klockwork.core.model import Predicate, Reservation
 from klockwork.core.stores.base import JournalRow, in_play
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ __all__ = [
     "Section",
     "WriterTurns",
     "begin_immediate",
+    "read_reservations",
     "connect",
     "translated",
     "WAL_SIZE_LIMIT",
@@ -312,6 +314,22 @@ def begin_immediate(
         conn.execute("BEGIN IMMEDIATE")
     finally:
         conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+
+
+def read_reservations(
+    conn: sqlite3.Connection, now_ms: int, intents: Sequence[ParsedIntent] | None = None
+) -> list[Reservation]:
+    """Live reservations; only those overlapping one of ``intents`` when given."""
+    rows = conn.execute(
+        "SELECT agent_id, session_id, resource, predicate, priority, expires_at "
+        "FROM kw_reservations WHERE expires_at > ?",
+        (now_ms,),
+    ).fetchall()
+    return [
+        Reservation(r[0], r[1], r[2], Predicate(r[3]), r[4], r[5])
+        for r in rows
+        if intents is None or any(overlaps(r[2], i.key) for i in intents)
+    ]
 
 
 class WriterTurns:

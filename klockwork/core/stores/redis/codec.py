@@ -7,6 +7,7 @@ between them (and the resolution of lost replies reads them the same way).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +51,18 @@ def blocker(row: Sequence[Any]) -> LeaseRecord | Reservation:
     if row[0] == "R":  # a waiter's reservation: R agent session key predicate priority until
         return Reservation(row[1], row[2], row[3], _PREDICATE[row[4]], int(row[5]), int(row[6]))
     return lease_record(row)
+
+
+def reservations(stored: str | bytes) -> list[Reservation]:
+    """A waiter's reservation as the acquire script stores it (one per intent it waits for).
+
+    ``{"a": agent, "s": session, "pr": priority, "u": until, "i": [[key, predicate], ...]}``.
+    """
+    r = json.loads(stored)
+    return [
+        Reservation(r["a"], r["s"], key, _PREDICATE[predicate], int(r["pr"]), int(r["u"]))
+        for key, predicate in rows(r["i"])
+    ]
 
 
 def rows(value: Any) -> list[Any]:

@@ -68,6 +68,7 @@ from klockwork.core.leases.rules import ParsedIntent, descendant_range
 from klockwork.core.model import (
     AgentInfo,
     LeaseRecord,
+    Reservation,
 )
 from klockwork.core.stores.base import (
     DEFAULT_RETAIN,
@@ -88,6 +89,7 @@ from klockwork.core.stores.redis.codec import (
     agent_info,
     intent_args,
     lease_record,
+    reservations,
     rows,
 )
 from klockwork.core.stores.redis.connection import RedisConnection
@@ -478,6 +480,12 @@ class RedisStore(RedisBus, RedisRecords, RedisJournal, UnknownOutcomes, LeaseWak
             ),
             key=lambda r: r.fencing_token,
         )
+
+    def list_reservations(self, now_ms: int) -> list[Reservation]:
+        with self._io("list the waiters"):
+            self._check_open()
+            stored = self._conn.sync.hvals(self._conn.key("resv"))
+        return [r for value in stored for r in reservations(value) if r.expires_at > now_ms]
 
     def fence_state(self, intent: ParsedIntent, token: int, now_ms: int) -> FenceState:
         span = descendant_range(intent.key) or ("", "")

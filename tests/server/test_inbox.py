@@ -14,7 +14,7 @@ from api_support import Keys
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from klockwork import Klockwork
+from klockwork import Klockwork, LeaseTimeoutError
 from klockwork.server import create_app
 from klockwork.server.context import ServerSettings
 from klockwork.server.errors import ApiError
@@ -367,6 +367,23 @@ def test_the_lease_board_the_audit_tail_and_verify(
     token = _signed_in(client, keys.approver)
     board = client.get("/leases").text
     assert "FILE:/src/app.py" in board and "merger" in board and "MUTATES" in board
+    assert "Nobody is waiting." in board
+    # An older agent blocked behind merger holds its place in line: the board says so.
+    kw.register_agent("elder", priority=0)
+
+    def wait_in_line() -> None:
+        with pytest.raises(LeaseTimeoutError):  # merger keeps it: elder gives up
+            kw.leases.acquire("elder", "s9", ("FILE:/src/app.py", "CONSUMES"), 60_000, 0.5)
+
+    waiter = threading.Thread(target=wait_in_line)
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while not kw.leases.waiters():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    board = client.get("/leases").text
+    assert "Nobody is waiting." not in board and "elder" in board and "CONSUMES" in board
+    waiter.join(10)
     audit = client.get("/audit").text
     assert "lease.granted" in audit and "Verify the audit chain" in audit
     verified = client.post("/audit/verify", data={"csrf": token})

@@ -163,6 +163,16 @@ def test_a_blocking_acquire_is_granted_when_another_client_releases(
     waiter.start()
     _wait_for_waiters(kw)
     assert answers == []  # it waits, on the server, while the lease is held
+    # Anyone signed in sees who waits for what (the place is kept once it retried).
+    deadline = time.monotonic() + 5
+    while not (line := client.get("/v1/waiters", headers=bearer(keys.approver)).json()):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert [(w["agent_id"], w["resource"], w["predicate"]) for w in line] == [
+        ("reviewer", "FILE:/src/app.py", "MUTATES")
+    ]
+    inside = client.get("/v1/waiters", headers=bearer(keys.agent), params={"resource": "FILE:/src"})
+    assert inside.json() == line
     released = client.post(f"/v1/leases/{lease_id}/release", headers=bearer(keys.agent))
     assert released.json() == {"released": True}
     waiter.join(10)
@@ -173,6 +183,7 @@ def test_a_blocking_acquire_is_granted_when_another_client_releases(
     assert [lease.agent_id for lease in kw.leases.list()] == ["reviewer"]  # no double grant
     grant = kw.audit.query(kind="lease.granted").entries[-1]
     assert grant.agent_id == "reviewer" and grant.data["attempts"] >= 2
+    assert client.get("/v1/waiters", headers=bearer(keys.approver)).json() == []
 
 
 def test_a_blocking_acquire_that_runs_out_is_409_and_leaves_nothing_behind(

@@ -59,6 +59,8 @@ def fingerprint(inbox: Inbox) -> Fingerprint:
         for a in kw.approvals.list(status="pending")
     ]
     leases = [f"{lease.lease_id}:{lease.expires_at}" for lease in kw.leases.list()]
+    # Who waits, not until when: a waiter in another process renews its place every moment.
+    leases += [f"{w.agent_id}\n{w.session_id}\n{w.resource}" for w in kw.leases.waiters()]
     return Fingerprint(_digest(pending), _digest(leases), kw.audit.checkpoint().seq)
 
 

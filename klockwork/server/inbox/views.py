@@ -126,5 +126,5 @@ class Views:
         if name == "history":
             return {"items": self.history(key), "now_ms": now}
         if name == "leases":
-            return {"leases": self.leases(), "now_ms": now}
+            return {"leases": self.leases(), "waiters": self._kw.leases.waiters(), "now_ms": now}
         return {"entries": self.audit(), "now_ms": now}

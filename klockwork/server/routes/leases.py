@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from klockwork.core.errors import StaleLeaseError
 from klockwork.core.leases.manager import DEFAULT_TTL_MS
-from klockwork.core.model import Lease, Predicate, Verdict
+from klockwork.core.model import Lease, Predicate, Verdict, Waiter
 from klockwork.core.validation import INT64_MAX, MAX_IDENTITY_CHARS, MAX_KEY_CHARS, MAX_TTL_MS
 from klockwork.server.context import Server
 from klockwork.server.errors import COMMON_REFUSALS, ApiError, refusals
@@ -225,6 +225,14 @@ def router(server: Server) -> APIRouter:
     ) -> list[Lease]:
         """Active leases, oldest first: of one agent, and/or overlapping ``resource``."""
         return kw.leases.list(agent_id, resource)
+
+    @api.get("/waiters")
+    def list_waiters(
+        key: ApiKey = reader,
+        resource: str | None = Query(default=None, min_length=1, max_length=MAX_RESOURCE_CHARS),
+    ) -> list[Waiter]:
+        """Agents blocked in acquire (any process), oldest first: served in this order."""
+        return kw.leases.waiters(resource)
 
     @api.get("/leases/{lease_id}", responses=not_found)
     def get_lease(lease_id: str, key: ApiKey = reader) -> Lease:

@@ -31,6 +31,7 @@ import sys
 import threading
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 from klockwork.cli.support import OK, UNAVAILABLE, USAGE, fail, is_loopback
 from klockwork.core.engine import Klockwork
@@ -40,7 +41,7 @@ from klockwork.server.keys import ApiKeys
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-__all__ = ["add_parsers", "run"]
+__all__ = ["add_parsers", "masked", "run"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -131,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
             sock = _bind(args.host, args.port)
             address = _address(sock)
             print(
-                f"klockwork: serving {url} at {address}/v1 (schema: {address}/openapi.json)\n"
+                f"klockwork: serving {masked(url)} at {address}/v1 "
+                f"(schema: {address}/openapi.json)\n"
                 f"klockwork: the approvals inbox: {address}/  (Ctrl-C stops the server)",
                 flush=True,
             )
@@ -195,11 +197,20 @@ def _new_store(url: str) -> bool:
     return bool(path) and path != ":memory:" and not os.path.exists(path)
 
 
+def masked(url: str) -> str:
+    """``url`` with its password, if any, as ``***``: what is printed goes to logs."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # a malformed URL: nothing to find in it
+        return url
+    return url.replace(f":{password}@", ":***@", 1) if password else url
+
+
 def _refuse_public(host: str, url: str) -> NoReturn:
     fail(
         USAGE,
-        f"refusing to listen on {host} (not loopback) with no active API key in {url}: "
-        f"create one first with `klockwork keys create NAME --role approver --url {url}`",
+        f"refusing to listen on {host} (not loopback) with no active API key in {masked(url)}: "
+        f"create one first with `klockwork keys create NAME --role approver --url {masked(url)}`",
     )
 
 

@@ -522,3 +522,14 @@ def test_a_key_sent_in_clear_text_off_this_machine_is_warned_about(
     Remote("https://approvals.example.com", "kw_k")
     Remote("http://127.0.0.1:8765", "kw_k")
     assert capsys.readouterr().err == ""
+
+
+def test_the_store_url_is_printed_without_its_password() -> None:
+    from klockwork.cli.serve import masked
+
+    assert masked("redis://ops:s3cret@127.0.0.1:6379/0?namespace=kw") == (
+        "redis://ops:***@127.0.0.1:6379/0?namespace=kw"
+    )
+    assert masked("redis://:s3cret@127.0.0.1/0") == "redis://:***@127.0.0.1/0"
+    assert masked("sqlite:///kw.db") == "sqlite:///kw.db"
+    assert masked("redis://[::1") == "redis://[::1"  # malformed: left as given

@@ -205,6 +205,18 @@ class Gatekeeper:
         extra: dict[str, Any] = {"audit_paused": True} if seen == audited else {}
         return self.refuse(request, 401, "unauthenticated", "an API key is required", **extra)
 
+    def still_valid(self, request: Request, key: ApiKey) -> bool:
+        """Whether a long request (a stream, a wait) of ``key`` may go on.
+
+        True while the key is active and, for a request signed in by the
+        inbox's cookie, while that session is: a revocation or a sign-out
+        ends what is still running, not only what comes next.
+        """
+        current = self.keys.get(key.key_id)
+        if current is None or current.status != "active":
+            return False
+        return presented_key(request) is not None or self.session_key(request) is not None
+
     def require(self, *roles: Role) -> Callable[[Request], ApiKey]:
         """A FastAPI dependency: the request's key, if its role is one of ``roles``."""
         allowed = frozenset(roles)

@@ -72,6 +72,21 @@ def test_governance_events_stream_as_they_happen_and_the_stream_ends_with_the_cl
     assert not kw.bus.listeners.active  # the client left: the stream stopped following
 
 
+@pytest.mark.parametrize("path", ["/v1/events/stream", "/v1/audit/stream"])
+def test_a_stream_ends_once_its_key_is_revoked(
+    app: FastAPI, kw: Klockwork, client: TestClient, keys: Keys, path: str
+) -> None:
+    record, secret = app.state.server.keys.create("mallory", "approver")
+    with client.stream("GET", path, headers=bearer(secret)) as answer:
+        lines = answer.iter_lines()
+        _opened(lines)
+        app.state.server.keys.revoke(record.key_id)
+        kw.gates.execute("builder", "deploy.prod", {"secret": "v0"})  # not for mallory now
+        ended = list(lines)  # the stream ends by itself (the test's timeout guards it)
+    assert "event: signed_out" in ended
+    assert not any("deploy.prod" in line for line in ended)
+
+
 def test_the_events_stream_resumes_after_the_last_event_id_and_filters_kinds(
     kw: Klockwork, client: TestClient, keys: Keys
 ) -> None:
@@ -196,8 +211,11 @@ async def test_the_loop_reads_in_pages_waits_for_a_wakeup_and_ends_when_cancelle
         page = [f for f in backlog if f.id > after][:2]
         return (page[-1].id if page else after), page
 
+    async def alive() -> bool:
+        return True
+
     wake = Wakeup()
-    stream = sse(read, 0, wake)
+    stream = sse(read, 0, wake, alive)
     assert await stream.__anext__() == b"retry: 3000\n\n"
     seen = [await stream.__anext__() for _ in range(3)]
     assert b"".join(seen).count(b"event: tick") == 5 and asked == [0, 2, 4]

@@ -40,7 +40,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -111,12 +111,17 @@ class Wakeup:
             await asyncio.wait_for(self._event.wait(), timeout_s)
 
 
-async def sse(read: Read, after: int, wake: Wakeup) -> AsyncGenerator[bytes, None]:
-    """The stream of what ``read`` finds after ``after``, forever (until cancelled).
+async def sse(
+    read: Read, after: int, wake: Wakeup, alive: Callable[[], Awaitable[bool]]
+) -> AsyncGenerator[bytes, None]:
+    """The stream of what ``read`` finds after ``after``, until cancelled or no longer ``alive``.
 
     Reads at once whenever the last read made progress; otherwise waits for
     a wake-up or :data:`POLL_S`, and sends a keepalive after
-    :data:`HEARTBEAT_S` of silence.
+    :data:`HEARTBEAT_S` of silence. After each read it asks ``alive`` (is the
+    key still active, the session still signed in?): once not, it sends a
+    ``signed_out`` event and ends, so a revoked key receives nothing recorded
+    after its revocation, as any other request of it is refused.
     """
     yield f"retry: {RETRY_MS}\n\n".encode()
     quiet_since = time.monotonic()
@@ -124,6 +129,11 @@ async def sse(read: Read, after: int, wake: Wakeup) -> AsyncGenerator[bytes, Non
         wake.clear()
         start = after
         after, frames = await read(after)
+        # Asked after each read, before sending it: what a revoked key (or a
+        # signed-out session) is sent was recorded before the revocation.
+        if not await alive():
+            yield b"event: signed_out\ndata: {}\n\n"
+            return
         if frames:
             yield b"".join(f.encode() for f in frames)
             quiet_since = time.monotonic()
@@ -172,6 +182,9 @@ def router(server: Server) -> APIRouter:
 
     resume = Depends(resume_from)
 
+    async def still_valid(request: Request, key: ApiKey) -> bool:
+        return await run_in_threadpool(server.gatekeeper.still_valid, request, key)
+
     async def follow_events() -> None:
         """On a store shared by processes, have every process publish its events."""
         nonlocal followed_by_group
@@ -185,7 +198,8 @@ def router(server: Server) -> APIRouter:
 
     @api.get("/events/stream", response_class=StreamingResponse, responses={200: _STREAM})
     async def events_stream(
-        _: ApiKey = watcher,
+        request: Request,
+        key: ApiKey = watcher,
         start: int | None = resume,
         kind: str | None = Query(
             default=None,
@@ -209,7 +223,8 @@ def router(server: Server) -> APIRouter:
             wake = Wakeup()
             following = kw.bus.on(EVENTS_CHANNEL, wake)  # this process publishes, and wakes us
             try:
-                async with contextlib.aclosing(sse(read, after, wake)) as frames:
+                stream = sse(read, after, wake, lambda: still_valid(request, key))
+                async with contextlib.aclosing(stream) as frames:
                     async for chunk in frames:
                         yield chunk
             finally:
@@ -219,7 +234,8 @@ def router(server: Server) -> APIRouter:
 
     @api.get("/audit/stream", response_class=StreamingResponse, responses={200: _STREAM})
     async def audit_stream(
-        _: ApiKey = watcher,
+        request: Request,
+        key: ApiKey = watcher,
         start: int | None = resume,
         kind: str | None = Query(
             default=None,
@@ -250,7 +266,8 @@ def router(server: Server) -> APIRouter:
             wake = Wakeup()
             unlisten = kw.add_listener(wake)  # this process's decisions wake us at once
             try:
-                async with contextlib.aclosing(sse(read, after, wake)) as frames:
+                stream = sse(read, after, wake, lambda: still_valid(request, key))
+                async with contextlib.aclosing(stream) as frames:
                     async for chunk in frames:
                         yield chunk
             finally:

@@ -6,9 +6,10 @@ refusal (no key, an unknown or revoked key, a role that may not do this)
 is answered 401/403 and recorded in the audit trail as ``access.denied``.
 
 Failed sign-ins are rate limited per client address (per /64 for IPv6): after
-``max_failures`` within ``window_s`` the address gets 429 (with
-``Retry-After``) for the rest of the window, whatever key it sends, so a
-key cannot be guessed by trying many.
+``max_failures`` within ``window_s`` every failing request of the address
+gets 429 (with ``Retry-After``) for the rest of the window, so keys cannot
+be tried by the thousand; a key that is right still signs in (one machine,
+or one proxy, is one address for everyone behind it).
 """
 
 from __future__ import annotations
@@ -159,16 +160,15 @@ class Gatekeeper:
         return ApiError(status, type, message, argument)
 
     def authenticate(self, request: Request) -> ApiKey:
-        """The active key of ``request``; raises 401 (or 429 when rate limited)."""
+        """The active key of ``request``; raises 401 (or 429 when rate limited).
+
+        A key that authenticates is let through even while its address is
+        blocked: every agent and person on one machine (or behind one proxy)
+        shares an address, and a neighbour's wrong key must not lock them
+        out. Only what fails is answered 429 while the address is blocked,
+        and not audited again (the failure that reached the limit said so).
+        """
         client = client_of(request)
-        wait = self.limiter.blocked_for(client)
-        if wait > 0:
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"too many failed sign-ins from {client}; try again in {int(wait) + 1} s",
-                headers={"Retry-After": str(int(wait) + 1)},
-            )
         presented = presented_key(request)
         key = self.keys.authenticate(presented) if presented is not None else None
         if key is None and presented is None:
@@ -177,18 +177,26 @@ class Gatekeeper:
             # through /v1 (the inbox's forms carry a CSRF token instead).
             safe = request.method in ("GET", "HEAD")
             key = self.session_key(request) if safe else None
-            if key is None:
-                raise self.refuse_keyless(request, client)
-        if key is None:
-            limited = self.limiter.failed(client) >= self.limiter.max_failures
-            raise self.refuse(
-                request,
-                401,
-                "unauthenticated",
-                "unknown or revoked API key",
-                rate_limited=limited,
+        if key is not None:
+            return key
+        wait = self.limiter.blocked_for(client)
+        if wait > 0:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many failed sign-ins from {client}; try again in {int(wait) + 1} s",
+                headers={"Retry-After": str(int(wait) + 1)},
             )
-        return key
+        if presented is None:
+            raise self.refuse_keyless(request, client)
+        limited = self.limiter.failed(client) >= self.limiter.max_failures
+        raise self.refuse(
+            request,
+            401,
+            "unauthenticated",
+            "unknown or revoked API key",
+            rate_limited=limited,
+        )
 
     def refuse_keyless(self, request: Request, client: str) -> ApiError:
         """401 for a request with no key; audited up to the limiter's rate per address.

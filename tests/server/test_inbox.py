@@ -128,6 +128,22 @@ def test_a_wrong_key_is_refused_audited_and_rate_limited(kw: Klockwork) -> None:
     assert refusals[-1]["rate_limited"] is True and refusals[0]["path"] == "/signin"
 
 
+def test_forged_sign_ins_lock_nobody_out_and_a_right_key_signs_in_while_limited(
+    kw: Klockwork,
+) -> None:
+    app = create_app(kw, ServerSettings(max_failures=3))
+    _, secret = app.state.server.keys.create("bob", "approver")
+    with TestClient(app) as client:
+        for _ in range(10):  # what any web page can post: no sign-in token
+            forged = client.post("/signin", data={"api_key": "x"}, follow_redirects=False)
+            assert forged.status_code == 403
+        assert _sign_in(client, "kw_nope").status_code == 401  # not limited by them
+        for _ in range(3):
+            _sign_in(client, "kw_nope")
+        assert _sign_in(client, "kw_nope").status_code == 429
+        _signed_in(client, secret)  # the right key is not locked out by a neighbour
+
+
 def test_an_agent_key_cannot_sign_in(kw: Klockwork, client: TestClient, keys: Keys) -> None:
     answer = _sign_in(client, keys.agent)
     assert answer.status_code == 403 and "agent" in answer.text

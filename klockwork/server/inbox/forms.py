@@ -166,7 +166,17 @@ def add_forms(api: APIRouter, inbox: Inbox) -> None:
     def signin(request: Request, form: dict[str, str] = Form) -> Response:
         """Exchange an approver's (or admin's) API key for a session cookie."""
         client = client_of(request)
-        wait = gatekeeper.limiter.blocked_for(client)
+        try:
+            sessions.check_signin_token(request, form.get("csrf", ""))
+        except ApiError as exc:
+            # Not counted as a failed sign-in: any web page can post this form
+            # without the token, and must not lock out the address's keys.
+            return signin_page(inbox, request, exc.status, exc.detail.message)
+        presented = form.get("api_key", "").strip()
+        key = server.keys.authenticate(presented) if presented else None
+        # As for the API: a right key signs in even while the address is
+        # blocked; a wrong one is then answered 429 (and not audited again).
+        wait = gatekeeper.limiter.blocked_for(client) if key is None else 0.0
         if wait > 0:
             retry = int(wait) + 1
             response = signin_page(
@@ -177,14 +187,6 @@ def add_forms(api: APIRouter, inbox: Inbox) -> None:
             )
             response.headers["Retry-After"] = str(retry)
             return response
-        try:
-            sessions.check_signin_token(request, form.get("csrf", ""))
-        except ApiError as exc:
-            # Counted as a failed sign-in: refusals an address may cause stay bounded.
-            gatekeeper.limiter.failed(client)
-            return signin_page(inbox, request, exc.status, exc.detail.message)
-        presented = form.get("api_key", "").strip()
-        key = server.keys.authenticate(presented) if presented else None
         if key is None:
             limited = gatekeeper.limiter.failed(client) >= gatekeeper.limiter.max_failures
             gatekeeper.refuse(

@@ -27,7 +27,13 @@ from klockwork.core.engine import Klockwork
 from klockwork.server.errors import ApiError
 from klockwork.server.keys import ApiKey, ApiKeys, Role
 
-__all__ = ["FailureLimiter", "Gatekeeper"]
+__all__ = ["AUDITED_REFUSALS", "FailureLimiter", "Gatekeeper"]
+
+#: How many refusals of one key per window the audit trail records (then one
+#: entry says ``audit_paused``, and the rest of the window records none).
+AUDITED_REFUSALS = 100
+#: How much of a refused request's path its audit entry keeps.
+_PATH_KEPT = 300
 
 
 class FailureLimiter:
@@ -126,6 +132,8 @@ class Gatekeeper:
         self.limiter = limiter
         # Counts key-less refusals only to bound their audit entries (never 429).
         self._keyless = FailureLimiter(limiter.max_failures + 1, limiter.window_s)
+        # Counts each key's refusals only to bound their audit entries.
+        self._refused = FailureLimiter(AUDITED_REFUSALS + 1, limiter.window_s)
         #: Set by the inbox: the key a session cookie stands for, if any.
         self.session_key: Callable[[Request], ApiKey | None] = lambda request: None
 
@@ -143,16 +151,24 @@ class Gatekeeper:
         """Audit a refusal as ``access.denied`` and return the error to raise.
 
         ``extra`` goes into the audit entry's data (never into the answer);
-        ``argument`` names the offending input in the answer.
+        ``argument`` names the offending input in the answer. One key's
+        refusals are recorded up to :data:`AUDITED_REFUSALS` per window (the
+        last one says ``audit_paused``), so that a key cannot grow the trail
+        without bound by asking for what it may not; the answers stay the same.
         """
         data = {
             "reason": type,
             "method": request.method,
-            "path": request.url.path,
+            "path": request.url.path[:_PATH_KEPT],
             "client": client_of(request),
             **extra,
         }
         if key is not None:
+            seen = self._refused.failed(key.key_id)
+            if seen > AUDITED_REFUSALS:
+                return ApiError(status, type, message, argument)
+            if seen == AUDITED_REFUSALS:
+                data["audit_paused"] = True
             data.update(key_id=key.key_id, principal=key.principal, role=key.role)
         # The principal is who asked, when known; it is not an agent id for a person.
         agent = key.principal if key is not None and key.role == "agent" else None

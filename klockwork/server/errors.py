@@ -69,6 +69,12 @@ def refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody} for code in codes}
 
 
+def _printable(text: str) -> str:
+    """``text`` as valid UTF-8: a lone surrogate from the input (``"\\udfff"``) is
+    spelled out, so that the answer naming it can be sent at all."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class ApiError(Exception):
     """A refusal raised by a route: ``status`` and the :class:`ErrorDetail` fields."""
 
@@ -81,7 +87,11 @@ class ApiError(Exception):
         headers: dict[str, str] | None = None,
     ) -> None:
         self.status = status
-        self.detail = ErrorDetail(type=type, message=message, argument=argument)
+        self.detail = ErrorDetail(
+            type=type,
+            message=_printable(message),
+            argument=None if argument is None else _printable(argument),
+        )
         self.headers = headers
         super().__init__(message)
 

@@ -261,6 +261,12 @@ def test_an_edit_from_the_form_is_judged_again_as_the_signed_in_person(
         data={"csrf": token, "nested": '{"env": {"a": 2}}'},
     )
     assert unchanged.status_code == 422 and "nothing was changed" in unchanged.text
+    for nested in ("[" * 100_000, r'{"\udfff": 1}'):  # too deep; a lone surrogate (JSON)
+        bad = client.post(
+            f"/approvals/{again.approval_id}/edit", data={"csrf": token, "nested": nested}
+        )
+        assert bad.status_code == 422, bad.text
+    assert kw.approvals.get(again.approval_id).status.value == "pending"
 
 
 def test_edit_forms_keep_each_arguments_type() -> None:
@@ -427,6 +433,35 @@ def test_the_stream_names_the_sections_that_changed(kw: Klockwork, app: FastAPI)
     kw.leases.acquire("merger", "s1", ("FILE:/a", "MUTATES"), 60_000)
     assert "leases" in changed_sections(after, fingerprint(inbox))
     assert changed_sections(after, after) == [] and isinstance(after, Fingerprint)
+
+
+def test_open_streams_share_one_reading_of_the_store(
+    kw: Klockwork, app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from klockwork.server.inbox import events
+
+    reads: list[int] = []
+    real = events.fingerprint
+
+    def counted(inbox: Inbox) -> Fingerprint:
+        reads.append(1)
+        time.sleep(0.05)  # a slow store: the others arrive meanwhile
+        return real(inbox)
+
+    monkeypatch.setattr(events, "fingerprint", counted)
+    shared = events.SharedFingerprint(Inbox(app.state.server))
+    asked_at = time.monotonic()
+    got: list[Fingerprint] = []
+    streams = [
+        threading.Thread(target=lambda: got.append(shared.newer_than(asked_at))) for _ in range(20)
+    ]
+    for t in streams:
+        t.start()
+    for t in streams:
+        t.join(10)
+    assert len(got) == 20 and len(set(got)) == 1 and len(reads) == 1
+    _pending(kw)  # a decision: a stream woken by it reads again
+    assert shared.newer_than(time.monotonic()) != got[0] and len(reads) == 2
 
 
 def test_the_live_stream_wakes_the_page_when_something_changes(

@@ -186,6 +186,27 @@ def test_a_blocking_acquire_is_granted_when_another_client_releases(
     assert client.get("/v1/waiters", headers=bearer(keys.approver)).json() == []
 
 
+def test_a_key_revoked_while_it_waits_is_granted_nothing(
+    app: FastAPI, kw: Klockwork, client: TestClient, keys: Keys, ages: None
+) -> None:
+    lease_id = _acquire(client, keys.agent)["leases"][0]["lease_id"]
+    record, secret = app.state.server.keys.create("temp-agent", "agent")
+    answers: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: answers.append(
+            client.post("/v1/leases", headers=bearer(secret), json=_ask(wait_s=10))
+        )
+    )
+    waiter.start()
+    _wait_for_waiters(kw)
+    app.state.server.keys.revoke(record.key_id)
+    client.post(f"/v1/leases/{lease_id}/release", headers=bearer(keys.agent))
+    waiter.join(10)
+    (answer,) = answers
+    assert answer.status_code == 401, answer.text
+    assert kw.leases.list() == []  # what it was granted went back at once
+
+
 def test_a_blocking_acquire_that_runs_out_is_409_and_leaves_nothing_behind(
     kw: Klockwork, client: TestClient, keys: Keys, ages: None
 ) -> None:

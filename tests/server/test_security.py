@@ -555,3 +555,36 @@ def test_every_operation_but_health_needs_a_key(
     assert len(audited) == 10 and audited[-1]["audit_paused"] is True
     sent = [(method, re.sub(r"\{[^}]+\}", "x", path)) for method, path in operations]
     assert [(d["method"], d["path"]) for d in audited] == sent[:10]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/gates/execute", '{"action": "read.x", "metadata": {"\\udfff": 1}}'),
+        ("/v1/gates/can_i", '{"action": "read.x", "metadata": {"a": {"\\udfff": 1}}}'),
+        ("/v1/bus/jobs/publish", '{"payload": {"\\ud800": 1}}'),
+    ],
+)
+def test_a_lone_surrogate_in_a_key_is_a_422_not_a_500(
+    client: TestClient, keys: Keys, path: str, body: str
+) -> None:
+    headers = {**bearer(keys.agent), "content-type": "application/json"}
+    answer = client.post(path, headers=headers, content=body)
+    assert answer.status_code == 422, answer.text
+    assert "\\ud" in answer.json()["error"]["message"]  # named, spelled out
+
+
+def test_one_keys_refusals_cannot_grow_the_trail_without_bound(
+    kw: Klockwork, client: TestClient, keys: Keys
+) -> None:
+    from klockwork.server.auth import AUDITED_REFUSALS
+
+    long_path = "/v1/keys/" + "a" * 5000
+    for _ in range(AUDITED_REFUSALS + 20):
+        assert client.delete(long_path, headers=bearer(keys.agent)).status_code == 403
+    mine = [d for d in _denials(kw) if d.get("principal") == "builder"]
+    assert len(mine) == AUDITED_REFUSALS and mine[-1]["audit_paused"] is True
+    assert all(len(d["path"]) <= 300 for d in mine)
+    # Another key's refusals are still recorded.
+    client.delete("/v1/keys/x", headers=bearer(keys.other_agent))
+    assert _denials(kw)[-1]["principal"] == "reviewer"

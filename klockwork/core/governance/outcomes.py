@@ -292,11 +292,14 @@ def explain_policy(
     return f"{action}: {reason} by {where}" + (f": {why}" if why else "")
 
 
+_PAST = {"approve": "approved", "deny": "denied"}
+
+
 def explain_approval(approval: Approval) -> str:
     """How an approval ended: who decided what, or that it expired."""
     if approval.status is ApprovalStatus.EXPIRED:
         return f"approval {approval.approval_id} expired (on_timeout={approval.on_timeout})"
-    who = ", ".join(f"{d.approver} {d.verdict}d" for d in approval.decisions)
+    who = ", ".join(f"{d.approver} {_PAST[d.verdict]}" for d in approval.decisions)
     return f"approval {approval.approval_id} {approval.status.value}: {who}"
 
 

@@ -12,8 +12,10 @@ approvals, leases, and the audit head. They are read again
 * every second otherwise, for what other processes on the same store did
   (an agent process asking for an approval, the CLI deciding one).
 
-Reads run in a worker thread; the event loop only waits. The stream ends
-when the client goes away (checked on every tick) or the session ends.
+Reads run in a worker thread; the event loop only waits. Every open stream
+of a server shares one reading (:class:`SharedFingerprint`): a hundred open
+pages cost one read a second, not a hundred. The stream ends when the
+client goes away (checked on every tick) or the session ends.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -32,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from klockwork.core.model import GovernanceEvent
 from klockwork.server.inbox.base import Inbox
 
-__all__ = ["Fingerprint", "add_events", "changed_sections", "fingerprint"]
+__all__ = ["Fingerprint", "SharedFingerprint", "add_events", "changed_sections", "fingerprint"]
 
 POLL_S = 1.0
 KEEPALIVE_S = 15.0
@@ -64,6 +68,28 @@ def fingerprint(inbox: Inbox) -> Fingerprint:
     return Fingerprint(_digest(pending), _digest(leases), kw.audit.checkpoint().seq)
 
 
+class SharedFingerprint:
+    """The newest fingerprint, read at most once at a time for all the streams of a server."""
+
+    def __init__(self, inbox: Inbox) -> None:
+        self._inbox = inbox
+        self._lock = threading.Lock()
+        self._value: Fingerprint | None = None
+        self._read_at = float("-inf")
+
+    def newer_than(self, moment: float) -> Fingerprint:
+        """A fingerprint read after ``moment`` (``time.monotonic()``); blocking.
+
+        Streams asking at once wait for one reading and share it, instead of
+        each reading the store.
+        """
+        with self._lock:
+            if self._value is None or self._read_at < moment:
+                read_at = time.monotonic()
+                self._value, self._read_at = fingerprint(self._inbox), read_at
+            return self._value
+
+
 def changed_sections(before: Fingerprint | None, after: Fingerprint) -> list[str]:
     """The sections that show something new between two fingerprints."""
     if before is None:
@@ -87,6 +113,7 @@ def _event(name: str, data: object) -> bytes:
 def add_events(api: APIRouter, inbox: Inbox) -> None:
     """Add ``GET /inbox/events`` to ``api``."""
     kw = inbox.server.kw
+    shared = SharedFingerprint(inbox)
 
     @api.get("/inbox/events")
     async def events(request: Request) -> Response:
@@ -108,20 +135,22 @@ def add_events(api: APIRouter, inbox: Inbox) -> None:
         async def stream() -> AsyncIterator[bytes]:
             remove = kw.add_listener(listener)
             try:
-                seen = await run_in_threadpool(fingerprint, inbox)
+                seen = await run_in_threadpool(shared.newer_than, time.monotonic())
                 yield b"retry: 2000\n\n"
                 yield _event("ready", {"sections": []})
                 quiet = 0.0
                 while not await request.is_disconnected():
                     try:
                         await asyncio.wait_for(wake.wait(), timeout=POLL_S)
+                        fresh_after = time.monotonic()  # read after what woke us
                     except asyncio.TimeoutError:
                         quiet += POLL_S
+                        fresh_after = time.monotonic() - POLL_S / 2
                     wake.clear()
                     if await run_in_threadpool(inbox.signed_in, _fresh(request)) is None:
                         yield _event("signed_out", {})
                         return
-                    now = await run_in_threadpool(fingerprint, inbox)
+                    now = await run_in_threadpool(shared.newer_than, fresh_after)
                     sections = changed_sections(seen, now)
                     seen = now
                     if sections:

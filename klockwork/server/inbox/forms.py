@@ -66,7 +66,7 @@ def _plain_value(field: ArgumentField, raw: str) -> Any:
             return None
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return raw  # a word typed where nothing was: text
     whole = isinstance(field.value, int)
     try:
@@ -102,6 +102,8 @@ def edited_arguments(metadata: dict[str, Any], form: dict[str, str]) -> dict[str
             more = json.loads(text)
         except ValueError as exc:
             raise _invalid("nested", f"the nested arguments are not JSON: {exc}") from None
+        except RecursionError:
+            raise _invalid("nested", "the nested arguments are nested too deeply") from None
         if not isinstance(more, dict):
             raise _invalid("nested", "the nested arguments must be a JSON object {...}")
         if any(len(name) > _KEY_MAX for name in more):

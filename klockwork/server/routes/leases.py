@@ -215,7 +215,13 @@ def router(server: Server) -> APIRouter:
         waiting = kw.leases.aacquire(
             key.principal, body.session_id, intents, body.ttl_ms, timeout_s=wait_s
         )
-        return await unless_disconnected(request, waiting)
+        verdict = await unless_disconnected(request, waiting)
+        if not await kw.store.run_io(gatekeeper.still_valid, request, key):
+            # Revoked while it waited: nobody could use or release the grant.
+            for lease in verdict.leases:
+                await kw.leases.arelease(lease.lease_id)
+            raise ApiError(401, "unauthenticated", "the API key was revoked while it waited")
+        return verdict
 
     @api.get("/leases")
     def list_leases(

@@ -20,11 +20,15 @@ from pydantic import Field
 
 from klockwork.core.errors import ApprovalNotFoundError, NotAnApproverError
 from klockwork.core.governance.approvals import Approval, ApprovalClosedError, ApprovalStatus
-from klockwork.core.governance.outcomes import GateAnswer
+from klockwork.core.governance.outcomes import GateAnswer, gate_key
 from klockwork.core.governance.policy import ConditionResult
+from klockwork.core.validation import same_identity
 from klockwork.server.context import Server
 from klockwork.server.errors import ApiError
 from klockwork.server.keys import ApiKey
+
+#: How the engine names an edited request's event id: ``<original>#edit-<digest>``.
+EDIT_MARK = "#edit-"
 
 __all__ = ["ApprovalView", "Decisions", "Edited"]
 
@@ -112,15 +116,42 @@ class Decisions:
         """True when the principal of ``key`` runs the agent that asked (or its root agent)."""
         return self._server.keys.runs(key.principal, approval.requester)
 
+    def edited_by(self, approval: Approval) -> str | None:
+        """Who wrote the arguments of ``approval``, when it replaces a request they edited."""
+        edit_id = approval.event_id or ""
+        base, mark, _ = edit_id.rpartition(EDIT_MARK)
+        if not mark:
+            return None
+        # The edited request is keyed by its own event id when it had one, else by its id.
+        gates = self._kw.gates
+        record = gates.get(gate_key(base)) or gates.get(base)
+        if record is None or record.replaced_by != edit_id or record.result.approval_id is None:
+            return None
+        original = self._kw.approvals.get(record.result.approval_id)
+        editors = [d.approver for d in original.decisions if edit_id in d.comment]
+        return editors[0] if editors else None
+
     def check_may_decide(self, request: Request, approval: Approval, key: ApiKey) -> None:
-        """Refuse (403, audited) the person who runs the agent that asked."""
+        """Refuse (403, audited) the person who runs the agent that asked, and the
+        editor of an edited request: the arguments they wrote need another pair of eyes."""
+        gatekeeper = self._server.gatekeeper
         if self.runs_the_agent(approval, key):
-            raise self._server.gatekeeper.refuse(
+            raise gatekeeper.refuse(
                 request,
                 403,
                 "own_agent",
                 f"{key.principal!r} runs {approval.requester!r}, the agent that asked: "
                 "someone else must decide",
+                key,
+                approval_id=approval.approval_id,
+            )
+        editor = self.edited_by(approval)
+        if editor is not None and same_identity(editor, key.principal):
+            raise gatekeeper.refuse(
+                request,
+                403,
+                "own_edit",
+                f"{key.principal!r} edited these arguments: someone else must decide them",
                 key,
                 approval_id=approval.approval_id,
             )

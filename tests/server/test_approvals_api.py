@@ -91,6 +91,24 @@ def test_an_edit_is_judged_again_and_replaces_the_request(
         json={"arguments": {"version": "9"}},
     )
     assert again.status_code == 409
+    # Who wrote the new arguments does not approve them alone: someone else must.
+    new_id = body["approval"]["approval_id"]
+    own = client.post(f"/v1/approvals/{new_id}/approve", headers=bearer(keys.approver), json={})
+    assert own.status_code == 403 and own.json()["error"]["type"] == "own_edit"
+    assert kw.audit.query(kind="access.denied").entries[-1].data["reason"] == "own_edit"
+    # An edit of the edit (by carol) is carol's to leave to others, not bob's alone.
+    twice = client.post(
+        f"/v1/approvals/{new_id}/edit",
+        headers=bearer(keys.other_approver),
+        json={"arguments": {"version": "1.4"}},
+    ).json()
+    last_id = twice["approval"]["approval_id"]
+    mine = client.post(
+        f"/v1/approvals/{last_id}/approve", headers=bearer(keys.other_approver), json={}
+    )
+    assert mine.status_code == 403
+    ok = client.post(f"/v1/approvals/{last_id}/approve", headers=bearer(keys.approver), json={})
+    assert ok.status_code == 200 and ok.json()["status"] == "approved"
 
 
 def test_unknown_approvals_and_bad_bodies_are_clear_4xx(client: TestClient, keys: Keys) -> None:

@@ -256,13 +256,20 @@ def test_an_edit_from_the_form_is_judged_again_as_the_signed_in_person(
     (again,) = kw.approvals.list(status="pending")
     assert again.metadata == {"version": "1.3", "replicas": 5, "canary": False, "env": {"a": 2}}
     assert again.approval_id in answer.text  # the new request is waiting on the page
-    unchanged = client.post(
+    # bob wrote these arguments: he does not decide them alone.
+    own = client.post(
+        f"/approvals/{again.approval_id}/vote", data={"csrf": token, "verdict": "approve"}
+    )
+    assert own.status_code == 403 and "edited these arguments" in own.text
+    carol = TestClient(client.app)  # another approver, in her own browser
+    token = _signed_in(carol, keys.other_approver)
+    unchanged = carol.post(
         f"/approvals/{again.approval_id}/edit",
         data={"csrf": token, "nested": '{"env": {"a": 2}}'},
     )
     assert unchanged.status_code == 422 and "nothing was changed" in unchanged.text
     for nested in ("[" * 100_000, r'{"\udfff": 1}'):  # too deep; a lone surrogate (JSON)
-        bad = client.post(
+        bad = carol.post(
             f"/approvals/{again.approval_id}/edit", data={"csrf": token, "nested": nested}
         )
         assert bad.status_code == 422, bad.text

@@ -107,6 +107,7 @@ def test_an_approver_edits_and_approves_in_the_browser_and_the_agent_goes_on(
 ) -> None:
     app = create_app(engine)
     _, approver_key = app.state.server.keys.create("bob", "approver", label="browser test")
+    _, second_key = app.state.server.keys.create("carol", "approver", label="browser test")
     agent: subprocess.Popen[str] | None = None
     with LiveServer(app) as base, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
@@ -151,8 +152,21 @@ def test_an_approver_edits_and_approves_in_the_browser_and_the_agent_goes_on(
             page.get_by_text("still needs approval").wait_for()
             edited = page.locator("article.card").filter(has=page.locator("dd", has_text="1.3"))
             edited.wait_for()
+            # bob wrote the new arguments: another approver decides them, in her browser.
             edited.get_by_role("button", name="Approve").click()
-            page.get_by_text("You approved deploy.prod").wait_for()
+            page.get_by_text("edited these arguments").wait_for()
+            refused = [m for m in problems if "status of 403" in m]
+            assert len(refused) == 1  # that refusal, the one failed load expected here
+            problems.remove(refused[0])
+            other = browser.new_page(viewport={"width": 1280, "height": 800})
+            other.on("pageerror", lambda error: problems.append(str(error)))
+            other.goto(base + "/")
+            other.get_by_label("API key").fill(second_key)
+            other.get_by_role("button", name="Sign in").click()
+            other.get_by_role("status").filter(has_text="Signed in as carol").wait_for()
+            mine = other.locator("article.card").filter(has=other.locator("dd", has_text="1.3"))
+            mine.get_by_role("button", name="Approve").click()
+            other.get_by_text("You approved deploy.prod").wait_for()
 
             out, err = agent.communicate(timeout=60)
             assert problems == []
@@ -169,4 +183,4 @@ def test_an_approver_edits_and_approves_in_the_browser_and_the_agent_goes_on(
         ("approved", "1.3"),
         ("denied", "1.2"),
     ]
-    assert {d.approver for a in decided for d in a.decisions} == {"bob"}
+    assert sorted(d.approver for a in decided for d in a.decisions) == ["bob", "carol"]

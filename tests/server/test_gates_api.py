@@ -64,14 +64,18 @@ def test_an_event_id_makes_execute_idempotent(
         json={"action": "deploy.prod", "metadata": {"v": 2}, "event_id": "run-7"},
     )
     assert other.status_code == 422 and other.json()["error"]["argument"] == "event_id"
-    # Another agent cannot take over the outcome (or the approval) of that event id.
+    # Event ids are each agent's own: another agent's "run-7" is another gate,
+    # which neither takes over this one's outcome nor is blocked or told by it.
     theirs = client.post(
         "/v1/gates/execute",
         headers=bearer(keys.other_agent),
-        json={"action": "deploy.prod", "metadata": {"v": 1}, "event_id": "run-7"},
+        json={"action": "read.file", "event_id": "run-7"},
     )
-    assert theirs.status_code == 422
+    assert theirs.status_code == 200 and theirs.json()["result"]["status"] == "executed"
+    assert theirs.json()["result"]["audit_event_id"] != first["result"]["audit_event_id"]
     assert len(kw.approvals.list()) == 1
+    mine = _execute(client, keys.agent, "deploy.prod", metadata={"v": 1}, event_id="run-7")
+    assert mine["result"] == first["result"]
 
 
 def test_can_i_answers_the_decision_and_records_nothing(

@@ -38,12 +38,30 @@ from klockwork.server.errors import COMMON_REFUSALS, ApiError, refusals
 from klockwork.server.keys import ApiKey
 from klockwork.server.routes.leases import check_wait, unless_disconnected
 
-__all__ = ["GateCheck", "GateReport", "GateRequest", "GateView", "ReportOutcome", "router"]
+__all__ = [
+    "GateCheck",
+    "GateReport",
+    "GateRequest",
+    "GateView",
+    "ReportOutcome",
+    "agent_event_id",
+    "router",
+]
 
 #: The longest action name the engine accepts.
 MAX_ACTION_CHARS = 512
-#: The longest idempotency key the engine accepts.
-MAX_EVENT_ID_CHARS = 2048
+#: The longest idempotency key of a request (the engine's 2 048 less the agent's prefix).
+MAX_EVENT_ID_CHARS = 1024
+
+
+def agent_event_id(principal: str, event_id: str) -> str:
+    """The engine's event id for one agent's ``event_id``: each agent has its own.
+
+    Without it, one agent could take another's ids first (blocking its
+    requests) and learn from the refusal what the other's was for. The
+    length prefix keeps ``("a:b", "c")`` and ``("a", "b:c")`` apart.
+    """
+    return f"{len(principal)}:{principal}:{event_id}"
 
 
 class GateCheck(BaseModel):
@@ -59,7 +77,8 @@ class GateRequest(GateCheck):
     """An action the key's agent means to run (a body ``agent_id`` is ignored).
 
     ``event_id`` makes it idempotent: the same ``event_id`` answers the
-    stored outcome and records nothing new.
+    stored outcome and records nothing new. Event ids are the agent's own:
+    another agent's ``deploy-42`` is another gate (see :func:`agent_event_id`).
     """
 
     event_id: str | None = Field(default=None, min_length=1, max_length=MAX_EVENT_ID_CHARS)
@@ -169,7 +188,11 @@ def router(server: Server) -> APIRouter:
         if body.session_id is not None:
             check_identity(body.session_id, "session_id")
         answer = kw.gates.ask(
-            key.principal, body.action, body.metadata, body.event_id, session_id=body.session_id
+            key.principal,
+            body.action,
+            body.metadata,
+            None if body.event_id is None else agent_event_id(key.principal, body.event_id),
+            session_id=body.session_id,
         )
         return _view(answer)
 

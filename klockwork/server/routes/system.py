@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Literal
 
@@ -47,6 +49,43 @@ except PackageNotFoundError:  # pragma: no cover - run from a source tree
 ERRORS = refusals(*COMMON_REFUSALS)
 
 
+class _Probe(BaseModel):
+    checked_at_ms: int
+
+
+class WriteProbe:
+    """Whether the store takes a write (a full disk answers reads but no decision).
+
+    It writes one small record at most every :attr:`EVERY_S` seconds, however
+    often health is asked (it needs no key): between writes it answers the
+    last result.
+    """
+
+    EVERY_S = 2.0
+
+    def __init__(self, server: Server) -> None:
+        self._kw = server.kw
+        self._lock = threading.Lock()
+        self._at = float("-inf")
+        self._ok = True
+
+    def writes(self) -> bool:
+        """True when the last write (at most :attr:`EVERY_S` old) went through."""
+        with self._lock:
+            if time.monotonic() - self._at < self.EVERY_S:
+                return self._ok
+            now = self._kw.clock.now_ms()
+            try:
+                self._kw.store.update_record(
+                    "health", "write-probe", _Probe, lambda _: (_Probe(checked_at_ms=now), None)
+                )
+                self._ok = True
+            except StoreUnavailableError:
+                self._ok = False
+            self._at = time.monotonic()
+            return self._ok
+
+
 def router(server: Server) -> APIRouter:
     """``/v1/health``, ``/v1/whoami``, ``/v1/keys``."""
     api = APIRouter(prefix="/v1", responses=ERRORS)
@@ -54,13 +93,17 @@ def router(server: Server) -> APIRouter:
     anyone = Depends(gatekeeper.require("agent", "approver", "admin"))
     admin = Depends(gatekeeper.require("admin"))
 
+    probe = WriteProbe(server)
+
     @api.get("/health", tags=["system"], responses={503: {"model": Health}})
     def health() -> Health:
-        """Whether the server and its store answer; needs no key."""
+        """Whether the server and its store answer, reads and writes; needs no key."""
         try:
             server.kw.store.get_record("apikey", "0" * 16, ApiKey)
         except StoreUnavailableError:
             raise ApiError(503, "store_unavailable", "the store does not answer") from None
+        if not probe.writes():
+            raise ApiError(503, "store_unavailable", "the store answers but cannot write")
         return Health(status="ok", version=_VERSION)
 
     @api.get("/whoami", tags=["system"])

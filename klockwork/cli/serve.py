@@ -251,7 +251,14 @@ def _serve(uvicorn: Any, app: FastAPI, sock: socket.socket, log_level: str) -> N
         server_header=False,
         timeout_graceful_shutdown=_GRACE_S,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    closing = app.state.server.closing
+
+    class Server(uvicorn.Server):  # type: ignore[misc]
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            closing.set()  # live streams end by themselves within a moment
+            super().handle_exit(sig, frame)
+
+    Server(config).run(sockets=[sock])
 
 
 class _Stopped(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import threading
 from dataclasses import dataclass, field
 
 from klockwork.core.engine import Klockwork
@@ -44,6 +45,9 @@ class Server:
     gatekeeper: Gatekeeper = field(init=False)
     #: Signs this process's inbox session cookies (a restart signs everyone out).
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    #: Set when the server is asked to stop: live streams then end by
+    #: themselves (a ``closing`` event) instead of being cut at the deadline.
+    closing: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.keys = ApiKeys(self.kw)

@@ -533,3 +533,41 @@ def test_the_store_url_is_printed_without_its_password() -> None:
     assert masked("redis://:s3cret@127.0.0.1/0") == "redis://:***@127.0.0.1/0"
     assert masked("sqlite:///kw.db") == "sqlite:///kw.db"
     assert masked("redis://[::1") == "redis://[::1"  # malformed: left as given
+
+
+def test_a_stop_ends_the_live_streams_at_once_not_at_the_deadline(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'kw.db'}"
+    bob = _create_key(url, "bob", "approver")
+    running = _start(tmp_path, "--url", url)
+    try:
+        got: list[str] = []
+
+        def follow(path: str) -> None:
+            with httpx.stream(
+                "GET",
+                running.address + path,
+                headers={"Authorization": f"Bearer {bob}"},
+                timeout=30,
+            ) as answer:
+                got.extend(answer.iter_lines())
+
+        streams = [
+            threading.Thread(target=follow, args=(p,))
+            for p in ("/v1/events/stream", "/v1/audit/stream") * 3
+        ]
+        for t in streams:
+            t.start()
+        deadline = time.monotonic() + 10
+        while got.count("retry: 3000") < len(streams):  # all six are open
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert running.stop(signal.SIGTERM) == OK, running.stderr()
+        for t in streams:
+            t.join(10)
+        # Each ended by itself, saying so (not cut when the grace period ran out).
+        assert got.count("event: closing") == len(streams)
+        assert "Traceback" not in running.stderr() and "klockwork: stopped" in running.stderr()
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait(timeout=10)

@@ -139,7 +139,11 @@ def add_events(api: APIRouter, inbox: Inbox) -> None:
                 yield b"retry: 2000\n\n"
                 yield _event("ready", {"sections": []})
                 quiet = 0.0
+                closing = inbox.server.closing
                 while not await request.is_disconnected():
+                    if closing.is_set():  # the server stops: end now, not at its deadline
+                        yield _event("closing", {})
+                        return
                     try:
                         await asyncio.wait_for(wake.wait(), timeout=POLL_S)
                         fresh_after = time.monotonic()  # read after what woke us

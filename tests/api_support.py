@@ -4,11 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from klockwork.server.keys import ApiKeys
 
-__all__ = ["HangingUpClient", "Keys", "bearer", "make_keys"]
+__all__ = ["CLI_VARIABLES", "Done", "HangingUpClient", "Here", "Keys", "bearer", "make_keys"]
+
+#: The environment variables the ``klockwork`` command reads (cleared around CLI tests).
+CLI_VARIABLES = ("KLOCKWORK_URL", "KLOCKWORK_SERVER", "KLOCKWORK_API_KEY", "KLOCKWORK_APPROVER")
+
+
+class Done(NamedTuple):
+    """What an in-process ``klockwork`` call printed and returned."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+#: The ``here`` fixture: run ``klockwork ARGS`` in this process, with ``env`` set.
+Here = Callable[..., Done]
 
 
 class Keys(NamedTuple):

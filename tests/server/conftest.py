@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from api_support import Keys, make_keys
+from api_support import CLI_VARIABLES, Done, Here, Keys, make_keys
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from klockwork import Klockwork
+from klockwork.cli import main
 from klockwork.server import create_app
 
 
@@ -37,3 +38,20 @@ def keys(app: FastAPI) -> Keys:
 def client(app: FastAPI) -> Iterator[TestClient]:
     with TestClient(app) as c:
         yield c
+
+
+@pytest.fixture
+def here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Here:
+    """The CLI run in this process (faster than a subprocess; the same code and codes)."""
+
+    def run(*args: str, **env: str) -> Done:
+        for name in CLI_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return Done(code, out, err)
+
+    return run

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import httpx
 import pytest
+from api_support import CLI_VARIABLES, Here
 from support import ROOT
 
 from klockwork import ApprovalStatus, Klockwork, Policy
@@ -58,12 +59,9 @@ class Running:
         return self.process.wait(timeout=30)
 
 
-_VARIABLES = ("KLOCKWORK_URL", "KLOCKWORK_SERVER", "KLOCKWORK_API_KEY", "KLOCKWORK_APPROVER")
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
-    for name in _VARIABLES:
+    for name in CLI_VARIABLES:
         if name not in extra:
             env.pop(name, None)
     return env
@@ -108,35 +106,6 @@ def _create_key(url: str, principal: str, role: str, *more: str) -> str:
     done = _cli("keys", "create", principal, "--role", role, *more, "--url", url)
     assert done.returncode == OK, done.stderr
     return done.stdout.strip()
-
-
-@dataclass
-class Done:
-    """What an in-process ``main()`` call printed and returned."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-Here = Callable[..., Done]
-
-
-@pytest.fixture
-def here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Here:
-    """The CLI run in this process (faster than a subprocess; the same code and codes)."""
-
-    def run(*args: str, **env: str) -> Done:
-        for name in _VARIABLES:
-            monkeypatch.delenv(name, raising=False)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        capsys.readouterr()
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        return Done(code, out, err)
-
-    return run
 
 
 @pytest.fixture

@@ -31,13 +31,14 @@ from typing import Any
 
 import httpx
 import pytest
-from api_support import Keys, bearer
+from api_support import CLI_VARIABLES, Here, Keys, bearer
+from conformance.conftest import drop_redis_namespace
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from support import ROOT
 
 from klockwork import ApprovalStatus, Klockwork
-from klockwork.cli import OK, main
+from klockwork.cli import OK
 from klockwork.core.audit.log import verify_file
 from klockwork.server.inbox import Inbox
 from klockwork.server.inbox.events import changed_sections, fingerprint
@@ -57,7 +58,6 @@ pytestmark = [
 RESOURCE = "FILE:/src/app.py"
 _ADDRESS = re.compile(r"at (http://127\.0\.0\.1:\d+)/v1")
 _CSRF = re.compile(r'name="csrf" value="([^"]*)"')
-_CLI_VARIABLES = ("KLOCKWORK_URL", "KLOCKWORK_SERVER", "KLOCKWORK_API_KEY", "KLOCKWORK_APPROVER")
 
 
 def _with_policies(kw: Klockwork) -> Klockwork:
@@ -106,18 +106,7 @@ def namespace() -> Iterator[str]:
     """A namespace of this test's own; its keys are deleted afterwards (SCAN + UNLINK)."""
     name = f"t-{uuid.uuid4().hex[:16]}-server"
     yield name
-    client = _redis()
-    try:
-        batch: list[bytes] = []
-        for key in client.scan_iter(match=f"{{{name}}}:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                client.unlink(*batch)
-                batch = []
-        if batch:
-            client.unlink(*batch)
-    finally:
-        client.close()
+    drop_redis_namespace(name)
 
 
 @pytest.fixture
@@ -467,31 +456,16 @@ def test_the_inbox_signs_in_decides_and_shows_what_other_engines_did(
 # -- a real server process -----------------------------------------------------------------
 def _cli_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for name in _CLI_VARIABLES:
+    for name in CLI_VARIABLES:
         env.pop(name, None)
     return env
-
-
-def _here(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str, **env: str
-) -> tuple[int, str, str]:
-    """The CLI run in this process (the same code and exit codes as the command)."""
-    for name in _CLI_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.slow
 def test_klockwork_serve_on_redis_answers_httpx_and_the_cli_then_stops_with_exit_0(
     url: str,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    here: Here,
 ) -> None:
     with Klockwork.open(url) as agent:
         agent.policies.add({"name": "merges", "action": "pr.merge", "effect": "require_approval"})
@@ -526,13 +500,10 @@ def test_klockwork_serve_on_redis_answers_httpx_and_the_cli_then_stops_with_exit
             approval_id = agent.gates.execute("merger", "pr.merge", {"pr": 7}).approval_id
             assert approval_id is not None
             cli = ("--server", base)
-            code, shown, said = _here(
-                monkeypatch, capsys, "approvals", "list", "--json", *cli, KLOCKWORK_API_KEY=bob
-            )
+            code, shown, said = here("approvals", "list", "--json", *cli, KLOCKWORK_API_KEY=bob)
             assert code == OK, said
             assert [a["approval_id"] for a in json.loads(shown)] == [approval_id]
-            code, shown, said = _here(
-                monkeypatch, capsys, "approvals", "approve", approval_id, "--comment", "lgtm",
+            code, shown, said = here("approvals", "approve", approval_id, "--comment", "lgtm",
                 *cli, KLOCKWORK_API_KEY=bob,
             )  # fmt: skip
             assert code == OK, said
@@ -547,11 +518,10 @@ def test_klockwork_serve_on_redis_answers_httpx_and_the_cli_then_stops_with_exit
             ).json()
             assert taken["status"] == "GRANTED", taken
             assert [held.agent_id for held in agent.leases.list()] == ["merger"]
-            code, shown, said = _here(monkeypatch, capsys, "leases", *cli, KLOCKWORK_API_KEY=bob)
+            code, shown, said = here("leases", *cli, KLOCKWORK_API_KEY=bob)
             assert code == OK, said
             assert RESOURCE in shown and "merger" in shown
-            code, shown, said = _here(
-                monkeypatch, capsys, "audit", "tail", "-n", "50", "--json", *cli,
+            code, shown, said = here("audit", "tail", "-n", "50", "--json", *cli,
                 KLOCKWORK_API_KEY=bob,
             )  # fmt: skip
             assert code == OK, said

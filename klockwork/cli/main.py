@@ -108,6 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return audit.run(args)
     except CliError as error:
         return report(error)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a --follow ends, even when it lands while the
+        # command closes its store: a normal end, not a traceback.
+        if getattr(args, "follow", False):
+            return OK
+        raise
     except BrokenPipeError:
         # The reader went away (`klockwork audit tail -f | head`): that is a
         # normal end, not a crash. Point stdout at devnull so the interpreter's

@@ -192,6 +192,24 @@ def router(server: Server) -> APIRouter:
 
     resume = Depends(resume_from)
 
+    async def streamed(
+        request: Request,
+        key: ApiKey,
+        read: Read,
+        after: int,
+        woken_by: Callable[[Wakeup], Callable[[], None]],
+    ) -> AsyncIterator[bytes]:
+        """The SSE body of ``read``, woken as ``woken_by`` arranges (it returns the undo)."""
+        wake = Wakeup()
+        stop_waking = woken_by(wake)
+        try:
+            stream = sse(read, after, wake, lambda: still_valid(request, key), server.closing)
+            async with contextlib.aclosing(stream) as frames:
+                async for chunk in frames:
+                    yield chunk
+        finally:
+            stop_waking()
+
     async def still_valid(request: Request, key: ApiKey) -> bool:
         return await run_in_threadpool(server.gatekeeper.still_valid, request, key)
 
@@ -229,18 +247,10 @@ def router(server: Server) -> APIRouter:
                 frames = [f for f in frames if fnmatch.fnmatchcase(f.event, kind)]
             return (messages[-1].seq if messages else after), frames
 
-        async def body() -> AsyncIterator[bytes]:
-            wake = Wakeup()
-            following = kw.bus.on(EVENTS_CHANNEL, wake)  # this process publishes, and wakes us
-            try:
-                stream = sse(read, after, wake, lambda: still_valid(request, key), server.closing)
-                async with contextlib.aclosing(stream) as frames:
-                    async for chunk in frames:
-                        yield chunk
-            finally:
-                following.cancel()
+        def woken_by(wake: Wakeup) -> Callable[[], None]:
+            return kw.bus.on(EVENTS_CHANNEL, wake).cancel  # this process publishes, wakes us
 
-        return _response(body())
+        return _response(streamed(request, key, read, after, woken_by))
 
     @api.get("/audit/stream", response_class=StreamingResponse, responses={200: _STREAM})
     async def audit_stream(
@@ -272,17 +282,7 @@ def router(server: Server) -> APIRouter:
             frames = [Frame(e.seq, e.kind, e.model_dump_json()) for e in page.entries]
             return (frames[-1].id if frames else after), frames
 
-        async def body() -> AsyncIterator[bytes]:
-            wake = Wakeup()
-            unlisten = kw.add_listener(wake)  # this process's decisions wake us at once
-            try:
-                stream = sse(read, after, wake, lambda: still_valid(request, key), server.closing)
-                async with contextlib.aclosing(stream) as frames:
-                    async for chunk in frames:
-                        yield chunk
-            finally:
-                unlisten()
-
-        return _response(body())
+        # This process's decisions wake us at once.
+        return _response(streamed(request, key, read, after, kw.add_listener))
 
     return api

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from klockwork.core.model import GovernanceEvent
@@ -61,6 +61,11 @@ class EventHub:
                 self.active = bool(self._listeners)
 
         return unsubscribe
+
+    def emit_all(self, events: Iterable[GovernanceEvent]) -> None:
+        """:meth:`emit` each of ``events``, in order."""
+        for event in events:
+            self.emit(event)
 
     def emit(self, event: GovernanceEvent) -> None:
         """Hand ``event`` to every listener; a failing listener is logged, not raised."""

@@ -6,10 +6,14 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, ToolMessage
+from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.tools import BaseTool, tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
@@ -44,6 +48,59 @@ def test_agent_config_puts_identity_in_configurable_and_metadata() -> None:
 def test_explicit_identity_wins_over_the_config() -> None:
     ident = resolve_identity(agent_config("cfg", "cfg-s"), agent_id="arg", session_id="arg-s")
     assert ident == ("arg", "arg-s", "argument", "argument")
+
+
+_ID = st.none() | st.sampled_from(["", "a", "b-2"]) | st.integers(0, 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    conf_agent=_ID,
+    conf_session=_ID,
+    meta_agent=_ID,
+    ctx_agent=_ID,
+    ctx_session=_ID,
+    top_level=st.booleans(),
+    arg_agent=st.none() | st.just("arg"),
+    arg_session=st.none() | st.just("arg-s"),
+)
+def test_the_short_way_for_a_plain_config_reads_what_the_merge_would(
+    conf_agent: Any,
+    conf_session: Any,
+    meta_agent: Any,
+    ctx_agent: Any,
+    ctx_session: Any,
+    top_level: bool,
+    arg_agent: str | None,
+    arg_session: str | None,
+) -> None:
+    """A dict config is read without ensure_config when its configurable names both ids."""
+
+    def present(**ids: Any) -> dict[str, Any]:
+        return {k: v for k, v in ids.items() if v is not None}
+
+    config: dict[str, Any] = {
+        "configurable": present(agent_id=conf_agent, session_id=conf_session),
+        "metadata": present(agent_id=meta_agent),
+    }
+    if top_level:  # a key outside CONFIG_KEYS: ensure_config moves it into configurable
+        config["agent_id"] = "top"
+    context = {"configurable": present(agent_id=ctx_agent, session_id=ctx_session)}
+    token = var_child_runnable_config.set(context)  # type: ignore[arg-type]
+    try:
+        fast = resolve_identity(config, agent_id=arg_agent, session_id=arg_session)
+        merged = resolve_identity(
+            MappingProxyType(config), agent_id=arg_agent, session_id=arg_session
+        )
+    finally:
+        var_child_runnable_config.reset(token)
+    assert (fast.agent_id, fast.agent_source, fast.session_source) == (
+        merged.agent_id,
+        merged.agent_source,
+        merged.session_source,
+    )
+    if fast.session_source != "fresh":
+        assert fast.session_id == merged.session_id
 
 
 def test_configurable_wins_over_metadata() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -18,6 +18,7 @@ from klockwork.core.governance.approvals import (
     ApprovalStatus,
     BreakerConfig,
     BreakerState,
+    changes_breaker,
     decide_approval,
     denial_reason,
     expire_if_due,
@@ -360,6 +361,31 @@ def test_partial_neither_counts_nor_resets() -> None:
     assert same is s and not opened
     s, opened = fail(same, 0)
     assert opened  # partial did not break the streak
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    failures=st.integers(0, 5),
+    opened_at=st.none() | st.integers(0, 200),
+    now=st.integers(0, 400),
+    status=st.sampled_from(["success", "failure", "partial"]),
+    never_reported=st.booleans(),
+)
+def test_a_report_said_to_change_nothing_changes_nothing(
+    failures: int, opened_at: int | None, now: int, status: str, never_reported: bool
+) -> None:
+    """``report`` skips the breaker's write when ``changes_breaker`` is False: it must be exact."""
+    stored = (
+        None
+        if never_reported
+        else BreakerState(agent_id="a", consecutive_failures=failures, opened_at_ms=opened_at)
+    )
+    state = stored or BreakerState(agent_id="a")
+    new, opened = on_report(state, status, now, CFG)
+    if not changes_breaker(stored, status):
+        assert new is state and not opened
+    else:  # and it is not needlessly cautious: what it sends to a write is a change
+        assert new is not state
 
 
 def test_half_open_next_failure_reopens_next_success_closes() -> None:

@@ -40,7 +40,14 @@ from collections.abc import Callable
 from json.encoder import c_make_encoder  # type: ignore[attr-defined]
 from typing import Any
 
-__all__ = ["INT_LIMIT", "exact_str_json", "exact_str_or_null_json", "json_str", "plain_json"]
+__all__ = [
+    "INT_LIMIT",
+    "checked_plain_json",
+    "exact_str_json",
+    "exact_str_or_null_json",
+    "json_str",
+    "plain_json",
+]
 
 #: The canonical JSON of an exact ``str`` (``json.dumps(s, ensure_ascii=False)``).
 #: Check the type first: it also takes ``str`` subclasses, whose conversion
@@ -102,13 +109,14 @@ else:  # pragma: no cover - CPython always has the C encoder
 _ODD_DATA, _NO_FLOATS, _FLOATS = 0, 1, 3
 
 
-def _plain(value: dict[Any, Any], depth: int = 0) -> int:
+def _plain(value: dict[Any, Any], depth: int = 0, limit: int = 50) -> int:
     """Whether dict ``value`` is JSON data that :func:`to_json_value` leaves as is.
 
     Returns ``_ODD_DATA`` (take the slow path), ``_NO_FLOATS`` or ``_FLOATS``
     (floats format differently in orjson, and NaN and infinities make the
     standard encoder raise, which sends the entry to the slow path). Scalars
-    are checked inline (the common flat dict costs no call per value).
+    are checked inline (the common flat dict costs no call per value). A
+    container nested deeper than ``limit`` levels is odd data.
     """
     high, low = INT_LIMIT, -INT_LIMIT
     verdict = _NO_FLOATS
@@ -125,14 +133,14 @@ def _plain(value: dict[Any, Any], depth: int = 0) -> int:
         if t is float:
             verdict = _FLOATS
             continue
-        inner = _plain_value(v, depth)
+        inner = _plain_value(v, depth, limit)
         if inner == _ODD_DATA:
             return _ODD_DATA
         verdict |= inner
     return verdict
 
 
-def _plain_value(v: Any, depth: int) -> int:
+def _plain_value(v: Any, depth: int, limit: int) -> int:
     t = v.__class__
     if t is str or v is None or t is bool:
         return _NO_FLOATS
@@ -142,14 +150,14 @@ def _plain_value(v: Any, depth: int) -> int:
         return (
             _NO_FLOATS if -INT_LIMIT < v < INT_LIMIT else _ODD_DATA
         )  # larger: hex past 13 000 bits
-    if depth >= 50:
+    if depth >= limit:
         return _ODD_DATA
     if t is dict:
-        return _plain(v, depth + 1)
+        return _plain(v, depth + 1, limit)
     if t is list or t is tuple:
         verdict = _NO_FLOATS
         for x in v:
-            inner = _plain_value(x, depth + 1)
+            inner = _plain_value(x, depth + 1, limit)
             if inner == _ODD_DATA:
                 return _ODD_DATA
             verdict |= inner
@@ -177,3 +185,27 @@ def plain_json(data: dict[Any, Any]) -> str:
     if verdict == _ODD_DATA:
         raise TypeError(_ODD)
     return _encode_plain(data)
+
+
+def checked_plain_json(data: object, max_depth: int) -> str | None:
+    """The canonical JSON text of ``data`` when it is certainly plain JSON data; else None.
+
+    One pass for what a caller would otherwise check and then encode:
+    ``data`` is an exact ``dict`` of exact ``str`` keys and exact ``str``
+    (valid UTF-8), ``bool``, ``None``, ``int`` (within :data:`INT_LIMIT`),
+    ``dict``, ``list`` and ``tuple`` values, none more than ``max_depth``
+    levels below ``data``. None means "not certainly": floats, other types,
+    deeper data or text that is not UTF-8 are for the caller's checked way.
+    """
+    if data.__class__ is not dict or _orjson_dumps is None:
+        return None
+    if not data:
+        return "{}"
+    # A container at level L holds values at level L + 1: containers may
+    # reach max_depth - 1 (_plain counts the levels of containers).
+    if _plain(data, 0, max_depth - 1) != _NO_FLOATS:
+        return None
+    try:
+        return _orjson_dumps(data, option=_ORJSON_SORTED).decode()
+    except TypeError:  # orjson.JSONEncodeError: a lone surrogate
+        return None

@@ -89,6 +89,7 @@ __all__ = [
     "BreakerState",
     "BreakerUpdate",
     "Decision",
+    "changes_breaker",
     "decide_approval",
     "denial_reason",
     "expire_if_due",
@@ -468,6 +469,21 @@ def on_report(
         update = {"consecutive_failures": failures, "opened_at_ms": now_ms}
         return BreakerUpdate(state.model_copy(update=update), True)
     return BreakerUpdate(state.model_copy(update={"consecutive_failures": failures}), False)
+
+
+def changes_breaker(state: BreakerState | None, status: str) -> bool:
+    """Whether :func:`on_report` of ``status`` could change ``state`` (None: never reported).
+
+    A ``partial`` never does, nor a ``success`` on a closed breaker with no
+    failures counted: the common report needs no write.
+    """
+    if status == "partial":
+        return False
+    if status == "success":
+        return state is not None and (
+            state.consecutive_failures != 0 or state.opened_at_ms is not None
+        )
+    return True
 
 
 def reset(state: BreakerState) -> BreakerState:

@@ -22,8 +22,6 @@ approval or audit entry, from any process sharing the store.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -38,6 +36,7 @@ from klockwork.core.governance.approvals import (
     ApprovalStatus,
     BreakerConfig,
     BreakerState,
+    changes_breaker,
     denial_reason,
     expire_if_due,
     is_open,
@@ -60,6 +59,8 @@ from klockwork.core.governance.outcomes import (
     GateRecord,
     action_digest,
     approval_id_for,
+    check_gate_args,
+    edit_event_id,
     explain_approval,
     explain_policy,
     gate_key,
@@ -73,7 +74,6 @@ from klockwork.core.governance.policy import Effect, Policy, decide
 from klockwork.core.model import _build
 from klockwork.core.stores.base import Store, io_twin
 from klockwork.core.validation import (
-    check_identity,
     check_json_object,
     check_key,
     check_text,
@@ -146,7 +146,7 @@ class Gates:
         self, agent_id: str, action: str, metadata: Mapping[str, Any] | None = None
     ) -> ActionResult:
         """Dry run: what :meth:`execute` would decide now. No audit entry, no approval."""
-        _check(agent_id, action, metadata, None)
+        check_gate_args(agent_id, action, metadata, None)
         return _build(
             ActionResult, self._judge(agent_id, action, metadata, self._clock.now_ms())[1]
         )
@@ -169,9 +169,12 @@ class Gates:
             InvalidRequestError: bad arguments; nothing recorded.
             StoreUnavailableError: the store cannot answer; nothing runs.
         """
-        _check(agent_id, action, metadata, event_id)
-        digest = action_digest(agent_id, action, metadata)
+        metadata_json = check_gate_args(agent_id, action, metadata, event_id)
+        # The digest binds an event_id to one action; without one, nothing
+        # ever looks this record up by id to compare it (stored as "").
+        digest = ""
         if event_id is not None:
+            digest = action_digest(agent_id, action, metadata, metadata_json)
             stored = self._store.get_record(GATE, gate_key(event_id), GateRecord)
             if stored is not None:
                 # An event_id stands for one action: its outcome (an approval
@@ -222,7 +225,7 @@ class Gates:
                 kind,
                 agent_id,
                 session_id,
-                GateEntry(result, action, record.metadata, event_id),
+                GateEntry(result, action, record.metadata, event_id, metadata_json),
                 ts=now,
             )
 
@@ -369,7 +372,7 @@ class Gates:
             )
         approval = self._approvals.get(approval_id)
         mine = [d for d in approval.decisions if d.approver == approver]
-        edit_id = None if edited is None else _edit_event_id(record, edited)
+        edit_id = None if edited is None else edit_event_id(record, edited)
         if approval.status is ApprovalStatus.PENDING and not mine:
             if edit_id is not None:
                 comment = f"{comment} [replaced by an edit: {edit_id}]".strip()
@@ -532,15 +535,19 @@ class Gates:
                 )
             if current.reported is not None:
                 return current, None
-            new = current.model_copy(update={"reported": status})
+            new = _build(GateRecord, {**current.__dict__, "reported": status})
             return new, new
 
         marked = self._store.update_record(GATE, audit_event_id, GateRecord, mark)
         if marked is None:
             return False
+        agent_id = marked.agent_id
+        if not changes_breaker(self._store.get_record(BREAKER, agent_id, BreakerState), status):
+            # Nothing to write (the usual success): the report takes its
+            # place at this read, before any concurrent one that changes it.
+            return True
         now = self._clock.now_ms()
         config = self.breaker
-        agent_id = marked.agent_id
 
         def apply(current: BreakerState | None) -> tuple[BreakerState | None, None]:
             state = current or BreakerState(agent_id=agent_id)
@@ -577,21 +584,3 @@ class Gates:
         check_key(agent_id, "agent_id")
         state = self._store.get_record(BREAKER, agent_id, BreakerState)
         return state or BreakerState(agent_id=agent_id)
-
-
-def _check(agent_id: object, action: object, metadata: object, event_id: object) -> None:
-    check_identity(agent_id, "agent_id")
-    check_key(action, "action", max_chars=512)
-    if metadata is not None:
-        if not isinstance(metadata, Mapping):
-            raise InvalidRequestError("metadata", metadata, "must be a dict or None")
-        check_json_object(dict(metadata), "metadata")
-    if event_id is not None:
-        check_key(event_id, "event_id", max_chars=2048)
-
-
-def _edit_event_id(record: GateRecord, edited: Mapping[str, Any]) -> str:
-    """The event id of an edit of ``record``: the same for the same edit, on every replay."""
-    base = record.event_id or record.audit_event_id
-    text = json.dumps(dict(edited), sort_keys=True, separators=(",", ":"), default=str)
-    return f"{base}#edit-{hashlib.sha256(text.encode()).hexdigest()[:16]}"

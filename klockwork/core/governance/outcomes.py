@@ -27,8 +27,13 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from klockwork.core.audit.canonical import exact_str_json, exact_str_or_null_json, plain_json
-from klockwork.core.errors import GateDeniedError, describe
+from klockwork.core.audit.canonical import (
+    checked_plain_json,
+    exact_str_json,
+    exact_str_or_null_json,
+    plain_json,
+)
+from klockwork.core.errors import GateDeniedError, InvalidRequestError, describe
 from klockwork.core.governance.approvals import (
     APPROVAL_KIND,
     GATE_KIND,
@@ -36,6 +41,12 @@ from klockwork.core.governance.approvals import (
     ApprovalStatus,
 )
 from klockwork.core.governance.policy import ConditionResult
+from klockwork.core.validation import (
+    MAX_JSON_DEPTH,
+    check_identity,
+    check_json_object,
+    check_key,
+)
 
 __all__ = [
     "BREAKER",
@@ -50,6 +61,8 @@ __all__ = [
     "GateRecord",
     "action_digest",
     "approval_id_for",
+    "check_gate_args",
+    "edit_event_id",
     "explain_approval",
     "explain_policy",
     "gate_key",
@@ -115,6 +128,7 @@ class GateRecord(BaseModel):
     reported: str | None = None
     #: What it decided, as a digest of agent, action and metadata
     #: (:func:`action_digest`): its ``event_id`` serves that action only.
+    #: "" for a gate without an ``event_id`` (nothing replays it by id).
     digest: str = ""
     #: The event id of the edit that replaced this request, if an approver edited it.
     replaced_by: str | None = None
@@ -146,6 +160,8 @@ class GateEntry(NamedTuple):
     action: str
     metadata: Mapping[str, Any]
     event_id: str | None
+    #: ``metadata``'s canonical JSON, when the gate already made it.
+    metadata_json: str | None = None
 
     def __audit_data__(self) -> dict[str, Any]:
         r = self.result
@@ -181,7 +197,10 @@ class GateEntry(NamedTuple):
         parts.append(f'"audit_event_id":{exact_str_or_null_json(r.audit_event_id)}')
         if self.event_id is not None:
             parts.append(f'"event_id":{exact_str_json(self.event_id)}')
-        parts.append(f'"metadata":{plain_json(dict(self.metadata))}')
+        metadata = self.metadata_json
+        if metadata is None:
+            metadata = plain_json(dict(self.metadata))
+        parts.append(f'"metadata":{metadata}')
         parts.append(f'"policy":{exact_str_or_null_json(r.policy_name)}')
         if r.denial_reason is not None:
             parts.append(f'"reason":{exact_str_json(r.denial_reason)}')
@@ -329,15 +348,30 @@ def refusal_text(action: str, result: ActionResult, approval: Approval | None = 
     return text
 
 
-def action_digest(agent_id: str, action: str, metadata: Mapping[str, Any] | None) -> str:
+def action_digest(
+    agent_id: str,
+    action: str,
+    metadata: Mapping[str, Any] | None,
+    metadata_json: str | None = None,
+) -> str:
     """A digest binding a gate decision (and its approval) to one exact action.
 
     Stored with gate records, so its text never changes: the ``json.dumps``
     below (ASCII, sorted keys, no spaces). Without metadata (the common
-    gate) the same text is formatted directly.
+    gate), or with ``metadata_json`` (its canonical text, which is the
+    ``json.dumps`` form when it is ASCII without DEL, the one ASCII
+    character only ``ensure_ascii`` escapes), the same text is formatted directly.
     """
-    if not metadata and agent_id.__class__ is str and action.__class__ is str:
+    if agent_id.__class__ is str and action.__class__ is str and not metadata:
         text = f"[{_ascii_json(agent_id)},{_ascii_json(action)},{{}}]"
+    elif (
+        metadata_json is not None
+        and metadata_json.isascii()
+        and "\x7f" not in metadata_json
+        and agent_id.__class__ is str
+        and action.__class__ is str
+    ):
+        text = f"[{_ascii_json(agent_id)},{_ascii_json(action)},{metadata_json}]"
     else:
         text = json.dumps(
             [agent_id, action, dict(metadata or {})],
@@ -349,3 +383,34 @@ def action_digest(agent_id: str, action: str, metadata: Mapping[str, Any] | None
 
 
 _ascii_json: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
+def check_gate_args(
+    agent_id: object, action: object, metadata: object, event_id: object
+) -> str | None:
+    """Check a gate's arguments; return the metadata's canonical JSON if one pass made it.
+
+    Plain metadata (the usual: text, numbers without floats, nesting) is
+    checked and encoded in one pass (``checked_plain_json``), and the text
+    serves the action digest and the audit entry; anything else is checked
+    the slow way, which names the problem.
+    """
+    check_identity(agent_id, "agent_id")
+    check_key(action, "action", max_chars=512)
+    text = None
+    if metadata is not None:
+        text = checked_plain_json(metadata, MAX_JSON_DEPTH)
+        if text is None:
+            if not isinstance(metadata, Mapping):
+                raise InvalidRequestError("metadata", metadata, "must be a dict or None")
+            check_json_object(dict(metadata), "metadata")
+    if event_id is not None:
+        check_key(event_id, "event_id", max_chars=2048)
+    return text
+
+
+def edit_event_id(record: GateRecord, edited: Mapping[str, Any]) -> str:
+    """The event id of an edit of ``record``: the same for the same edit, on every replay."""
+    base = record.event_id or record.audit_event_id
+    text = json.dumps(dict(edited), sort_keys=True, separators=(",", ":"), default=str)
+    return f"{base}#edit-{hashlib.sha256(text.encode()).hexdigest()[:16]}"

@@ -5,10 +5,10 @@ from __future__ import annotations
 from klockwork.core.audit.log import AuditLog
 from klockwork.core.audit.records import Denied, granted_data
 from klockwork.core.clock import Clock
-from klockwork.core.model import LeaseRecord, VerdictStatus
+from klockwork.core.model import GovernanceEvent, LeaseRecord, Verdict, VerdictStatus
 from klockwork.core.stores.base import AcquireOutcome, AcquireRequest
 
-__all__ = ["LeaseAudit"]
+__all__ = ["LeaseAudit", "verdict_events"]
 
 _GRANTED = VerdictStatus.GRANTED
 
@@ -52,3 +52,28 @@ class LeaseAudit:
 
     def ended(self, kind: str, rec: LeaseRecord, now_ms: int) -> None:
         self._audit.record_end(kind, rec, now_ms)
+
+
+def verdict_events(request: AcquireRequest, verdict: Verdict) -> list[GovernanceEvent]:
+    """What listeners hear of a verdict: ``lease.granted`` per lease, or one ``lease.denied``."""
+    if verdict.granted:
+        return [
+            GovernanceEvent(
+                "lease.granted",
+                request.now_ms,
+                request.agent_id,
+                request.session_id,
+                lease.__audit_data__(),
+            )
+            for lease in verdict.leases
+        ]
+    denied = Denied(verdict.status, verdict.conflicts, verdict.wait_time_ms, request.intents)
+    return [
+        GovernanceEvent(
+            "lease.denied",
+            request.now_ms,
+            request.agent_id,
+            request.session_id,
+            denied.__audit_data__(),
+        )
+    ]

@@ -27,7 +27,7 @@ from klockwork.core.errors import (
 )
 from klockwork.core.events import EventHub
 from klockwork.core.leases.acquiring import AcquireFlow, Tries, busy_until_deadline
-from klockwork.core.leases.auditing import LeaseAudit
+from klockwork.core.leases.auditing import LeaseAudit, verdict_events
 from klockwork.core.leases.holding import AsyncHolding, HeldLeases, Holding
 from klockwork.core.leases.renewer import Renewer
 from klockwork.core.leases.rules import (
@@ -76,6 +76,9 @@ _RESERVE_IN_PROCESS_MS = 2**62
 _GRANTED = VerdictStatus.GRANTED
 
 
+_ONE_TRY: Any = object()  # _request's timeout_s for a single try (None means no limit)
+
+
 class LeaseManager:
     """All lease operations of one engine (``kw.leases``)."""
 
@@ -106,15 +109,43 @@ class LeaseManager:
         store.lease_watch(self._signals.notify_remote)
 
     # -- requests -------------------------------------------------------------
-    def _request(self, agent_id: str, session_id: str, intents: Any, ttl_ms: int) -> AcquireRequest:
-        """Validate a request completely before anything is changed."""
+    def _request(
+        self,
+        agent_id: str,
+        session_id: str,
+        intents: Any,
+        ttl_ms: int,
+        timeout_s: Any = _ONE_TRY,
+    ) -> AcquireRequest:
+        """Validate a request completely before anything is changed.
+
+        With ``timeout_s`` (None: no limit) it is a blocking acquire's
+        request, which counts its tries and knows its deadline.
+        """
         check_identity(agent_id, "agent_id")
         check_identity(session_id, "session_id")
         if type(ttl_ms) is not int or not 0 < ttl_ms <= MAX_TTL_MS:
             validate_ttl(ttl_ms)  # raises, naming the argument
         parsed = parse_intents(intents)
+        tries: Tries | None = None
+        deadline: float | None = None
+        if timeout_s is not _ONE_TRY:
+            check_timeout(timeout_s)
+            tries = Tries(self._clock)
+            if timeout_s is not None:
+                deadline = time.monotonic() + timeout_s
         return _new_request(
-            (agent_id, session_id, parsed, ttl_ms, self._clock.now_ms(), None, False, None, None)
+            (
+                agent_id,
+                session_id,
+                parsed,
+                ttl_ms,
+                self._clock.now_ms(),
+                None,
+                False,
+                tries,
+                deadline,
+            )
         )
 
     def try_acquire(
@@ -220,7 +251,7 @@ class LeaseManager:
             if request.tries is not None:
                 return verdict
         if self._hub.active:
-            self._emit_verdict(request, verdict)
+            self._hub.emit_all(verdict_events(request, verdict))
         return verdict
 
     def _gave_up(self, request: AcquireRequest, last: Verdict, tries: Tries) -> None:
@@ -246,7 +277,7 @@ class LeaseManager:
             except StoreUnavailableError as exc:
                 _log.warning("klockwork: a timed-out acquire was not audited: %s", exc)
         if self._hub.active:
-            self._emit_verdict(request, last)
+            self._hub.emit_all(verdict_events(request, last))
 
     # -- blocking acquire -----------------------------------------------------
     def acquire(
@@ -299,10 +330,7 @@ class LeaseManager:
         self, agent_id: str, session_id: str, intents: Any, ttl_ms: int, timeout_s: float | None
     ) -> AcquireRequest:
         """A blocking acquire's request: it counts its tries and knows its deadline."""
-        request = self._request(agent_id, session_id, intents, ttl_ms)
-        check_timeout(timeout_s)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        return request._replace(tries=Tries(self._clock), deadline=deadline)
+        return self._request(agent_id, session_id, intents, ttl_ms, timeout_s)
 
     def _after_first(
         self,
@@ -521,31 +549,6 @@ class LeaseManager:
             self._hub.emit(
                 GovernanceEvent(kind, now_ms, rec.agent_id, rec.session_id, rec.__audit_data__())
             )
-
-    def _emit_verdict(self, request: AcquireRequest, verdict: Verdict) -> None:
-        if verdict.granted:
-            for lease in verdict.leases:
-                self._hub.emit(
-                    GovernanceEvent(
-                        "lease.granted",
-                        request.now_ms,
-                        request.agent_id,
-                        request.session_id,
-                        lease.__audit_data__(),
-                    )
-                )
-            return
-        self._hub.emit(
-            GovernanceEvent(
-                "lease.denied",
-                request.now_ms,
-                request.agent_id,
-                request.session_id,
-                Denied(
-                    verdict.status, verdict.conflicts, verdict.wait_time_ms, request.intents
-                ).__audit_data__(),
-            )
-        )
 
 
 _snapshot = LeaseRecord.snapshot

@@ -38,7 +38,7 @@ from contextvars import ContextVar
 from typing import Any, NamedTuple, cast
 
 from langchain_core.runnables import RunnableConfig, ensure_config
-from langchain_core.runnables.config import var_child_runnable_config
+from langchain_core.runnables.config import CONFIG_KEYS, var_child_runnable_config
 from langgraph.runtime import Runtime, get_runtime
 
 from klockwork.core.errors import InvalidRequestError
@@ -122,6 +122,9 @@ def resolve_identity(
         _check_id(AGENT_KEY, agent_id)
     if session_id is not None:
         _check_id(SESSION_KEY, session_id)
+    plain = _plain_identity(config, agent_id, session_id)
+    if plain is not None:
+        return plain
     # Inside a tool run the config is the context's own (BaseTool.run sets it):
     # read it as is instead of copying it through ensure_config on every call.
     cfg: Mapping[str, Any] = (
@@ -295,6 +298,40 @@ def _thread_id(value: object) -> object:
 
 
 _UNSET = object()
+
+
+_CONFIG_KEYS = frozenset(CONFIG_KEYS)
+
+
+def _plain_identity(
+    config: object, agent_id: str | None, session_id: str | None
+) -> Identity | None:
+    """The identity of the usual call, read without ``ensure_config``; None: merge and look.
+
+    The usual call (``agent_config()``) has both ids in its config's own
+    ``configurable``, which ``ensure_config`` would keep as they are: a given
+    ``configurable`` replaces the context's, and only keys outside
+    ``CONFIG_KEYS`` are moved into it.
+    """
+    if config.__class__ is not dict:
+        return None
+    plain = cast("dict[str, Any]", config)
+    if not plain.keys() <= _CONFIG_KEYS:
+        return None
+    own = plain.get("configurable")
+    if own.__class__ is not dict:
+        return None
+    ids = cast("dict[str, Any]", own)
+    agent = agent_id or _text(ids.get(AGENT_KEY))
+    session = session_id or _text(ids.get(SESSION_KEY))
+    if not (agent and session):
+        return None
+    return Identity(
+        agent,
+        session,
+        "argument" if agent_id else "configurable",
+        "argument" if session_id else "configurable",
+    )
 
 
 def _text(value: object) -> str | None:

@@ -29,6 +29,7 @@ from klockwork.core.events import EventHub
 from klockwork.core.leases.acquiring import AcquireFlow, Tries, busy_until_deadline
 from klockwork.core.leases.auditing import LeaseAudit
 from klockwork.core.leases.holding import AsyncHolding, HeldLeases, Holding
+from klockwork.core.leases.releasing import ReleaseMany
 from klockwork.core.leases.renewer import Renewer
 from klockwork.core.leases.rules import (
     ParsedIntent,
@@ -76,7 +77,7 @@ _RESERVE_IN_PROCESS_MS = 2**62
 _GRANTED = VerdictStatus.GRANTED
 
 
-class LeaseManager:
+class LeaseManager(ReleaseMany):
     """All lease operations of one engine (``kw.leases``)."""
 
     def __init__(

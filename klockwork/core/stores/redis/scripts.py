@@ -72,6 +72,7 @@ __all__ = [
     "RECORD_LOCK",
     "RECORD_UNLOCK",
     "REGISTER",
+    "RELEASE_MANY",
     "RESOLVE",
     "REVOKE_AGENT",
     "SWEEP",
@@ -182,29 +183,58 @@ return finish({st = status, now = int(NOW), granted = {}, blockers = blockers,
 """
 )
 
+#: End one ACTIVE lease (release or revoke), as ``END`` and ``RELEASE_MANY``
+#: do for each id: an expired one is marked EXPIRED instead; an end publishes
+#: '<token> <resource>' on lease:wake (token '' none), which wakes waiters in
+#: other processes (inside the script: the wake-up leaves once the end is
+#: committed). Returns {ended = row} | {expired = row} | {} (not active).
+_END_LUA = r"""
+local function end_lease(id, state, why, token)
+  local l = load(id)
+  if not l or l.st ~= 'ACTIVE' then return {} end
+  if l.e <= NOW then
+    deactivate(l, 'EXPIRED', nil)
+    return {expired = row(l)}
+  end
+  deactivate(l, state, why)
+  if token ~= '' then redis.call('PUBLISH', P .. 'lease:wake', token .. ' ' .. l.k) end
+  return {ended = row(l)}
+end
+"""
+
 #: Release or revoke (``Store.release`` / ``Store.revoke``).
 #: ARGV[5] lease id, [6] 'RELEASED' or 'REVOKED', [7] reason ('' none),
-#: [8] the calling store's token ('' none): an end publishes
-#: '<token> <resource>' on lease:wake, which wakes waiters in other processes
-#: (inside the script: the wake-up leaves once the end is committed),
+#: [8] the calling store's token ('' none: no wake-up published),
 #: [9] '1' to audit the end (see ``deactivate``), '' not.
 #: Returns {now, ended = row} | {now, expired = row} | {now} (not active).
 END = (
     PRELUDE
     + LIB
+    + _END_LUA
     + r"""
 AUDIT = ARGV[9] == '1'
-local l = load(ARGV[5])
-if not l or l.st ~= 'ACTIVE' then return finish({now = int(NOW)}) end
-if l.e <= NOW then
-  deactivate(l, 'EXPIRED', nil)
-  return finish({now = int(NOW), expired = row(l)})
-end
 local why = nil
 if ARGV[6] == 'REVOKED' then why = ARGV[7] end
-deactivate(l, ARGV[6], why)
-if ARGV[8] ~= '' then redis.call('PUBLISH', P .. 'lease:wake', ARGV[8] .. ' ' .. l.k) end
-return finish({now = int(NOW), ended = row(l)})
+local out = end_lease(ARGV[5], ARGV[6], why, ARGV[8])
+out.now = int(NOW)
+return finish(out)
+"""
+)
+
+#: Release several leases in one call (``Store.release_many``): ``END``'s
+#: release of each id in turn, so the audit entries and wake-ups are those
+#: of as many ``END`` calls, in the same order, journaled together.
+#: ARGV[5] the calling store's token ('' none), [6] '1' to audit, '' not,
+#: [7...] the lease ids. Returns {now, ends = [one END outcome per id]}.
+RELEASE_MANY = (
+    PRELUDE
+    + LIB
+    + _END_LUA
+    + r"""
+AUDIT = ARGV[6] == '1'
+local ends = {}
+for i = 7, #ARGV do ends[i - 6] = end_lease(ARGV[i], 'RELEASED', nil, ARGV[5]) end
+return finish({now = int(NOW), ends = ends})
 """
 )
 

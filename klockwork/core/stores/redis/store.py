@@ -420,6 +420,34 @@ class RedisStore(RedisBus, RedisRecords, RedisJournal, UnknownOutcomes, LeaseWak
         args = [lease_id, "RELEASED", "", self._lease_token, self._audit_flag()]
         return self._end_done(await self._acall(scripts.END, args, "release a lease", now_ms))
 
+    def _ends_done(self, res: Any) -> list[LeaseRecord | None]:
+        """RELEASE_MANY's reply: :meth:`_end_done` of each id's outcome, in order."""
+        self._journaled(res)
+        out: list[LeaseRecord | None] = []
+        expired = []
+        for one in rows(res["ends"]):
+            if "expired" in one:
+                expired.append(lease_record(one["expired"]))
+            out.append(lease_record(one["ended"]) if "ended" in one else None)
+        self._report_expired(expired)
+        return out
+
+    def release_many(self, lease_ids: Sequence[str], now_ms: int) -> list[LeaseRecord | None]:
+        """Release several leases in one script call (see ``scripts.RELEASE_MANY``)."""
+        if not lease_ids:
+            return []
+        args = [self._lease_token, self._audit_flag(), *lease_ids]
+        return self._ends_done(self._call(scripts.RELEASE_MANY, args, "release leases", now_ms))
+
+    async def arelease_many(
+        self, lease_ids: Sequence[str], now_ms: int
+    ) -> list[LeaseRecord | None]:
+        if not lease_ids:
+            return []
+        args = [self._lease_token, self._audit_flag(), *lease_ids]
+        res = await self._acall(scripts.RELEASE_MANY, args, "release leases", now_ms)
+        return self._ends_done(res)
+
     def revoke(self, lease_id: str, reason: str, now_ms: int) -> LeaseRecord | None:
         args = [lease_id, "REVOKED", reason, self._lease_token, self._audit_flag()]
         return self._end_done(self._call(scripts.END, args, "revoke a lease", now_ms))

@@ -103,7 +103,7 @@ def test_a_manifest_is_released_in_one_round_trip(quiet: Klockwork) -> None:
     ids = _ids(kw)
     kw.leases.release_many(ids[:1])  # the script is loaded before counting
     result: list[list[bool]] = []
-    assert _sent(ids, lambda: result.append(kw.leases.release_many(ids))) == ["EVALSHA"]
+    assert _sent(ids, lambda: result.append(kw.leases.release_many(ids))) == ["FCALL"]
     assert result == [[False, True, True, True, True]]
     assert kw.leases.list() == []
 
@@ -113,7 +113,7 @@ def test_hold_of_a_manifest_ends_in_one_round_trip(quiet: Klockwork) -> None:
     kw.leases.release_many(_ids(kw))  # scripts loaded
     holding = kw.leases.hold("a", "s", MANIFEST, auto_renew=False)
     held = holding.__enter__()
-    assert _sent(held.lease_ids, lambda: holding.__exit__(None, None, None)) == ["EVALSHA"]
+    assert _sent(held.lease_ids, lambda: holding.__exit__(None, None, None)) == ["FCALL"]
     assert all(kw.leases.get(i).state is LeaseState.RELEASED for i in held.lease_ids)  # type: ignore[union-attr]
 
 

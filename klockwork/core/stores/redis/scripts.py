@@ -56,17 +56,19 @@ not depend on the server's locale as Lua's ``<`` on strings does.
 
 from __future__ import annotations
 
-from klockwork.core.stores.redis.lua import LIB, PRELUDE
+from klockwork.core.stores.redis.lua import LIB, PRELUDE, library
 
 __all__ = [
     "ACQUIRE",
     "BORN",
     "END",
+    "FUNCTIONS",
     "FENCE",
     "GET_LEASE",
     "HEARTBEAT",
     "JOURNAL",
     "JUDGE",
+    "LEASE_LIBRARY",
     "LIST",
     "RECORD_CAS",
     "RECORD_LOCK",
@@ -91,10 +93,7 @@ __all__ = [
 #: then the tries and the wait (ms) of a grant after waiting ('' '' if not).
 #: Returns {st, now, granted, blockers, wait, expired}, {revoked = at} or
 #: {lost = true} (with j, the seqs of its audit entries, if it wrote any).
-ACQUIRE = (
-    PRELUDE
-    + LIB
-    + r"""
+_ACQUIRE = r"""
 local agent, session, ttl = ARGV[5], ARGV[6], tonumber(ARGV[7])
 local reserve = ARGV[8]
 local intents, last = read_intents(10, 1)
@@ -145,8 +144,9 @@ for i, it in ipairs(intents) do
   end
   redis.call('ZADD', P .. 'exp', expires, id)
   redis.call('SADD', P .. 'held:' .. agent, id)
-  redis.call('ZADD', P .. 'fence', token, it.k)
-  redis.call('ZADD', P .. 'fencelex', 0, it.k)
+  if redis.call('ZADD', P .. 'fence', token, it.k) == 1 then  -- a key new to the history
+    redis.call('ZADD', P .. 'fencelex', 0, it.k)  -- (pruning drops a key from both)
+  end
   granted[i] = {id, agent, session, it.k, it.p, prio, int(token), int(NOW), int(expires),
                 ARGV[7], 'ACTIVE', cjson.null}
   if AUDIT then
@@ -158,7 +158,7 @@ if ARGV[9] == '1' then redis.call('HDEL', P .. 'resv', field) end
 return finish({st = 'GRANTED', now = int(NOW), granted = granted, blockers = {},
                wait = cjson.null, expired = rows(expired)})
 """
-)
+ACQUIRE = PRELUDE + LIB + _ACQUIRE
 
 #: Only ``rules.judge`` over given facts (tests run the vectors through it).
 #: ARGV[5] agent, [6] session, [7] priority, then the intents, each followed
@@ -207,10 +207,8 @@ end
 #: [8] the calling store's token ('' none: no wake-up published),
 #: [9] '1' to audit the end (see ``deactivate``), '' not.
 #: Returns {now, ended = row} | {now, expired = row} | {now} (not active).
-END = (
-    PRELUDE
-    + LIB
-    + _END_LUA
+_END = (
+    _END_LUA
     + r"""
 AUDIT = ARGV[9] == '1'
 local why = nil
@@ -220,16 +218,15 @@ out.now = int(NOW)
 return finish(out)
 """
 )
+END = PRELUDE + LIB + _END
 
 #: Release several leases in one call (``Store.release_many``): ``END``'s
 #: release of each id in turn, so the audit entries and wake-ups are those
 #: of as many ``END`` calls, in the same order, journaled together.
 #: ARGV[5] the calling store's token ('' none), [6] '1' to audit, '' not,
 #: [7...] the lease ids. Returns {now, ends = [one END outcome per id]}.
-RELEASE_MANY = (
-    PRELUDE
-    + LIB
-    + _END_LUA
+_RELEASE_MANY = (
+    _END_LUA
     + r"""
 AUDIT = ARGV[6] == '1'
 local ends = {}
@@ -237,14 +234,12 @@ for i = 7, #ARGV do ends[i - 6] = end_lease(ARGV[i], 'RELEASED', nil, ARGV[5]) e
 return finish({now = int(NOW), ends = ends})
 """
 )
+RELEASE_MANY = PRELUDE + LIB + _RELEASE_MANY
 
 #: Renew (``Store.heartbeat``). ARGV[5] lease id, [6] ttl_ms ('' its own),
 #: [7] '1' to audit an expiry it finds.
 #: Returns {now, ok = row} | {now, expired = row} | {now, ended = row} | {now}.
-HEARTBEAT = (
-    PRELUDE
-    + LIB
-    + r"""
+_HEARTBEAT = r"""
 AUDIT = ARGV[7] == '1'
 local l = load(ARGV[5])
 if not l then return finish({now = int(NOW)}) end
@@ -260,7 +255,7 @@ redis.call('HSET', P .. 'l:' .. l.id, 'e', int(l.e))
 redis.call('ZADD', P .. 'exp', l.e, l.id)
 return finish({now = int(NOW), ok = row(l)})
 """
-)
+HEARTBEAT = PRELUDE + LIB + _HEARTBEAT
 
 #: Read one lease, expiring it if due (``Store.get_lease``). ARGV[5] lease id,
 #: [6] '1' to audit the expiry. Returns {now, lease = row, expired = bool} or {now}.
@@ -534,3 +529,19 @@ if born then return born end  -- (a read, so a replica answers it too)
 redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
 """
+
+#: The hot path's scripts, also as functions of one Redis 7 library
+#: (``FUNCTION LOAD`` once, then ``FCALL``: the library is not re-run on
+#: every call; see :func:`.lua.library` and :mod:`.functions`): each
+#: script's source → its function's name. Same bodies, same arguments,
+#: same replies.
+LEASE_LIBRARY, _NAMES = library(
+    "klockwork_leases",
+    {"acquire": _ACQUIRE, "end": _END, "release_many": _RELEASE_MANY, "heartbeat": _HEARTBEAT},
+)
+FUNCTIONS = {
+    ACQUIRE: _NAMES["acquire"],
+    END: _NAMES["end"],
+    RELEASE_MANY: _NAMES["release_many"],
+    HEARTBEAT: _NAMES["heartbeat"],
+}

@@ -135,6 +135,8 @@ class RedisStore(RedisBus, RedisRecords, RedisJournal, UnknownOutcomes, LeaseWak
         self._retain = check_retain(retain_inactive)
         self.server_time = check_flag(server_time, "server_time")
         self._conn: RedisConnection = RedisConnection(url)
+        # The hot path's scripts run as functions of one library (see functions.py).
+        self._conn.use_functions(scripts.LEASE_LIBRARY, scripts.FUNCTIONS)
         self._prefix = self._conn.key("")
         # Every script names this key first: it routes the call to the
         # namespace's Cluster slot (all keys share its hash tag).

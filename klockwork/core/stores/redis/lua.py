@@ -214,6 +214,16 @@ local function deactivate(l, state, why)
   if AUDIT then entry('lease.' .. string.lower(state), l.a, l.s, ended_text(l)) end
 end
 
+-- redis.call(cmd, key, ...args) in chunks of 1000 elements of ``step``
+-- arguments each (unpack has a stack limit); returns the replies' sum.
+local function call_many(cmd, key, args, step)
+  local total, size = 0, 1000 * step
+  for from = 1, #args, size do
+    total = total + redis.call(cmd, key, unpack(args, from, math.min(from + size - 1, #args)))
+  end
+  return total
+end
+
 -- Leases of ``ids`` (a set's members) appended to ``out``.
 local function load_all(ids, out)
   for _, id in ipairs(ids) do
@@ -223,10 +233,20 @@ local function load_all(ids, out)
 end
 
 -- memory.MemoryStore._overlapping: ACTIVE leases on the key, above and below it.
-local function overlapping(intent)
+-- ``cache`` (optional): ancestor -> its leases, read once per call (the
+-- intents of a manifest in one directory share their ancestors).
+local function overlapping(intent, cache)
   local found = {}
   load_all(redis.call('SMEMBERS', P .. 'act:' .. intent.k), found)
-  for _, a in ipairs(intent.anc) do load_all(redis.call('SMEMBERS', P .. 'act:' .. a), found) end
+  for _, a in ipairs(intent.anc) do
+    local above = cache and cache[a]
+    if not above then
+      above = {}
+      load_all(redis.call('SMEMBERS', P .. 'act:' .. a), above)
+      if cache then cache[a] = above end
+    end
+    for _, l in ipairs(above) do found[#found + 1] = l end
+  end
   for _, d in ipairs(redis.call('SMEMBERS', P .. 'below:' .. intent.k)) do
     load_all(redis.call('SMEMBERS', P .. 'act:' .. d), found)
   end

@@ -113,7 +113,8 @@ elseif found[2] then
   return finish({revoked = found[2], pr = prio})
 end
 local candidates = {}
-for i, it in ipairs(intents) do candidates[i] = overlapping(it) end
+local above = {}
+for i, it in ipairs(intents) do candidates[i] = overlapping(it, above) end
 local status, blockers, wait, expired = judge(agent, session, prio, intents, candidates)
 for _, l in ipairs(expired) do deactivate(l, 'EXPIRED', nil) end
 local field = agent .. '\n' .. session
@@ -132,27 +133,35 @@ if status ~= 'GRANTED' then
 end
 local granted = {}
 local expires = NOW + ttl
+-- one INCRBY, ZADD and SADD for every intent: tokens first + 1, first + 2, ...
+local n = #intents
+local first = redis.call('INCRBY', KEYS[1], n) - n
+local exp, fence, lex, ids = {}, {}, {}, {}
 for i, it in ipairs(intents) do
   local id = it.x[1]
-  local token = redis.call('INCR', KEYS[1])
+  local token = first + i
   redis.call('HSET', P .. 'l:' .. id, 'a', agent, 's', session, 'k', it.k, 'p', it.p,
-    'pr', prio, 't', token, 'at', int(NOW), 'e', int(expires), 'ttl', ARGV[7], 'st', 'ACTIVE')
+    'pr', prio, 't', int(token), 'at', int(NOW), 'e', int(expires), 'ttl', ARGV[7], 'st', 'ACTIVE')
   local act = P .. 'act:' .. it.k
   redis.call('SADD', act, id)
   if redis.call('SCARD', act) == 1 then  -- the key's first active lease
     for _, a in ipairs(it.anc) do redis.call('SADD', P .. 'below:' .. a, it.k) end
   end
-  redis.call('ZADD', P .. 'exp', expires, id)
-  redis.call('SADD', P .. 'held:' .. agent, id)
-  if redis.call('ZADD', P .. 'fence', token, it.k) == 1 then  -- a key new to the history
-    redis.call('ZADD', P .. 'fencelex', 0, it.k)  -- (pruning drops a key from both)
-  end
+  exp[2 * i - 1], exp[2 * i] = expires, id
+  fence[2 * i - 1], fence[2 * i] = token, it.k
+  lex[2 * i - 1], lex[2 * i] = 0, it.k
+  ids[i] = id
   granted[i] = {id, agent, session, it.k, it.p, prio, int(token), int(NOW), int(expires),
                 ARGV[7], 'ACTIVE', cjson.null}
   if AUDIT then
     entry('lease.granted', agent, session,
           granted_text(id, it.k, it.p, token, expires, attempts, waited))
   end
+end
+call_many('ZADD', P .. 'exp', exp, 2)
+call_many('SADD', P .. 'held:' .. agent, ids, 1)
+if call_many('ZADD', P .. 'fence', fence, 2) > 0 then  -- a key new to the history
+  call_many('ZADD', P .. 'fencelex', lex, 2)  -- (pruning drops a key from both)
 end
 if ARGV[9] == '1' then redis.call('HDEL', P .. 'resv', field) end
 return finish({st = 'GRANTED', now = int(NOW), granted = granted, blockers = {},

@@ -217,6 +217,11 @@ class Api:
             return await self.kw.leases.arelease(lease_id)
         return self.kw.leases.release(lease_id)
 
+    async def release_many(self, lease_ids: Any) -> list[bool]:
+        if self.is_async:
+            return await self.kw.leases.arelease_many(lease_ids)
+        return self.kw.leases.release_many(lease_ids)
+
     async def heartbeat(self, lease_id: str, ttl_ms: int | None = None) -> Lease:
         if self.is_async:
             return await self.kw.leases.aheartbeat(lease_id, ttl_ms)

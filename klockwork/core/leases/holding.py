@@ -126,8 +126,11 @@ class Holding(_HoldingBase):
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         held = self._stop()
-        for lease_id in held.lease_ids:
-            self._manager.release(lease_id)
+        ids = held.lease_ids
+        if len(ids) == 1:
+            self._manager.release(ids[0])
+        else:  # a manifest's leases: one store call
+            self._manager.release_many(ids)
         self._raise_if_lost(held, exc_type)
 
 
@@ -141,6 +144,9 @@ class AsyncHolding(_HoldingBase):
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         held = self._stop()
-        for lease_id in held.lease_ids:
-            await self._manager.arelease(lease_id)
+        ids = held.lease_ids
+        if len(ids) == 1:
+            await self._manager.arelease(ids[0])
+        else:  # a manifest's leases: one store call
+            await self._manager.arelease_many(ids)
         self._raise_if_lost(held, exc_type)

@@ -29,6 +29,7 @@ from klockwork.core.events import EventHub
 from klockwork.core.leases.acquiring import AcquireFlow, Tries, busy_until_deadline
 from klockwork.core.leases.auditing import LeaseAudit, verdict_events
 from klockwork.core.leases.holding import AsyncHolding, HeldLeases, Holding
+from klockwork.core.leases.releasing import ReleaseMany
 from klockwork.core.leases.renewer import Renewer
 from klockwork.core.leases.rules import (
     ParsedIntent,
@@ -79,7 +80,7 @@ _GRANTED = VerdictStatus.GRANTED
 _ONE_TRY: Any = object()  # _request's timeout_s for a single try (None means no limit)
 
 
-class LeaseManager:
+class LeaseManager(ReleaseMany):
     """All lease operations of one engine (``kw.leases``)."""
 
     def __init__(

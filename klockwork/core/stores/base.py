@@ -372,6 +372,15 @@ class Store(BusPrimitives):
         """Mark an active lease RELEASED; None if it was not active."""
         raise NotImplementedError
 
+    def release_many(self, lease_ids: Sequence[str], now_ms: int) -> list[LeaseRecord | None]:
+        """:meth:`release` of each id in order (a repeated id: None the second time).
+
+        Written here as that loop; a store overrides it to end them all in
+        one atomic step (one lock, transaction or script call), with the
+        same records, audit entries and wake-ups as the loop.
+        """
+        return [self.release(lease_id, now_ms) for lease_id in lease_ids]
+
     def heartbeat(self, lease_id: str, ttl_ms: int | None, now_ms: int) -> LeaseRecord:
         """Extend an active lease to ``now + ttl`` (its own TTL when None).
 
@@ -490,6 +499,11 @@ class Store(BusPrimitives):
 
     async def arelease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
         return await self.run_io(self.release, lease_id, now_ms)
+
+    async def arelease_many(
+        self, lease_ids: Sequence[str], now_ms: int
+    ) -> list[LeaseRecord | None]:
+        return await self.run_io(self.release_many, lease_ids, now_ms)
 
     async def aheartbeat(self, lease_id: str, ttl_ms: int | None, now_ms: int) -> LeaseRecord:
         return await self.run_io(self.heartbeat, lease_id, ttl_ms, now_ms)

@@ -364,6 +364,29 @@ class MemoryStore(MemoryBus, Store):
         self._report_expired([rec])
         return None
 
+    def release_many(self, lease_ids: Sequence[str], now_ms: int) -> list[LeaseRecord | None]:
+        """:meth:`release` of each id, under one hold of the lock."""
+        out: list[LeaseRecord | None] = []
+        expired: list[LeaseRecord] = []
+        with self._lock:
+            hooks = self.lease_hooks
+            for lease_id in lease_ids:
+                rec = self._leases.get(lease_id)
+                if rec is None or rec.state is not _ACTIVE:
+                    out.append(None)
+                elif rec.expires_at > now_ms:
+                    self._deactivate(rec, LeaseState.RELEASED)
+                    if hooks is not None:
+                        hooks.ended("lease.released", rec, now_ms)
+                    out.append(rec)
+                else:
+                    self._deactivate(rec, LeaseState.EXPIRED)
+                    self._hook_expired([rec], now_ms)
+                    expired.append(rec)
+                    out.append(None)
+        self._report_expired(expired)
+        return out
+
     def heartbeat(self, lease_id: str, ttl_ms: int | None, now_ms: int) -> LeaseRecord:
         expired: list[LeaseRecord] = []
         try:

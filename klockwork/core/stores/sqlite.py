@@ -398,35 +398,43 @@ class SqliteStore(SqliteBus, Store):
             (agent_id, session_id),
         )
 
-    # -- single-lease transitions -------------------------------------------------
+    # -- lease transitions -------------------------------------------------------
     def _end(
-        self, lease_id: str, state: str, reason: str | None, now_ms: int
-    ) -> LeaseRecord | None:
-        with self._tx(f"mark a lease {state.lower()}") as conn:
-            rows = conn.execute(
-                "UPDATE kw_leases SET "
-                "state = CASE WHEN expires_at <= ? THEN 'EXPIRED' ELSE ? END, "
-                "reason = CASE WHEN expires_at <= ? THEN reason ELSE ? END "
-                f"WHERE lease_id = ? AND state = 'ACTIVE' RETURNING {_COLS}",
-                (now_ms, state, now_ms, reason, lease_id),
-            ).fetchall()
-            if not rows:
-                return None
-            rec = _record(rows[0])
-            if rec.state is LeaseState.EXPIRED:
-                self._hook_expired([rec], now_ms)
-            elif self.lease_hooks is not None:
-                self.lease_hooks.ended(f"lease.{state.lower()}", rec, now_ms)
-        if rec.state is LeaseState.EXPIRED:
-            self._report_expired([rec])
-            return None
-        return rec
+        self, lease_ids: Sequence[str], state: str, reason: str | None, now_ms: int
+    ) -> list[LeaseRecord | None]:
+        """End each active lease of ``lease_ids`` (one ``UPDATE`` each) in one transaction."""
+        out: list[LeaseRecord | None] = []
+        expired: list[LeaseRecord] = []
+        what = "a lease" if len(lease_ids) == 1 else "leases"
+        with self._tx(f"mark {what} {state.lower()}") as conn:
+            for lease_id in lease_ids:
+                rows = conn.execute(
+                    "UPDATE kw_leases SET "
+                    "state = CASE WHEN expires_at <= ? THEN 'EXPIRED' ELSE ? END, "
+                    "reason = CASE WHEN expires_at <= ? THEN reason ELSE ? END "
+                    f"WHERE lease_id = ? AND state = 'ACTIVE' RETURNING {_COLS}",
+                    (now_ms, state, now_ms, reason, lease_id),
+                ).fetchall()
+                rec = _record(rows[0]) if rows else None
+                if rec is not None and rec.state is LeaseState.EXPIRED:
+                    self._hook_expired([rec], now_ms)
+                    expired.append(rec)
+                    rec = None
+                elif rec is not None and self.lease_hooks is not None:
+                    self.lease_hooks.ended(f"lease.{state.lower()}", rec, now_ms)
+                out.append(rec)
+        self._report_expired(expired)
+        return out
 
     def release(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
-        return self._end(lease_id, "RELEASED", None, now_ms)
+        return self._end((lease_id,), "RELEASED", None, now_ms)[0]
+
+    def release_many(self, lease_ids: Sequence[str], now_ms: int) -> list[LeaseRecord | None]:
+        """:meth:`release` of each id, in one transaction."""
+        return self._end(lease_ids, "RELEASED", None, now_ms) if lease_ids else []
 
     def revoke(self, lease_id: str, reason: str, now_ms: int) -> LeaseRecord | None:
-        return self._end(lease_id, "REVOKED", reason, now_ms)
+        return self._end((lease_id,), "REVOKED", reason, now_ms)[0]
 
     def heartbeat(self, lease_id: str, ttl_ms: int | None, now_ms: int) -> LeaseRecord:
         rows = self._one(

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from klockwork.core.errors import InvalidRequestError, StoreUnavailableError
+from klockwork.core.stores.redis.functions import AsyncFunctionCall, FunctionCall
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -112,6 +113,16 @@ class RedisConnection:
         self._aio_lock = threading.Lock()
         self._scripts: dict[str, Any] = {}
         self._ascripts: dict[tuple[int, str], Any] = {}
+        self._library = ""
+        self._functions: Mapping[str, str] = {}
+
+    def use_functions(self, library: str, functions: Mapping[str, str]) -> None:
+        """Run the scripts ``functions`` names (source → function) as functions of ``library``.
+
+        :meth:`script` and :meth:`ascript` then call them with ``FCALL``
+        (see :mod:`.functions`), loading the library when the server lacks it.
+        """
+        self._library, self._functions = library, functions
 
     # -- keys -------------------------------------------------------------
     def key(self, *parts: str) -> str:
@@ -143,10 +154,18 @@ class RedisConnection:
         return client
 
     def script(self, source: str) -> Any:
-        """A sync script: EVALSHA, reloaded on NOSCRIPT (redis-py's ``Script``)."""
+        """A sync script: EVALSHA, reloaded on NOSCRIPT (redis-py's ``Script``), or FCALL.
+
+        (FCALL for a script registered with :meth:`use_functions`.)
+        """
         found = self._scripts.get(source)
         if found is None:
-            found = self._scripts[source] = self.sync.register_script(source)
+            name = self._functions.get(source)
+            if name is None:
+                found = self.sync.register_script(source)
+            else:
+                found = FunctionCall(self.sync, self._library, name, source)
+            self._scripts[source] = found
         return found
 
     def ascript(self, source: str) -> Any:
@@ -155,7 +174,12 @@ class RedisConnection:
         key = (id(client), source)
         found = self._ascripts.get(key)
         if found is None:
-            found = self._ascripts[key] = client.register_script(source)
+            name = self._functions.get(source)
+            if name is None:
+                found = client.register_script(source)
+            else:
+                found = AsyncFunctionCall(client, self._library, name, source)
+            self._ascripts[key] = found
         return found
 
     # -- errors -----------------------------------------------------------

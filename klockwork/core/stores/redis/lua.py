@@ -10,25 +10,29 @@ outcome: both are applied, or neither.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
+
 from klockwork.core.stores.redis.journal import ENTRY_LUA, JOURNAL_LUA
 
-__all__ = ["LIB", "PRELUDE", "REQUEST_TTL_MS"]
+__all__ = ["LIB", "PRELUDE", "REQUEST_TTL_MS", "library"]
 
 #: How long a mutating call's outcome is kept for a retry with its request
 #: id: longer than the socket timeout plus a reconnect.
 REQUEST_TTL_MS = 15_000
 
-PRELUDE = (
-    """
-local P = ARGV[1]
-local RID = ARGV[2]
-local RETAIN = tonumber(ARGV[4])
-local FENCE_LIMIT = math.max(2 * RETAIN, 1024)
+#: The common arguments of a call, and its answer if it ran already (a
+#: retried request): shared by :data:`PRELUDE` and :func:`library` (inside
+#: ``begin``, so that ``return done`` ends the call there too).
+_BEGIN = """
+P, RID = ARGV[1], ARGV[2]
+RETAIN = tonumber(ARGV[4])
+FENCE_LIMIT = math.max(2 * RETAIN, 1024)
+ENTRIES, AUDIT = {}, false
 if RID ~= '' then
   local done = redis.call('GET', P .. 'req:' .. RID)
   if done then return done end
 end
-local NOW
 if ARGV[3] ~= '' then
   NOW = tonumber(ARGV[3])
 else
@@ -36,11 +40,14 @@ else
   NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 """
-    + JOURNAL_LUA
-    + f"""
--- This call's audit entries (journal rows, see journal.py), written by finish
--- with its outcome; AUDIT: whether the lease transitions write theirs.
-local ENTRIES, AUDIT = {{}}, false
+
+#: The per-call state every transition reads (set by ``_BEGIN``): the key
+#: prefix, the request id, retention, the time, this call's audit entries
+#: (journal rows, see journal.py, written by finish with its outcome) and
+#: AUDIT: whether the lease transitions write theirs.
+_STATE = "local P, RID, RETAIN, FENCE_LIMIT, NOW, ENTRIES, AUDIT\n"
+
+_FINISH = f"""
 -- Journal the entries, store the outcome under the request id (see the
 -- module docstring), return it. ``j``: the entries' seqs.
 local function finish(result)
@@ -52,7 +59,8 @@ local function finish(result)
   return text
 end
 """
-)
+
+PRELUDE = _STATE + _BEGIN + JOURNAL_LUA + _FINISH
 
 #: Functions shared by the scripts; each mirrors the Python function named
 #: (and the lease entries they write: :data:`.journal.ENTRY_LUA`).
@@ -206,6 +214,16 @@ local function deactivate(l, state, why)
   if AUDIT then entry('lease.' .. string.lower(state), l.a, l.s, ended_text(l)) end
 end
 
+-- redis.call(cmd, key, ...args) in chunks of 1000 elements of ``step``
+-- arguments each (unpack has a stack limit); returns the replies' sum.
+local function call_many(cmd, key, args, step)
+  local total, size = 0, 1000 * step
+  for from = 1, #args, size do
+    total = total + redis.call(cmd, key, unpack(args, from, math.min(from + size - 1, #args)))
+  end
+  return total
+end
+
 -- Leases of ``ids`` (a set's members) appended to ``out``.
 local function load_all(ids, out)
   for _, id in ipairs(ids) do
@@ -215,10 +233,20 @@ local function load_all(ids, out)
 end
 
 -- memory.MemoryStore._overlapping: ACTIVE leases on the key, above and below it.
-local function overlapping(intent)
+-- ``cache`` (optional): ancestor -> its leases, read once per call (the
+-- intents of a manifest in one directory share their ancestors).
+local function overlapping(intent, cache)
   local found = {}
   load_all(redis.call('SMEMBERS', P .. 'act:' .. intent.k), found)
-  for _, a in ipairs(intent.anc) do load_all(redis.call('SMEMBERS', P .. 'act:' .. a), found) end
+  for _, a in ipairs(intent.anc) do
+    local above = cache and cache[a]
+    if not above then
+      above = {}
+      load_all(redis.call('SMEMBERS', P .. 'act:' .. a), above)
+      if cache then cache[a] = above end
+    end
+    for _, l in ipairs(above) do found[#found + 1] = l end
+  end
   for _, d in ipairs(redis.call('SMEMBERS', P .. 'below:' .. intent.k)) do
     load_all(redis.call('SMEMBERS', P .. 'act:' .. d), found)
   end
@@ -286,3 +314,40 @@ local function judge(agent, session, prio, intents, candidates)
 end
 """
 )
+
+
+def library(prefix: str, bodies: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    """A Redis 7 function library (``FUNCTION LOAD``) running the scripts' ``bodies``.
+
+    Under EVALSHA every call runs ``PRELUDE + LIB + body`` from the top,
+    defining the state, ``finish`` and every function of :data:`LIB` again
+    (some 20 µs of server time per call). Here they are defined once, when
+    the library is loaded; each call of a function runs ``begin`` (what
+    :data:`PRELUDE` does: the same text) and its body, unchanged, as a
+    local function (``KEYS``/``ARGV`` are upvalues set by ``begin``).
+
+    Args:
+        prefix: the library's name starts with it (letters, digits, ``_``).
+        bodies: short name → the Lua body of a script written for
+            ``PRELUDE + LIB + body``.
+
+    Returns:
+        The library's code and the function name of each short name. The
+        names carry a digest of the code, so processes running different
+        versions of klockwork on one server each load and call their own.
+    """
+    parts = ["local KEYS, ARGV\n", _STATE, JOURNAL_LUA, _FINISH, LIB]
+    parts += ["local function begin(keys, args)\nKEYS, ARGV = keys, args\n", _BEGIN, "end\n"]
+    code = "".join(parts) + "".join(bodies.values())
+    version = hashlib.sha1(code.encode(), usedforsecurity=False).hexdigest()[:16]
+    names = {short: f"{prefix}_{version}_{short}" for short in bodies}
+    for short, body in bodies.items():
+        name = names[short]
+        parts += [
+            f"local function {short}_body()\n{body}\nend\n",
+            f"redis.register_function('{name}', function(keys, args)\n",
+            "  local done = begin(keys, args)\n",
+            "  if done then return done end\n",
+            f"  return {short}_body()\nend)\n",
+        ]
+    return f"#!lua name={prefix}_{version}\n" + "".join(parts), names

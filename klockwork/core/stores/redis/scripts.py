@@ -56,22 +56,25 @@ not depend on the server's locale as Lua's ``<`` on strings does.
 
 from __future__ import annotations
 
-from klockwork.core.stores.redis.lua import LIB, PRELUDE
+from klockwork.core.stores.redis.lua import LIB, PRELUDE, library
 
 __all__ = [
     "ACQUIRE",
     "BORN",
     "END",
+    "FUNCTIONS",
     "FENCE",
     "GET_LEASE",
     "HEARTBEAT",
     "JOURNAL",
     "JUDGE",
+    "LEASE_LIBRARY",
     "LIST",
     "RECORD_CAS",
     "RECORD_LOCK",
     "RECORD_UNLOCK",
     "REGISTER",
+    "RELEASE_MANY",
     "RESOLVE",
     "REVOKE_AGENT",
     "SWEEP",
@@ -90,10 +93,7 @@ __all__ = [
 #: then the tries and the wait (ms) of a grant after waiting ('' '' if not).
 #: Returns {st, now, granted, blockers, wait, expired}, {revoked = at} or
 #: {lost = true} (with j, the seqs of its audit entries, if it wrote any).
-ACQUIRE = (
-    PRELUDE
-    + LIB
-    + r"""
+_ACQUIRE = r"""
 local agent, session, ttl = ARGV[5], ARGV[6], tonumber(ARGV[7])
 local reserve = ARGV[8]
 local intents, last = read_intents(10, 1)
@@ -113,7 +113,8 @@ elseif found[2] then
   return finish({revoked = found[2], pr = prio})
 end
 local candidates = {}
-for i, it in ipairs(intents) do candidates[i] = overlapping(it) end
+local above = {}
+for i, it in ipairs(intents) do candidates[i] = overlapping(it, above) end
 local status, blockers, wait, expired = judge(agent, session, prio, intents, candidates)
 for _, l in ipairs(expired) do deactivate(l, 'EXPIRED', nil) end
 local field = agent .. '\n' .. session
@@ -132,20 +133,24 @@ if status ~= 'GRANTED' then
 end
 local granted = {}
 local expires = NOW + ttl
+-- one INCRBY, ZADD and SADD for every intent: tokens first + 1, first + 2, ...
+local n = #intents
+local first = redis.call('INCRBY', KEYS[1], n) - n
+local exp, fence, lex, ids = {}, {}, {}, {}
 for i, it in ipairs(intents) do
   local id = it.x[1]
-  local token = redis.call('INCR', KEYS[1])
+  local token = first + i
   redis.call('HSET', P .. 'l:' .. id, 'a', agent, 's', session, 'k', it.k, 'p', it.p,
-    'pr', prio, 't', token, 'at', int(NOW), 'e', int(expires), 'ttl', ARGV[7], 'st', 'ACTIVE')
+    'pr', prio, 't', int(token), 'at', int(NOW), 'e', int(expires), 'ttl', ARGV[7], 'st', 'ACTIVE')
   local act = P .. 'act:' .. it.k
   redis.call('SADD', act, id)
   if redis.call('SCARD', act) == 1 then  -- the key's first active lease
     for _, a in ipairs(it.anc) do redis.call('SADD', P .. 'below:' .. a, it.k) end
   end
-  redis.call('ZADD', P .. 'exp', expires, id)
-  redis.call('SADD', P .. 'held:' .. agent, id)
-  redis.call('ZADD', P .. 'fence', token, it.k)
-  redis.call('ZADD', P .. 'fencelex', 0, it.k)
+  exp[2 * i - 1], exp[2 * i] = expires, id
+  fence[2 * i - 1], fence[2 * i] = token, it.k
+  lex[2 * i - 1], lex[2 * i] = 0, it.k
+  ids[i] = id
   granted[i] = {id, agent, session, it.k, it.p, prio, int(token), int(NOW), int(expires),
                 ARGV[7], 'ACTIVE', cjson.null}
   if AUDIT then
@@ -153,11 +158,16 @@ for i, it in ipairs(intents) do
           granted_text(id, it.k, it.p, token, expires, attempts, waited))
   end
 end
+call_many('ZADD', P .. 'exp', exp, 2)
+call_many('SADD', P .. 'held:' .. agent, ids, 1)
+if call_many('ZADD', P .. 'fence', fence, 2) > 0 then  -- a key new to the history
+  call_many('ZADD', P .. 'fencelex', lex, 2)  -- (pruning drops a key from both)
+end
 if ARGV[9] == '1' then redis.call('HDEL', P .. 'resv', field) end
 return finish({st = 'GRANTED', now = int(NOW), granted = granted, blockers = {},
                wait = cjson.null, expired = rows(expired)})
 """
-)
+ACQUIRE = PRELUDE + LIB + _ACQUIRE
 
 #: Only ``rules.judge`` over given facts (tests run the vectors through it).
 #: ARGV[5] agent, [6] session, [7] priority, then the intents, each followed
@@ -182,39 +192,63 @@ return finish({st = status, now = int(NOW), granted = {}, blockers = blockers,
 """
 )
 
+#: End one ACTIVE lease (release or revoke), as ``END`` and ``RELEASE_MANY``
+#: do for each id: an expired one is marked EXPIRED instead; an end publishes
+#: '<token> <resource>' on lease:wake (token '' none), which wakes waiters in
+#: other processes (inside the script: the wake-up leaves once the end is
+#: committed). Returns {ended = row} | {expired = row} | {} (not active).
+_END_LUA = r"""
+local function end_lease(id, state, why, token)
+  local l = load(id)
+  if not l or l.st ~= 'ACTIVE' then return {} end
+  if l.e <= NOW then
+    deactivate(l, 'EXPIRED', nil)
+    return {expired = row(l)}
+  end
+  deactivate(l, state, why)
+  if token ~= '' then redis.call('PUBLISH', P .. 'lease:wake', token .. ' ' .. l.k) end
+  return {ended = row(l)}
+end
+"""
+
 #: Release or revoke (``Store.release`` / ``Store.revoke``).
 #: ARGV[5] lease id, [6] 'RELEASED' or 'REVOKED', [7] reason ('' none),
-#: [8] the calling store's token ('' none): an end publishes
-#: '<token> <resource>' on lease:wake, which wakes waiters in other processes
-#: (inside the script: the wake-up leaves once the end is committed),
+#: [8] the calling store's token ('' none: no wake-up published),
 #: [9] '1' to audit the end (see ``deactivate``), '' not.
 #: Returns {now, ended = row} | {now, expired = row} | {now} (not active).
-END = (
-    PRELUDE
-    + LIB
+_END = (
+    _END_LUA
     + r"""
 AUDIT = ARGV[9] == '1'
-local l = load(ARGV[5])
-if not l or l.st ~= 'ACTIVE' then return finish({now = int(NOW)}) end
-if l.e <= NOW then
-  deactivate(l, 'EXPIRED', nil)
-  return finish({now = int(NOW), expired = row(l)})
-end
 local why = nil
 if ARGV[6] == 'REVOKED' then why = ARGV[7] end
-deactivate(l, ARGV[6], why)
-if ARGV[8] ~= '' then redis.call('PUBLISH', P .. 'lease:wake', ARGV[8] .. ' ' .. l.k) end
-return finish({now = int(NOW), ended = row(l)})
+local out = end_lease(ARGV[5], ARGV[6], why, ARGV[8])
+out.now = int(NOW)
+return finish(out)
 """
 )
+END = PRELUDE + LIB + _END
+
+#: Release several leases in one call (``Store.release_many``): ``END``'s
+#: release of each id in turn, so the audit entries and wake-ups are those
+#: of as many ``END`` calls, in the same order, journaled together.
+#: ARGV[5] the calling store's token ('' none), [6] '1' to audit, '' not,
+#: [7...] the lease ids. Returns {now, ends = [one END outcome per id]}.
+_RELEASE_MANY = (
+    _END_LUA
+    + r"""
+AUDIT = ARGV[6] == '1'
+local ends = {}
+for i = 7, #ARGV do ends[i - 6] = end_lease(ARGV[i], 'RELEASED', nil, ARGV[5]) end
+return finish({now = int(NOW), ends = ends})
+"""
+)
+RELEASE_MANY = PRELUDE + LIB + _RELEASE_MANY
 
 #: Renew (``Store.heartbeat``). ARGV[5] lease id, [6] ttl_ms ('' its own),
 #: [7] '1' to audit an expiry it finds.
 #: Returns {now, ok = row} | {now, expired = row} | {now, ended = row} | {now}.
-HEARTBEAT = (
-    PRELUDE
-    + LIB
-    + r"""
+_HEARTBEAT = r"""
 AUDIT = ARGV[7] == '1'
 local l = load(ARGV[5])
 if not l then return finish({now = int(NOW)}) end
@@ -230,7 +264,7 @@ redis.call('HSET', P .. 'l:' .. l.id, 'e', int(l.e))
 redis.call('ZADD', P .. 'exp', l.e, l.id)
 return finish({now = int(NOW), ok = row(l)})
 """
-)
+HEARTBEAT = PRELUDE + LIB + _HEARTBEAT
 
 #: Read one lease, expiring it if due (``Store.get_lease``). ARGV[5] lease id,
 #: [6] '1' to audit the expiry. Returns {now, lease = row, expired = bool} or {now}.
@@ -504,3 +538,19 @@ if born then return born end  -- (a read, so a replica answers it too)
 redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
 """
+
+#: The hot path's scripts, also as functions of one Redis 7 library
+#: (``FUNCTION LOAD`` once, then ``FCALL``: the library is not re-run on
+#: every call; see :func:`.lua.library` and :mod:`.functions`): each
+#: script's source → its function's name. Same bodies, same arguments,
+#: same replies.
+LEASE_LIBRARY, _NAMES = library(
+    "klockwork_leases",
+    {"acquire": _ACQUIRE, "end": _END, "release_many": _RELEASE_MANY, "heartbeat": _HEARTBEAT},
+)
+FUNCTIONS = {
+    ACQUIRE: _NAMES["acquire"],
+    END: _NAMES["end"],
+    RELEASE_MANY: _NAMES["release_many"],
+    HEARTBEAT: _NAMES["heartbeat"],
+}

@@ -135,6 +135,8 @@ class RedisStore(RedisBus, RedisRecords, RedisJournal, UnknownOutcomes, LeaseWak
         self._retain = check_retain(retain_inactive)
         self.server_time = check_flag(server_time, "server_time")
         self._conn: RedisConnection = RedisConnection(url)
+        # The hot path's scripts run as functions of one library (see functions.py).
+        self._conn.use_functions(scripts.LEASE_LIBRARY, scripts.FUNCTIONS)
         self._prefix = self._conn.key("")
         # Every script names this key first: it routes the call to the
         # namespace's Cluster slot (all keys share its hash tag).
@@ -419,6 +421,34 @@ class RedisStore(RedisBus, RedisRecords, RedisJournal, UnknownOutcomes, LeaseWak
     async def arelease(self, lease_id: str, now_ms: int) -> LeaseRecord | None:
         args = [lease_id, "RELEASED", "", self._lease_token, self._audit_flag()]
         return self._end_done(await self._acall(scripts.END, args, "release a lease", now_ms))
+
+    def _ends_done(self, res: Any) -> list[LeaseRecord | None]:
+        """RELEASE_MANY's reply: :meth:`_end_done` of each id's outcome, in order."""
+        self._journaled(res)
+        out: list[LeaseRecord | None] = []
+        expired = []
+        for one in rows(res["ends"]):
+            if "expired" in one:
+                expired.append(lease_record(one["expired"]))
+            out.append(lease_record(one["ended"]) if "ended" in one else None)
+        self._report_expired(expired)
+        return out
+
+    def release_many(self, lease_ids: Sequence[str], now_ms: int) -> list[LeaseRecord | None]:
+        """Release several leases in one script call (see ``scripts.RELEASE_MANY``)."""
+        if not lease_ids:
+            return []
+        args = [self._lease_token, self._audit_flag(), *lease_ids]
+        return self._ends_done(self._call(scripts.RELEASE_MANY, args, "release leases", now_ms))
+
+    async def arelease_many(
+        self, lease_ids: Sequence[str], now_ms: int
+    ) -> list[LeaseRecord | None]:
+        if not lease_ids:
+            return []
+        args = [self._lease_token, self._audit_flag(), *lease_ids]
+        res = await self._acall(scripts.RELEASE_MANY, args, "release leases", now_ms)
+        return self._ends_done(res)
 
     def revoke(self, lease_id: str, reason: str, now_ms: int) -> LeaseRecord | None:
         args = [lease_id, "REVOKED", reason, self._lease_token, self._audit_flag()]

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 from conformance.conftest import drop_redis_namespace
+from lost_replies import LoseFirstReply
 
 from klockwork import Klockwork, LeaseState, ManualClock, RedisStore
 from klockwork.core.stores.redis import scripts
@@ -164,50 +165,10 @@ def test_a_waiter_of_another_store_wakes_without_polling(kw: Klockwork, namespac
         waiter.close()
 
 
-class _LoseFirstReply:
-    """RELEASE_MANY runs on the server, then its first reply is lost (sync and async)."""
-
-    def __init__(self, store: RedisStore) -> None:
-        self.calls = 0
-        conn = store._conn
-        real, areal = conn.script, conn.ascript
-
-        def script(source: str) -> Any:
-            found = real(source)
-            if source != scripts.RELEASE_MANY:
-                return found
-
-            def call(**kwargs: Any) -> Any:
-                self.calls += 1
-                reply = found(**kwargs)
-                if self.calls == 1:
-                    raise redis.TimeoutError("reply lost")
-                return reply
-
-            return call
-
-        def ascript(source: str) -> Any:
-            found = areal(source)
-            if source != scripts.RELEASE_MANY:
-                return found
-
-            async def call(**kwargs: Any) -> Any:
-                self.calls += 1
-                reply = await found(**kwargs)
-                if self.calls == 1:
-                    raise redis.ConnectionError("reply lost")
-                return reply
-
-            return call
-
-        conn.script = script  # type: ignore[method-assign]
-        conn.ascript = ascript  # type: ignore[method-assign]
-
-
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_a_lost_reply_still_says_released(kw: Klockwork, flavour: str) -> None:
     ids = _ids(kw)
-    lost = _LoseFirstReply(kw.store)  # type: ignore[arg-type]
+    lost = LoseFirstReply(kw.store, scripts.RELEASE_MANY, redis.TimeoutError)  # type: ignore[arg-type]
     if flavour == "sync":
         result = kw.leases.release_many(ids)
     else:

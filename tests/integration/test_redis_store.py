@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+from lost_replies import LoseFirstReply
 
 from klockwork import (
     CapabilityError,
@@ -72,47 +73,6 @@ def opened(url: str) -> Iterator[Callable[..., RedisStore]]:
 
 def _keys(store: RedisStore, pattern: str) -> list[bytes]:
     return list(store._conn.sync.scan_iter(match=store._conn.key(pattern), count=1000))
-
-
-class LoseFirstReply:
-    """Wraps a script: the first call of ``source`` runs on the server, then its reply is lost."""
-
-    def __init__(self, store: RedisStore, source: str, error: type[Exception]) -> None:
-        self.calls = 0
-        self._error = error
-        conn = store._conn
-        real, areal = conn.script, conn.ascript
-
-        def script(src: str) -> Any:
-            found = real(src)
-            if src != source:
-                return found
-
-            def call(**kw: Any) -> Any:
-                self.calls += 1
-                reply = found(**kw)
-                if self.calls == 1:
-                    raise self._error("reply lost")
-                return reply
-
-            return call
-
-        def ascript(src: str) -> Any:
-            found = areal(src)
-            if src != source:
-                return found
-
-            async def call(**kw: Any) -> Any:
-                self.calls += 1
-                reply = await found(**kw)
-                if self.calls == 1:
-                    raise self._error("reply lost")
-                return reply
-
-            return call
-
-        conn.script = script  # type: ignore[method-assign]
-        conn.ascript = ascript  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("error", [redis.TimeoutError, redis.ConnectionError])
